@@ -1,0 +1,368 @@
+"""BIDS input queries (pybids) and derivative naming and writing.
+
+This module is the one place that knows how files are named: inputs are found through pybids,
+outputs are named by :func:`derivative_path`, and read back by :func:`parse_name`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from bids_anomaly import __version__
+from bids_anomaly.config import MODALITIES
+from bids_anomaly.errors import (
+    BIDSValidationError,
+    EmptySelectionError,
+    MissingInputError,
+    UsageError,
+)
+
+LOGGER = logging.getLogger(__name__)
+
+ENTITY_ORDER = (
+    "sub", "ses", "task", "acq", "ce", "rec", "run",
+    "from", "to", "mode", "space", "res", "label", "desc", "stat",
+)
+"""Order of entities in derivative names (BIDS order; ``stat`` last as in DESIGN.md)."""
+
+_ENTITY = re.compile(r"^([a-zA-Z0-9]+)-([a-zA-Z0-9]+)$")
+
+
+@dataclass
+class AnatInputs:
+    """The anatomical images of one subject and session.
+
+    Attributes
+    ----------
+    subject : str
+        Label without ``sub-``.
+    session : str or None
+        Label without ``ses-``, or None for datasets without sessions.
+    images : dict of str to Path
+        One image per modality suffix (``T1w``, ``FLAIR``, ...).
+    """
+
+    subject: str
+    session: str | None
+    images: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def reference(self) -> str:
+        """The modality every other one is registered to: the first available of MODALITIES."""
+        for modality in MODALITIES:
+            if modality in self.images:
+                return modality
+        raise MissingInputError(f"{self.name}: no anatomical image")
+
+    @property
+    def modalities(self) -> list[str]:
+        """Available modalities, reference first."""
+        return [m for m in MODALITIES if m in self.images]
+
+    @property
+    def name(self) -> str:
+        """``sub-<label>[_ses-<label>]``, for messages and workflow names."""
+        return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
+
+
+def check_bids_dir(bids_dir: Path, skip_validation: bool = False) -> None:
+    """Refuse a folder that is not a BIDS dataset.
+
+    Raises
+    ------
+    BIDSValidationError
+        The folder is missing, or has no ``dataset_description.json`` or no ``sub-*`` folder
+        (unless ``skip_validation``, in which case only a missing folder is refused).
+    """
+    if not bids_dir.is_dir():
+        raise BIDSValidationError(f"BIDS_DIR {bids_dir} does not exist or is not a folder")
+    if skip_validation:
+        return
+    description = bids_dir / "dataset_description.json"
+    if not description.is_file():
+        raise BIDSValidationError(
+            f"{bids_dir} is not a BIDS dataset: dataset_description.json is missing "
+            "(use --skip-bids-validation to try anyway)"
+        )
+    try:
+        json.loads(description.read_text())
+    except json.JSONDecodeError as error:
+        raise BIDSValidationError(f"{description} is not valid JSON: {error}") from error
+    if not any(bids_dir.glob("sub-*")):
+        raise BIDSValidationError(f"{bids_dir} is not a BIDS dataset: it has no sub-* folder")
+
+
+def load_layout(bids_dir: Path, database_dir: Path, validate: bool = True):
+    """Index the dataset with pybids, caching the index in the work directory.
+
+    Parameters
+    ----------
+    bids_dir : Path
+        The raw dataset (never written to).
+    database_dir : Path
+        Folder for pybids' SQLite index; reused when it exists.
+    validate : bool
+        Let pybids check file names against the BIDS specification.
+
+    Returns
+    -------
+    bids.layout.BIDSLayout
+    """
+    from bids.layout import BIDSLayout, BIDSLayoutIndexer
+
+    database_dir.mkdir(parents=True, exist_ok=True)
+    indexer = BIDSLayoutIndexer(validate=validate, ignore=[re.compile(r"^/derivatives/"),
+                                                          re.compile(r"^/code/"),
+                                                          re.compile(r"^/sourcedata/")])
+    try:
+        return BIDSLayout(str(bids_dir), validate=validate, indexer=indexer,
+                          database_path=str(database_dir))
+    except Exception as error:  # pybids raises several types for a broken dataset
+        raise BIDSValidationError(f"pybids cannot index {bids_dir}: {error}") from error
+
+
+def read_participants(bids_dir: Path) -> pd.DataFrame:
+    """Read ``participants.tsv`` with labels (no ``sub-``) in a ``label`` column."""
+    path = bids_dir / "participants.tsv"
+    if not path.is_file():
+        raise MissingInputError(f"{path} is missing, so participants cannot be filtered by it")
+    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    if "participant_id" not in table.columns:
+        raise BIDSValidationError(f"{path} has no participant_id column")
+    table["label"] = table["participant_id"].str.removeprefix("sub-")
+    return table
+
+
+def filter_participants(table: pd.DataFrame, filters: list[str]) -> list[str]:
+    """Labels of the rows of participants.tsv matching every ``column=value`` filter."""
+    selected = pd.Series(True, index=table.index)
+    for expression in filters:
+        column, sep, value = expression.partition("=")
+        if not sep:
+            raise UsageError(f"--train-filter {expression!r}: expected COLUMN=VALUE")
+        if column not in table.columns:
+            raise UsageError(
+                f"--train-filter {expression!r}: participants.tsv has no column {column!r} "
+                f"(columns: {', '.join(c for c in table.columns if c != 'label')})"
+            )
+        selected &= table[column] == value
+    return table.loc[selected, "label"].tolist()
+
+
+def select_participants(layout, labels: list[str], bids_dir: Path,
+                        filters: list[str] | None = None) -> list[str]:
+    """Participants to process: the labels asked for (all by default), narrowed by filters.
+
+    Raises
+    ------
+    EmptySelectionError
+        A label is unknown, or the selection is empty.
+    """
+    available = sorted(layout.get_subjects())
+    wanted = [label.removeprefix("sub-") for label in labels] or available
+    unknown = sorted(set(wanted) - set(available))
+    if unknown:
+        raise EmptySelectionError(
+            f"unknown participant label(s): {', '.join(unknown)}; the dataset has "
+            f"{', '.join(available[:20])}{' ...' if len(available) > 20 else ''}"
+        )
+    if filters:
+        matching = set(filter_participants(read_participants(bids_dir), filters))
+        wanted = [label for label in wanted if label in matching]
+    if not wanted:
+        raise EmptySelectionError("the participant labels and filters selected nobody")
+    return wanted
+
+
+def collect_anat(layout, subject: str, sessions: list[str] | None = None,
+                 bids_filters: dict | None = None) -> list[AnatInputs]:
+    """Anatomical inputs of one subject, one :class:`AnatInputs` per session.
+
+    When several images share a suffix (runs, acquisitions, contrast agents), images without a
+    ``ce-`` entity come first, then the alphabetical order of their names; the choice is logged.
+    ``bids_filters`` maps a lower-case suffix (``t1w``, ``flair``) to extra pybids entities.
+    """
+    from bids.layout import Query
+
+    bids_filters = {key.lower(): value for key, value in (bids_filters or {}).items()}
+    subject_sessions = layout.get_sessions(subject=subject) or [None]
+    if sessions:
+        subject_sessions = [s for s in subject_sessions if s in sessions]
+    collected = []
+    for session in subject_sessions:
+        inputs = AnatInputs(subject=subject, session=session)
+        for modality in MODALITIES:
+            query = {
+                "subject": subject,
+                "session": session if session is not None else Query.NONE,
+                "datatype": "anat",
+                "suffix": modality,
+                "extension": [".nii", ".nii.gz"],
+                **bids_filters.get(modality.lower(), {}),
+            }
+            files = layout.get(**query)
+            if not files:
+                continue
+            files.sort(key=lambda f: ("ce" in f.get_entities(), f.filename))
+            if len(files) > 1:
+                LOGGER.info("%s: %d %s images, using %s", inputs.name, len(files), modality,
+                            files[0].filename)
+            inputs.images[modality] = Path(files[0].path)
+        collected.append(inputs)
+    return collected
+
+
+def derivative_name(subject: str, session: str | None, suffix: str,
+                    extension: str = ".nii.gz", **entities: str | int | None) -> str:
+    """Name of a derivative file, entities in BIDS order.
+
+    Parameters
+    ----------
+    subject, session : str
+        Labels without prefixes; ``session`` may be None.
+    suffix : str
+        BIDS suffix (``T1w``, ``mask``, ``statmap``, ``xfm``...).
+    extension : str
+        With the leading dot.
+    **entities
+        Other entities by their short name; ``from`` is spelled ``from_``. None values are left
+        out.
+
+    Examples
+    --------
+    >>> derivative_name("01", None, "mask", space="MNI152NLin2009aSym", res=2, desc="brain")
+    'sub-01_space-MNI152NLin2009aSym_res-2_desc-brain_mask.nii.gz'
+    >>> derivative_name("01", "a", "xfm", ".h5", from_="T1w", to="MNI", mode="image")
+    'sub-01_ses-a_from-T1w_to-MNI_mode-image_xfm.h5'
+    """
+    values = {"sub": subject, "ses": session}
+    values.update({key.rstrip("_"): value for key, value in entities.items()})
+    unknown = set(values) - set(ENTITY_ORDER)
+    if unknown:
+        raise ValueError(f"unknown entities {sorted(unknown)}")
+    parts = [f"{key}-{values[key]}" for key in ENTITY_ORDER if values.get(key) is not None]
+    for part in parts:
+        if not _ENTITY.match(part):
+            raise ValueError(f"invalid entity {part!r}: labels are letters and digits only")
+    return "_".join([*parts, suffix]) + extension
+
+
+def derivative_path(output_dir: Path, subject: str, session: str | None, suffix: str,
+                    extension: str = ".nii.gz", datatype: str = "anat",
+                    **entities: str | int | None) -> Path:
+    """Full path of a derivative under ``output_dir`` (see :func:`derivative_name`)."""
+    folder = Path(output_dir) / f"sub-{subject}"
+    if session:
+        folder = folder / f"ses-{session}"
+    return folder / datatype / derivative_name(subject, session, suffix, extension, **entities)
+
+
+def parse_name(path: str | Path) -> dict[str, str]:
+    """Entities, ``suffix`` and ``extension`` of a BIDS file name.
+
+    Examples
+    --------
+    >>> parse_name("sub-01_ses-2_label-lesion_mask.nii.gz")
+    {'sub': '01', 'ses': '2', 'label': 'lesion', 'suffix': 'mask', 'extension': '.nii.gz'}
+    """
+    name = Path(path).name
+    stem, dot, rest = name.partition(".")
+    parts = stem.split("_")
+    parsed = dict(part.split("-", 1) for part in parts[:-1] if "-" in part)
+    parsed["suffix"] = parts[-1]
+    parsed["extension"] = dot + rest
+    return parsed
+
+
+def model_desc(model_name: str) -> str:
+    """The ``desc-`` label of a model's outputs: its name without non-alphanumerics.
+
+    >>> model_desc("wmh-gmm")
+    'wmhgmm'
+    """
+    desc = re.sub(r"[^a-zA-Z0-9]", "", model_name)
+    if not desc:
+        raise UsageError(f"model name {model_name!r} needs at least one letter or digit")
+    return desc
+
+
+def write_dataset_description(output_dir: Path, bids_dir: Path | None) -> Path:
+    """Write the derivative dataset's ``dataset_description.json`` and ``.bidsignore``."""
+    import os
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    generated_by = {"Name": "bids_anomaly", "Version": __version__,
+                    "CodeURL": "https://github.com/bids-anomaly/bids_anomaly"}
+    container = os.environ.get("BIDS_ANOMALY_CONTAINER")
+    if container:
+        generated_by["Container"] = {"Type": container, "Tag": __version__}
+    description = {
+        "Name": "bids_anomaly derivatives: preprocessed images and anomaly maps",
+        "BIDSVersion": "1.9.0",
+        "DatasetType": "derivative",
+        "GeneratedBy": [generated_by],
+    }
+    if bids_dir is not None:
+        description["SourceDatasets"] = [{"URL": Path(bids_dir).resolve().as_uri()}]
+    path = output_dir / "dataset_description.json"
+    path.write_text(json.dumps(description, indent=2) + "\n")
+    ignored = ["logs/", "work/", "models/", "group/", "*.html", "*_clusters.tsv"]
+    (output_dir / ".bidsignore").write_text("\n".join(ignored) + "\n")
+    return path
+
+
+def write_sidecar(image_path: Path, metadata: dict) -> Path:
+    """Write the JSON sidecar of a derivative next to it."""
+    name = image_path.name
+    for extension in (".nii.gz", ".nii", ".h5", ".mat", ".tsv"):
+        if name.endswith(extension):
+            name = name[: -len(extension)]
+            break
+    path = image_path.with_name(name + ".json")
+    path.write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n")
+    return path
+
+
+# The derivatives this tool writes. Writers (the datasinks) and readers (train, group) both
+# name files through these functions, so a name is spelled in one place only.
+
+def preproc_spec(space: str, res: int, modality: str) -> dict:
+    """Naming of a preprocessed, normalised image in template space."""
+    return {"suffix": modality, "space": space, "res": res, "desc": "preproc"}
+
+
+def brain_mask_spec(space: str, res: int) -> dict:
+    """Naming of the brain mask in template space."""
+    return {"suffix": "mask", "space": space, "res": res, "desc": "brain"}
+
+
+def transform_spec(source: str, target: str, extension: str = ".h5") -> dict:
+    """Naming of a transform from ``source`` space/modality to ``target``."""
+    return {"suffix": "xfm", "extension": extension, "from_": source, "to": target,
+            "mode": "image"}
+
+
+def anomaly_map_spec(space: str, res: int, desc: str) -> dict:
+    """Naming of a model's continuous anomaly map."""
+    return {"suffix": "statmap", "space": space, "res": res, "desc": desc, "stat": "anomaly"}
+
+
+def anomaly_mask_spec(space: str, res: int, desc: str) -> dict:
+    """Naming of a model's thresholded anomaly mask."""
+    return {"suffix": "mask", "space": space, "res": res, "label": "anomaly", "desc": desc}
+
+
+def spec_path(output_dir: Path, subject: str, session: str | None, spec: dict) -> Path:
+    """Path of the derivative described by one of the ``*_spec`` functions."""
+    return derivative_path(output_dir, subject, session, **spec)
+
+
+def bids_uri(bids_dir: Path, path: Path) -> str:
+    """BIDS URI of a raw file (``bids:raw:sub-01/anat/...``), as used in ``Sources``."""
+    return "bids:raw:" + Path(path).resolve().relative_to(Path(bids_dir).resolve()).as_posix()

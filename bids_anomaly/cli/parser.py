@@ -1,0 +1,194 @@
+"""The argument parser: the BIDS Apps contract of DESIGN.md, and the demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from pathlib import Path
+
+from bids_anomaly import __version__
+from bids_anomaly.config import DEFAULT_FPR, MODALITIES, Settings
+from bids_anomaly.errors import UsageError
+from bids_anomaly.models import REGISTRY
+from bids_anomaly.normalization import METHODS
+from bids_anomaly.template import RESOLUTIONS
+
+LEVELS = ("participant", "train", "group")
+
+
+def _memory_gb(value: str) -> float:
+    """Parse ``--mem`` values such as ``8G``, ``8GB``, ``500M`` or ``8`` (GB)."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)B?\s*", value, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"cannot read memory amount {value!r} (use e.g. 16G)")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    scale = {"K": 1 / 1024**2, "M": 1 / 1024, "G": 1.0, "T": 1024.0, "": 1.0}[unit]
+    return number * scale
+
+
+def _positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return number
+
+
+def _fpr(value: str) -> float:
+    number = float(value)
+    if not 0 < number < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The parser of ``bids_anomaly BIDS_DIR OUTPUT_DIR LEVEL``."""
+    parser = argparse.ArgumentParser(
+        prog="bids_anomaly",
+        description="Unsupervised anomaly detection and segmentation in brain MRI (BIDS App). "
+                    "Run 'bids_anomaly demo OUTDIR' for a complete example on generated data.",
+    )
+    parser.add_argument("bids_dir", type=Path, help="root of the BIDS dataset (read only)")
+    parser.add_argument("output_dir", type=Path, help="root of the derivatives to write")
+    parser.add_argument("analysis_level", choices=LEVELS,
+                        help="participant: preprocess (and score with --model); train: fit a "
+                             "model; group: tables, evaluation and report")
+    parser.add_argument("--version", action="version", version=f"bids_anomaly {__version__}")
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (repeat for debug)")
+
+    select = parser.add_argument_group("selecting data")
+    select.add_argument("--participant-label", "--participant_label", nargs="+", default=[],
+                        metavar="LABEL", help="participants to process (with or without sub-)")
+    select.add_argument("--session-label", nargs="+", default=[], metavar="LABEL",
+                        help="sessions to process (default: all)")
+    select.add_argument("--bids-filter-file", type=Path, metavar="JSON",
+                        help="extra pybids filters per suffix, e.g. "
+                             '{"t1w": {"acquisition": "mprage"}}')
+    select.add_argument("--skip-bids-validation", action="store_true",
+                        help="do not refuse a dataset that fails the BIDS checks")
+
+    run = parser.add_argument_group("resources and reproducibility")
+    run.add_argument("-w", "--work-dir", type=Path,
+                     help="folder for intermediate results and caches; reuse it to resume "
+                          "(default: OUTPUT_DIR/work)")
+    run.add_argument("--nprocs", "--n-cpus", type=_positive_int, default=os.cpu_count() or 1,
+                     help="processes running at once (default: all CPUs)")
+    run.add_argument("--omp-nthreads", type=_positive_int, default=None,
+                     help="threads per process for ITK and torch (default: min(8, nprocs))")
+    run.add_argument("--mem", "--mem-gb", dest="mem_gb", type=_memory_gb,
+                     help="memory limit for scheduling, e.g. 16G")
+    run.add_argument("--device", default="auto",
+                     help="auto, cpu or cuda (exit 75 if cuda is asked for and absent)")
+    run.add_argument("--random-seed", type=int, default=0, help="seed of every random choice")
+    run.add_argument("--stop-on-first-crash", action="store_true",
+                     help="stop at the first failing step instead of finishing the others")
+
+    prep = parser.add_argument_group("preprocessing")
+    prep.add_argument("--resolution", type=int, choices=RESOLUTIONS, default=2,
+                      help="template-space voxel size in mm (default: 2)")
+    prep.add_argument("--registration", default="SyN",
+                      choices=("Rigid", "Affine", "SyN", "SyNRA", "antsRegistrationSyNQuick[s]"),
+                      help="reference-to-template registration (default: SyN)")
+    prep.add_argument("--normalization", choices=METHODS, default="robust-zscore",
+                      help="intensity normalisation inside the brain")
+
+    model = parser.add_argument_group("models")
+    model.add_argument("--model", metavar="NAME|PATH",
+                       help="participant: trained model to apply (a name under "
+                            "OUTPUT_DIR/models/ or a model directory)")
+    model.add_argument("--model-type", choices=sorted(REGISTRY), default="normative",
+                       help="train: the kind of model (default: normative)")
+    model.add_argument("--model-name", help="train: name of the model (default: the type)")
+    model.add_argument("--train-filter", nargs="+", default=[], metavar="COLUMN=VALUE",
+                       help="train: participants.tsv rows to train on, e.g. group=healthy")
+    model.add_argument("--channels", nargs="+", choices=MODALITIES, default=[],
+                       help="train: modalities to use (default: those every subject has)")
+    model.add_argument("--fpr", type=_fpr, default=DEFAULT_FPR,
+                       help=f"train: voxel false-positive rate of the calibrated threshold "
+                            f"(default: {DEFAULT_FPR})")
+    model.add_argument("--components", dest="n_components", type=_positive_int, default=5,
+                       help="train: mixture components for --model-type gmm (default: 5)")
+
+    group = parser.add_argument_group("group level")
+    group.add_argument("--ground-truth", type=Path, metavar="DERIV_DIR",
+                       help="derivative folder with lesion masks (*_label-<x>_mask.nii.gz or "
+                            "*_dseg.nii.gz) to evaluate against")
+    return parser
+
+
+def build_demo_parser() -> argparse.ArgumentParser:
+    """The parser of ``bids_anomaly demo OUTDIR``."""
+    parser = argparse.ArgumentParser(
+        prog="bids_anomaly demo",
+        description="Generate a small BIDS dataset with synthetic lesions and run participant, "
+                    "train and group on it.",
+    )
+    parser.add_argument("output_dir", type=Path, help="folder for the dataset and the results")
+    parser.add_argument("--nprocs", type=_positive_int, default=os.cpu_count() or 1)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--random-seed", type=int, default=0)
+    parser.add_argument("-v", "--verbose", action="count", default=0)
+    parser.add_argument("--version", action="version", version=f"bids_anomaly {__version__}")
+    return parser
+
+
+def settings_from_args(args: argparse.Namespace) -> Settings:
+    """Check the parsed arguments against each other and build the run's settings.
+
+    Raises
+    ------
+    UsageError
+        Output inside the input, an unreadable filter file, or options that do not fit the level.
+    """
+    bids_dir = args.bids_dir.resolve()
+    output_dir = args.output_dir.resolve()
+    if output_dir == bids_dir or bids_dir in output_dir.parents:
+        raise UsageError(
+            f"OUTPUT_DIR {output_dir} is inside BIDS_DIR {bids_dir}; the input dataset is never "
+            "written to: choose an output folder outside it"
+        )
+    work_dir = (args.work_dir or output_dir / "work").resolve()
+    if work_dir == bids_dir or bids_dir in work_dir.parents:
+        raise UsageError(f"--work-dir {work_dir} is inside BIDS_DIR {bids_dir}")
+    filters = {}
+    if args.bids_filter_file:
+        try:
+            filters = json.loads(Path(args.bids_filter_file).read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise UsageError(f"--bids-filter-file {args.bids_filter_file}: {error}") from error
+        if not isinstance(filters, dict):
+            raise UsageError("--bids-filter-file must hold a JSON object")
+    if args.analysis_level != "participant" and args.model:
+        raise UsageError("--model applies to the participant level; train writes a new model "
+                         "(--model-type, --model-name)")
+    omp = args.omp_nthreads or min(8, args.nprocs)
+    return Settings(
+        bids_dir=bids_dir,
+        output_dir=output_dir,
+        analysis_level=args.analysis_level,
+        work_dir=work_dir,
+        participant_label=[label.removeprefix("sub-") for label in args.participant_label],
+        session_label=[label.removeprefix("ses-") for label in args.session_label],
+        bids_filters=filters,
+        skip_bids_validation=args.skip_bids_validation,
+        nprocs=args.nprocs,
+        omp_nthreads=omp,
+        mem_gb=args.mem_gb,
+        device=args.device,
+        random_seed=args.random_seed,
+        model=args.model,
+        model_type=args.model_type,
+        model_name=args.model_name,
+        train_filter=args.train_filter,
+        channels=args.channels,
+        ground_truth=args.ground_truth.resolve() if args.ground_truth else None,
+        resolution=args.resolution,
+        registration=args.registration,
+        normalization=args.normalization,
+        fpr=args.fpr,
+        n_components=args.n_components,
+        stop_on_first_crash=args.stop_on_first_crash,
+        verbose=args.verbose,
+    )

@@ -1,0 +1,84 @@
+"""Entry point: parse, run the level, map failures to exit codes and one-line messages."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+
+from bids_anomaly.errors import BidsAnomalyError
+
+LOGGER = logging.getLogger("bids_anomaly")
+
+
+def _configure_logging(verbose: int) -> None:
+    level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    LOGGER.setLevel(min(level, logging.INFO))
+
+
+def _set_threads(omp_nthreads: int) -> None:
+    # ITK reads this when antspyx first runs a filter, and worker processes inherit it
+    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(omp_nthreads)
+    os.environ.setdefault("OMP_NUM_THREADS", str(omp_nthreads))
+
+
+def run_level(argv: list[str]) -> None:
+    """Parse ``argv`` and run the requested level (raises BidsAnomalyError on failure)."""
+    from bids_anomaly.cli.parser import build_demo_parser, build_parser, settings_from_args
+
+    if argv and argv[0] == "demo":
+        args = build_demo_parser().parse_args(argv[1:])
+        _configure_logging(args.verbose)
+        from bids_anomaly.demo import run_demo
+
+        _set_threads(min(8, args.nprocs))
+        run_demo(args.output_dir, nprocs=args.nprocs, device=args.device,
+                 random_seed=args.random_seed, verbose=args.verbose)
+        return
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    settings = settings_from_args(args)
+    _set_threads(settings.omp_nthreads)
+    from bids_anomaly.device import resolve_device
+
+    resolve_device(settings.device)
+    if settings.analysis_level == "participant":
+        from bids_anomaly.participant import run_participant
+
+        subjects = run_participant(settings)
+        print(f"participant level done for {len(subjects)} subject/session(s); derivatives in "
+              f"{settings.output_dir}")
+    elif settings.analysis_level == "train":
+        from bids_anomaly.training.train import run_train
+
+        directory = run_train(settings)
+        print(f"model written to {directory}")
+    else:
+        from bids_anomaly.evaluation.group import run_group
+
+        tables = run_group(settings)
+        print("group level done: " + ", ".join(str(path) for path in tables))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line and return its exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        run_level(argv)
+    except BidsAnomalyError as error:
+        print(f"bids_anomaly: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("bids_anomaly: interrupted; rerun with the same work directory to resume",
+              file=sys.stderr)
+        return 130
+    except Exception as error:  # a bug: say so in one line, keep the traceback in the log
+        LOGGER.debug("unexpected failure", exc_info=True)
+        print(f"bids_anomaly: internal error: {error.__class__.__name__}: {error} "
+              "(rerun with -vv for the traceback; please report it)", file=sys.stderr)
+        if os.environ.get("BIDS_ANOMALY_DEBUG"):
+            traceback.print_exc()
+        return 1
+    return 0

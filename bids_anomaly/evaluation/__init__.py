@@ -1,0 +1,1 @@
+"""Metrics, group tables and statistics."""

@@ -1,0 +1,73 @@
+"""Finding ground-truth lesion masks and carrying them into template space."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from bids_anomaly import bids
+from bids_anomaly.images import load_volume, same_grid
+from bids_anomaly.spatial import apply_transforms
+
+LOGGER = logging.getLogger(__name__)
+
+
+def find_ground_truth(deriv_dir: Path, subject: str, session: str | None) -> Path | None:
+    """The subject/session's lesion mask in ``deriv_dir``, or None.
+
+    Accepts ``*_label-<x>_mask.nii[.gz]`` (any non-zero voxel is abnormal) and
+    ``*_dseg.nii[.gz]`` (any label > 0 is abnormal). A file without ``ses-`` applies to every
+    session.
+    """
+    candidates = []
+    for path in sorted(Path(deriv_dir).glob(f"sub-{subject}/**/sub-{subject}_*.nii*")):
+        entities = bids.parse_name(path)
+        if entities.get("ses") not in (None, session):
+            continue
+        if entities["suffix"] == "dseg" or (entities["suffix"] == "mask" and "label" in entities):
+            candidates.append(path)
+    if len(candidates) > 1:
+        LOGGER.warning("sub-%s: several ground-truth files, using %s", subject, candidates[0].name)
+    return candidates[0] if candidates else None
+
+
+def truth_in_template(truth_file: Path, template_grid: Path, raw_images: dict[str, Path],
+                      transforms: dict[str, list[Path]]) -> np.ndarray | None:
+    """Binary ground truth on the template grid.
+
+    Parameters
+    ----------
+    truth_file : Path
+        Lesion mask or segmentation, on the template grid or on the grid of one raw image.
+    template_grid : Path
+        Any image on the template grid (the subject's template-space brain mask).
+    raw_images : dict of str to Path
+        The subject's raw images by modality.
+    transforms : dict of str to list of Path
+        For each modality, the transforms from its raw grid to the template (ITK order).
+
+    Returns
+    -------
+    numpy.ndarray or None
+        Boolean array on the template grid, or None when the mask's grid matches no image.
+    """
+    truth = load_volume(truth_file)
+    reference = nib.load(template_grid)
+    if same_grid(truth, reference):
+        return np.asarray(truth.dataobj) > 0
+    for modality, raw_path in raw_images.items():
+        if modality in transforms and same_grid(truth, nib.load(raw_path)):
+            with tempfile.TemporaryDirectory() as tmp:
+                binary = Path(tmp) / "truth.nii.gz"
+                data = (np.asarray(truth.dataobj) > 0).astype(np.float32)
+                nib.Nifti1Image(data, truth.affine).to_filename(binary)
+                out = apply_transforms(binary, template_grid, transforms[modality],
+                                       Path(tmp) / "truth_std.nii.gz", binarize=True)
+                return np.asarray(nib.load(out).dataobj) > 0
+    LOGGER.warning("%s matches neither the template grid nor any raw image of the subject; "
+                   "not evaluated", truth_file)
+    return None

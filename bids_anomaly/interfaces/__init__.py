@@ -1,0 +1,1 @@
+"""Nipype interfaces around nibabel, deepbet, antspyx and the model stage."""

@@ -1,0 +1,60 @@
+"""Writing derivatives: the Nipype side of :mod:`bids_anomaly.bids`."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    InputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+    traits,
+)
+
+from bids_anomaly.bids import derivative_path, write_sidecar
+
+
+class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="file to save")
+    output_dir = traits.Str(mandatory=True, desc="root of the derivative dataset")
+    subject = traits.Str(mandatory=True)
+    session = traits.Either(None, traits.Str, usedefault=True)
+    suffix = traits.Str(mandatory=True)
+    extension = traits.Str(".nii.gz", usedefault=True)
+    entities = traits.Dict(traits.Str, traits.Any, desc="other entities (space, desc, ...)")
+    metadata = traits.Dict(traits.Str, traits.Any, desc="JSON sidecar content")
+    source_files = InputMultiObject(traits.Str, desc="BIDS URIs of the sources")
+
+
+class _DerivativesDataSinkOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="the saved derivative")
+
+
+class DerivativesDataSink(SimpleInterface):
+    """Copy a result to its BIDS-derivative name and write its JSON sidecar.
+
+    Always runs, so that a derivative deleted by hand is written again on the next run, while
+    the computation behind it stays cached.
+    """
+
+    input_spec = _DerivativesDataSinkInputSpec
+    output_spec = _DerivativesDataSinkOutputSpec
+    always_run = True
+
+    def _run_interface(self, runtime):
+        out_file = derivative_path(
+            Path(self.inputs.output_dir), self.inputs.subject, self.inputs.session,
+            self.inputs.suffix, self.inputs.extension, **(self.inputs.entities or {}),
+        )
+        out_file.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self.inputs.in_file, out_file)
+        metadata = dict(self.inputs.metadata or {})
+        if self.inputs.source_files:
+            metadata["Sources"] = list(self.inputs.source_files)
+        if metadata:
+            write_sidecar(out_file, metadata)
+        self._results["out_file"] = str(out_file)
+        return runtime

@@ -1,0 +1,245 @@
+"""The model interface, the registry and the model directory.
+
+Every method implements :class:`AnomalyModel`; training, inference, evaluation and reports only
+ever use this interface. A model directory holds ``weights.safetensors`` (written by the model)
+and ``model.json`` (the :class:`ModelCard`, written here): what the model was trained on, its
+calibrated threshold, the package version and the checksum of the weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from bids_anomaly import __version__
+from bids_anomaly.errors import BadDataError, MissingInputError
+
+WEIGHTS_FILE = "weights.safetensors"
+CARD_FILE = "model.json"
+
+
+@dataclass
+class SubjectImages:
+    """Preprocessed template-space images of one subject/session.
+
+    Attributes
+    ----------
+    name : str
+        ``sub-<label>[_ses-<label>]``.
+    channels : list of Path
+        One image per channel, in the model's channel order.
+    mask : Path
+        Brain mask on the same grid.
+    """
+
+    name: str
+    channels: list[Path]
+    mask: Path
+
+    def load(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        """Return the ``(C, X, Y, Z)`` float32 image and the ``(X, Y, Z)`` boolean mask."""
+        mask_img = nib.load(self.mask)
+        mask = torch.from_numpy(np.asarray(mask_img.dataobj) > 0)
+        channels = []
+        for path in self.channels:
+            img = nib.load(path)
+            if img.shape != mask_img.shape:
+                raise BadDataError(f"{path}: grid {img.shape} differs from its mask {mask.shape}")
+            channels.append(torch.from_numpy(img.get_fdata(dtype=np.float32)))
+        return torch.stack(channels).to(device), mask.to(device)
+
+
+@dataclass
+class TrainingData:
+    """Subjects to learn from, read one at a time (memory does not grow with their number)."""
+
+    subjects: list[SubjectImages]
+    channels: list[str]
+    device: torch.device | str = "cpu"
+
+    def __len__(self) -> int:
+        return len(self.subjects)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for subject in self.subjects:
+            yield subject.load(self.device)
+
+    @property
+    def names(self) -> list[str]:
+        """Subject/session names, in order."""
+        return [subject.name for subject in self.subjects]
+
+    def split(self, fraction: float, seed: int = 0) -> tuple[TrainingData, TrainingData]:
+        """Split into (fit, held-out) parts; the held-out part has ``fraction`` of the subjects.
+
+        At least one subject is held out and at least two are kept for fitting.
+        """
+        if len(self) < 3:
+            raise MissingInputError(
+                f"training needs at least 3 subjects (2 to fit, 1 to calibrate), got {len(self)}"
+            )
+        order = list(range(len(self)))
+        random.Random(seed).shuffle(order)
+        n_held = min(max(1, round(fraction * len(self))), len(self) - 2)
+        held = sorted(order[:n_held])
+        fit = sorted(order[n_held:])
+        return (
+            TrainingData([self.subjects[i] for i in fit], self.channels, self.device),
+            TrainingData([self.subjects[i] for i in held], self.channels, self.device),
+        )
+
+
+@runtime_checkable
+class AnomalyModel(Protocol):
+    """What every anomaly model does."""
+
+    model_type: str
+
+    def fit(self, data: TrainingData) -> None:
+        """Learn healthy anatomy from ``data``."""
+
+    def score(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Voxel-wise anomaly score of a ``(C, X, Y, Z)`` image, 0 outside ``mask``."""
+
+    def save(self, directory: Path) -> None:
+        """Write the weights (``weights.safetensors``) into ``directory``."""
+
+    @classmethod
+    def load(cls, directory: Path) -> AnomalyModel:
+        """Read a model written by :meth:`save`."""
+
+
+REGISTRY: dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Class decorator adding a model to :data:`REGISTRY` under its ``model_type``."""
+    REGISTRY[cls.model_type] = cls
+    return cls
+
+
+@dataclass
+class ModelCard:
+    """The self-description of a trained model (``model.json``)."""
+
+    name: str
+    model_type: str
+    channels: list[str]
+    template: str
+    resolution: int
+    preprocessing: dict
+    hyperparameters: dict
+    training_participants: list[str]
+    calibration_participants: list[str]
+    threshold: float
+    fpr: float
+    calibration_voxels: int
+    version: str = __version__
+    checksum: str = ""
+    score_definition: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def check_compatible(self, channels: list[str], template: str, resolution: int,
+                         preprocessing: dict) -> None:
+        """Refuse data the model was not trained for.
+
+        Raises
+        ------
+        BadDataError
+            Missing channels, or another template, resolution or preprocessing.
+        """
+        missing = [c for c in self.channels if c not in channels]
+        if missing:
+            raise BadDataError(
+                f"model {self.name!r} needs channels {self.channels} but {', '.join(missing)} "
+                f"is missing (available: {', '.join(channels) or 'none'})"
+            )
+        if (template, resolution) != (self.template, self.resolution):
+            raise BadDataError(
+                f"model {self.name!r} was trained in {self.template} at {self.resolution} mm, "
+                f"the data are in {template} at {resolution} mm; use --resolution "
+                f"{self.resolution} or retrain"
+            )
+        for key, value in self.preprocessing.items():
+            if key in preprocessing and preprocessing[key] != value:
+                raise BadDataError(
+                    f"model {self.name!r} was trained with {key}={value!r}, the data were "
+                    f"preprocessed with {key}={preprocessing[key]!r}"
+                )
+
+
+def file_checksum(path: Path) -> str:
+    """SHA-256 of a file, hex."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_model(model: AnomalyModel, card: ModelCard, directory: Path) -> Path:
+    """Write weights and card into ``directory`` (created), the card last."""
+    directory.mkdir(parents=True, exist_ok=True)
+    model.save(directory)
+    card.checksum = file_checksum(directory / WEIGHTS_FILE)
+    card.hyperparameters = json.loads(json.dumps(card.hyperparameters))
+    (directory / CARD_FILE).write_text(json.dumps(dataclasses.asdict(card), indent=2) + "\n")
+    return directory
+
+
+def read_card(directory: Path) -> ModelCard:
+    """Read and check ``model.json``; a clear :class:`BadDataError` when it is not a model."""
+    path = Path(directory) / CARD_FILE
+    if not path.is_file():
+        raise MissingInputError(f"{directory} is not a model directory: {CARD_FILE} is missing")
+    try:
+        values = json.loads(path.read_text())
+        return ModelCard(**values)
+    except (json.JSONDecodeError, TypeError) as error:
+        raise BadDataError(f"{path} is not a valid model card: {error}") from error
+
+
+def load_model(directory: Path) -> tuple[AnomalyModel, ModelCard]:
+    """Load a model directory, checking the weights' checksum and the model type."""
+    directory = Path(directory)
+    card = read_card(directory)
+    weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise MissingInputError(f"{weights} is missing")
+    if file_checksum(weights) != card.checksum:
+        raise BadDataError(f"{weights} does not match the checksum in {CARD_FILE}: it was "
+                           "modified or damaged; copy the model directory again")
+    if card.model_type not in REGISTRY:
+        raise BadDataError(f"{directory}: unknown model type {card.model_type!r} (this version "
+                           f"knows {', '.join(sorted(REGISTRY))})")
+    return REGISTRY[card.model_type].load(directory), card
+
+
+def read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors and hyperparameters stored by :func:`write_weights` (no code is unpickled)."""
+    from safetensors import safe_open
+
+    path = Path(directory) / WEIGHTS_FILE
+    with safe_open(str(path), framework="pt") as stream:
+        tensors = {key: stream.get_tensor(key) for key in stream.keys()}
+        metadata = stream.metadata() or {}
+    return tensors, json.loads(metadata.get("hyperparameters", "{}"))
+
+
+def write_weights(directory: Path, tensors: dict[str, torch.Tensor], hyperparameters: dict) -> None:
+    """Write tensors and hyperparameters to ``weights.safetensors``."""
+    from safetensors.torch import save_file
+
+    save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()},
+              str(Path(directory) / WEIGHTS_FILE),
+              metadata={"hyperparameters": json.dumps(hyperparameters)})

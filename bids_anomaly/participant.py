@@ -1,0 +1,174 @@
+"""Running the participant level, and the steps the other levels share with it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+from bids_anomaly import bids
+from bids_anomaly.config import Settings
+from bids_anomaly.errors import BidsAnomalyError, MissingInputError, OutputError
+from bids_anomaly.images import load_volume
+from bids_anomaly.models.base import ModelCard, read_card
+from bids_anomaly.template import Template, get_template
+
+LOGGER = logging.getLogger(__name__)
+
+
+def prepare(settings: Settings):
+    """Check the input dataset, create output and work folders, index the dataset.
+
+    Returns
+    -------
+    layout : bids.layout.BIDSLayout
+    template : Template
+    """
+    bids.check_bids_dir(settings.bids_dir, settings.skip_bids_validation)
+    try:
+        for folder in (settings.output_dir, settings.work_dir, settings.output_dir / "logs"):
+            folder.mkdir(parents=True, exist_ok=True)
+        bids.write_dataset_description(settings.output_dir, settings.bids_dir)
+        settings.write(settings.work_dir / f"config-{settings.analysis_level}.toml")
+    except OSError as error:
+        raise OutputError(f"cannot write the output or work folder: {error}") from error
+    layout = bids.load_layout(settings.bids_dir, settings.work_dir / "bids_db",
+                              validate=not settings.skip_bids_validation)
+    template = get_template(settings.resolution, settings.work_dir / "templates")
+    return layout, template
+
+
+def collect_subjects(settings: Settings, layout, labels: list[str]) -> list[bids.AnatInputs]:
+    """Anatomical inputs of the selected participants; sessions without images are skipped.
+
+    Raises
+    ------
+    MissingInputError
+        No selected subject/session has a usable anatomical image.
+    """
+    subjects = []
+    for label in labels:
+        for inputs in bids.collect_anat(layout, label, settings.session_label,
+                                        settings.bids_filters):
+            if not inputs.images:
+                LOGGER.warning("%s: no anatomical image (T1w, FLAIR, T2w or PDw); skipped",
+                               inputs.name)
+                continue
+            subjects.append(inputs)
+    if not subjects:
+        raise MissingInputError("none of the selected participants has a usable anatomical image")
+    validate_images(subjects, settings.work_dir / "validated-inputs.json")
+    return subjects
+
+
+def validate_images(subjects: list[bids.AnatInputs], record: Path) -> None:
+    """Read every input image once (corrupt, 4D, bad headers fail here, naming the file).
+
+    Files already checked with the same size and modification time are not read again.
+    """
+    seen = json.loads(record.read_text()) if record.is_file() else {}
+    for inputs in subjects:
+        for path in inputs.images.values():
+            stat = os.stat(path)
+            key, signature = str(path), [stat.st_size, stat.st_mtime_ns]
+            if seen.get(key) == signature:
+                continue
+            load_volume(path)
+            seen[key] = signature
+    record.write_text(json.dumps(seen, indent=1))
+
+
+def resolve_model(settings: Settings) -> tuple[Path, ModelCard]:
+    """Find ``--model`` as a directory or as a name under ``OUTPUT_DIR/models``."""
+    candidate = Path(settings.model)
+    if not candidate.is_dir():
+        candidate = settings.output_dir / "models" / f"model-{settings.model}"
+    if not candidate.is_dir():
+        available = sorted(p.name.removeprefix("model-")
+                           for p in (settings.output_dir / "models").glob("model-*"))
+        raise MissingInputError(
+            f"--model {settings.model}: no such model directory nor model name "
+            f"(models in {settings.output_dir / 'models'}: {', '.join(available) or 'none'})"
+        )
+    return candidate.resolve(), read_card(candidate)
+
+
+def configure_nipype(settings: Settings) -> None:
+    """Set Nipype's execution options; workflows copy them when built, so call this first."""
+    from nipype import config
+    from nipype import logging as nipype_logging
+
+    log_dir = settings.output_dir / "logs"
+    config.update_config({
+        "execution": {
+            "crashdump_dir": str(log_dir),
+            "crashfile_format": "txt",
+            "hash_method": "content",
+            "stop_on_first_crash": settings.stop_on_first_crash,
+            "remove_unnecessary_outputs": False,
+            "check_version": False,
+            # the default of 2 s per scheduling loop dominates runs whose steps are cached
+            "poll_sleep_duration": 0.01,
+        },
+        "logging": {"log_directory": str(log_dir), "log_to_file": True},
+    })
+    level = "DEBUG" if settings.verbose > 1 else "INFO" if settings.verbose else "WARNING"
+    for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
+        nipype_logging.getLogger(name).setLevel(level)
+
+
+def run_workflow(workflow, settings: Settings) -> None:
+    """Run a Nipype workflow with the settings' resources, caching in the work directory."""
+    log_dir = settings.output_dir / "logs"
+    if settings.nprocs > 1:
+        # forked workers of a process that already ran torch can hang (OpenMP state), so the
+        # pool starts its workers from a clean server process
+        plugin_args = {"n_procs": settings.nprocs, "raise_insufficient": False,
+                       "mp_context": "forkserver"}
+        if settings.mem_gb:
+            plugin_args["memory_gb"] = settings.mem_gb
+        plugin = "MultiProc"
+    else:
+        plugin, plugin_args = "Linear", {}
+    try:
+        workflow.run(plugin=plugin, plugin_args=plugin_args)
+    except RuntimeError as error:
+        crashes = sorted(log_dir.glob("crash-*.txt"))
+        hint = f"; details in {crashes[-1]}" if crashes else ""
+        raise BidsAnomalyError(f"processing failed: {error}{hint}") from error
+
+
+def preprocess(settings: Settings, subjects: list[bids.AnatInputs], template: Template,
+               model: tuple[Path, ModelCard] | None = None) -> None:
+    """Build and run the participant workflow (preprocessing, then the model if given)."""
+    from bids_anomaly.workflows.base import init_participant_wf
+
+    configure_nipype(settings)
+    workflow = init_participant_wf(settings, subjects, template, model)
+    LOGGER.info("processing %d subject/session(s): %s", len(subjects),
+                ", ".join(s.name for s in subjects))
+    run_workflow(workflow, settings)
+
+
+def run_participant(settings: Settings) -> list[bids.AnatInputs]:
+    """The participant level: preprocess the selected participants and score them with a model.
+
+    Returns
+    -------
+    list of AnatInputs
+        The subject/sessions processed.
+    """
+    from bids_anomaly.workflows.base import preprocessing_settings
+
+    layout, template = prepare(settings)
+    labels = bids.select_participants(layout, settings.participant_label, settings.bids_dir)
+    subjects = collect_subjects(settings, layout, labels)
+    model = None
+    if settings.model:
+        model = resolve_model(settings)
+        for inputs in subjects:
+            model[1].check_compatible(inputs.modalities, template.name, template.resolution,
+                                      preprocessing_settings(settings))
+    preprocess(settings, subjects, template, model)
+    return subjects

@@ -1,0 +1,1 @@
+"""From anomaly maps to masks, clusters and regional burden."""

@@ -1,0 +1,154 @@
+"""The embedded default template: nilearn's MNI152 2009a symmetric T1w and tissue maps.
+
+Nothing is downloaded: the images ship inside nilearn. The brain mask and a CSF map are derived
+from the grey- and white-matter probability maps, so that every file of the template comes from
+one source and one resolution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+from scipy import ndimage
+
+TEMPLATE_NAME = "MNI152NLin2009aSym"
+RESOLUTIONS = (1, 2)
+
+
+@dataclass(frozen=True)
+class Template:
+    """Files of one template at one resolution.
+
+    Attributes
+    ----------
+    name : str
+        TemplateFlow-style identifier, used as the ``space-`` entity.
+    resolution : int
+        Voxel size in mm, used as the ``res-`` entity.
+    t1w : Path
+        Skull-stripped T1-weighted template image.
+    brain_mask : Path
+        Binary brain mask.
+    probseg : dict of str to Path
+        Tissue probability maps keyed by ``GM``, ``WM`` and ``CSF``.
+    """
+
+    name: str
+    resolution: int
+    t1w: Path
+    brain_mask: Path
+    probseg: dict[str, Path]
+
+
+def template_images(resolution: int = 2) -> dict[str, nib.Nifti1Image]:
+    """Build the template images in memory.
+
+    Parameters
+    ----------
+    resolution : int
+        1 or 2 (mm).
+
+    Returns
+    -------
+    dict of str to nibabel.Nifti1Image
+        ``T1w`` (float32, zero outside the brain), ``mask`` (uint8) and the probability maps
+        ``GM``, ``WM`` and ``CSF`` (float32), all on the same grid.
+    """
+    if resolution not in RESOLUTIONS:
+        raise ValueError(f"template resolution must be one of {RESOLUTIONS} mm, not {resolution}")
+    from nilearn import datasets
+
+    t1w = datasets.load_mni152_template(resolution=resolution)
+    gm = datasets.load_mni152_gm_template(resolution=resolution)
+    wm = datasets.load_mni152_wm_template(resolution=resolution)
+    affine = t1w.affine
+    gm_data = np.clip(np.asarray(gm.dataobj, dtype=np.float32), 0, 1)
+    wm_data = np.clip(np.asarray(wm.dataobj, dtype=np.float32), 0, 1)
+    brain = derive_brain_mask(gm_data, wm_data)
+    csf_data = np.where(brain, np.clip(1.0 - gm_data - wm_data, 0, 1), 0).astype(np.float32)
+    t1w_data = np.where(brain, np.asarray(t1w.dataobj, dtype=np.float32), 0).astype(np.float32)
+
+    def image(data: np.ndarray) -> nib.Nifti1Image:
+        img = nib.Nifti1Image(data, affine)
+        img.header.set_xyzt_units("mm")
+        img.header.set_qform(affine, code=4)
+        img.header.set_sform(affine, code=4)
+        return img
+
+    return {
+        "T1w": image(t1w_data),
+        "mask": image(brain.astype(np.uint8)),
+        "GM": image(gm_data),
+        "WM": image(wm_data),
+        "CSF": image(csf_data),
+    }
+
+
+def derive_brain_mask(gm: np.ndarray, wm: np.ndarray, threshold: float = 0.2) -> np.ndarray:
+    """Brain mask from tissue probabilities: GM + WM above a threshold, closed, holes filled.
+
+    Filling the holes adds the ventricles, which are brain for anomaly detection purposes.
+
+    Parameters
+    ----------
+    gm, wm : numpy.ndarray
+        Grey- and white-matter probability maps.
+    threshold : float
+        Minimum summed probability.
+
+    Returns
+    -------
+    numpy.ndarray
+        Boolean mask.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> gm = np.zeros((9, 9, 9)); gm[2:7, 2:7, 2:7] = 1; gm[4, 4, 4] = 0
+    >>> int(derive_brain_mask(gm, np.zeros_like(gm)).sum())
+    125
+    """
+    tissue = (gm + wm) > threshold
+    tissue = ndimage.binary_closing(tissue, structure=np.ones((3, 3, 3)), iterations=2)
+    return ndimage.binary_fill_holes(tissue)
+
+
+def get_template(resolution: int, cache_dir: Path) -> Template:
+    """Write the template files once into ``cache_dir`` and return their paths.
+
+    Parameters
+    ----------
+    resolution : int
+        1 or 2 (mm).
+    cache_dir : Path
+        Folder for the files (the work directory's ``templates/``).
+
+    Returns
+    -------
+    Template
+    """
+    folder = Path(cache_dir) / f"tpl-{TEMPLATE_NAME}" / f"res-{resolution}"
+    prefix = f"tpl-{TEMPLATE_NAME}_res-{resolution}"
+    paths = {
+        "T1w": folder / f"{prefix}_T1w.nii.gz",
+        "mask": folder / f"{prefix}_desc-brain_mask.nii.gz",
+        "GM": folder / f"{prefix}_label-GM_probseg.nii.gz",
+        "WM": folder / f"{prefix}_label-WM_probseg.nii.gz",
+        "CSF": folder / f"{prefix}_label-CSF_probseg.nii.gz",
+    }
+    if not all(path.exists() for path in paths.values()):
+        folder.mkdir(parents=True, exist_ok=True)
+        for key, img in template_images(resolution).items():
+            partial = paths[key].with_name(".partial-" + paths[key].name)
+            img.to_filename(partial)
+            partial.replace(paths[key])
+    return Template(
+        name=TEMPLATE_NAME,
+        resolution=resolution,
+        t1w=paths["T1w"],
+        brain_mask=paths["mask"],
+        probseg={key: paths[key] for key in ("GM", "WM", "CSF")},
+    )

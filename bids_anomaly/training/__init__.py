@@ -1,0 +1,1 @@
+"""The train level: fitting, calibrating and saving models."""

@@ -1,0 +1,1 @@
+"""Nipype workflows: participant preprocessing, the model stage, and derivative writing."""

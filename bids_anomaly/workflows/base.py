@@ -1,0 +1,148 @@
+"""The participant-level workflow and running it."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from bids_anomaly import __version__, bids
+from bids_anomaly.config import Settings
+from bids_anomaly.interfaces.anomaly import ScoreAnomaly
+from bids_anomaly.models.base import ModelCard
+from bids_anomaly.template import Template
+from bids_anomaly.workflows.anatomical import init_anat_preproc_wf
+from bids_anomaly.workflows.outputs import init_ds_anat_wf, init_ds_anomaly_wf
+
+LOGGER = logging.getLogger(__name__)
+
+
+def workflow_name() -> str:
+    """Top workflow name; it carries major.minor so a new version never reuses a stale cache."""
+    major, minor = __version__.split(".")[:2]
+    return f"bids_anomaly_{major}_{minor}_wf"
+
+
+def preprocessing_settings(settings: Settings) -> dict:
+    """The preprocessing choices a model must agree with (recorded in model cards)."""
+    return {"registration": settings.registration, "normalization": settings.normalization}
+
+
+def init_participant_wf(
+    settings: Settings,
+    subjects: list[bids.AnatInputs],
+    template: Template,
+    model: tuple[Path, ModelCard] | None = None,
+) -> pe.Workflow:
+    """Build the participant-level workflow for every subject/session.
+
+    Parameters
+    ----------
+    settings : Settings
+        The run's settings.
+    subjects : list of AnatInputs
+        One entry per subject/session, each with at least one image.
+    template : Template
+        Template files.
+    model : (Path, ModelCard), optional
+        Trained model to apply after preprocessing.
+
+    Returns
+    -------
+    nipype.pipeline.engine.Workflow
+    """
+    from bids_anomaly.device import resolve_device
+
+    workflow = pe.Workflow(name=workflow_name(), base_dir=str(settings.work_dir))
+    use_gpu = resolve_device(settings.device).type == "cuda"
+    for inputs in subjects:
+        workflow.add_nodes([init_single_subject_wf(settings, inputs, template, model, use_gpu)])
+    return workflow
+
+
+def init_single_subject_wf(
+    settings: Settings,
+    inputs: bids.AnatInputs,
+    template: Template,
+    model: tuple[Path, ModelCard] | None = None,
+    use_gpu: bool = False,
+) -> pe.Workflow:
+    """Preprocess one subject/session, write its derivatives, and apply a model if given.
+
+    Parameters
+    ----------
+    settings : Settings
+        The run's settings.
+    inputs : AnatInputs
+        The subject/session's raw images.
+    template : Template
+        Template files.
+    model : (Path, ModelCard), optional
+        Trained model to apply.
+    use_gpu : bool
+        Run the networks (deepbet, the model) on CUDA.
+    """
+    name = inputs.name.replace("-", "_") + "_wf"
+    workflow = pe.Workflow(name=name)
+    modalities = inputs.modalities
+    inputnode = pe.Node(
+        niu.IdentityInterface(fields=[f"in_{m}" for m in modalities]
+                              + ["template_t1w", "template_mask"]),
+        name="inputnode",
+    )
+    for modality in modalities:
+        setattr(inputnode.inputs, f"in_{modality}", str(inputs.images[modality]))
+    inputnode.inputs.template_t1w = str(template.t1w)
+    inputnode.inputs.template_mask = str(template.brain_mask)
+
+    anat_preproc_wf = init_anat_preproc_wf(
+        modalities, registration=settings.registration, normalization=settings.normalization,
+        omp_nthreads=settings.omp_nthreads, use_gpu=use_gpu, random_seed=settings.random_seed,
+    )
+    ds_anat_wf = init_ds_anat_wf(
+        inputs, settings.output_dir, settings.bids_dir, template.name, template.resolution,
+        preprocessing_settings(settings),
+    )
+    anat_outputs = (
+        [f"preproc_{m}" for m in modalities]
+        + ["std_mask", "ref_to_template", "template_to_ref"]
+        + [f"{m}_to_ref" for m in modalities[1:]]
+    )
+    workflow.connect([
+        (inputnode, anat_preproc_wf, [(f"in_{m}", f"inputnode.in_{m}") for m in modalities]
+         + [("template_t1w", "inputnode.template_t1w"),
+            ("template_mask", "inputnode.template_mask")]),
+        (anat_preproc_wf, ds_anat_wf, [(f"outputnode.{field}", f"inputnode.{field}")
+                                       for field in anat_outputs]),
+    ])
+    if model is None:
+        return workflow
+
+    model_dir, card = model
+    channels = pe.Node(niu.Merge(len(card.channels)), name="model_channels",
+                       run_without_submitting=True)
+    for index, channel in enumerate(card.channels, start=1):
+        workflow.connect(anat_preproc_wf, f"outputnode.preproc_{channel}", channels, f"in{index}")
+    score = pe.Node(
+        ScoreAnomaly(model_dir=str(model_dir), model_checksum=card.checksum,
+                     device="cuda" if use_gpu else "cpu"),
+        name="score_anomaly", mem_gb=2.0,
+    )
+    desc = bids.model_desc(card.name)
+    metadata = {
+        "Model": card.name, "ModelType": card.model_type, "ModelChannels": card.channels,
+        "ModelVersion": card.version, "ModelChecksum": card.checksum,
+        "ScoreDefinition": card.score_definition, "Threshold": card.threshold,
+        "FalsePositiveRateTarget": card.fpr,
+    }
+    ds_anomaly_wf = init_ds_anomaly_wf(inputs, settings.output_dir, template.name,
+                                       template.resolution, desc, metadata)
+    workflow.connect([
+        (channels, score, [("out", "channel_files")]),
+        (anat_preproc_wf, score, [("outputnode.std_mask", "mask_file")]),
+        (score, ds_anomaly_wf, [("anomaly_map", "inputnode.anomaly_map"),
+                                ("anomaly_mask", "inputnode.anomaly_mask")]),
+    ])
+    return workflow

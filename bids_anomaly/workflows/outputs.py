@@ -1,0 +1,138 @@
+"""Writing derivatives (computing happens elsewhere)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from bids_anomaly import bids
+from bids_anomaly.interfaces.bids import DerivativesDataSink
+
+
+def _sink(name: str, output_dir: Path, subject: str, session: str | None, spec: dict,
+          metadata: dict | None = None, sources: list[str] | None = None) -> pe.Node:
+    spec = dict(spec)
+    node = pe.Node(
+        DerivativesDataSink(
+            output_dir=str(output_dir), subject=subject, session=session,
+            suffix=spec.pop("suffix"), extension=spec.pop("extension", ".nii.gz"),
+            entities=spec, metadata=metadata or {}, source_files=sources or [],
+        ),
+        name=name, run_without_submitting=True, mem_gb=0.1,
+    )
+    return node
+
+
+def init_ds_anat_wf(
+    inputs: bids.AnatInputs,
+    output_dir: Path,
+    bids_dir: Path,
+    space: str,
+    resolution: int,
+    settings: dict,
+    name: str = "ds_anat_wf",
+) -> pe.Workflow:
+    """Write the preprocessing derivatives of one subject/session.
+
+    Parameters
+    ----------
+    inputs : AnatInputs
+        The subject's raw images (for names and ``Sources``).
+    output_dir : Path
+        Root of the derivative dataset.
+    bids_dir : Path
+        Root of the raw dataset.
+    space, resolution
+        Template name and voxel size.
+    settings : dict
+        Preprocessing settings recorded in the sidecars.
+    name : str
+        Workflow name.
+
+    Inputs
+    ------
+    preproc_<modality>, std_mask, ref_to_template, template_to_ref, <modality>_to_ref
+        As produced by :func:`~bids_anomaly.workflows.anatomical.init_anat_preproc_wf`.
+    """
+    modalities = inputs.modalities
+    reference = modalities[0]
+    others = modalities[1:]
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(
+        niu.IdentityInterface(
+            fields=[f"preproc_{m}" for m in modalities]
+            + ["std_mask", "ref_to_template", "template_to_ref"]
+            + [f"{m}_to_ref" for m in others]
+        ),
+        name="inputnode",
+    )
+    sources = {m: bids.bids_uri(bids_dir, inputs.images[m]) for m in modalities}
+    sub, ses = inputs.subject, inputs.session
+    for modality in modalities:
+        metadata = {
+            "SkullStripped": True,
+            "Resolution": f"{resolution} mm isotropic, template {space}",
+            "IntensityNormalization": settings.get("normalization"),
+            "Description": f"{modality} bias-corrected, registered to {space} through the "
+                           f"{reference}, normalised inside the brain",
+        }
+        srcs = [sources[modality]] + ([sources[reference]] if modality != reference else [])
+        node = _sink(f"ds_preproc_{modality}", output_dir, sub, ses,
+                     bids.preproc_spec(space, resolution, modality), metadata, srcs)
+        workflow.connect(inputnode, f"preproc_{modality}", node, "in_file")
+    ds_mask = _sink("ds_std_mask", output_dir, sub, ses, bids.brain_mask_spec(space, resolution),
+                    {"Type": "Brain", "RawSources": [sources[reference]]},
+                    [sources[reference]])
+    ds_forward = _sink("ds_ref_to_template", output_dir, sub, ses,
+                       bids.transform_spec(reference, space),
+                       {"Registration": settings.get("registration"), "Software": "antspyx"})
+    ds_inverse = _sink("ds_template_to_ref", output_dir, sub, ses,
+                       bids.transform_spec(space, reference),
+                       {"Registration": settings.get("registration"), "Software": "antspyx"})
+    workflow.connect([
+        (inputnode, ds_mask, [("std_mask", "in_file")]),
+        (inputnode, ds_forward, [("ref_to_template", "in_file")]),
+        (inputnode, ds_inverse, [("template_to_ref", "in_file")]),
+    ])
+    for modality in others:
+        node = _sink(f"ds_{modality}_to_ref", output_dir, sub, ses,
+                     bids.transform_spec(modality, reference, ".mat"),
+                     {"Registration": "Rigid", "Software": "antspyx"})
+        workflow.connect(inputnode, f"{modality}_to_ref", node, "in_file")
+    return workflow
+
+
+def init_ds_anomaly_wf(
+    inputs: bids.AnatInputs,
+    output_dir: Path,
+    space: str,
+    resolution: int,
+    model_desc: str,
+    card_metadata: dict,
+    name: str = "ds_anomaly_wf",
+) -> pe.Workflow:
+    """Write a model's anomaly map and thresholded mask for one subject/session.
+
+    Inputs
+    ------
+    anomaly_map, anomaly_mask
+        Outputs of :class:`~bids_anomaly.interfaces.anomaly.ScoreAnomaly`.
+    """
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=["anomaly_map", "anomaly_mask"]),
+                        name="inputnode")
+    sub, ses = inputs.subject, inputs.session
+    ds_map = _sink("ds_anomaly_map", output_dir, sub, ses,
+                   bids.anomaly_map_spec(space, resolution, model_desc),
+                   {**card_metadata, "Description": "voxel-wise anomaly score"})
+    ds_mask = _sink("ds_anomaly_mask", output_dir, sub, ses,
+                    bids.anomaly_mask_spec(space, resolution, model_desc),
+                    {**card_metadata, "Description": "voxels scoring above the calibrated "
+                     "threshold"})
+    workflow.connect([
+        (inputnode, ds_map, [("anomaly_map", "in_file")]),
+        (inputnode, ds_mask, [("anomaly_mask", "in_file")]),
+    ])
+    return workflow

@@ -1,0 +1,130 @@
+"""The command-line contract: exit codes and one-line messages, and an untouched input."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from bids_anomaly import __version__
+from bids_anomaly.cli.run import main
+from bids_anomaly.models import ModelCard, NormativeModel, save_model
+from tests.conftest import tree_digest
+
+
+@pytest.fixture
+def run(tiny_bids, tmp_path, capsys):
+    """Run the CLI on tiny_bids; check the input is byte-identical afterwards."""
+
+    def _run(*args, bids_dir=None, output=None):
+        bids_dir = bids_dir or tiny_bids
+        output = output or tmp_path / "out"
+        before = tree_digest(tiny_bids)
+        code = main([str(bids_dir), str(output), *args])
+        err = capsys.readouterr().err
+        assert tree_digest(tiny_bids) == before
+        return code, err
+
+    return _run
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert __version__ in capsys.readouterr().out
+
+
+def test_usage_errors_exit_2(run, tiny_bids, capsys):
+    code, err = run("participant", output=tiny_bids / "derivatives" / "out")
+    assert code == 2 and "inside BIDS_DIR" in err
+    code, err = run("participant", output=tiny_bids)
+    assert code == 2
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tiny_bids), "/tmp/x", "nonsense-level"])
+    assert exit_info.value.code == 2
+
+
+def test_not_bids_exits_16(run, tmp_path):
+    code, err = run("participant", bids_dir=tmp_path / "missing")
+    assert code == 16 and "does not exist" in err
+    plain = tmp_path / "plain"
+    (plain / "sub-01" / "anat").mkdir(parents=True)
+    code, err = run("participant", bids_dir=plain)
+    assert code == 16 and "dataset_description.json" in err
+    # validation skipped: the run goes on, here to the unknown label (18)
+    code, err = run("participant", "--skip-bids-validation", "--participant-label", "zz",
+                    bids_dir=plain)
+    assert code == 18
+
+
+def test_unknown_participant_exits_18(run):
+    code, err = run("participant", "--participant-label", "99")
+    assert code == 18 and "unknown participant label(s): 99" in err
+    code, err = run("train", "--train-filter", "group=patient")
+    assert code == 18
+
+
+def test_corrupt_nifti_exits_65_naming_the_file(run, tiny_bids):
+    path = tiny_bids / "sub-02" / "anat" / "sub-02_T1w.nii.gz"
+    before = path.read_bytes()
+    path.write_bytes(before[: len(before) // 2])
+    try:
+        code, err = run("participant", "--participant-label", "02")
+    finally:
+        path.write_bytes(before)
+    assert code == 65 and "sub-02_T1w.nii.gz" in err and "truncated or corrupt" in err
+
+
+def test_4d_anatomical_exits_65(run, tiny_bids):
+    path = tiny_bids / "sub-02" / "anat" / "sub-02_T1w.nii.gz"
+    before = path.read_bytes()
+    nib.Nifti1Image(np.zeros((10, 10, 10, 4), np.float32), np.eye(4)).to_filename(path)
+    try:
+        code, err = run("participant", "--participant-label", "02")
+    finally:
+        path.write_bytes(before)
+    assert code == 65 and "expected a 3D volume" in err
+
+
+def test_no_usable_anatomical_exits_66(run, tiny_bids):
+    anat = tiny_bids / "sub-03" / "anat"
+    anat.mkdir(parents=True)
+    nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)).to_filename(
+        anat / "sub-03_T2starw.nii.gz")
+    code, err = run("participant", "--participant-label", "03")
+    assert code == 66 and "usable anatomical image" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA is available here")
+def test_cuda_requested_without_gpu_exits_75(run, tmp_path):
+    code, err = run("participant", "--device", "cuda")
+    assert code == 75 and "CUDA is not available" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_model_with_other_channels_exits_65(run, tmp_path):
+    model = NormativeModel()
+    model.location = torch.zeros(1, 4, 4, 4)
+    model.spread = torch.ones(1, 4, 4, 4)
+    model.support = torch.ones(4, 4, 4, dtype=torch.bool)
+    card = ModelCard(name="flair", model_type="normative", channels=["FLAIR"],
+                     template="MNI152NLin2009aSym", resolution=2, preprocessing={},
+                     hyperparameters=model.hyperparameters, training_participants=[],
+                     calibration_participants=[], threshold=3.0, fpr=0.001, calibration_voxels=1)
+    directory = save_model(model, card, tmp_path / "model-flair")
+    code, err = run("participant", "--model", str(directory))
+    assert code == 65 and "FLAIR is missing" in err
+    card_path = directory / "model.json"
+    card_path.write_text(json.dumps({**json.loads(card_path.read_text()), "channels": ["T1w"],
+                                     "resolution": 1}))
+    code, err = run("participant", "--model", str(directory))
+    assert code == 65 and "at 1 mm" in err
+    code, err = run("participant", "--model", "no-such-model")
+    assert code == 66 and "no such model" in err
+
+
+def test_group_without_maps_exits_18(run):
+    code, err = run("group")
+    assert code == 18 and "no anomaly maps" in err

@@ -1,0 +1,66 @@
+"""Shared fixtures: small generated BIDS datasets and the real data in ../shared/data."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+REAL_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bids_real"
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """SHA-256 of every file under ``root``: to prove a dataset was not written to."""
+    return {
+        str(path.relative_to(root)): hashlib.sha256(path.read_bytes()).hexdigest()
+        for path in sorted(root.rglob("*")) if path.is_file()
+    }
+
+
+def write_minimal_bids(root: Path, subjects: dict[str, dict[str, nib.Nifti1Image]],
+                       groups: dict[str, str] | None = None) -> Path:
+    """Write a BIDS dataset with the given images (``{label: {suffix: image}}``)."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "dataset_description.json").write_text(
+        json.dumps({"Name": "test", "BIDSVersion": "1.9.0", "DatasetType": "raw"}))
+    rows = ["participant_id\tgroup"]
+    for label, images in subjects.items():
+        anat = root / f"sub-{label}" / "anat"
+        anat.mkdir(parents=True, exist_ok=True)
+        for suffix, img in images.items():
+            img.to_filename(anat / f"sub-{label}_{suffix}.nii.gz")
+        rows.append(f"sub-{label}\t{(groups or {}).get(label, 'healthy')}")
+    (root / "participants.tsv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="session")
+def small_subject() -> dict[str, nib.Nifti1Image]:
+    """One synthetic subject with lesions (T1w, T2w, FLAIR, lesion_mask)."""
+    from bids_anomaly.synthetic import synthetic_subject
+
+    return synthetic_subject(seed=3, lesions=True)
+
+
+@pytest.fixture
+def tiny_bids(tmp_path: Path) -> Path:
+    """A two-subject dataset of small random volumes (enough for every check before processing)."""
+    rng = np.random.default_rng(0)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    subjects = {
+        label: {"T1w": nib.Nifti1Image(rng.random((20, 20, 20)).astype(np.float32), affine)}
+        for label in ("01", "02")
+    }
+    return write_minimal_bids(tmp_path / "bids", subjects)
+
+
+@pytest.fixture
+def real_data() -> Path:
+    """The real dataset of ../shared/data, or skip."""
+    if not REAL_DATA.is_dir():
+        pytest.skip("../shared/data/bids_real is not available")
+    return REAL_DATA
