@@ -16,8 +16,8 @@ DEMO_MODELS = (("normative", "normative"), ("gmm", "gmm"))
 """(model type, model name) pairs trained and evaluated by the demo."""
 
 
-def run_demo(output_dir: Path, nprocs: int = 1, device: str = "auto", random_seed: int = 0,
-             verbose: int = 0) -> Path:
+def run_demo(output_dir: Path, n_healthy: int = 8, n_patients: int = 3, nprocs: int = 1,
+             device: str = "auto", random_seed: int = 0, verbose: int = 0) -> Path:
     """Run the whole tool on generated data and print where the results are.
 
     ``output_dir`` receives ``rawdata/`` (the generated BIDS dataset with ground truth in
@@ -38,7 +38,8 @@ def run_demo(output_dir: Path, nprocs: int = 1, device: str = "auto", random_see
     start = time.monotonic()
     if not (rawdata / "dataset_description.json").is_file():
         print(f"[demo] generating a synthetic BIDS dataset in {rawdata}", flush=True)
-        generate_demo_dataset(rawdata, seed=random_seed)
+        generate_demo_dataset(rawdata, n_healthy=n_healthy, n_patients=n_patients,
+                              seed=random_seed)
     common = ["-w", str(work), "--nprocs", str(nprocs), "--device", device,
               "--random-seed", str(random_seed)] + ["-v"] * verbose
     levels = [("preprocessing every participant", ["participant"])]

@@ -126,6 +126,10 @@ def build_demo_parser() -> argparse.ArgumentParser:
                     "train and group on it.",
     )
     parser.add_argument("output_dir", type=Path, help="folder for the dataset and the results")
+    parser.add_argument("--healthy", type=_positive_int, default=8,
+                        help="healthy controls to generate (default: 8; at least 3)")
+    parser.add_argument("--patients", type=_positive_int, default=3,
+                        help="patients with synthetic lesions to generate (default: 3)")
     parser.add_argument("--nprocs", type=_positive_int, default=os.cpu_count() or 1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--random-seed", type=int, default=0)

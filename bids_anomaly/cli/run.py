@@ -34,7 +34,8 @@ def run_level(argv: list[str]) -> None:
         from bids_anomaly.demo import run_demo
 
         _set_threads(min(8, args.nprocs))
-        run_demo(args.output_dir, nprocs=args.nprocs, device=args.device,
+        run_demo(args.output_dir, n_healthy=args.healthy, n_patients=args.patients,
+                 nprocs=args.nprocs, device=args.device,
                  random_seed=args.random_seed, verbose=args.verbose)
         return
     args = build_parser().parse_args(argv)
