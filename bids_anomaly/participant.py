@@ -100,6 +100,7 @@ def configure_nipype(settings: Settings) -> None:
     from nipype import logging as nipype_logging
 
     log_dir = settings.output_dir / "logs"
+    level = "DEBUG" if settings.verbose > 1 else "INFO" if settings.verbose else "WARNING"
     config.update_config({
         "execution": {
             "crashdump_dir": str(log_dir),
@@ -111,11 +112,10 @@ def configure_nipype(settings: Settings) -> None:
             # the default of 2 s per scheduling loop dominates runs whose steps are cached
             "poll_sleep_duration": 0.01,
         },
-        "logging": {"log_directory": str(log_dir), "log_to_file": True},
+        "logging": {"log_directory": str(log_dir), "log_to_file": True,
+                    "workflow_level": level, "interface_level": level, "utils_level": level},
     })
-    level = "DEBUG" if settings.verbose > 1 else "INFO" if settings.verbose else "WARNING"
-    for name in ("nipype.workflow", "nipype.interface", "nipype.utils"):
-        nipype_logging.getLogger(name).setLevel(level)
+    nipype_logging.update_logging(config)
 
 
 def run_workflow(workflow, settings: Settings) -> None:
