@@ -12,7 +12,7 @@ reuses the preprocessing of the first steps, and the last step is a rerun with e
 from __future__ import annotations
 
 import argparse
-import resource
+import os
 import shutil
 import subprocess
 import time
@@ -22,10 +22,14 @@ from pathlib import Path
 def measure(command: list[str]) -> tuple[float, float]:
     """Run ``command``; return (wall seconds, peak RSS in GiB of the process tree)."""
     start = time.perf_counter()
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    # wait4 gives this step's own usage; RUSAGE_CHILDREN would be the maximum over every
+    # step run so far
+    _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return wall, peak_kib / 1024**2
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise subprocess.CalledProcessError(os.waitstatus_to_exitcode(status), command)
+    return wall, usage.ru_maxrss / 1024**2
 
 
 def main() -> None:
