@@ -256,9 +256,12 @@ def derivative_name(subject: str, session: str | None, suffix: str,
 def derivative_path(output_dir: Path, subject: str, session: str | None, suffix: str,
                     extension: str = ".nii.gz", datatype: str = "anat",
                     **entities: str | int | None) -> Path:
-    """Full path of a derivative under ``output_dir`` (see :func:`derivative_name`)."""
+    """Full path of a derivative under ``output_dir`` (see :func:`derivative_name`).
+
+    Figures of every session go to ``sub-<label>/figures/``, next to ``sub-<label>.html``.
+    """
     folder = Path(output_dir) / f"sub-{subject}"
-    if session:
+    if session and datatype != "figures":
         folder = folder / f"ses-{session}"
     return folder / datatype / derivative_name(subject, session, suffix, extension, **entities)
 
@@ -346,6 +349,22 @@ def transform_spec(source: str, target: str, extension: str = ".h5") -> dict:
     """Naming of a transform from ``source`` space/modality to ``target``."""
     return {"suffix": "xfm", "extension": extension, "from_": source, "to": target,
             "mode": "image"}
+
+
+def qc_spec() -> dict:
+    """Naming of the one-row table of registration QC metrics of a subject/session."""
+    return {"suffix": "qc", "extension": ".tsv", "desc": "registration"}
+
+
+def figure_spec(kind: str, modality: str, space: str | None = None) -> dict:
+    """Naming of a QC figure: ``kind`` is brainmask, registration or coregistration."""
+    return {"suffix": modality, "extension": ".svg", "datatype": "figures", "space": space,
+            "desc": kind}
+
+
+def subject_report_path(output_dir: Path, subject: str) -> Path:
+    """Path of a participant's HTML page, ``sub-<label>.html`` at the derivatives' root."""
+    return Path(output_dir) / f"sub-{subject}.html"
 
 
 def anomaly_map_spec(space: str, res: int, desc: str) -> dict:

@@ -48,6 +48,7 @@ class Settings:
     resolution: int = 2
     registration: str = "SyN"
     normalization: str = "robust-zscore"
+    skull_stripped: str = "auto"
     fpr: float = DEFAULT_FPR
     calibration_fraction: float = 0.2
     n_components: int = 5

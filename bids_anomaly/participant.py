@@ -105,7 +105,7 @@ def configure_nipype(settings: Settings) -> None:
         "execution": {
             "crashdump_dir": str(log_dir),
             "crashfile_format": "txt",
-            "hash_method": "content",
+            "hash_method": "timestamp",
             "stop_on_first_crash": settings.stop_on_first_crash,
             "remove_unnecessary_outputs": False,
             "check_version": False,
@@ -149,6 +149,9 @@ def preprocess(settings: Settings, subjects: list[bids.AnatInputs], template: Te
     LOGGER.info("processing %d subject/session(s): %s", len(subjects),
                 ", ".join(s.name for s in subjects))
     run_workflow(workflow, settings)
+    from bids_anomaly.reports.subject import write_subject_reports
+
+    write_subject_reports(settings.output_dir, subjects, template.name)
 
 
 def run_participant(settings: Settings) -> list[bids.AnatInputs]:

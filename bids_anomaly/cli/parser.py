@@ -13,6 +13,7 @@ from bids_anomaly.config import DEFAULT_FPR, MODALITIES, Settings
 from bids_anomaly.errors import UsageError
 from bids_anomaly.models import REGISTRY
 from bids_anomaly.normalization import METHODS
+from bids_anomaly.skullstrip import MODES as SKULL_STRIPPED_MODES
 from bids_anomaly.template import RESOLUTIONS
 
 LEVELS = ("participant", "train", "group")
@@ -88,11 +89,19 @@ def build_parser() -> argparse.ArgumentParser:
     prep = parser.add_argument_group("preprocessing")
     prep.add_argument("--resolution", type=int, choices=RESOLUTIONS, default=2,
                       help="template-space voxel size in mm (default: 2)")
-    prep.add_argument("--registration", default="SyN",
-                      choices=("Rigid", "Affine", "SyN", "SyNRA", "antsRegistrationSyNQuick[s]"),
-                      help="reference-to-template registration (default: SyN)")
+    prep.add_argument("--registration", default="SyN", choices=("Rigid", "Affine", "SyN"),
+                      help="reference-to-template registration (default: SyN, affine then "
+                           "deformable; the most accurate at about the cost of Affine, see "
+                           "the README)")
     prep.add_argument("--normalization", choices=METHODS, default="robust-zscore",
-                      help="intensity normalisation inside the brain")
+                      help="intensity normalisation inside the brain: robust-zscore (median "
+                           "and IQR, default), whitestripe (normal-appearing white matter) or "
+                           "percentile (1st-99th percentile to 0-1)")
+    prep.add_argument("--skull-stripped", choices=SKULL_STRIPPED_MODES, default="auto",
+                      help="auto: images whose background is one constant value around a "
+                           "brain-sized object are taken as skull-stripped and not stripped "
+                           "again; yes: every reference image is skull-stripped; no: always run "
+                           "brain extraction (deepbet)")
 
     model = parser.add_argument_group("models")
     model.add_argument("--model", metavar="NAME|PATH",
@@ -191,6 +200,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         resolution=args.resolution,
         registration=args.registration,
         normalization=args.normalization,
+        skull_stripped=args.skull_stripped,
         fpr=args.fpr,
         n_components=args.n_components,
         stop_on_first_crash=args.stop_on_first_crash,

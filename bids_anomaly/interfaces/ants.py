@@ -6,6 +6,7 @@ sets from ``--omp-nthreads`` before any node runs.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import numpy as np
@@ -18,19 +19,31 @@ from nipype.interfaces.base import (
     traits,
 )
 
+LOGGER = logging.getLogger("nipype.interface")
+
 
 class _N4InputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="image to correct")
     mask_file = File(exists=True, desc="estimate the bias field inside this mask")
-    shrink_factor = traits.Int(4, usedefault=True, desc="downsampling of the fit")
+    shrink_factor = traits.Int(2, usedefault=True, desc="downsampling of the fit")
+    max_nonpositive = traits.Float(
+        0.05, usedefault=True,
+        desc="largest share of non-positive voxels in the mask for which N4 still runs")
 
 
 class _N4OutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="bias-corrected image")
+    corrected = traits.Bool(desc="whether N4 ran (False: the image was passed on unchanged)")
 
 
 class N4BiasFieldCorrection(SimpleInterface):
-    """N4 bias-field correction (antspyx)."""
+    """N4 bias-field correction (antspyx) inside a mask.
+
+    N4 fits a multiplicative field to log intensities, so it needs positive data. A few
+    non-positive voxels (ringing, interpolation undershoot) are clipped to 0; an image with more
+    than ``max_nonpositive`` of its mask at or below 0 has been rescaled already (z-scores) and is
+    passed on unchanged, with a warning, as bias correction has no meaning there.
+    """
 
     input_spec = _N4InputSpec
     output_spec = _N4OutputSpec
@@ -39,14 +52,26 @@ class N4BiasFieldCorrection(SimpleInterface):
         import ants
 
         image = ants.image_read(self.inputs.in_file)
-        kwargs = {"shrink_factor": self.inputs.shrink_factor}
+        data = image.numpy()
+        mask = None
+        inside = data > -np.inf
         if self.inputs.mask_file:
-            kwargs["mask"] = ants.image_read(self.inputs.mask_file)
-        # N4 fits a log field: negative intensities (ringing, z-scored data) are clipped to 0
-        image = image.new_image_like(np.clip(image.numpy(), 0, None))
-        corrected = ants.n4_bias_field_correction(image, **kwargs)
+            mask = ants.image_read(self.inputs.mask_file)
+            inside = mask.numpy() > 0
         self._results["out_file"] = os.path.join(runtime.cwd, "n4.nii.gz")
+        nonpositive = float(np.mean(data[inside] <= 0)) if inside.any() else 1.0
+        if nonpositive > self.inputs.max_nonpositive:
+            LOGGER.warning("%s: %.0f %% of the brain is at or below 0 (already normalised "
+                           "data?): bias-field correction skipped", self.inputs.in_file,
+                           100 * nonpositive)
+            ants.image_write(image, self._results["out_file"])
+            self._results["corrected"] = False
+            return runtime
+        image = image.new_image_like(np.clip(data, 0, None))
+        corrected = ants.n4_bias_field_correction(
+            image, mask=mask, shrink_factor=self.inputs.shrink_factor)
         ants.image_write(corrected, self._results["out_file"])
+        self._results["corrected"] = True
         return runtime
 
 
@@ -59,6 +84,11 @@ class _RegistrationInputSpec(BaseInterfaceInputSpec):
     random_seed = traits.Int(0, usedefault=True, desc="seed of the metric's sampling")
     composite = traits.Bool(True, usedefault=True,
                             desc="write ITK composite .h5 files (else the affine .mat)")
+    syn_iterations = traits.Tuple(
+        (20, 10, 0), traits.Int, traits.Int, traits.Int, usedefault=True,
+        desc="SyN iterations at shrink factors 4, 2 and 1 (antspyx's default is 40, 20, 0: on "
+             "6 bids_real references at 2 mm, 20, 10, 0 took 2.8 s instead of 3.3 s for a mean "
+             "Dice with the template mask of 0.9794 instead of 0.9797)")
 
 
 class _RegistrationOutputSpec(TraitedSpec):
@@ -92,6 +122,7 @@ class Registration(SimpleInterface):
         result = ants.registration(
             fixed, moving, type_of_transform=self.inputs.transform_type, mask=mask,
             outprefix=prefix, write_composite_transform=composite,
+            reg_iterations=tuple(self.inputs.syn_iterations),
         )
         if composite:
             forward, inverse = prefix + "Composite.h5", prefix + "InverseComposite.h5"
@@ -114,6 +145,9 @@ class _ApplyTransformsInputSpec(BaseInterfaceInputSpec):
     interpolation = traits.Enum("linear", "genericLabel", "nearestNeighbor", "bSpline",
                                 "lanczosWindowedSinc", usedefault=True)
     binarize = traits.Bool(False, usedefault=True, desc="threshold the result at 0.5 (uint8)")
+    field_of_view = traits.Bool(False, usedefault=True,
+                                desc="resample the image's field of view (a mask of ones) "
+                                     "instead of its intensities; output binarised")
 
 
 class _ApplyTransformsOutputSpec(TraitedSpec):
@@ -130,9 +164,50 @@ class ApplyTransforms(SimpleInterface):
         from bids_anomaly.spatial import apply_transforms
 
         self._results["out_file"] = os.path.join(runtime.cwd, "resampled.nii.gz")
+        in_file = self.inputs.in_file
+        if self.inputs.field_of_view:
+            import nibabel as nib
+
+            img = nib.load(in_file)
+            in_file = os.path.join(runtime.cwd, "field_of_view.nii.gz")
+            nib.Nifti1Image(np.ones(img.shape[:3], np.uint8), img.affine).to_filename(in_file)
         apply_transforms(
-            self.inputs.in_file, self.inputs.reference_file, list(self.inputs.transforms),
+            in_file, self.inputs.reference_file, list(self.inputs.transforms),
             self._results["out_file"], invert=list(self.inputs.invert) or None,
-            interpolation=self.inputs.interpolation, binarize=self.inputs.binarize,
+            interpolation=self.inputs.interpolation,
+            binarize=self.inputs.binarize or self.inputs.field_of_view,
         )
+        return runtime
+
+
+class _ResampleInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="image to resample")
+    voxel_size = traits.Float(2.0, usedefault=True, desc="isotropic voxel size (mm)")
+    interpolation = traits.Enum("linear", "nearestNeighbor", usedefault=True)
+
+
+class _ResampleOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="resampled image (same field of view)")
+
+
+class ResampleToVoxelSize(SimpleInterface):
+    """Resample an image to isotropic voxels over the same field of view (antspyx).
+
+    Registrations estimate transforms in world coordinates, so estimating them on a coarser copy
+    of the image (at the output resolution) gives transforms that apply to the original.
+    """
+
+    input_spec = _ResampleInputSpec
+    output_spec = _ResampleOutputSpec
+
+    def _run_interface(self, runtime):
+        import ants
+
+        image = ants.image_read(self.inputs.in_file)
+        size = self.inputs.voxel_size
+        interp = 0 if self.inputs.interpolation == "linear" else 1
+        resampled = ants.resample_image(image, (size, size, size), use_voxels=False,
+                                        interp_type=interp)
+        self._results["out_file"] = os.path.join(runtime.cwd, "resampled.nii.gz")
+        ants.image_write(resampled, self._results["out_file"])
         return runtime

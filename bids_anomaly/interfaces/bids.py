@@ -24,6 +24,7 @@ class _DerivativesDataSinkInputSpec(BaseInterfaceInputSpec):
     session = traits.Either(None, traits.Str, usedefault=True)
     suffix = traits.Str(mandatory=True)
     extension = traits.Str(".nii.gz", usedefault=True)
+    datatype = traits.Str("anat", usedefault=True, desc="folder: anat or figures")
     entities = traits.Dict(traits.Str, traits.Any, desc="other entities (space, desc, ...)")
     metadata = traits.Dict(traits.Str, traits.Any, desc="JSON sidecar content")
     source_files = InputMultiObject(traits.Str, desc="BIDS URIs of the sources")
@@ -47,7 +48,8 @@ class DerivativesDataSink(SimpleInterface):
     def _run_interface(self, runtime):
         out_file = derivative_path(
             Path(self.inputs.output_dir), self.inputs.subject, self.inputs.session,
-            self.inputs.suffix, self.inputs.extension, **(self.inputs.entities or {}),
+            self.inputs.suffix, self.inputs.extension, self.inputs.datatype,
+            **(self.inputs.entities or {}),
         )
         out_file.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(self.inputs.in_file, out_file)

@@ -21,6 +21,8 @@ class _NormalizeInputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="image in template space")
     mask_file = File(exists=True, mandatory=True, desc="brain mask on the same grid")
     method = traits.Enum(*METHODS, usedefault=True, desc="normalisation method")
+    modality = traits.Str("T1w", usedefault=True,
+                          desc="BIDS suffix of the image (WhiteStripe's white-matter peak)")
 
 
 class _NormalizeOutputSpec(TraitedSpec):
@@ -36,7 +38,8 @@ class NormalizeIntensity(SimpleInterface):
     def _run_interface(self, runtime):
         img = nib.load(self.inputs.in_file)
         mask = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0
-        data = normalize(img.get_fdata(dtype=np.float32), mask, self.inputs.method)
+        data = normalize(img.get_fdata(dtype=np.float32), mask, self.inputs.method,
+                         modality=self.inputs.modality)
         out = nib.Nifti1Image(data, img.affine, img.header)
         out.set_data_dtype(np.float32)
         self._results["out_file"] = os.path.join(runtime.cwd, "normalized.nii.gz")

@@ -89,17 +89,20 @@ def init_single_subject_wf(
     modalities = inputs.modalities
     inputnode = pe.Node(
         niu.IdentityInterface(fields=[f"in_{m}" for m in modalities]
-                              + ["template_t1w", "template_mask"]),
+                              + ["template_t1w", "template_mask", "template_registration"]),
         name="inputnode",
     )
     for modality in modalities:
         setattr(inputnode.inputs, f"in_{modality}", str(inputs.images[modality]))
     inputnode.inputs.template_t1w = str(template.t1w)
     inputnode.inputs.template_mask = str(template.brain_mask)
+    inputnode.inputs.template_registration = str(template.registration_target)
 
     anat_preproc_wf = init_anat_preproc_wf(
-        modalities, registration=settings.registration, normalization=settings.normalization,
+        modalities, resolution=template.resolution, registration=settings.registration,
+        normalization=settings.normalization, skull_stripped=settings.skull_stripped,
         omp_nthreads=settings.omp_nthreads, use_gpu=use_gpu, random_seed=settings.random_seed,
+        subject_name=inputs.name,
     )
     ds_anat_wf = init_ds_anat_wf(
         inputs, settings.output_dir, settings.bids_dir, template.name, template.resolution,
@@ -107,13 +110,15 @@ def init_single_subject_wf(
     )
     anat_outputs = (
         [f"preproc_{m}" for m in modalities]
-        + ["std_mask", "ref_to_template", "template_to_ref"]
+        + ["std_mask", "ref_to_template", "template_to_ref", "qc_tsv", "fig_brain_mask",
+           "fig_registration", "fig_coregistration"]
         + [f"{m}_to_ref" for m in modalities[1:]]
     )
     workflow.connect([
         (inputnode, anat_preproc_wf, [(f"in_{m}", f"inputnode.in_{m}") for m in modalities]
          + [("template_t1w", "inputnode.template_t1w"),
-            ("template_mask", "inputnode.template_mask")]),
+            ("template_mask", "inputnode.template_mask"),
+            ("template_registration", "inputnode.template_registration")]),
         (anat_preproc_wf, ds_anat_wf, [(f"outputnode.{field}", f"inputnode.{field}")
                                        for field in anat_outputs]),
     ])

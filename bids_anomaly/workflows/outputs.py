@@ -18,6 +18,7 @@ def _sink(name: str, output_dir: Path, subject: str, session: str | None, spec: 
         DerivativesDataSink(
             output_dir=str(output_dir), subject=subject, session=session,
             suffix=spec.pop("suffix"), extension=spec.pop("extension", ".nii.gz"),
+            datatype=spec.pop("datatype", "anat"),
             entities=spec, metadata=metadata or {}, source_files=sources or [],
         ),
         name=name, run_without_submitting=True, mem_gb=0.1,
@@ -53,7 +54,8 @@ def init_ds_anat_wf(
 
     Inputs
     ------
-    preproc_<modality>, std_mask, ref_to_template, template_to_ref, <modality>_to_ref
+    preproc_<modality>, std_mask, ref_to_template, template_to_ref, <modality>_to_ref, qc_tsv,
+    fig_brain_mask, fig_registration, fig_coregistration
         As produced by :func:`~bids_anomaly.workflows.anatomical.init_anat_preproc_wf`.
     """
     modalities = inputs.modalities
@@ -63,7 +65,8 @@ def init_ds_anat_wf(
     inputnode = pe.Node(
         niu.IdentityInterface(
             fields=[f"preproc_{m}" for m in modalities]
-            + ["std_mask", "ref_to_template", "template_to_ref"]
+            + ["std_mask", "ref_to_template", "template_to_ref", "qc_tsv", "fig_brain_mask",
+               "fig_registration", "fig_coregistration"]
             + [f"{m}_to_ref" for m in others]
         ),
         name="inputnode",
@@ -101,6 +104,25 @@ def init_ds_anat_wf(
                      bids.transform_spec(modality, reference, ".mat"),
                      {"Registration": "Rigid", "Software": "antspyx"})
         workflow.connect(inputnode, f"{modality}_to_ref", node, "in_file")
+
+    ds_qc = _sink("ds_qc", output_dir, sub, ses, bids.qc_spec())
+    ds_fig_mask = _sink("ds_fig_brain_mask", output_dir, sub, ses,
+                        bids.figure_spec("brainmask", reference))
+    ds_fig_reg = _sink("ds_fig_registration", output_dir, sub, ses,
+                       bids.figure_spec("registration", reference, space))
+    workflow.connect([
+        (inputnode, ds_qc, [("qc_tsv", "in_file")]),
+        (inputnode, ds_fig_mask, [("fig_brain_mask", "in_file")]),
+        (inputnode, ds_fig_reg, [("fig_registration", "in_file")]),
+    ])
+    if others:
+        pick = pe.Node(niu.Split(splits=[1] * len(others), squeeze=True),
+                       name="split_coregistration_figures", run_without_submitting=True)
+        workflow.connect(inputnode, "fig_coregistration", pick, "inlist")
+        for index, modality in enumerate(others, start=1):
+            node = _sink(f"ds_fig_coregistration_{modality}", output_dir, sub, ses,
+                         bids.figure_spec("coregistration", modality, space))
+            workflow.connect(pick, f"out{index}", node, "in_file")
     return workflow
 
 

@@ -1,0 +1,86 @@
+"""Preprocessing of the hard cases of ../shared/data/bids_real (skipped when it is absent)."""
+
+import json
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+
+from bids_anomaly import bids
+from bids_anomaly.cli.run import main
+from bids_anomaly.images import load_volume
+from bids_anomaly.postprocessing.native import to_native_space
+from bids_anomaly.skullstrip import check_background, mask_from_background
+from tests.conftest import tree_digest
+
+SPACE = "MNI152NLin2009aSym"
+
+
+def _dice(a, b):
+    return 2 * (a & b).sum() / (a.sum() + b.sum())
+
+
+@pytest.mark.slow
+def test_stripped_multimodal_and_t2w_only_subjects(real_data, tmp_path):
+    before = tree_digest(real_data)
+    out, work = tmp_path / "out", tmp_path / "work"
+    args = [str(real_data), str(out), "participant", "--participant-label", "mslub26",
+            "stroke01", "-w", str(work), "--nprocs", "2", "--omp-nthreads", "1"]
+    assert main(args) == 0
+
+    qc26 = pd.read_csv(out / "sub-mslub26/anat/sub-mslub26_desc-registration_qc.tsv", sep="\t")
+    row = qc26.iloc[0]
+    assert row["reference"] == "T1w" and row["skull_stripping"] == "detected"
+    assert row["dice"] >= 0.95 and bool(row["qc_pass"])
+    assert 900 < row["brain_volume_ml"] < 1600
+    assert {"nmi_FLAIR", "nmi_T2w", "coverage_FLAIR", "coverage_T2w"} <= set(qc26.columns)
+    assert row["nmi_FLAIR"] >= 1.03 and row["nmi_T2w"] >= 1.03 and row["coverage_T2w"] > 0.95
+    # the non-enhanced T1w was chosen over the ce-gadolinium one
+    sidecar = json.loads((out / f"sub-mslub26/anat/sub-mslub26_space-{SPACE}_res-2_"
+                          "desc-preproc_T1w.json").read_text())
+    assert sidecar["Sources"] == ["bids:raw:sub-mslub26/anat/sub-mslub26_T1w.nii.gz"]
+
+    qc_stroke = pd.read_csv(out / "sub-stroke01/anat/sub-stroke01_desc-registration_qc.tsv",
+                            sep="\t").iloc[0]
+    assert qc_stroke["reference"] == "T2w" and qc_stroke["skull_stripping"] == "deepbet"
+    assert qc_stroke["dice"] >= 0.95 and bool(qc_stroke["qc_pass"])
+    assert 1000 < qc_stroke["brain_volume_ml"] < 2000
+
+    for subject, figures in (("mslub26", ["desc-brainmask_T1w", f"space-{SPACE}_desc-registration"
+                                          "_T1w", f"space-{SPACE}_desc-coregistration_FLAIR",
+                                          f"space-{SPACE}_desc-coregistration_T2w"]),
+                             ("stroke01", ["desc-brainmask_T2w"])):
+        for figure in figures:
+            assert (out / f"sub-{subject}/figures/sub-{subject}_{figure}.svg").stat().st_size > 5e3
+        page = (out / f"sub-{subject}.html").read_text()
+        assert "registration quality" in page and "data:image/svg+xml;base64," in page
+
+    # the template-space brain mask carried back onto the raw T1w grid matches the raw brain
+    layout = bids.load_layout(real_data, work / "bids_db", validate=False)
+    inputs = bids.collect_anat(layout, "mslub26")[0]
+    std_mask = bids.spec_path(out, "mslub26", None, bids.brain_mask_spec(SPACE, 2))
+    native = to_native_space(std_mask, inputs, out, SPACE, tmp_path / "native.nii.gz",
+                             interpolation="genericLabel")
+    raw = load_volume(inputs.images["T1w"])
+    native_img = nib.load(native)
+    assert native_img.shape == raw.shape and np.allclose(native_img.affine, raw.affine)
+    truth = mask_from_background(raw, check_background(raw).background)
+    assert _dice(np.asarray(native_img.dataobj) > 0, truth) > 0.95
+
+    # a rerun finds every step cached: the registration's result file is not rewritten
+    result = next(work.rglob("sub_mslub26_wf/anat_preproc_wf/register_to_template/result_*"))
+    stamp = result.stat().st_mtime_ns
+    assert main(args) == 0
+    assert result.stat().st_mtime_ns == stamp
+    assert tree_digest(real_data) == before
+
+
+def test_filter_file_picks_the_contrast_enhanced_t1w(real_data, tmp_path):
+    layout = bids.load_layout(real_data, tmp_path / "db", validate=False)
+    default = bids.collect_anat(layout, "mslub26")[0]
+    assert default.images["T1w"].name == "sub-mslub26_T1w.nii.gz"
+    chosen = bids.collect_anat(layout, "mslub26",
+                               bids_filters={"t1w": {"ceagent": "gadolinium"}})[0]
+    assert chosen.images["T1w"].name == "sub-mslub26_ce-gadolinium_T1w.nii.gz"
+    assert chosen.reference == "T1w"
