@@ -54,7 +54,7 @@ class N4BiasFieldCorrection(SimpleInterface):
         image = ants.image_read(self.inputs.in_file)
         data = image.numpy()
         mask = None
-        inside = data > -np.inf
+        inside = np.ones(data.shape, dtype=bool)
         if self.inputs.mask_file:
             mask = ants.image_read(self.inputs.mask_file)
             inside = mask.numpy() > 0

@@ -21,6 +21,7 @@ import nibabel as nib
 import numpy as np
 
 from bids_anomaly.evaluation.metrics import dice
+from bids_anomaly.images import same_grid
 
 #: Minimum acceptable value of each registration metric (see :func:`flag_failures`).
 #:
@@ -351,8 +352,7 @@ def _same_grid(images: Mapping[str, nib.spatialimages.SpatialImage]) -> None:
     """Raise ValueError unless all images share shape and affine."""
     (first_name, first), *others = images.items()
     for name, img in others:
-        if img.shape[:3] != first.shape[:3] or not np.allclose(img.affine, first.affine,
-                                                               atol=1e-3):
+        if not same_grid(img, first):
             raise ValueError(
                 f"{name} and {first_name} are not on the same grid "
                 f"(shapes {img.shape[:3]} and {first.shape[:3]}, affines\n{img.affine}\nand\n"

@@ -188,13 +188,13 @@ def init_anat_preproc_wf(
         workflow.connect([
             (inputnode, to_template, [("template_t1w", "reference_file")]),
             (to_template, n4, [("out_file", "in_file")]),
-            (std_mask, n4, [("out_file", "mask_file")]),
             (n4, normalize, [("out_file", "in_file")]),
-            (std_mask, normalize, [("out_file", "mask_file")]),
             (normalize, outputnode, [("out_file", f"preproc_{modality}")]),
         ])
         if modality == reference:
             workflow.connect([
+                (std_mask, n4, [("out_file", "mask_file")]),
+                (std_mask, normalize, [("out_file", "mask_file")]),
                 (conform_ref, to_template, [("out_file", "in_file")]),
                 (register_ref, to_template, [("forward_transform", "transforms")]),
                 (n4, qc, [("out_file", "std_reference")]),
@@ -212,8 +212,6 @@ def init_anat_preproc_wf(
         fov = pe.Node(ApplyTransforms(interpolation="linear", field_of_view=True),
                       name=f"{modality}_field_of_view", mem_gb=0.5)
         covered = pe.Node(ApplyMask(), name=f"{modality}_covered_mask", mem_gb=0.3)
-        workflow.disconnect([(std_mask, n4, [("out_file", "mask_file")]),
-                             (std_mask, normalize, [("out_file", "mask_file")])])
         workflow.connect([
             (conform, fov, [("out_file", "in_file")]),
             (inputnode, fov, [("template_t1w", "reference_file")]),
