@@ -91,8 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="template-space voxel size in mm (default: 2)")
     prep.add_argument("--registration", default="SyN", choices=("Rigid", "Affine", "SyN"),
                       help="reference-to-template registration (default: SyN, affine then "
-                           "deformable; the most accurate at about the cost of Affine, see "
-                           "the README)")
+                           "deformable: Dice 0.98 with the template mask in 2.8 s at 2 mm, "
+                           "Affine 0.96 in 1.3-2.4 s; see the README)")
     prep.add_argument("--normalization", choices=METHODS, default="robust-zscore",
                       help="intensity normalisation inside the brain: robust-zscore (median "
                            "and IQR, default), whitestripe (normal-appearing white matter) or "
