@@ -21,6 +21,14 @@ One healthy brain voxel in a thousand is flagged: about 240 voxels (2 ml) per he
 2 mm, a level at which lesions of a few millilitres stand out.
 """
 
+SINGLE_SUBJECT_TRIM = 0.02
+"""Default trimmed fraction when a mixture is fitted on one subject's own brain.
+
+Heavy-tailed components otherwise absorb the subject's lesions: on a generated subject whose
+lesion is 3 % of a tissue, an untrimmed one-component MMST gave the lesion p-values near 1e-3
+(not significant among 4,000 voxels), trimming 2 % gave 4e-6 to 1e-4.
+"""
+
 
 @dataclass
 class Settings:
@@ -51,7 +59,14 @@ class Settings:
     skull_stripped: str = "auto"
     fpr: float = DEFAULT_FPR
     calibration_fraction: float = 0.2
-    n_components: int = 5
+    n_components: int | str = 5
+    online: bool = False
+    trim: float | None = None
+    per_tissue: bool = False
+    with_normative: bool = False
+    mixture_score: str = "nll"
+    single_subject: str | None = None
+    fdr: float | None = None
     stop_on_first_crash: bool = False
     verbose: int = 0
     version: str = __version__

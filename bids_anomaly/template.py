@@ -17,6 +17,8 @@ from scipy import ndimage
 TEMPLATE_NAME = "MNI152NLin2009aSym"
 RESOLUTIONS = (1, 2)
 CROP_MARGIN_MM = 8
+TISSUE_LABELS = {1: "GM", 2: "WM", 3: "CSF"}
+"""Labels of the template's hard tissue segmentation (``*_dseg``), as in fMRIPrep."""
 
 
 @dataclass(frozen=True)
@@ -40,6 +42,8 @@ class Template:
         image of registrations. Registration time grows with the fixed image's field of view;
         the crop (81 x 99 x 82 instead of 99 x 117 x 95 voxels at 2 mm) made SyN 1.1 to 1.6x
         faster at the same Dice. Results are always resampled onto the full grid.
+    dseg : Path
+        Hard tissue segmentation (:data:`TISSUE_LABELS`), for tissue-wise models and tables.
     """
 
     name: str
@@ -48,6 +52,7 @@ class Template:
     brain_mask: Path
     probseg: dict[str, Path]
     registration_target: Path
+    dseg: Path
 
 
 def template_images(resolution: int = 2) -> dict[str, nib.Nifti1Image]:
@@ -95,8 +100,23 @@ def template_images(resolution: int = 2) -> dict[str, nib.Nifti1Image]:
         "GM": image(gm_data),
         "WM": image(wm_data),
         "CSF": image(csf_data),
+        "dseg": image(tissue_labels(gm_data, wm_data, csf_data, brain)),
         "registration": t1w_image.slicer[low[0]:high[0], low[1]:high[1], low[2]:high[2]],
     }
+
+
+def tissue_labels(gm: np.ndarray, wm: np.ndarray, csf: np.ndarray,
+                  brain: np.ndarray) -> np.ndarray:
+    """Hard tissue segmentation (uint8, :data:`TISSUE_LABELS`): most probable class in the brain.
+
+    >>> import numpy as np
+    >>> labels = tissue_labels(np.array([0.6, 0.1, 0.2]), np.array([0.3, 0.8, 0.1]),
+    ...                        np.array([0.1, 0.1, 0.7]), np.array([True, True, False]))
+    >>> labels.tolist()
+    [1, 2, 0]
+    """
+    most_probable = np.argmax(np.stack([gm, wm, csf]), axis=0).astype(np.uint8) + 1
+    return np.where(brain, most_probable, 0).astype(np.uint8)
 
 
 def derive_brain_mask(gm: np.ndarray, wm: np.ndarray, threshold: float = 0.2) -> np.ndarray:
@@ -150,6 +170,7 @@ def get_template(resolution: int, cache_dir: Path) -> Template:
         "GM": folder / f"{prefix}_label-GM_probseg.nii.gz",
         "WM": folder / f"{prefix}_label-WM_probseg.nii.gz",
         "CSF": folder / f"{prefix}_label-CSF_probseg.nii.gz",
+        "dseg": folder / f"{prefix}_dseg.nii.gz",
         "registration": folder / f"{prefix}_desc-cropped_T1w.nii.gz",
     }
     if not all(path.exists() for path in paths.values()):
@@ -164,5 +185,6 @@ def get_template(resolution: int, cache_dir: Path) -> Template:
         t1w=paths["T1w"],
         brain_mask=paths["mask"],
         probseg={key: paths[key] for key in ("GM", "WM", "CSF")},
+        dseg=paths["dseg"],
         registration_target=paths["registration"],
     )

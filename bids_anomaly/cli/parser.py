@@ -9,7 +9,7 @@ import re
 from pathlib import Path
 
 from bids_anomaly import __version__
-from bids_anomaly.config import DEFAULT_FPR, MODALITIES, Settings
+from bids_anomaly.config import DEFAULT_FPR, MODALITIES, SINGLE_SUBJECT_TRIM, Settings
 from bids_anomaly.errors import UsageError
 from bids_anomaly.models import REGISTRY
 from bids_anomaly.normalization import METHODS
@@ -33,6 +33,23 @@ def _positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return number
+
+
+def _components(value: str) -> int | str:
+    if value == "auto":
+        return value
+    try:
+        return _positive_int(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"must be a positive integer or 'auto', got {value}") \
+            from error
+
+
+def _trim(value: str) -> float:
+    number = float(value)
+    if not 0 <= number < 0.5:
+        raise argparse.ArgumentTypeError(f"must be in [0, 0.5), got {value}")
     return number
 
 
@@ -117,8 +134,35 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--fpr", type=_fpr, default=DEFAULT_FPR,
                        help=f"train: voxel false-positive rate of the calibrated threshold "
                             f"(default: {DEFAULT_FPR})")
-    model.add_argument("--components", dest="n_components", type=_positive_int, default=5,
-                       help="train: mixture components for --model-type gmm (default: 5)")
+    model.add_argument("--components", dest="n_components", type=_components, default=5,
+                       metavar="K|auto",
+                       help="train: components of a gmm/tmm/mmst mixture, or 'auto' for the "
+                            "number in 1..8 with the lowest BIC (default: 5)")
+    model.add_argument("--online", action="store_true",
+                       help="train: online EM streaming over every voxel of every subject "
+                            "(memory independent of the number of subjects) instead of batch "
+                            "EM on a sample of 1 million voxels")
+    model.add_argument("--trim", type=_trim, metavar="FRACTION",
+                       help="leave this fraction of the least likely voxels out of each EM "
+                            "step, so that lesions do not pull the fit (default: 0 for train, "
+                            f"{SINGLE_SUBJECT_TRIM} for --single-subject, whose fit always "
+                            "contains the subject's lesions)")
+    model.add_argument("--per-tissue", action="store_true",
+                       help="train: one mixture per template tissue class (GM, WM, CSF)")
+    model.add_argument("--with-normative", action="store_true",
+                       help="train: add the voxel-wise normative score to the mixture's")
+    model.add_argument("--mixture-score", choices=("nll", "outlyingness"), default="nll",
+                       help="train: negative log-likelihood, or for mmst the weight-based "
+                            "outlyingness (default: nll)")
+    model.add_argument("--single-subject", choices=("gmm", "tmm", "mmst"),
+                       help="participant: fit this mixture on each subject's own brain and "
+                            "flag its improbable voxels; for users without healthy controls. "
+                            "The threshold is the --fpr quantile of the fitted mixture itself "
+                            "(--components, --trim and --per-tissue apply)")
+    model.add_argument("--fdr", type=_fpr, metavar="Q",
+                       help="participant: threshold by Benjamini-Hochberg at false-discovery "
+                            "rate Q on voxel p-values from the healthy calibration, instead "
+                            "of the voxel false-positive rate")
 
     group = parser.add_argument_group("group level")
     group.add_argument("--ground-truth", type=Path, metavar="DERIV_DIR",
@@ -176,6 +220,20 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if args.analysis_level != "participant" and args.model:
         raise UsageError("--model applies to the participant level; train writes a new model "
                          "(--model-type, --model-name)")
+    if args.analysis_level != "participant" and (args.single_subject or args.fdr):
+        raise UsageError("--single-subject and --fdr apply to the participant level")
+    if args.fdr and not (args.model or args.single_subject):
+        raise UsageError("--fdr needs a model: --model NAME or --single-subject TYPE")
+    mixture_types = ("gmm", "tmm", "mmst")
+    if args.mixture_score == "outlyingness" and "mmst" not in (args.model_type,
+                                                                 args.single_subject):
+        raise UsageError("--mixture-score outlyingness needs --model-type mmst (or "
+                         "--single-subject mmst)")
+    if args.analysis_level == "train" and args.model_type not in mixture_types and (
+            args.online or args.trim is not None or args.per_tissue or args.with_normative):
+        raise UsageError(f"--online, --trim, --per-tissue and --with-normative apply to the "
+                         f"mixture models ({', '.join(mixture_types)}), not to "
+                         f"{args.model_type}")
     omp = args.omp_nthreads or min(8, args.nprocs)
     return Settings(
         bids_dir=bids_dir,
@@ -203,6 +261,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         skull_stripped=args.skull_stripped,
         fpr=args.fpr,
         n_components=args.n_components,
+        online=args.online,
+        trim=args.trim,
+        per_tissue=args.per_tissue,
+        with_normative=args.with_normative,
+        mixture_score=args.mixture_score,
+        single_subject=args.single_subject,
+        fdr=args.fdr,
         stop_on_first_crash=args.stop_on_first_crash,
         verbose=args.verbose,
     )

@@ -1,4 +1,4 @@
-"""The model stage as a Nipype interface: channels -> anomaly map and thresholded mask."""
+"""The model stage as Nipype interfaces: channels -> anomaly map and thresholded mask."""
 
 from __future__ import annotations
 
@@ -17,48 +17,125 @@ from nipype.interfaces.base import (
 )
 
 
+class _AnomalyOutputSpec(TraitedSpec):
+    anomaly_map = File(exists=True, desc="voxel-wise anomaly score (float32)")
+    anomaly_mask = File(exists=True, desc="voxels judged abnormal (uint8)")
+    threshold = traits.Float(desc="the score threshold used")
+
+
+def _write_maps(results: dict, cwd: str, reference_file: str, anomaly_map: np.ndarray,
+                anomaly_mask: np.ndarray) -> None:
+    """Write the map and mask next to each other on the grid of ``reference_file``."""
+    reference = nib.load(reference_file)
+    for key, data, dtype in (("anomaly_map", anomaly_map, np.float32),
+                             ("anomaly_mask", anomaly_mask, np.uint8)):
+        out = nib.Nifti1Image(data.astype(dtype), reference.affine, reference.header)
+        out.set_data_dtype(dtype)
+        results[key] = os.path.join(cwd, f"{key}.nii.gz")
+        out.to_filename(results[key])
+
+
+def _threshold_maps(anomaly_map: np.ndarray, mask: np.ndarray, threshold: float,
+                    fdr: float, tail: dict | None) -> tuple[np.ndarray, float]:
+    """The mask at ``threshold``, or by Benjamini-Hochberg at ``fdr`` when it is set."""
+    from bids_anomaly.postprocessing.thresholds import apply_threshold, fdr_mask
+
+    if fdr:
+        return fdr_mask(anomaly_map, mask, tail, fdr)
+    return apply_threshold(anomaly_map, mask, threshold), threshold
+
+
 class _ScoreAnomalyInputSpec(BaseInterfaceInputSpec):
     channel_files = InputMultiObject(File(exists=True), mandatory=True,
                                      desc="template-space images in the model's channel order")
     mask_file = File(exists=True, mandatory=True, desc="brain mask in template space")
     model_dir = Directory(exists=True, mandatory=True, nohash=True, desc="model directory")
     model_checksum = traits.Str(mandatory=True, desc="checksum of the weights (cache key)")
+    fdr = traits.Float(0.0, usedefault=True,
+                       desc="false-discovery rate for Benjamini-Hochberg (0: use the "
+                            "calibrated false-positive-rate threshold)")
     device = traits.Str("cpu", usedefault=True, nohash=True, desc="torch device")
-
-
-class _ScoreAnomalyOutputSpec(TraitedSpec):
-    anomaly_map = File(exists=True, desc="voxel-wise anomaly score (float32)")
-    anomaly_mask = File(exists=True, desc="scores above the calibrated threshold (uint8)")
-    threshold = traits.Float(desc="the calibrated threshold used")
 
 
 class ScoreAnomaly(SimpleInterface):
     """Score one subject with a trained model and threshold at its calibrated level."""
 
     input_spec = _ScoreAnomalyInputSpec
-    output_spec = _ScoreAnomalyOutputSpec
+    output_spec = _AnomalyOutputSpec
 
     def _run_interface(self, runtime):
         import torch
 
+        from bids_anomaly.errors import BadDataError
         from bids_anomaly.models import SubjectImages, load_model
-        from bids_anomaly.postprocessing.thresholds import apply_threshold
 
         model, card = load_model(self.inputs.model_dir)
+        tail = card.extra.get("calibration_tail")
+        if self.inputs.fdr and tail is None:
+            raise BadDataError(f"model {card.name!r} stores no healthy score distribution "
+                               "(trained by an older version): retrain it to use --fdr")
         subject = SubjectImages("subject", list(self.inputs.channel_files), self.inputs.mask_file)
         image, mask = subject.load(self.inputs.device)
         with torch.no_grad():
             anomaly_map = model.score(image, mask).cpu().numpy().astype(np.float32)
-        mask_np = mask.cpu().numpy()
-        reference = nib.load(self.inputs.mask_file)
-        paths = {
-            "anomaly_map": (anomaly_map, np.float32),
-            "anomaly_mask": (apply_threshold(anomaly_map, mask_np, card.threshold), np.uint8),
-        }
-        for key, (data, dtype) in paths.items():
-            out = nib.Nifti1Image(data.astype(dtype), reference.affine, reference.header)
-            out.set_data_dtype(dtype)
-            self._results[key] = os.path.join(runtime.cwd, f"{key}.nii.gz")
-            out.to_filename(self._results[key])
-        self._results["threshold"] = card.threshold
+        anomaly_mask, threshold = _threshold_maps(anomaly_map, mask.cpu().numpy(),
+                                                  card.threshold, self.inputs.fdr, tail)
+        _write_maps(self._results, runtime.cwd, self.inputs.mask_file, anomaly_map,
+                    anomaly_mask)
+        self._results["threshold"] = threshold
+        return runtime
+
+
+class _FitSubjectMixtureInputSpec(BaseInterfaceInputSpec):
+    channel_files = InputMultiObject(File(exists=True), mandatory=True,
+                                     desc="the subject's template-space images")
+    mask_file = File(exists=True, mandatory=True, desc="brain mask in template space")
+    model_type = traits.Enum("gmm", "tmm", "mmst", mandatory=True, desc="mixture family")
+    options = traits.Dict(desc="MixtureModel keyword arguments")
+    regions_file = File(exists=True, desc="template tissue segmentation (for per_tissue)")
+    fpr = traits.Float(mandatory=True, desc="voxel false-positive rate of the threshold")
+    fdr = traits.Float(0.0, usedefault=True, desc="Benjamini-Hochberg rate (0: use fpr)")
+    device = traits.Str("cpu", usedefault=True, nohash=True, desc="torch device")
+
+
+class FitSubjectMixture(SimpleInterface):
+    """Single-subject mode: fit a mixture on the subject's own brain and score it.
+
+    Without healthy controls, the threshold (and the p-values for ``fdr``) come from the fitted
+    mixture itself: scores of a million samples drawn from it give the healthy distribution the
+    model believes in. Heavy tails (``tmm``, ``mmst``) and trimming keep the lesions from being
+    absorbed by the fit.
+    """
+
+    input_spec = _FitSubjectMixtureInputSpec
+    output_spec = _AnomalyOutputSpec
+
+    def _run_interface(self, runtime):
+        import torch
+
+        from bids_anomaly.models import REGISTRY, SubjectImages
+        from bids_anomaly.models.mixture import fill_regions, valid_voxels
+        from bids_anomaly.postprocessing.thresholds import tail_table
+
+        torch.manual_seed(self.inputs.options.get("random_seed", 0))
+        subject = SubjectImages("subject", list(self.inputs.channel_files), self.inputs.mask_file)
+        image, mask = subject.load(self.inputs.device)
+        model = REGISTRY[self.inputs.model_type](**self.inputs.options)
+        valid = valid_voxels(image, mask)
+        labels = None
+        if model.per_tissue:
+            regions = torch.from_numpy(
+                np.asarray(nib.load(self.inputs.regions_file).dataobj).astype(np.int64))
+            model.regions = fill_regions(regions).to(torch.uint8)
+            labels = model.regions.to(image.device).long()[valid]
+        model.fit_voxels(image[:, valid].T, labels)
+        with torch.no_grad():
+            anomaly_map = model.score(image, mask).cpu().numpy().astype(np.float32)
+            simulated = model.simulated_scores()
+        threshold = float(np.quantile(simulated, 1.0 - self.inputs.fpr))
+        anomaly_mask, threshold = _threshold_maps(anomaly_map, mask.cpu().numpy(), threshold,
+                                                  self.inputs.fdr, tail_table(simulated))
+        _write_maps(self._results, runtime.cwd, self.inputs.mask_file, anomaly_map,
+                    anomaly_mask)
+        self._results["threshold"] = threshold
         return runtime

@@ -9,15 +9,25 @@ from bids_anomaly.models.base import (
     load_model,
     save_model,
 )
-from bids_anomaly.models.mixture import GaussianMixtureModel
+from bids_anomaly.models.baseline import IntensityBaseline
+from bids_anomaly.models.mixture import (
+    GaussianMixtureModel,
+    MixtureModel,
+    MultipleScaledMixtureModel,
+    StudentMixtureModel,
+)
 from bids_anomaly.models.normative import NormativeModel
 
 __all__ = [
     "REGISTRY",
     "AnomalyModel",
     "GaussianMixtureModel",
+    "IntensityBaseline",
+    "MixtureModel",
     "ModelCard",
+    "MultipleScaledMixtureModel",
     "NormativeModel",
+    "StudentMixtureModel",
     "SubjectImages",
     "TrainingData",
     "load_model",

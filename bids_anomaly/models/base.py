@@ -61,11 +61,16 @@ class SubjectImages:
 
 @dataclass
 class TrainingData:
-    """Subjects to learn from, read one at a time (memory does not grow with their number)."""
+    """Subjects to learn from, read one at a time (memory does not grow with their number).
+
+    ``regions`` is an optional label image on the subjects' grid (the template's tissue
+    segmentation) for models that learn one distribution per region.
+    """
 
     subjects: list[SubjectImages]
     channels: list[str]
     device: torch.device | str = "cpu"
+    regions: Path | None = None
 
     def __len__(self) -> int:
         return len(self.subjects)
@@ -94,9 +99,25 @@ class TrainingData:
         held = sorted(order[:n_held])
         fit = sorted(order[n_held:])
         return (
-            TrainingData([self.subjects[i] for i in fit], self.channels, self.device),
-            TrainingData([self.subjects[i] for i in held], self.channels, self.device),
+            TrainingData([self.subjects[i] for i in fit], self.channels, self.device,
+                         self.regions),
+            TrainingData([self.subjects[i] for i in held], self.channels, self.device,
+                         self.regions),
         )
+
+    def load_regions(self) -> torch.Tensor:
+        """The region labels as an integer tensor on :attr:`device`.
+
+        Raises
+        ------
+        MissingInputError
+            The data have no region image.
+        """
+        if self.regions is None:
+            raise MissingInputError("this model needs region labels (the template's tissue "
+                                    "segmentation) but the training data have none")
+        labels = np.asarray(nib.load(self.regions).dataobj).astype(np.int64)
+        return torch.from_numpy(labels).to(self.device)
 
 
 @runtime_checkable

@@ -1,100 +1,444 @@
-"""Gaussian mixture of multi-channel brain intensities; anomaly = negative log-likelihood."""
+"""Mixture models of multi-channel brain intensities: Gaussian, Student-t and multiple-scaled t.
+
+Healthy tissue intensities (one vector of fused channels per voxel) are modelled by a mixture
+fitted with the EM of :mod:`bids_anomaly.models.em`; a voxel is abnormal when the mixture finds
+it improbable. The three registered model types differ only in the component family:
+
+- ``gmm``: Gaussian components;
+- ``tmm``: multivariate Student-t components, whose heavy tails absorb the lesions of a
+  contaminated (mostly healthy) training cohort instead of bending the fit toward them;
+- ``mmst``: multiple-scaled t components (Forbes & Wraith 2014; used for brain lesions by
+  Arnaud et al. 2018), heavy-tailed along some principal directions only; they also give a
+  weight-based outlyingness score.
+
+Options common to all three: the number of components (or ``"auto"``: the lowest BIC), batch or
+online EM streaming over subjects from disk, trimming, one mixture per template tissue class,
+and a combination with the voxel-wise normative model (where the mixture knows what tissue looks
+like and the normative model where it is).
+"""
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bids_anomaly.models import em
 from bids_anomaly.models.base import TrainingData, read_weights, register, write_weights
+from bids_anomaly.models.normative import MAD_TO_SD, NormativeModel
+
+LOGGER = logging.getLogger(__name__)
+
+SCORES = ("nll", "outlyingness")
+WHOLE_BRAIN = 0
+"""Region key of a mixture fitted on the whole brain."""
+BIC_SAMPLES = 100_000
+"""Voxels the BIC of each candidate number of components is computed on."""
+EVALUATION_SAMPLES = 100_000
+"""Voxels the online EM's convergence is checked on."""
 
 
-@register
-class GaussianMixtureModel:
-    """Full-covariance Gaussian mixture of the channel intensities of healthy brain voxels.
+def valid_voxels(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Brain voxels with a finite, non-zero value in every channel.
 
-    The mixture is fitted with scikit-learn's EM on voxels sampled evenly from every training
-    subject; scores are computed in torch (so on the GPU when there is one).
+    Preprocessing sets a channel to exactly 0 where its field of view did not cover the brain;
+    such voxels carry no information for that channel and are neither fitted nor scored.
+    """
+    return mask & torch.isfinite(image).all(dim=0) & (image != 0).all(dim=0)
+
+
+def sample_voxels(data: TrainingData, n_samples: int, seed: int,
+                  regions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``n_samples`` valid brain voxels spread evenly over the subjects, with region labels.
+
+    The samples come back in random order.
+
+    Returns
+    -------
+    samples : torch.Tensor
+        ``(N, C)`` float32 on the data's device.
+    labels : torch.Tensor
+        ``(N,)`` region label of each sample (:data:`WHOLE_BRAIN` without ``regions``).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    per_subject = max(1, n_samples // max(len(data), 1))
+    samples, labels = [], []
+    for image, mask in data:
+        valid = valid_voxels(image, mask)
+        voxels = image[:, valid].T
+        pick = torch.randperm(len(voxels), generator=generator)[:per_subject].to(voxels.device)
+        samples.append(voxels[pick])
+        labels.append(regions[valid][pick] if regions is not None
+                      else torch.zeros(len(pick), dtype=torch.int64, device=voxels.device))
+    samples, labels = torch.cat(samples).float(), torch.cat(labels)
+    # shuffled, so that any leading slice (BIC, initialisation, evaluation) mixes all subjects
+    order = torch.randperm(len(samples), generator=generator).to(samples.device)
+    return samples[order], labels[order]
+
+
+def stream_batches(data: TrainingData, batch_size: int, seed: int, pool: int = 4,
+                   regions: torch.Tensor | None = None,
+                   region: int = WHOLE_BRAIN) -> Callable[[], Iterator[torch.Tensor]]:
+    """A batch factory for online EM that reads the subjects from disk, ``pool`` at a time.
+
+    Each epoch visits the subjects in a new random order; the valid voxels of ``pool`` subjects
+    are shuffled together (so that a batch mixes subjects) and cut into batches. Memory holds
+    at most ``pool`` subjects, whatever their total number.
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def epoch() -> Iterator[torch.Tensor]:
+        order = torch.randperm(len(data.subjects), generator=generator).tolist()
+        leftover = None
+        for begin in range(0, len(order), pool):
+            parts = [] if leftover is None else [leftover]
+            for index in order[begin:begin + pool]:
+                image, mask = data.subjects[index].load(data.device)
+                valid = valid_voxels(image, mask)
+                if regions is not None:
+                    valid &= regions == region
+                parts.append(image[:, valid].T.float())
+            voxels = torch.cat(parts)
+            voxels = voxels[torch.randperm(len(voxels), generator=generator).to(voxels.device)]
+            whole = len(voxels) // batch_size * batch_size
+            for start in range(0, whole, batch_size):
+                yield voxels[start:start + batch_size]
+            leftover = voxels[whole:]
+        if leftover is not None and len(leftover):
+            yield leftover
+
+    return epoch
+
+
+def fill_regions(labels: torch.Tensor) -> torch.Tensor:
+    """Give every unlabelled voxel the label of its nearest labelled voxel.
+
+    Subjects' brain masks reach a little beyond the template's tissue segmentation; their edge
+    voxels then belong to the nearest tissue.
+    """
+    from scipy import ndimage
+
+    values = labels.cpu().numpy()
+    _, nearest = ndimage.distance_transform_edt(values == 0, return_indices=True)
+    return torch.from_numpy(values[tuple(nearest)]).to(labels.device)
+
+
+class MixtureModel:
+    """A mixture of healthy multi-channel intensities; subclasses choose the component family.
 
     Parameters
     ----------
-    n_components : int
-        Number of Gaussian components.
+    n_components : int or "auto"
+        Components per mixture; ``"auto"`` picks, for each mixture, the number in
+        ``1..max_components`` with the lowest BIC on a sample of the training voxels.
+    online : bool
+        Online EM streaming over every voxel of every subject (memory independent of the
+        number of subjects) instead of batch EM on ``max_samples`` voxels.
+    per_tissue : bool
+        One mixture per tissue class of the template (GM, WM, CSF): intensities that are normal
+        in one tissue (CSF-like) are then abnormal in another (white matter).
+    trim : float
+        Fraction of the least likely voxels left out of each E-step (trimmed likelihood).
+    normative : bool
+        Also fit the voxel-wise normative model and add the two scores, each standardised by
+        its median and MAD over healthy training voxels.
+    score : str
+        ``nll`` (negative log-likelihood) or, for ``mmst``, ``outlyingness`` (the weight-based
+        score, in -log10 p-value units).
+    max_components : int
+        Largest candidate for ``"auto"``.
     max_samples : int
-        Voxels sampled for the fit, spread evenly over subjects.
+        Voxels sampled (evenly over subjects) for batch EM and for the initialisation.
+    batch_size : int
+        Voxels per online EM step.
+    epochs : int
+        Most passes of online EM over the data.
+    tol : float
+        Convergence tolerance on the mean log-likelihood per voxel.
+    max_iter : int
+        Most batch EM iterations.
+    n_init : int
+        Restarts from different k-means++ seeds; the most likely fit is kept.
     random_seed : int
-        Seed of the sampling and of the EM initialisation.
+        Seed of every random choice.
     """
 
-    model_type = "gmm"
-    score_definition = ("negative log-likelihood of the voxel's channel intensities under the "
-                        "mixture")
+    model_type = ""
+    family = ""
 
-    def __init__(self, n_components: int = 5, max_samples: int = 200_000,
-                 random_seed: int = 0) -> None:
+    def __init__(self, n_components: int | str = 5, online: bool = False,
+                 per_tissue: bool = False, trim: float = 0.0, normative: bool = False,
+                 score: str = "nll", max_components: int = 8, max_samples: int = 1_000_000,
+                 batch_size: int = 100_000, epochs: int = 3, tol: float = 1e-3,
+                 max_iter: int = 200, n_init: int = 1, random_seed: int = 0) -> None:
+        if n_components != "auto" and (not isinstance(n_components, int) or n_components < 1):
+            raise ValueError(f"n_components must be a positive integer or 'auto', not "
+                             f"{n_components!r}")
+        if score not in SCORES:
+            raise ValueError(f"score must be one of {SCORES}, not {score!r}")
+        if score == "outlyingness" and self.family != "mmst":
+            raise ValueError("the outlyingness score needs --model-type mmst")
+        if not 0 <= trim < 0.5:
+            raise ValueError(f"trim must be in [0, 0.5), not {trim}")
         self.n_components = n_components
+        self.online = online
+        self.per_tissue = per_tissue
+        self.trim = trim
+        self.normative = normative
+        self.score_kind = score
+        self.max_components = max_components
         self.max_samples = max_samples
+        self.batch_size = batch_size
+        self.epochs = epochs
+        self.tol = tol
+        self.max_iter = max_iter
+        self.n_init = n_init
         self.random_seed = random_seed
-        self.weights: torch.Tensor | None = None
-        self.means: torch.Tensor | None = None
-        self.covariances: torch.Tensor | None = None
+        self.mixtures: dict[int, em.Mixture] = {}
+        self.region_voxels: dict[int, int] = {}
+        self.regions: torch.Tensor | None = None
+        self.normative_model: NormativeModel | None = None
+        self.standardisation: torch.Tensor | None = None
+        self.fit_report: dict = {}
+
+    @property
+    def score_definition(self) -> str:
+        """What the anomaly score means (written to the model card)."""
+        what = ("weight-based outlyingness, -log10 of the Bonferroni-combined smallest tail "
+                "probability along the principal directions of the most probable component"
+                if self.score_kind == "outlyingness"
+                else f"negative log-likelihood of the voxel's channel intensities under the "
+                     f"{self.family} mixture")
+        if self.per_tissue:
+            what += " of its template tissue class"
+        if self.normative:
+            what += ", plus the voxel-wise normative score, each standardised by (x - median)" \
+                    " / (1.4826 MAD) over healthy training voxels"
+        return what
 
     @property
     def hyperparameters(self) -> dict:
         """Settings needed to rebuild the model."""
-        return {"n_components": self.n_components, "max_samples": self.max_samples,
-                "random_seed": self.random_seed}
+        return {"n_components": self.n_components, "online": self.online,
+                "per_tissue": self.per_tissue, "trim": self.trim, "normative": self.normative,
+                "score": self.score_kind, "max_components": self.max_components,
+                "max_samples": self.max_samples, "batch_size": self.batch_size,
+                "epochs": self.epochs, "tol": self.tol, "max_iter": self.max_iter,
+                "n_init": self.n_init, "random_seed": self.random_seed}
 
     def fit(self, data: TrainingData) -> None:
-        """Fit the mixture on brain voxels sampled from every subject of ``data``."""
-        from sklearn.mixture import GaussianMixture
+        """Fit the mixture(s) on the healthy voxels of ``data``."""
+        regions = None
+        if self.per_tissue:
+            regions = fill_regions(data.load_regions())
+            self.regions = regions.to(torch.uint8).cpu()
+        samples, labels = sample_voxels(data, self.max_samples, self.random_seed, regions)
+        if len(samples) == 0:
+            raise ValueError("the training subjects have no valid brain voxels")
+        for region in torch.unique(labels).tolist():
+            voxels = samples[labels == region]
+            batches = None
+            if self.online:
+                batches = stream_batches(data, self.batch_size, self.random_seed,
+                                         regions=regions, region=region)
+            self.mixtures[region] = self._fit_mixture(voxels, batches, region)
+            self.region_voxels[region] = len(voxels)
+        if self.normative:
+            self._fit_normative(data)
 
-        generator = np.random.default_rng(self.random_seed)
-        per_subject = max(1, self.max_samples // len(data))
-        samples = []
-        for image, mask in data:
-            voxels = image[:, mask].T.cpu().numpy()
-            take = min(per_subject, len(voxels))
-            samples.append(voxels[generator.choice(len(voxels), take, replace=False)])
-        mixture = GaussianMixture(n_components=self.n_components, covariance_type="full",
-                                  reg_covar=1e-4, random_state=self.random_seed)
-        mixture.fit(np.concatenate(samples).astype(np.float64))
-        self.weights = torch.from_numpy(mixture.weights_)
-        self.means = torch.from_numpy(mixture.means_)
-        self.covariances = torch.from_numpy(mixture.covariances_)
+    def fit_voxels(self, voxels: torch.Tensor, labels: torch.Tensor | None = None) -> None:
+        """Fit on voxels in memory (``(N, C)``), one mixture per label when given."""
+        if labels is None:
+            labels = torch.full((len(voxels),), WHOLE_BRAIN, dtype=torch.int64,
+                                device=voxels.device)
+        generator = torch.Generator().manual_seed(self.random_seed)
+        for region in torch.unique(labels).tolist():
+            subset = voxels[labels == region]
+            pick = torch.randperm(len(subset), generator=generator)[:self.max_samples]
+            subset = subset[pick.to(subset.device)]
+            batches = (em.shuffled_batches(subset, self.batch_size, self.random_seed)
+                       if self.online else None)
+            self.mixtures[region] = self._fit_mixture(subset, batches, region)
+            self.region_voxels[region] = len(subset)
 
-    def distribution(self, device: torch.device | str = "cpu"):
-        """The fitted mixture as a ``torch.distributions`` object (float64)."""
-        from torch.distributions import Categorical, MixtureSameFamily, MultivariateNormal
+    def _fit_mixture(self, voxels: torch.Tensor, batches, region: int) -> em.Mixture:
+        """One mixture: choose K, run the restarts, keep the most likely."""
+        report: dict = {"voxels": len(voxels)}
+        n_components = self.n_components
+        if n_components == "auto":
+            candidates = range(1, self.max_components + 1)
+            n_components, table = em.select_components(
+                voxels[:BIC_SAMPLES], self.family, candidates, seed=self.random_seed,
+                tol=self.tol, max_iter=self.max_iter, trim=self.trim)
+            report["bic"] = {str(k): value for k, value in table.items()}
+            LOGGER.info("region %d: %d components by BIC", region, n_components)
+        best: em.FitResult | None = None
+        for restart in range(self.n_init):
+            seed = self.random_seed + restart
+            if batches is None:
+                result = em.fit_batch(voxels, n_components, self.family, tol=self.tol,
+                                      max_iter=self.max_iter, trim=self.trim, seed=seed)
+            else:
+                init = em.kmeans_init(voxels[:50_000], n_components, self.family, seed)
+                result = em.fit_online(batches, init, epochs=self.epochs,
+                                       evaluation=voxels[:EVALUATION_SAMPLES], tol=self.tol,
+                                       trim=self.trim)
+            if best is None or result.log_likelihood > best.log_likelihood:
+                best = result
+        report.update(components=n_components, log_likelihood=best.log_likelihood,
+                      iterations=best.n_iter, converged=best.converged,
+                      seconds=round(best.seconds, 2))
+        self.fit_report[str(region)] = report
+        LOGGER.info("region %d: %s mixture, K=%d, mean log-likelihood %.4f after %d %s in "
+                    "%.1f s", region, self.family, n_components, best.log_likelihood,
+                    best.n_iter, "batches" if batches is not None else "iterations",
+                    best.seconds)
+        return best.mixture
 
-        if self.weights is None:
+    def _fit_normative(self, data: TrainingData) -> None:
+        """Fit the voxel-wise model and the standardisation of both scores."""
+        self.normative_model = NormativeModel()
+        self.normative_model.fit(data)
+        mixture_scores, normative_scores = [], []
+        for index, (image, mask) in enumerate(data):
+            if index >= 5:
+                break
+            valid = valid_voxels(image, mask)
+            mixture_scores.append(self._mixture_map(image, valid)[valid])
+            normative_scores.append(self.normative_model.score(image, mask)[valid])
+        rows = []
+        for values in (torch.cat(mixture_scores), torch.cat(normative_scores)):
+            median = values.median()
+            spread = MAD_TO_SD * (values - median).abs().median()
+            rows.append(torch.stack([median, spread.clamp_min(1e-6)]))
+        self.standardisation = torch.stack(rows).double()
+
+    def voxel_scores(self, voxels: torch.Tensor, labels: torch.Tensor | None = None
+                     ) -> torch.Tensor:
+        """Anomaly score of each voxel ``(N, C)`` under its region's mixture (float64)."""
+        if not self.mixtures:
             raise RuntimeError("the model is not fitted")
-        return MixtureSameFamily(
-            Categorical(probs=self.weights.to(device)),
-            MultivariateNormal(self.means.to(device),
-                               covariance_matrix=self.covariances.to(device)),
-        )
+        if labels is None:
+            labels = torch.full((len(voxels),), WHOLE_BRAIN, dtype=torch.int64,
+                                device=voxels.device)
+        scores = torch.zeros(len(voxels), dtype=torch.float64, device=voxels.device)
+        for region, mixture in self.mixtures.items():
+            chosen = labels == region
+            if not chosen.any():
+                continue
+            mixture = mixture.to(voxels.device)
+            subset = voxels[chosen].double()
+            scores[chosen] = (mixture.outlyingness(subset) if self.score_kind == "outlyingness"
+                              else -mixture.log_prob(subset))
+        return scores
+
+    def _mixture_map(self, image: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        labels = None
+        if self.regions is not None:
+            labels = self.regions.to(image.device).long()[valid]
+        out = torch.zeros(valid.shape, dtype=torch.float64, device=image.device)
+        out[valid] = self.voxel_scores(image[:, valid].T, labels)
+        return out
 
     def score(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Negative log-likelihood of each brain voxel, 0 outside ``mask``."""
-        mixture = self.distribution(image.device)
-        voxels = image[:, mask].T.to(torch.float64)
-        score = torch.zeros(mask.shape, dtype=torch.float32, device=image.device)
-        score[mask] = (-mixture.log_prob(voxels)).to(torch.float32)
-        return score
+        """Anomaly score of each valid brain voxel, 0 elsewhere (float32)."""
+        valid = valid_voxels(image, mask)
+        if self.regions is not None and self.regions.shape != mask.shape:
+            raise ValueError(f"the model's region map is {tuple(self.regions.shape)}, the image "
+                             f"{tuple(mask.shape)}: another template grid")
+        scores = self._mixture_map(image, valid)
+        if self.normative_model is not None:
+            standard = self.standardisation.to(image.device)
+            normative = self.normative_model.score(image, mask).double()
+            scores = torch.where(
+                valid,
+                (scores - standard[0, 0]) / standard[0, 1]
+                + (normative - standard[1, 0]) / standard[1, 1],
+                0.0)
+        return scores.float()
+
+    def simulated_scores(self, n_samples: int = 1_000_000) -> np.ndarray:
+        """Scores of samples drawn from the fitted mixtures (as many per region as it had).
+
+        A model-based healthy distribution for when no held-out healthy data exist
+        (single-subject mode): its ``1 - fpr`` quantile is the threshold at which the model
+        itself expects a voxel false-positive rate ``fpr``.
+        """
+        if self.normative_model is not None:
+            raise ValueError("a model combined with the normative model is calibrated on "
+                             "held-out healthy subjects, not by simulation")
+        generator = torch.Generator().manual_seed(self.random_seed)
+        total = sum(self.region_voxels.values())
+        scores = []
+        for region, mixture in self.mixtures.items():
+            n = max(1, round(n_samples * self.region_voxels[region] / total))
+            drawn = mixture.sample(n, generator)
+            labels = torch.full((n,), region, dtype=torch.int64, device=drawn.device)
+            scores.append(self.voxel_scores(drawn, labels))
+        return torch.cat(scores).cpu().numpy()
 
     def save(self, directory: Path) -> None:
-        """Write the mixture parameters to ``weights.safetensors``."""
-        write_weights(directory, {"weights": self.weights, "means": self.means,
-                                  "covariances": self.covariances}, self.hyperparameters)
+        """Write every mixture (and the region map, normative part) to ``weights.safetensors``."""
+        tensors: dict[str, torch.Tensor] = {}
+        for region, mixture in self.mixtures.items():
+            for name, value in mixture.tensors().items():
+                tensors[f"region{region}.{name}"] = value
+            tensors[f"region{region}.voxels"] = torch.tensor([self.region_voxels[region]])
+        if self.regions is not None:
+            tensors["regions"] = self.regions.to(torch.uint8)
+        if self.normative_model is not None:
+            tensors["normative.location"] = self.normative_model.location
+            tensors["normative.spread"] = self.normative_model.spread
+            tensors["normative.support"] = self.normative_model.support.to(torch.uint8)
+            tensors["standardisation"] = self.standardisation
+        write_weights(directory, tensors, self.hyperparameters)
 
     @classmethod
-    def load(cls, directory: Path) -> GaussianMixtureModel:
+    def load(cls, directory: Path) -> MixtureModel:
         """Read a model written by :meth:`save`."""
         tensors, hyperparameters = read_weights(directory)
         model = cls(**hyperparameters)
-        model.weights = tensors["weights"]
-        model.means = tensors["means"]
-        model.covariances = tensors["covariances"]
+        grouped: dict[int, dict[str, torch.Tensor]] = {}
+        for key, value in tensors.items():
+            if key.startswith("region") and "." in key:
+                region, name = key.split(".", 1)
+                grouped.setdefault(int(region.removeprefix("region")), {})[name] = value
+        for region, values in grouped.items():
+            model.region_voxels[region] = int(values.pop("voxels"))
+            model.mixtures[region] = em.Mixture.from_tensors(cls.family, values)
+        if "regions" in tensors:
+            model.regions = tensors["regions"]
+        if "normative.location" in tensors:
+            model.normative_model = NormativeModel()
+            model.normative_model.location = tensors["normative.location"]
+            model.normative_model.spread = tensors["normative.spread"]
+            model.normative_model.support = tensors["normative.support"].bool()
+            model.standardisation = tensors["standardisation"]
         return model
+
+
+@register
+class GaussianMixtureModel(MixtureModel):
+    """Full-covariance Gaussian mixture (see :class:`MixtureModel`)."""
+
+    model_type = "gmm"
+    family = "gaussian"
+
+
+@register
+class StudentMixtureModel(MixtureModel):
+    """Multivariate Student-t mixture, one degrees-of-freedom per component."""
+
+    model_type = "tmm"
+    family = "student"
+
+
+@register
+class MultipleScaledMixtureModel(MixtureModel):
+    """Multiple-scaled Student-t mixture, one degrees-of-freedom per principal direction."""
+
+    model_type = "mmst"
+    family = "mmst"

@@ -8,12 +8,13 @@ from pathlib import Path
 import torch
 
 from bids_anomaly import bids
-from bids_anomaly.config import MODALITIES, Settings
+from bids_anomaly.config import MODALITIES, SINGLE_SUBJECT_TRIM, Settings
 from bids_anomaly.device import resolve_device
 from bids_anomaly.errors import MissingInputError
 from bids_anomaly.models.base import REGISTRY, ModelCard, SubjectImages, TrainingData, save_model
+from bids_anomaly.models.mixture import MixtureModel
 from bids_anomaly.participant import collect_subjects, prepare, preprocess
-from bids_anomaly.postprocessing.thresholds import calibrate_threshold
+from bids_anomaly.postprocessing.thresholds import healthy_scores, tail_table, threshold_at_fpr
 from bids_anomaly.template import Template
 
 LOGGER = logging.getLogger(__name__)
@@ -52,14 +53,27 @@ def training_data(settings: Settings, subjects: list[bids.AnatInputs], channels:
         mask = bids.spec_path(settings.output_dir, inputs.subject, inputs.session,
                               bids.brain_mask_spec(template.name, template.resolution))
         images.append(SubjectImages(inputs.name, paths, mask))
-    return TrainingData(images, channels, resolve_device(settings.device))
+    return TrainingData(images, channels, resolve_device(settings.device), template.dseg)
+
+
+def mixture_options(settings: Settings, single_subject: bool = False) -> dict:
+    """The mixture hyperparameters the command line sets.
+
+    ``single_subject``: for a fit on one subject's own brain (another default trim).
+    """
+    trim = settings.trim
+    if trim is None:
+        trim = SINGLE_SUBJECT_TRIM if single_subject else 0.0
+    return {"n_components": settings.n_components, "online": settings.online,
+            "trim": trim, "per_tissue": settings.per_tissue,
+            "score": settings.mixture_score, "random_seed": settings.random_seed}
 
 
 def build_model(settings: Settings):
     """A new, unfitted model of ``settings.model_type``."""
     cls = REGISTRY[settings.model_type]
-    if settings.model_type == "gmm":
-        return cls(n_components=settings.n_components, random_seed=settings.random_seed)
+    if issubclass(cls, MixtureModel):
+        return cls(normative=settings.with_normative, **mixture_options(settings))
     return cls()
 
 
@@ -78,7 +92,8 @@ def fit_and_save(settings: Settings, data: TrainingData, template: Template,
                 settings.model_type, len(fit_data), len(calibration_data))
     model = build_model(settings)
     model.fit(fit_data)
-    threshold, n_voxels = calibrate_threshold(model, calibration_data, settings.fpr)
+    calibration = healthy_scores(model, calibration_data)
+    threshold = threshold_at_fpr(calibration, settings.fpr)
     name = settings.model_name or settings.model_type
     bids.model_desc(name)
     card = ModelCard(
@@ -93,8 +108,10 @@ def fit_and_save(settings: Settings, data: TrainingData, template: Template,
         calibration_participants=calibration_data.names,
         threshold=threshold,
         fpr=settings.fpr,
-        calibration_voxels=n_voxels,
+        calibration_voxels=int(calibration.size),
         score_definition=model.score_definition,
+        extra={"calibration_tail": tail_table(calibration),
+               "fit": getattr(model, "fit_report", {})},
     )
     directory = settings.output_dir / "models" / f"model-{name}"
     save_model(model, card, directory)

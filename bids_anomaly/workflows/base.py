@@ -10,8 +10,8 @@ from nipype.pipeline import engine as pe
 
 from bids_anomaly import __version__, bids
 from bids_anomaly.config import Settings
-from bids_anomaly.interfaces.anomaly import ScoreAnomaly
-from bids_anomaly.models.base import ModelCard
+from bids_anomaly.interfaces.anomaly import FitSubjectMixture, ScoreAnomaly
+from bids_anomaly.models.base import REGISTRY, ModelCard
 from bids_anomaly.template import Template
 from bids_anomaly.workflows.anatomical import init_anat_preproc_wf
 from bids_anomaly.workflows.outputs import init_ds_anat_wf, init_ds_anomaly_wf
@@ -122,9 +122,25 @@ def init_single_subject_wf(
         (anat_preproc_wf, ds_anat_wf, [(f"outputnode.{field}", f"inputnode.{field}")
                                        for field in anat_outputs]),
     ])
-    if model is None:
-        return workflow
+    if model is not None:
+        _connect_trained_model(workflow, anat_preproc_wf, settings, inputs, template, model,
+                               use_gpu)
+    if settings.single_subject:
+        _connect_single_subject(workflow, anat_preproc_wf, settings, inputs, template, use_gpu)
+    return workflow
 
+
+def _threshold_metadata(settings: Settings, fpr: float) -> dict:
+    """How the anomaly mask was thresholded (sidecar fields)."""
+    if settings.fdr:
+        return {"ThresholdMethod": "Benjamini-Hochberg", "FalseDiscoveryRate": settings.fdr}
+    return {"ThresholdMethod": "false-positive rate", "FalsePositiveRateTarget": fpr}
+
+
+def _connect_trained_model(workflow: pe.Workflow, anat_preproc_wf: pe.Workflow,
+                           settings: Settings, inputs: bids.AnatInputs, template: Template,
+                           model: tuple[Path, ModelCard], use_gpu: bool) -> None:
+    """Score the preprocessed channels with a trained model and write the maps."""
     model_dir, card = model
     channels = pe.Node(niu.Merge(len(card.channels)), name="model_channels",
                        run_without_submitting=True)
@@ -132,22 +148,61 @@ def init_single_subject_wf(
         workflow.connect(anat_preproc_wf, f"outputnode.preproc_{channel}", channels, f"in{index}")
     score = pe.Node(
         ScoreAnomaly(model_dir=str(model_dir), model_checksum=card.checksum,
-                     device="cuda" if use_gpu else "cpu"),
+                     fdr=settings.fdr or 0.0, device="cuda" if use_gpu else "cpu"),
         name="score_anomaly", mem_gb=2.0,
     )
-    desc = bids.model_desc(card.name)
     metadata = {
         "Model": card.name, "ModelType": card.model_type, "ModelChannels": card.channels,
         "ModelVersion": card.version, "ModelChecksum": card.checksum,
-        "ScoreDefinition": card.score_definition, "Threshold": card.threshold,
-        "FalsePositiveRateTarget": card.fpr,
+        "ScoreDefinition": card.score_definition,
+        **_threshold_metadata(settings, card.fpr),
     }
+    if not settings.fdr:
+        metadata["Threshold"] = card.threshold
     ds_anomaly_wf = init_ds_anomaly_wf(inputs, settings.output_dir, template.name,
-                                       template.resolution, desc, metadata)
+                                       template.resolution, bids.model_desc(card.name), metadata)
     workflow.connect([
         (channels, score, [("out", "channel_files")]),
         (anat_preproc_wf, score, [("outputnode.std_mask", "mask_file")]),
         (score, ds_anomaly_wf, [("anomaly_map", "inputnode.anomaly_map"),
                                 ("anomaly_mask", "inputnode.anomaly_mask")]),
     ])
-    return workflow
+
+
+def _connect_single_subject(workflow: pe.Workflow, anat_preproc_wf: pe.Workflow,
+                            settings: Settings, inputs: bids.AnatInputs, template: Template,
+                            use_gpu: bool) -> None:
+    """Fit a mixture on the subject's own channels, score them and write the maps."""
+    from bids_anomaly.training.train import mixture_options
+
+    modalities = inputs.modalities
+    channels = pe.Node(niu.Merge(len(modalities)), name="subject_channels",
+                       run_without_submitting=True)
+    for index, channel in enumerate(modalities, start=1):
+        workflow.connect(anat_preproc_wf, f"outputnode.preproc_{channel}", channels, f"in{index}")
+    fit = pe.Node(
+        FitSubjectMixture(model_type=settings.single_subject,
+                          options=mixture_options(settings, single_subject=True),
+                          regions_file=str(template.dseg),
+                          fpr=settings.fpr, fdr=settings.fdr or 0.0,
+                          device="cuda" if use_gpu else "cpu"),
+        name="fit_subject_mixture", mem_gb=2.0, n_procs=settings.omp_nthreads,
+    )
+    name = f"{settings.single_subject}-single"
+    metadata = {
+        "Model": name, "ModelType": settings.single_subject, "ModelChannels": modalities,
+        "ScoreDefinition": REGISTRY[settings.single_subject](
+            **mixture_options(settings, single_subject=True)).score_definition
+        + "; the mixture is fitted on this subject's own brain",
+        "Calibration": "simulated from the fitted mixture (no healthy controls)",
+        **_threshold_metadata(settings, settings.fpr),
+    }
+    ds_single_wf = init_ds_anomaly_wf(inputs, settings.output_dir, template.name,
+                                      template.resolution, bids.model_desc(name), metadata,
+                                      name="ds_single_subject_wf")
+    workflow.connect([
+        (channels, fit, [("out", "channel_files")]),
+        (anat_preproc_wf, fit, [("outputnode.std_mask", "mask_file")]),
+        (fit, ds_single_wf, [("anomaly_map", "inputnode.anomaly_map"),
+                             ("anomaly_mask", "inputnode.anomaly_mask")]),
+    ])

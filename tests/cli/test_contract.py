@@ -128,3 +128,28 @@ def test_model_with_other_channels_exits_65(run, tmp_path):
 def test_group_without_maps_exits_18(run):
     code, err = run("group")
     assert code == 18 and "no anomaly maps" in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (("participant", "--fdr", "0.05"), "--fdr needs a model"),
+    (("train", "--single-subject", "mmst"), "apply to the participant level"),
+    (("train", "--model-type", "gmm", "--mixture-score", "outlyingness"), "needs --model-type"),
+    (("train", "--model-type", "normative", "--online"), "apply to the mixture models"),
+])
+def test_mixture_options_that_do_not_fit_exit_2(run, args, message):
+    code, err = run(*args)
+    assert code == 2 and message in err
+
+
+def test_components_accepts_auto_or_a_positive_integer(tiny_bids, tmp_path):
+    from bids_anomaly.cli.parser import build_parser, settings_from_args
+
+    parser = build_parser()
+    base = [str(tiny_bids), str(tmp_path / "out"), "train", "--model-type", "mmst"]
+    settings = settings_from_args(parser.parse_args(base + ["--components", "auto", "--online",
+                                                            "--per-tissue", "--trim", "0.02"]))
+    assert (settings.n_components, settings.online, settings.per_tissue, settings.trim) == (
+        "auto", True, True, 0.02)
+    for bad in (["--components", "0"], ["--components", "many"], ["--trim", "0.6"]):
+        with pytest.raises(SystemExit):
+            parser.parse_args(base + bad)

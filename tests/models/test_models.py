@@ -46,10 +46,10 @@ def healthy(tmp_path):
 
 
 def _model(model_type):
-    return REGISTRY[model_type](**({"n_components": 3} if model_type == "gmm" else {}))
+    return REGISTRY[model_type](**({} if model_type == "normative" else {"n_components": 3}))
 
 
-@pytest.mark.parametrize("model_type", ["normative", "gmm"])
+@pytest.mark.parametrize("model_type", ["normative", "gmm", "tmm", "mmst"])
 def test_lesion_scores_above_healthy_threshold(model_type, healthy, tmp_path):
     model = _model(model_type)
     assert isinstance(model, AnomalyModel)
@@ -69,7 +69,7 @@ def test_lesion_scores_above_healthy_threshold(model_type, healthy, tmp_path):
     assert false_positives.sum() / (mask & ~lesion).sum() < 0.05
 
 
-@pytest.mark.parametrize("model_type", ["normative", "gmm"])
+@pytest.mark.parametrize("model_type", ["normative", "gmm", "tmm", "mmst"])
 def test_save_load_round_trip(model_type, healthy, tmp_path):
     model = _model(model_type)
     model.fit(healthy)

@@ -1,0 +1,144 @@
+"""Intensity thresholding: the classic baseline that flags unusually bright (or dark) voxels.
+
+A voxel's score is a robust z-score of one channel against the brain of the same image, so
+nothing is learned from healthy subjects: the model only remembers which channel to look at and
+in which direction. It is the reference every learned model has to beat, in particular for
+white-matter lesions on FLAIR.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from bids_anomaly.errors import BadDataError
+from bids_anomaly.models.base import TrainingData, read_weights, register, write_weights
+from bids_anomaly.models.normative import MAD_TO_SD
+
+DIRECTIONS = ("hyper", "hypo", "both")
+
+
+def robust_z_score(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Robust z-score of ``values`` against the voxels inside ``mask``, 0 outside.
+
+    Parameters
+    ----------
+    values : torch.Tensor
+        ``(X, Y, Z)`` intensities of one channel.
+    mask : torch.Tensor
+        ``(X, Y, Z)`` boolean brain mask on the same grid.
+
+    Returns
+    -------
+    torch.Tensor
+        float32 ``(x - median) / (1.4826 MAD)``, median and MAD taken over the masked voxels;
+        all zeros when the mask is empty.
+
+    Raises
+    ------
+    BadDataError
+        The channel is constant inside the mask (MAD 0), so it has no intensity scale.
+
+    Examples
+    --------
+    >>> import torch
+    >>> values = torch.tensor([[[1.0, 2.0, 3.0, 100.0]]])
+    >>> [round(z, 3) for z in robust_z_score(values, values < 50).flatten().tolist()]
+    [-0.674, 0.0, 0.674, 0.0]
+    """
+    values = values.to(torch.float32)
+    if not mask.any():
+        return torch.zeros_like(values)
+    brain = values[mask]
+    median = brain.median()
+    spread = MAD_TO_SD * (brain - median).abs().median()
+    if spread == 0:
+        raise BadDataError("the channel is constant inside most of the brain mask (MAD 0): "
+                           "check that the image is not empty or saturated")
+    return torch.where(mask, (values - median) / spread, 0.0)
+
+
+@register
+class IntensityBaseline:
+    """Robust z-score of one channel within each image's own brain; no learning.
+
+    Parameters
+    ----------
+    channel : int
+        Index, into the model's channels, of the image to threshold (e.g. FLAIR).
+    direction : {"hyper", "hypo", "both"}
+        Which deviations are anomalous: brighter (``+z``), darker (``-z``) or both (``|z|``).
+
+    Raises
+    ------
+    ValueError
+        A negative channel or an unknown direction.
+    """
+
+    model_type = "intensity"
+    score_definition = ("sign * (x - median) / (1.4826 MAD) of one channel, median and MAD over "
+                        "the image's own brain voxels; sign +1 hyper, -1 hypo, |z| both")
+
+    def __init__(self, channel: int = 0, direction: str = "hyper") -> None:
+        if direction not in DIRECTIONS:
+            raise ValueError(f"direction must be one of {', '.join(DIRECTIONS)}, "
+                             f"not {direction!r}")
+        if channel < 0:
+            raise ValueError(f"channel must be a non-negative index, not {channel}")
+        self.channel = int(channel)
+        self.direction = direction
+
+    @property
+    def hyperparameters(self) -> dict:
+        """Settings needed to rebuild the model."""
+        return {"channel": self.channel, "direction": self.direction}
+
+    def fit(self, data: TrainingData) -> None:
+        """Learn nothing; check that ``data`` has the channel to threshold.
+
+        Raises
+        ------
+        ValueError
+            ``channel`` is not an index into ``data.channels``.
+        """
+        if self.channel >= len(data.channels):
+            raise ValueError(
+                f"the intensity baseline thresholds channel {self.channel}, but the data have "
+                f"only {len(data.channels)} channels ({', '.join(data.channels) or 'none'})"
+            )
+
+    def score(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Signed robust z-score of the chosen channel, 0 outside ``mask``.
+
+        Parameters
+        ----------
+        image : torch.Tensor
+            ``(C, X, Y, Z)`` float image.
+        mask : torch.Tensor
+            ``(X, Y, Z)`` boolean brain mask.
+
+        Returns
+        -------
+        torch.Tensor
+            ``(X, Y, Z)`` float32 scores on ``image.device``.
+        """
+        if self.channel >= image.shape[0]:
+            raise ValueError(f"channel {self.channel} does not exist in an image with "
+                             f"{image.shape[0]} channels")
+        z = robust_z_score(image[self.channel], mask.to(image.device))
+        if self.direction == "hypo":
+            return -z
+        if self.direction == "both":
+            return z.abs()
+        return z
+
+    def save(self, directory: Path) -> None:
+        """Write the channel index and the hyperparameters to ``weights.safetensors``."""
+        write_weights(directory, {"channel": torch.tensor([self.channel])}, self.hyperparameters)
+
+    @classmethod
+    def load(cls, directory: Path) -> IntensityBaseline:
+        """Read a model written by :meth:`save`."""
+        _, hyperparameters = read_weights(directory)
+        return cls(**hyperparameters)
