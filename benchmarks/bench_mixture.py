@@ -279,7 +279,8 @@ def training_data(folder: Path, n_subjects: int):
 
 def run_stream(folder: Path, n_subjects: int, n_components: int) -> dict:
     """One epoch of online EM streaming the first ``n_subjects`` from disk (child process)."""
-    from bids_anomaly.models.mixture import stream_batches, valid_voxels
+    from bids_anomaly.models.base import valid_voxels
+    from bids_anomaly.models.mixture import stream_batches
 
     data = training_data(folder, n_subjects)
     first = torch.cat([image[:, valid_voxels(image, mask)].T
@@ -301,7 +302,7 @@ def run_stream(folder: Path, n_subjects: int, n_components: int) -> dict:
 
 def run_load(folder: Path, n_subjects: int) -> dict:
     """All brain voxels of the first ``n_subjects`` in memory at once (child process)."""
-    from bids_anomaly.models.mixture import valid_voxels
+    from bids_anomaly.models.base import valid_voxels
 
     start = time.perf_counter()
     voxels = torch.cat([image[:, valid_voxels(image, mask)].T

@@ -54,7 +54,8 @@ from bids_anomaly.models import (
     SubjectImages,
     TrainingData,
 )
-from bids_anomaly.models.mixture import fill_regions, valid_voxels
+from bids_anomaly.models.base import valid_voxels
+from bids_anomaly.models.mixture import fill_regions
 from bids_anomaly.postprocessing.thresholds import threshold_at_fpr
 from bids_anomaly.template import TEMPLATE_NAME, Template, get_template
 

@@ -114,7 +114,8 @@ class FitSubjectMixture(SimpleInterface):
         import torch
 
         from bids_anomaly.models import REGISTRY, SubjectImages
-        from bids_anomaly.models.mixture import fill_regions, valid_voxels
+        from bids_anomaly.models.base import valid_voxels
+        from bids_anomaly.models.mixture import fill_regions
         from bids_anomaly.postprocessing.thresholds import tail_table
 
         torch.manual_seed(self.inputs.options.get("random_seed", 0))

@@ -28,6 +28,16 @@ WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "model.json"
 
 
+def valid_voxels(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Brain voxels with a finite, non-zero value in every channel.
+
+    Preprocessing sets a channel to exactly 0 where its field of view did not cover the brain;
+    such voxels carry no information for that channel and are neither fitted, scored nor used
+    for calibration.
+    """
+    return mask & torch.isfinite(image).all(dim=0) & (image != 0).all(dim=0)
+
+
 @dataclass
 class SubjectImages:
     """Preprocessed template-space images of one subject/session.

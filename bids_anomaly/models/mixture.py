@@ -27,7 +27,13 @@ import numpy as np
 import torch
 
 from bids_anomaly.models import em
-from bids_anomaly.models.base import TrainingData, read_weights, register, write_weights
+from bids_anomaly.models.base import (
+    TrainingData,
+    read_weights,
+    register,
+    valid_voxels,
+    write_weights,
+)
 from bids_anomaly.models.normative import MAD_TO_SD, NormativeModel
 
 LOGGER = logging.getLogger(__name__)
@@ -39,15 +45,6 @@ BIC_SAMPLES = 100_000
 """Voxels the BIC of each candidate number of components is computed on."""
 EVALUATION_SAMPLES = 100_000
 """Voxels the online EM's convergence is checked on."""
-
-
-def valid_voxels(image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Brain voxels with a finite, non-zero value in every channel.
-
-    Preprocessing sets a channel to exactly 0 where its field of view did not cover the brain;
-    such voxels carry no information for that channel and are neither fitted nor scored.
-    """
-    return mask & torch.isfinite(image).all(dim=0) & (image != 0).all(dim=0)
 
 
 def sample_voxels(data: TrainingData, n_samples: int, seed: int,

@@ -5,18 +5,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bids_anomaly.models.base import AnomalyModel, TrainingData
+from bids_anomaly.models.base import AnomalyModel, TrainingData, valid_voxels
 
 TAIL_POINTS = 200
 """Points of the stored upper tail of the healthy score distribution."""
 
 
 def healthy_scores(model: AnomalyModel, data: TrainingData) -> np.ndarray:
-    """Scores of every brain voxel of held-out healthy subjects (1D float64)."""
+    """Scores of the valid brain voxels of held-out healthy subjects (1D float64)."""
     scores = []
     with torch.no_grad():
         for image, mask in data:
-            scores.append(model.score(image, mask)[mask].double().cpu().numpy())
+            valid = valid_voxels(image, mask)
+            scores.append(model.score(image, mask)[valid].double().cpu().numpy())
     return np.concatenate(scores)
 
 
