@@ -55,8 +55,7 @@ from bids_anomaly.models import (
     TrainingData,
 )
 from bids_anomaly.models.base import valid_voxels
-from bids_anomaly.models.mixture import fill_regions
-from bids_anomaly.postprocessing.thresholds import threshold_at_fpr
+from bids_anomaly.postprocessing.thresholds import healthy_scores, threshold_at_fpr
 from bids_anomaly.template import TEMPLATE_NAME, Template, get_template
 
 HEALTHY = ["IXI012", "IXI013", "IXI014", "IXI015", "IXI033", "IXI034", "IXI039", "IXI048",
@@ -158,20 +157,6 @@ def outlyingness_variant(model: MixtureModel) -> MixtureModel:
     return variant
 
 
-def valid_scores(model: AnomalyModel, data: TrainingData) -> np.ndarray:
-    """Scores of the valid brain voxels (every channel non-zero) of every subject of ``data``.
-
-    :func:`bids_anomaly.postprocessing.thresholds.healthy_scores` takes every brain-mask voxel,
-    including those without data in some channel (scored 0); the benchmark calibrates on the
-    same kind of voxels it evaluates.
-    """
-    values = []
-    with torch.no_grad():
-        for image, mask in data:
-            values.append(model.score(image, mask)[valid_voxels(image, mask)].double().numpy())
-    return np.concatenate(values)
-
-
 def evaluate(model: AnomalyModel, cases: list[Case], threshold: float) -> dict[str, float]:
     """Voxel metrics of ``model`` on ``cases``, evaluated voxels of all cases pooled."""
     scores, truth = [], []
@@ -241,7 +226,7 @@ def run_synthetic(derivatives: Path, shapes_dir: Path, template: Template, fpr: 
     tables: dict[str, list[Row]] = {kind: [] for kind in kinds}
 
     def add(label: str, model: AnomalyModel, extra: dict | None = None) -> dict[str, float]:
-        threshold = threshold_at_fpr(valid_scores(model, calibration), fpr)
+        threshold = threshold_at_fpr(healthy_scores(model, calibration), fpr)
         auprc = {}
         for kind, cases in kinds.items():
             metrics = evaluate(model, cases, threshold)
@@ -283,16 +268,10 @@ def fit_single_subject(model: MixtureModel, image: torch.Tensor, mask: torch.Ten
                        regions: torch.Tensor, fpr: float, n_simulated: int) -> float:
     """Fit ``model`` on the subject's own valid voxels; return its simulated threshold.
 
-    As :class:`bids_anomaly.interfaces.anomaly.FitSubjectMixture` does: per tissue, the filled
-    template segmentation labels the voxels; the threshold is the ``1 - fpr`` quantile of the
-    scores of samples drawn from the fitted mixture.
+    As :class:`bids_anomaly.interfaces.anomaly.FitSubjectMixture` does: the threshold is the
+    ``1 - fpr`` quantile of the scores of samples drawn from the fitted mixture.
     """
-    valid = valid_voxels(image, mask)
-    labels = None
-    if model.per_tissue:
-        model.regions = regions
-        labels = regions.long()[valid]
-    model.fit_voxels(image[:, valid].T, labels)
+    model.fit_subject(image, mask, regions)
     return threshold_at_fpr(model.simulated_scores(n_simulated), fpr)
 
 
@@ -345,10 +324,9 @@ def run_patient(bids_dir: Path, derivatives: Path, subject: str, modalities: lis
     add(f"baseline {baseline_channel} hyper z", baseline, threshold_at_fpr(own, fpr),
         "self (own z-scores)")
     add(f"baseline {baseline_channel} hyper z", baseline,
-        threshold_at_fpr(valid_scores(baseline, calibration), fpr), "held-out mslubL")
+        threshold_at_fpr(healthy_scores(baseline, calibration), fpr), "held-out mslubL")
 
-    regions = fill_regions(torch.from_numpy(
-        np.asarray(nib.load(template.dseg).dataobj).astype(np.int64))).to(torch.uint8)
+    regions = torch.from_numpy(np.asarray(nib.load(template.dseg).dataobj).astype(np.int64))
     for model_type in MIXTURES:
         for per_tissue in (False, True):
             for trim in SINGLE_SUBJECT_TRIMS:
@@ -377,7 +355,7 @@ def run_patient(bids_dir: Path, derivatives: Path, subject: str, modalities: lis
                      "cohort": cohort_note}
             variants = [model] + ([outlyingness_variant(model)] if model_type == "mmst" else [])
             for variant in variants:
-                threshold = threshold_at_fpr(valid_scores(variant, calibration), fpr)
+                threshold = threshold_at_fpr(healthy_scores(variant, calibration), fpr)
                 add(model_label(model_type, variant), variant, threshold, "held-out mslubL",
                     extra)
     return rows

@@ -114,26 +114,21 @@ class FitSubjectMixture(SimpleInterface):
         import torch
 
         from bids_anomaly.models import REGISTRY, SubjectImages
-        from bids_anomaly.models.base import valid_voxels
-        from bids_anomaly.models.mixture import fill_regions
-        from bids_anomaly.postprocessing.thresholds import tail_table
+        from bids_anomaly.postprocessing.thresholds import tail_table, threshold_at_fpr
 
         torch.manual_seed(self.inputs.options.get("random_seed", 0))
         subject = SubjectImages("subject", list(self.inputs.channel_files), self.inputs.mask_file)
         image, mask = subject.load(self.inputs.device)
         model = REGISTRY[self.inputs.model_type](**self.inputs.options)
-        valid = valid_voxels(image, mask)
-        labels = None
+        regions = None
         if model.per_tissue:
             regions = torch.from_numpy(
                 np.asarray(nib.load(self.inputs.regions_file).dataobj).astype(np.int64))
-            model.regions = fill_regions(regions).to(torch.uint8)
-            labels = model.regions.to(image.device).long()[valid]
-        model.fit_voxels(image[:, valid].T, labels)
+        model.fit_subject(image, mask, regions)
         with torch.no_grad():
             anomaly_map = model.score(image, mask).cpu().numpy().astype(np.float32)
             simulated = model.simulated_scores()
-        threshold = float(np.quantile(simulated, 1.0 - self.inputs.fpr))
+        threshold = threshold_at_fpr(simulated, self.inputs.fpr)
         anomaly_mask, threshold = _threshold_maps(anomaly_map, mask.cpu().numpy(), threshold,
                                                   self.inputs.fdr, tail_table(simulated))
         _write_maps(self._results, runtime.cwd, self.inputs.mask_file, anomaly_map,

@@ -120,22 +120,13 @@ class Mixture:
             raise ValueError(f"unknown mixture family {family!r}; use one of {FAMILIES}")
         return cls(family=family, **{key: value.to(DTYPE) for key, value in tensors.items()})
 
-    def component_log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        """``log w_k + log p_k(x)`` for every sample and component, ``(N, K)``."""
-        return self._log_prob_and_distances(x)[0]
-
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
         """Log-density of each sample, ``(N,)``, computed in chunks."""
         out = torch.empty(x.shape[0], dtype=DTYPE, device=x.device)
         for start in range(0, x.shape[0], CHUNK):
             chunk = x[start:start + CHUNK].to(DTYPE)
-            out[start:start + CHUNK] = _logsumexp(self.component_log_prob(chunk))
+            out[start:start + CHUNK] = _logsumexp(self._log_prob_and_distances(chunk)[0])
         return out
-
-    def responsibilities(self, x: torch.Tensor) -> torch.Tensor:
-        """Posterior component probabilities ``(N, K)``."""
-        log_joint = self.component_log_prob(x.to(DTYPE))
-        return torch.softmax(log_joint, dim=1)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Draw ``n`` samples from the mixture (on its device)."""

@@ -261,6 +261,26 @@ class MixtureModel:
             self.mixtures[region] = self._fit_mixture(subset, batches, region)
             self.region_voxels[region] = len(subset)
 
+    def fit_subject(self, image: torch.Tensor, mask: torch.Tensor,
+                    regions: torch.Tensor | None = None) -> None:
+        """Single-subject mode: fit on one subject's own valid brain voxels.
+
+        Parameters
+        ----------
+        image, mask : torch.Tensor
+            ``(C, X, Y, Z)`` channels and ``(X, Y, Z)`` brain mask.
+        regions : torch.Tensor, optional
+            The template's tissue labels on the same grid (needed with ``per_tissue``).
+        """
+        valid = valid_voxels(image, mask)
+        labels = None
+        if self.per_tissue:
+            if regions is None:
+                raise ValueError("a per-tissue mixture needs the template's tissue labels")
+            self.regions = fill_regions(regions).to(torch.uint8).cpu()
+            labels = self.regions.to(image.device).long()[valid]
+        self.fit_voxels(image[:, valid].T, labels)
+
     def _fit_mixture(self, voxels: torch.Tensor, batches, region: int) -> em.Mixture:
         """One mixture: choose K, run the restarts, keep the most likely."""
         report: dict = {"voxels": len(voxels)}
