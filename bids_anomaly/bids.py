@@ -372,6 +372,12 @@ def anomaly_map_spec(space: str, res: int, desc: str) -> dict:
     return {"suffix": "statmap", "space": space, "res": res, "desc": desc, "stat": "anomaly"}
 
 
+def residual_map_spec(space: str, res: int, desc: str, channel: str) -> dict:
+    """Entities of a model's residual map of one channel (``desc-<model><channel>``)."""
+    return {"suffix": "statmap", "space": space, "res": res, "desc": f"{desc}{channel}",
+            "stat": "residual"}
+
+
 def anomaly_mask_spec(space: str, res: int, desc: str) -> dict:
     """Naming of a model's thresholded anomaly mask."""
     return {"suffix": "mask", "space": space, "res": res, "label": "anomaly", "desc": desc}

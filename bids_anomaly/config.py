@@ -29,6 +29,11 @@ lesion is 3 % of a tissue, an untrimmed one-component MMST gave the lesion p-val
 (not significant among 4,000 voxels), trimming 2 % gave 4e-6 to 1e-4.
 """
 
+DEEP_OPTIONS = ("mode", "epochs", "batch_size", "patch_size", "learning_rate", "width", "latent",
+                "patience", "residual", "precision", "num_workers", "tensorboard")
+"""Settings of the deep models; None means the model's own default (``models.reconstruction``,
+``training.engine.EngineOptions``)."""
+
 
 @dataclass
 class Settings:
@@ -67,6 +72,18 @@ class Settings:
     mixture_score: str = "nll"
     single_subject: str | None = None
     fdr: float | None = None
+    mode: str | None = None
+    epochs: int | None = None
+    batch_size: int | None = None
+    patch_size: int | None = None
+    learning_rate: float | None = None
+    width: int | None = None
+    latent: int | None = None
+    patience: int | None = None
+    residual: str | None = None
+    precision: str | None = None
+    num_workers: int | None = None
+    tensorboard: Path | None = None
     stop_on_first_crash: bool = False
     verbose: int = 0
     version: str = __version__

@@ -1,5 +1,6 @@
 """The embedded default, end to end, through the console script as a user runs it."""
 
+import json
 import subprocess
 
 import pandas as pd
@@ -33,3 +34,22 @@ def test_demo_runs_and_finds_the_lesions(tmp_path):
     assert again.returncode == 0, again.stderr[-2000:]
     assert (pd.read_csv(results / "group" / "desc-normative_evaluation.tsv", sep="\t")
             .equals(normative))
+
+    # a deep model through the same command line, scored by the participant level
+    rawdata, work = out / "rawdata", out / "work"
+    common = ["-w", str(work), "--nprocs", "2", "--device", "cpu"]
+    trained = subprocess.run(
+        ["bids_anomaly", str(rawdata), str(results), "train", "--model-type", "dae",
+         "--train-filter", "group=healthy", "--epochs", "2", "--width", "8", *common],
+        capture_output=True, text=True, timeout=900)
+    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert (work / "train" / "model-dae" / "losses.tsv").read_text().count("\n") == 3
+    scored = subprocess.run(
+        ["bids_anomaly", str(rawdata), str(results), "participant", "--model", "dae", *common],
+        capture_output=True, text=True, timeout=900)
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    assert len(list(results.glob("sub-*/anat/*_desc-dae_stat-anomaly_statmap.nii.gz"))) == 5
+    card = json.loads((results / "models" / "model-dae" / "model.json").read_text())
+    for channel in card["channels"]:  # each channel's residual, next to the combined map
+        maps = list(results.glob(f"sub-*/anat/*_desc-dae{channel}_stat-residual_statmap.nii.gz"))
+        assert len(maps) == 5

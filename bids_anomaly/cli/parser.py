@@ -3,18 +3,28 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import re
 from pathlib import Path
 
 from bids_anomaly import __version__
-from bids_anomaly.config import DEFAULT_FPR, MODALITIES, SINGLE_SUBJECT_TRIM, Settings
+from bids_anomaly.config import (
+    DEEP_OPTIONS,
+    DEFAULT_FPR,
+    MODALITIES,
+    SINGLE_SUBJECT_TRIM,
+    Settings,
+)
 from bids_anomaly.errors import UsageError
 from bids_anomaly.models import REGISTRY
+from bids_anomaly.models.networks import DEEP_TYPES
+from bids_anomaly.models.reconstruction import MODES, RESIDUALS
 from bids_anomaly.normalization import METHODS
 from bids_anomaly.skullstrip import MODES as SKULL_STRIPPED_MODES
 from bids_anomaly.template import RESOLUTIONS
+from bids_anomaly.training.engine import PRECISIONS
 
 LEVELS = ("participant", "train", "group")
 
@@ -164,6 +174,37 @@ def build_parser() -> argparse.ArgumentParser:
                             "rate Q on voxel p-values from the healthy calibration, instead "
                             "of the voxel false-positive rate")
 
+    deep = parser.add_argument_group(
+        "deep models (train --model-type ae|vae|vqvae|vit-ae|dae; unset: the model's default)")
+    deep.add_argument("--mode", choices=MODES,
+                      help="axial slices (2d), slices with their neighbours as extra channels "
+                           "(2.5d) or 3D patches with sliding-window inference (3d); default 2d")
+    deep.add_argument("--epochs", type=_positive_int, help="most epochs (default 50)")
+    deep.add_argument("--batch-size", type=_positive_int,
+                      help="samples per step and GPU (default 32)")
+    deep.add_argument("--patch-size", type=_positive_int, metavar="VOXELS",
+                      help="3d: side of the training patches and inference windows (default 64)")
+    deep.add_argument("--learning-rate", type=float, metavar="LR",
+                      help="peak AdamW learning rate, warm-up then cosine (default 1e-3)")
+    deep.add_argument("--width", type=_positive_int,
+                      help="feature maps of the first network level (default 32)")
+    deep.add_argument("--latent", type=_positive_int,
+                      help="bottleneck size: AE bottleneck channels, VAE code length / 16, "
+                           "VQ-VAE embedding size (default 16)")
+    deep.add_argument("--patience", type=int, metavar="EPOCHS",
+                      help="stop when the healthy validation loss has not improved for this "
+                           "many epochs (0: never; default 10)")
+    deep.add_argument("--residual", choices=RESIDUALS,
+                      help="which residuals are anomalous: both signs, only brighter (hyper, "
+                           "e.g. FLAIR lesions) or only darker (hypo) than the reconstruction "
+                           "(default both)")
+    deep.add_argument("--precision", choices=PRECISIONS,
+                      help="auto: bf16 mixed precision on a GPU, fp32 on a CPU (default auto)")
+    deep.add_argument("--num-workers", type=int, metavar="N",
+                      help="data-loader worker processes per GPU (default 2)")
+    deep.add_argument("--tensorboard", type=Path, metavar="DIR",
+                      help="also log the losses for TensorBoard in DIR (needs tensorboard)")
+
     group = parser.add_argument_group("group level")
     group.add_argument("--ground-truth", type=Path, metavar="DERIV_DIR",
                        help="derivative folder with lesion masks (*_label-<x>_mask.nii.gz or "
@@ -234,6 +275,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise UsageError(f"--online, --trim, --per-tissue and --with-normative apply to the "
                          f"mixture models ({', '.join(mixture_types)}), not to "
                          f"{args.model_type}")
+    deep_given = [f"--{name.replace('_', '-')}" for name in DEEP_OPTIONS
+                  if getattr(args, name) is not None]
+    if deep_given and (args.analysis_level != "train" or args.model_type not in DEEP_TYPES):
+        raise UsageError(f"{', '.join(deep_given)} apply to training a deep model "
+                         f"(train --model-type {'|'.join(DEEP_TYPES)})")
+    if args.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise UsageError("--tensorboard needs the tensorboard package: pip install tensorboard")
     omp = args.omp_nthreads or min(8, args.nprocs)
     return Settings(
         bids_dir=bids_dir,
@@ -268,6 +316,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         mixture_score=args.mixture_score,
         single_subject=args.single_subject,
         fdr=args.fdr,
+        **{name: getattr(args, name) for name in DEEP_OPTIONS},
         stop_on_first_crash=args.stop_on_first_crash,
         verbose=args.verbose,
     )

@@ -7,7 +7,7 @@ import os
 import sys
 import traceback
 
-from bids_anomaly.errors import BidsAnomalyError
+from bids_anomaly.errors import BidsAnomalyError, UsageError
 
 LOGGER = logging.getLogger("bids_anomaly")
 
@@ -41,6 +41,9 @@ def run_level(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
     settings = settings_from_args(args)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and settings.analysis_level != "train":
+        raise UsageError(f"the {settings.analysis_level} level runs as one process; only train "
+                         "is launched with torchrun")
     _set_threads(settings.omp_nthreads)
     from bids_anomaly.device import resolve_device
 

@@ -11,6 +11,7 @@ from nipype.interfaces.base import (
     Directory,
     File,
     InputMultiObject,
+    OutputMultiObject,
     SimpleInterface,
     TraitedSpec,
     traits,
@@ -19,8 +20,18 @@ from nipype.interfaces.base import (
 
 class _AnomalyOutputSpec(TraitedSpec):
     anomaly_map = File(exists=True, desc="voxel-wise anomaly score (float32)")
+    channel_maps = OutputMultiObject(File(exists=True),
+                                     desc="per-channel maps the score combines (deep models)")
     anomaly_mask = File(exists=True, desc="voxels judged abnormal (uint8)")
     threshold = traits.Float(desc="the score threshold used")
+
+
+def _write_image(path: str, data: np.ndarray, dtype: type, reference: nib.Nifti1Image) -> str:
+    """Write ``data`` as ``dtype`` on the grid of ``reference``; return ``path``."""
+    out = nib.Nifti1Image(data.astype(dtype), reference.affine, reference.header)
+    out.set_data_dtype(dtype)
+    out.to_filename(path)
+    return path
 
 
 def _write_maps(results: dict, cwd: str, reference_file: str, anomaly_map: np.ndarray,
@@ -29,10 +40,16 @@ def _write_maps(results: dict, cwd: str, reference_file: str, anomaly_map: np.nd
     reference = nib.load(reference_file)
     for key, data, dtype in (("anomaly_map", anomaly_map, np.float32),
                              ("anomaly_mask", anomaly_mask, np.uint8)):
-        out = nib.Nifti1Image(data.astype(dtype), reference.affine, reference.header)
-        out.set_data_dtype(dtype)
-        results[key] = os.path.join(cwd, f"{key}.nii.gz")
-        out.to_filename(results[key])
+        results[key] = _write_image(os.path.join(cwd, f"{key}.nii.gz"), data, dtype, reference)
+
+
+def _write_channel_maps(cwd: str, reference_file: str, maps: np.ndarray,
+                        channels: list[str]) -> list[str]:
+    """Write one float32 map per channel on the grid of ``reference_file``."""
+    reference = nib.load(reference_file)
+    return [_write_image(os.path.join(cwd, f"channel_map_{channel}.nii.gz"), data, np.float32,
+                         reference)
+            for data, channel in zip(maps, channels, strict=True)]
 
 
 def _threshold_maps(anomaly_map: np.ndarray, mask: np.ndarray, threshold: float,
@@ -77,7 +94,14 @@ class ScoreAnomaly(SimpleInterface):
         subject = SubjectImages("subject", list(self.inputs.channel_files), self.inputs.mask_file)
         image, mask = subject.load(self.inputs.device)
         with torch.no_grad():
-            anomaly_map = model.score(image, mask).cpu().numpy().astype(np.float32)
+            if hasattr(model, "channel_scores"):
+                per_channel = model.channel_scores(image, mask)
+                anomaly_map = model.combine(per_channel).cpu().numpy().astype(np.float32)
+                self._results["channel_maps"] = _write_channel_maps(
+                    runtime.cwd, self.inputs.mask_file, per_channel.cpu().numpy(),
+                    card.channels)
+            else:
+                anomaly_map = model.score(image, mask).cpu().numpy().astype(np.float32)
         anomaly_mask, threshold = _threshold_maps(anomaly_map, mask.cpu().numpy(),
                                                   card.threshold, self.inputs.fdr, tail)
         _write_maps(self._results, runtime.cwd, self.inputs.mask_file, anomaly_map,

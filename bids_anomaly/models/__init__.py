@@ -17,8 +17,10 @@ from bids_anomaly.models.mixture import (
     StudentMixtureModel,
 )
 from bids_anomaly.models.normative import NormativeModel
+from bids_anomaly.models.reconstruction import DEEP_MODELS, ReconstructionModel
 
 __all__ = [
+    "DEEP_MODELS",
     "REGISTRY",
     "AnomalyModel",
     "GaussianMixtureModel",
@@ -27,6 +29,7 @@ __all__ = [
     "ModelCard",
     "MultipleScaledMixtureModel",
     "NormativeModel",
+    "ReconstructionModel",
     "StudentMixtureModel",
     "SubjectImages",
     "TrainingData",

@@ -8,14 +8,17 @@ from pathlib import Path
 import torch
 
 from bids_anomaly import bids
-from bids_anomaly.config import MODALITIES, SINGLE_SUBJECT_TRIM, Settings
+from bids_anomaly.config import DEEP_OPTIONS, MODALITIES, SINGLE_SUBJECT_TRIM, Settings
 from bids_anomaly.device import resolve_device
 from bids_anomaly.errors import MissingInputError
 from bids_anomaly.models.base import REGISTRY, ModelCard, SubjectImages, TrainingData, save_model
 from bids_anomaly.models.mixture import MixtureModel
+from bids_anomaly.models.reconstruction import ReconstructionModel
 from bids_anomaly.participant import collect_subjects, prepare, preprocess
 from bids_anomaly.postprocessing.thresholds import healthy_scores, tail_table, threshold_at_fpr
 from bids_anomaly.template import Template
+from bids_anomaly.training import distributed
+from bids_anomaly.training.engine import EngineOptions
 
 LOGGER = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ def choose_channels(subjects: list[bids.AnatInputs], requested: list[str]) -> li
 
 
 def training_data(settings: Settings, subjects: list[bids.AnatInputs], channels: list[str],
-                  template: Template) -> TrainingData:
+                  template: Template, device: torch.device | None = None) -> TrainingData:
     """Preprocessed images of the subjects, named as the participant level wrote them."""
     images = []
     for inputs in subjects:
@@ -53,7 +56,8 @@ def training_data(settings: Settings, subjects: list[bids.AnatInputs], channels:
         mask = bids.spec_path(settings.output_dir, inputs.subject, inputs.session,
                               bids.brain_mask_spec(template.name, template.resolution))
         images.append(SubjectImages(inputs.name, paths, mask))
-    return TrainingData(images, channels, resolve_device(settings.device), template.dseg)
+    return TrainingData(images, channels, device or resolve_device(settings.device),
+                        template.dseg)
 
 
 def mixture_options(settings: Settings, single_subject: bool = False) -> dict:
@@ -69,11 +73,33 @@ def mixture_options(settings: Settings, single_subject: bool = False) -> dict:
             "score": settings.mixture_score, "random_seed": settings.random_seed}
 
 
+def deep_options(settings: Settings) -> dict:
+    """The deep-model options the command line sets (the model's defaults for the rest).
+
+    Checkpoints go to ``WORK_DIR/train/model-<name>/`` (a rerun resumes from them) and the
+    cached preprocessed volumes to ``WORK_DIR/cache/volumes/``.
+    """
+    name = settings.model_name or settings.model_type
+    engine_keys = ("epochs", "batch_size", "learning_rate", "patience", "precision",
+                   "num_workers", "tensorboard")
+    training = EngineOptions(
+        seed=settings.random_seed,
+        checkpoint_dir=settings.work_dir / "train" / f"model-{name}",
+        **{key: getattr(settings, key) for key in engine_keys
+           if getattr(settings, key) is not None})
+    model_keys = [key for key in DEEP_OPTIONS if key not in engine_keys]
+    return {"training": training, "cache_dir": settings.work_dir / "cache" / "volumes",
+            **{key: getattr(settings, key) for key in model_keys
+               if getattr(settings, key) is not None}}
+
+
 def build_model(settings: Settings):
     """A new, unfitted model of ``settings.model_type``."""
     cls = REGISTRY[settings.model_type]
     if issubclass(cls, MixtureModel):
         return cls(normative=settings.with_normative, **mixture_options(settings))
+    if issubclass(cls, ReconstructionModel):
+        return cls(**deep_options(settings))
     return cls()
 
 
@@ -90,12 +116,15 @@ def fit_and_save(settings: Settings, data: TrainingData, template: Template,
     fit_data, calibration_data = data.split(settings.calibration_fraction, settings.random_seed)
     LOGGER.info("fitting %s on %d subjects, calibrating on %d held-out subjects",
                 settings.model_type, len(fit_data), len(calibration_data))
-    model = build_model(settings)
-    model.fit(fit_data)
-    calibration = healthy_scores(model, calibration_data)
-    threshold = threshold_at_fpr(calibration, settings.fpr)
     name = settings.model_name or settings.model_type
     bids.model_desc(name)
+    model = build_model(settings)
+    model.fit(fit_data)
+    directory = settings.output_dir / "models" / f"model-{name}"
+    if not distributed.is_main():
+        return directory  # rank 0 calibrates and writes the model
+    calibration = healthy_scores(model, calibration_data)
+    threshold = threshold_at_fpr(calibration, settings.fpr)
     card = ModelCard(
         name=name,
         model_type=settings.model_type,
@@ -113,7 +142,6 @@ def fit_and_save(settings: Settings, data: TrainingData, template: Template,
         extra={"calibration_tail": tail_table(calibration),
                "fit": getattr(model, "fit_report", {})},
     )
-    directory = settings.output_dir / "models" / f"model-{name}"
     save_model(model, card, directory)
     LOGGER.info("model written to %s (threshold %.4g at FPR %g)", directory, threshold,
                 settings.fpr)
@@ -130,11 +158,17 @@ def run_train(settings: Settings) -> Path:
     """
     from bids_anomaly.workflows.base import preprocessing_settings
 
-    layout, template = prepare(settings)
-    labels = bids.select_participants(layout, settings.participant_label, settings.bids_dir,
-                                      settings.train_filter)
-    subjects = collect_subjects(settings, layout, labels)
-    channels = choose_channels(subjects, settings.channels)
-    preprocess(settings, subjects, template)
-    data = training_data(settings, subjects, channels, template)
-    return fit_and_save(settings, data, template, preprocessing_settings(settings))
+    device = distributed.setup(resolve_device(settings.device))
+    try:
+        layout, template = prepare(settings)
+        labels = bids.select_participants(layout, settings.participant_label,
+                                          settings.bids_dir, settings.train_filter)
+        subjects = collect_subjects(settings, layout, labels)
+        channels = choose_channels(subjects, settings.channels)
+        if distributed.is_main():
+            preprocess(settings, subjects, template)
+        distributed.barrier()  # the other ranks wait for the preprocessed images
+        data = training_data(settings, subjects, channels, template, device)
+        return fit_and_save(settings, data, template, preprocessing_settings(settings))
+    finally:
+        distributed.teardown()

@@ -12,6 +12,7 @@ from bids_anomaly import __version__, bids
 from bids_anomaly.config import Settings
 from bids_anomaly.interfaces.anomaly import FitSubjectMixture, ScoreAnomaly
 from bids_anomaly.models.base import REGISTRY, ModelCard
+from bids_anomaly.models.networks import DEEP_TYPES
 from bids_anomaly.template import Template
 from bids_anomaly.workflows.anatomical import init_anat_preproc_wf
 from bids_anomaly.workflows.outputs import init_ds_anat_wf, init_ds_anomaly_wf
@@ -159,14 +160,18 @@ def _connect_trained_model(workflow: pe.Workflow, anat_preproc_wf: pe.Workflow,
     }
     if not settings.fdr:
         metadata["Threshold"] = card.threshold
+    per_channel = card.model_type in DEEP_TYPES
     ds_anomaly_wf = init_ds_anomaly_wf(inputs, settings.output_dir, template.name,
-                                       template.resolution, bids.model_desc(card.name), metadata)
+                                       template.resolution, bids.model_desc(card.name), metadata,
+                                       channels=card.channels if per_channel else None)
     workflow.connect([
         (channels, score, [("out", "channel_files")]),
         (anat_preproc_wf, score, [("outputnode.std_mask", "mask_file")]),
         (score, ds_anomaly_wf, [("anomaly_map", "inputnode.anomaly_map"),
                                 ("anomaly_mask", "inputnode.anomaly_mask")]),
     ])
+    if per_channel:
+        workflow.connect(score, "channel_maps", ds_anomaly_wf, "inputnode.channel_maps")
 
 
 def _connect_single_subject(workflow: pe.Workflow, anat_preproc_wf: pe.Workflow,

@@ -134,16 +134,21 @@ def init_ds_anomaly_wf(
     model_desc: str,
     card_metadata: dict,
     name: str = "ds_anomaly_wf",
+    channels: list[str] | None = None,
 ) -> pe.Workflow:
     """Write a model's anomaly map and thresholded mask for one subject/session.
 
+    With ``channels`` (models whose score combines per-channel maps), each channel's map is
+    written too, as ``desc-<model><channel>_stat-residual_statmap``.
+
     Inputs
     ------
-    anomaly_map, anomaly_mask
+    anomaly_map, anomaly_mask, channel_maps
         Outputs of :class:`~bids_anomaly.interfaces.anomaly.ScoreAnomaly`.
     """
     workflow = pe.Workflow(name=name)
-    inputnode = pe.Node(niu.IdentityInterface(fields=["anomaly_map", "anomaly_mask"]),
+    inputnode = pe.Node(niu.IdentityInterface(fields=["anomaly_map", "anomaly_mask",
+                                                      "channel_maps"]),
                         name="inputnode")
     sub, ses = inputs.subject, inputs.session
     ds_map = _sink("ds_anomaly_map", output_dir, sub, ses,
@@ -157,4 +162,15 @@ def init_ds_anomaly_wf(
         (inputnode, ds_map, [("anomaly_map", "in_file")]),
         (inputnode, ds_mask, [("anomaly_mask", "in_file")]),
     ])
+    for index, channel in enumerate(channels or []):
+        select = pe.Node(niu.Select(index=index), name=f"select_{channel}_map",
+                         run_without_submitting=True)
+        ds_channel = _sink(f"ds_{channel}_map", output_dir, sub, ses,
+                           bids.residual_map_spec(space, resolution, model_desc, channel),
+                           {**card_metadata, "Description": f"the {channel} channel's part of "
+                            "the anomaly score (smoothed reconstruction residual)"})
+        workflow.connect([
+            (inputnode, select, [("channel_maps", "inlist")]),
+            (select, ds_channel, [("out", "in_file")]),
+        ])
     return workflow

@@ -135,6 +135,8 @@ def test_group_without_maps_exits_18(run):
     (("train", "--single-subject", "mmst"), "apply to the participant level"),
     (("train", "--model-type", "gmm", "--mixture-score", "outlyingness"), "needs --model-type"),
     (("train", "--model-type", "normative", "--online"), "apply to the mixture models"),
+    (("train", "--model-type", "gmm", "--epochs", "3"), "apply to training a deep model"),
+    (("participant", "--mode", "3d"), "apply to training a deep model"),
 ])
 def test_mixture_options_that_do_not_fit_exit_2(run, args, message):
     code, err = run(*args)
@@ -153,3 +155,33 @@ def test_components_accepts_auto_or_a_positive_integer(tiny_bids, tmp_path):
     for bad in (["--components", "0"], ["--components", "many"], ["--trim", "0.6"]):
         with pytest.raises(SystemExit):
             parser.parse_args(base + bad)
+
+
+def test_deep_options_reach_the_model(tiny_bids, tmp_path):
+    from bids_anomaly.cli.parser import build_parser, settings_from_args
+    from bids_anomaly.training.train import build_model
+
+    args = build_parser().parse_args(
+        [str(tiny_bids), str(tmp_path / "out"), "train", "--model-type", "dae", "--mode", "3d",
+         "--epochs", "7", "--batch-size", "4", "--patch-size", "48", "--residual", "hyper",
+         "--precision", "fp32", "--model-name", "mydae", "--random-seed", "9"])
+    model = build_model(settings_from_args(args))
+    assert (model.model_type, model.mode, model.patch_size, model.residual) == (
+        "dae", "3d", 48, "hyper")
+    assert (model.training.epochs, model.training.batch_size, model.training.seed,
+            model.training.precision) == (7, 4, 9, "fp32")
+    assert model.training.checkpoint_dir == tmp_path / "out" / "work" / "train" / "model-mydae"
+    assert model.width == 32  # unset options keep the model's defaults
+
+
+@pytest.mark.skipif(__import__("importlib").util.find_spec("tensorboard") is not None,
+                    reason="tensorboard is installed here")
+def test_tensorboard_without_the_package_exits_2(run, tmp_path):
+    code, err = run("train", "--model-type", "ae", "--tensorboard", str(tmp_path / "tb"))
+    assert code == 2 and "needs the tensorboard package" in err
+
+
+def test_torchrun_is_for_train_only(run, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, err = run("participant")
+    assert code == 2 and "only train is launched with torchrun" in err

@@ -1,0 +1,33 @@
+"""One rank of the DDP test: ``torchrun -m tests.training.ddp_worker SUBJECTS.json OUT``."""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from bids_anomaly.models import DEEP_MODELS, SubjectImages, TrainingData
+from bids_anomaly.training import distributed
+from bids_anomaly.training.engine import EngineOptions
+
+
+def main() -> None:
+    subjects_file, out = Path(sys.argv[1]), Path(sys.argv[2])
+    device = distributed.setup(torch.device("cpu"))
+    subjects = [SubjectImages(s["name"], [Path(p) for p in s["channels"]], Path(s["mask"]))
+                for s in json.loads(subjects_file.read_text())]
+    data = TrainingData(subjects, ["T1w", "FLAIR"], device)
+    training = EngineOptions(epochs=2, batch_size=4, num_workers=1, seed=5,
+                             checkpoint_dir=out / "checkpoints")
+    model = DEEP_MODELS["ae"](mode="2d", width=4, latent=4, training=training,
+                              cache_dir=out / "cache")
+    model.fit(data)
+    rank = distributed.rank()
+    torch.save(model.network.state_dict(), out / f"rank{rank}.pt")
+    (out / f"rank{rank}.json").write_text(json.dumps(
+        {"world_size": distributed.world_size_now(), "report": model.fit_report}))
+    distributed.teardown()
+
+
+if __name__ == "__main__":
+    main()
