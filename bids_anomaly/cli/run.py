@@ -58,7 +58,8 @@ def run_level(argv: list[str]) -> None:
         from bids_anomaly.training.train import run_train
 
         directory = run_train(settings)
-        print(f"model written to {directory}")
+        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 writes the model
+            print(f"model written to {directory}")
     else:
         from bids_anomaly.evaluation.group import run_group
 

@@ -279,10 +279,12 @@ def train(module: nn.Module, loss: LossFunction, train_set: Dataset, validation_
                     torch.cuda.set_rng_state(saved["cuda_rng"], device)
                 state = {k: saved[k] for k in state}
                 resumed_from = state["epoch"]
-                LOGGER.info("resuming from the checkpoint of epoch %d in %s", resumed_from,
-                            checkpoint_path)
-            else:
-                LOGGER.warning("%s belongs to another training run (other data or settings); "
+                if distributed.is_main():
+                    LOGGER.info("resuming from the checkpoint of epoch %d in %s", resumed_from,
+                                checkpoint_path)
+            elif distributed.is_main():
+                LOGGER.warning("%s belongs to another training run (other data or settings, "
+                               "--epochs included: it shapes the learning-rate schedule); "
                                "starting afresh", checkpoint_path)
     writer = _tensorboard(options)
     progress = _show_progress(options)
@@ -354,10 +356,11 @@ def train(module: nn.Module, loss: LossFunction, train_set: Dataset, validation_
             LOGGER.info("stopping early: no better validation loss for %d epochs (best %.5g "
                         "at epoch %d)", options.patience, state["best_loss"],
                         state["best_epoch"])
-        LOGGER.info("epoch %d/%d: train loss %.5g, validation loss %.5g, %.1f samples/s, "
-                    "%.0f%% of the time waiting for data", epoch + 1, options.epochs,
-                    row["train_loss"], validation, row["samples_per_second"],
-                    100 * row["data_wait_fraction"])
+        if distributed.is_main():
+            LOGGER.info("epoch %d/%d: train loss %.5g, validation loss %.5g, %.1f samples/s, "
+                        "%.0f%% of the time waiting for data", epoch + 1, options.epochs,
+                        row["train_loss"], validation, row["samples_per_second"],
+                        100 * row["data_wait_fraction"])
         if writer is not None:
             for name in ("train_loss", "validation_loss", "learning_rate",
                          "samples_per_second", "data_wait_fraction"):
