@@ -372,6 +372,12 @@ def anomaly_map_spec(space: str, res: int, desc: str) -> dict:
     return {"suffix": "statmap", "space": space, "res": res, "desc": desc, "stat": "anomaly"}
 
 
+def clusters_spec(space: str, res: int, desc: str) -> dict:
+    """Entities of a model's clusters table (``desc-<model>_clusters.tsv``)."""
+    return {"suffix": "clusters", "extension": ".tsv", "space": space, "res": res,
+            "desc": desc}
+
+
 def residual_map_spec(space: str, res: int, desc: str, channel: str) -> dict:
     """Entities of a model's residual map of one channel (``desc-<model><channel>``)."""
     return {"suffix": "statmap", "space": space, "res": res, "desc": f"{desc}{channel}",

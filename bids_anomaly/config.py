@@ -72,6 +72,7 @@ class Settings:
     mixture_score: str = "nll"
     single_subject: str | None = None
     fdr: float | None = None
+    min_cluster_mm3: float = 0.0
     mode: str | None = None
     epochs: int | None = None
     batch_size: int | None = None

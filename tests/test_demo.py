@@ -49,6 +49,13 @@ def test_demo_runs_and_finds_the_lesions(tmp_path):
         capture_output=True, text=True, timeout=900)
     assert scored.returncode == 0, scored.stderr[-2000:]
     assert len(list(results.glob("sub-*/anat/*_desc-dae_stat-anomaly_statmap.nii.gz"))) == 5
+    for model in ("normative", "dae"):  # every scored subject has its clusters table
+        tables = list(results.glob(f"sub-*/anat/*_desc-{model}_clusters.tsv"))
+        assert len(tables) == 5
+        patient = pd.read_csv(next(t for t in tables if "patient01" in t.name), sep="\t")
+        assert {"volume_mm3", "peak_score", "centroid_x", "tissue"} <= set(patient.columns)
+        assert "Description" in json.loads(tables[0].with_suffix(".json").read_text())[
+            "volume_mm3"]
     card = json.loads((results / "models" / "model-dae" / "model.json").read_text())
     for channel in card["channels"]:  # each channel's residual, next to the combined map
         maps = list(results.glob(f"sub-*/anat/*_desc-dae{channel}_stat-residual_statmap.nii.gz"))

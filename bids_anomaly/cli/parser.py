@@ -63,6 +63,16 @@ def _trim(value: str) -> float:
     return number
 
 
+def _volume(value: str) -> float:
+    try:
+        volume = float(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not a volume in mm3: {value!r}") from error
+    if not volume >= 0:
+        raise argparse.ArgumentTypeError(f"the volume must be 0 or more, not {value}")
+    return volume
+
+
 def _fpr(value: str) -> float:
     number = float(value)
     if not 0 < number < 1:
@@ -174,6 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "rate Q on voxel p-values from the healthy calibration, instead "
                             "of the voxel false-positive rate")
 
+    model.add_argument("--min-cluster-size", dest="min_cluster_mm3", type=_volume,
+                       default=0.0, metavar="MM3",
+                       help="participant: drop clusters of abnormal voxels smaller than this "
+                            "many cubic millimetres from the mask and the clusters table "
+                            "(default: 0, keep all)")
+
     deep = parser.add_argument_group(
         "deep models (train --model-type ae|vae|vqvae|vit-ae|dae; unset: the model's default)")
     deep.add_argument("--mode", choices=MODES,
@@ -261,8 +277,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if args.analysis_level != "participant" and args.model:
         raise UsageError("--model applies to the participant level; train writes a new model "
                          "(--model-type, --model-name)")
-    if args.analysis_level != "participant" and (args.single_subject or args.fdr):
-        raise UsageError("--single-subject and --fdr apply to the participant level")
+    if args.analysis_level != "participant" and (args.single_subject or args.fdr
+                                                  or args.min_cluster_mm3):
+        raise UsageError("--single-subject, --fdr and --min-cluster-size apply to the "
+                         "participant level")
     if args.fdr and not (args.model or args.single_subject):
         raise UsageError("--fdr needs a model: --model NAME or --single-subject TYPE")
     mixture_types = ("gmm", "tmm", "mmst")
@@ -316,6 +334,7 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         mixture_score=args.mixture_score,
         single_subject=args.single_subject,
         fdr=args.fdr,
+        min_cluster_mm3=args.min_cluster_mm3,
         **{name: getattr(args, name) for name in DEEP_OPTIONS},
         stop_on_first_crash=args.stop_on_first_crash,
         verbose=args.verbose,

@@ -24,6 +24,13 @@ class _AnomalyOutputSpec(TraitedSpec):
                                      desc="per-channel maps the score combines (deep models)")
     anomaly_mask = File(exists=True, desc="voxels judged abnormal (uint8)")
     threshold = traits.Float(desc="the score threshold used")
+    clusters = File(exists=True, desc="table of the mask's connected clusters (TSV)")
+
+
+class _PostprocessingInputSpec(BaseInterfaceInputSpec):
+    tissue_file = File(exists=True, desc="template tissue segmentation (cluster tissue class)")
+    min_cluster_mm3 = traits.Float(0.0, usedefault=True,
+                                   desc="drop clusters smaller than this from mask and table")
 
 
 def _write_image(path: str, data: np.ndarray, dtype: type, reference: nib.Nifti1Image) -> str:
@@ -35,12 +42,26 @@ def _write_image(path: str, data: np.ndarray, dtype: type, reference: nib.Nifti1
 
 
 def _write_maps(results: dict, cwd: str, reference_file: str, anomaly_map: np.ndarray,
-                anomaly_mask: np.ndarray) -> None:
-    """Write the map and mask next to each other on the grid of ``reference_file``."""
+                anomaly_mask: np.ndarray, inputs) -> None:
+    """Drop small clusters, then write the map, the mask and the clusters table.
+
+    ``inputs`` carries the post-processing options (:class:`_PostprocessingInputSpec`).
+    """
+    from bids_anomaly.postprocessing.clusters import cluster_table, remove_small_clusters
+
     reference = nib.load(reference_file)
+    voxel_volume = float(np.prod(reference.header.get_zooms()[:3]))
+    min_voxels = int(np.ceil(inputs.min_cluster_mm3 / voxel_volume))
+    anomaly_mask = remove_small_clusters(anomaly_mask, min_voxels)
     for key, data, dtype in (("anomaly_map", anomaly_map, np.float32),
                              ("anomaly_mask", anomaly_mask, np.uint8)):
         results[key] = _write_image(os.path.join(cwd, f"{key}.nii.gz"), data, dtype, reference)
+    tissue = None
+    if inputs.tissue_file:
+        tissue = np.asarray(nib.load(inputs.tissue_file).dataobj)
+    table = cluster_table(anomaly_map, anomaly_mask, reference.affine, tissue)
+    results["clusters"] = os.path.join(cwd, "clusters.tsv")
+    table.to_csv(results["clusters"], sep="\t", index=False, na_rep="n/a", float_format="%.6g")
 
 
 def _write_channel_maps(cwd: str, reference_file: str, maps: np.ndarray,
@@ -62,7 +83,7 @@ def _threshold_maps(anomaly_map: np.ndarray, mask: np.ndarray, threshold: float,
     return apply_threshold(anomaly_map, mask, threshold), threshold
 
 
-class _ScoreAnomalyInputSpec(BaseInterfaceInputSpec):
+class _ScoreAnomalyInputSpec(_PostprocessingInputSpec):
     channel_files = InputMultiObject(File(exists=True), mandatory=True,
                                      desc="template-space images in the model's channel order")
     mask_file = File(exists=True, mandatory=True, desc="brain mask in template space")
@@ -105,12 +126,12 @@ class ScoreAnomaly(SimpleInterface):
         anomaly_mask, threshold = _threshold_maps(anomaly_map, mask.cpu().numpy(),
                                                   card.threshold, self.inputs.fdr, tail)
         _write_maps(self._results, runtime.cwd, self.inputs.mask_file, anomaly_map,
-                    anomaly_mask)
+                    anomaly_mask, self.inputs)
         self._results["threshold"] = threshold
         return runtime
 
 
-class _FitSubjectMixtureInputSpec(BaseInterfaceInputSpec):
+class _FitSubjectMixtureInputSpec(_PostprocessingInputSpec):
     channel_files = InputMultiObject(File(exists=True), mandatory=True,
                                      desc="the subject's template-space images")
     mask_file = File(exists=True, mandatory=True, desc="brain mask in template space")
@@ -156,6 +177,6 @@ class FitSubjectMixture(SimpleInterface):
         anomaly_mask, threshold = _threshold_maps(anomaly_map, mask.cpu().numpy(), threshold,
                                                   self.inputs.fdr, tail_table(simulated))
         _write_maps(self._results, runtime.cwd, self.inputs.mask_file, anomaly_map,
-                    anomaly_mask)
+                    anomaly_mask, self.inputs)
         self._results["threshold"] = threshold
         return runtime

@@ -149,7 +149,9 @@ def _connect_trained_model(workflow: pe.Workflow, anat_preproc_wf: pe.Workflow,
         workflow.connect(anat_preproc_wf, f"outputnode.preproc_{channel}", channels, f"in{index}")
     score = pe.Node(
         ScoreAnomaly(model_dir=str(model_dir), model_checksum=card.checksum,
-                     fdr=settings.fdr or 0.0, device="cuda" if use_gpu else "cpu"),
+                     fdr=settings.fdr or 0.0, device="cuda" if use_gpu else "cpu",
+                     tissue_file=str(template.dseg),
+                     min_cluster_mm3=settings.min_cluster_mm3),
         name="score_anomaly", mem_gb=2.0,
     )
     metadata = {
@@ -168,7 +170,8 @@ def _connect_trained_model(workflow: pe.Workflow, anat_preproc_wf: pe.Workflow,
         (channels, score, [("out", "channel_files")]),
         (anat_preproc_wf, score, [("outputnode.std_mask", "mask_file")]),
         (score, ds_anomaly_wf, [("anomaly_map", "inputnode.anomaly_map"),
-                                ("anomaly_mask", "inputnode.anomaly_mask")]),
+                                ("anomaly_mask", "inputnode.anomaly_mask"),
+                                ("clusters", "inputnode.clusters")]),
     ])
     if per_channel:
         workflow.connect(score, "channel_maps", ds_anomaly_wf, "inputnode.channel_maps")
@@ -188,9 +191,10 @@ def _connect_single_subject(workflow: pe.Workflow, anat_preproc_wf: pe.Workflow,
     fit = pe.Node(
         FitSubjectMixture(model_type=settings.single_subject,
                           options=mixture_options(settings, single_subject=True),
-                          regions_file=str(template.dseg),
+                          regions_file=str(template.dseg), tissue_file=str(template.dseg),
                           fpr=settings.fpr, fdr=settings.fdr or 0.0,
-                          device="cuda" if use_gpu else "cpu"),
+                          device="cuda" if use_gpu else "cpu",
+                          min_cluster_mm3=settings.min_cluster_mm3),
         name="fit_subject_mixture", mem_gb=2.0, n_procs=settings.omp_nthreads,
     )
     name = f"{settings.single_subject}-single"
@@ -209,5 +213,6 @@ def _connect_single_subject(workflow: pe.Workflow, anat_preproc_wf: pe.Workflow,
         (channels, fit, [("out", "channel_files")]),
         (anat_preproc_wf, fit, [("outputnode.std_mask", "mask_file")]),
         (fit, ds_single_wf, [("anomaly_map", "inputnode.anomaly_map"),
-                             ("anomaly_mask", "inputnode.anomaly_mask")]),
+                             ("anomaly_mask", "inputnode.anomaly_mask"),
+                             ("clusters", "inputnode.clusters")]),
     ])

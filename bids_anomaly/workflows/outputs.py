@@ -9,6 +9,7 @@ from nipype.pipeline import engine as pe
 
 from bids_anomaly import bids
 from bids_anomaly.interfaces.bids import DerivativesDataSink
+from bids_anomaly.postprocessing.clusters import CLUSTER_COLUMNS
 
 
 def _sink(name: str, output_dir: Path, subject: str, session: str | None, spec: dict,
@@ -143,12 +144,12 @@ def init_ds_anomaly_wf(
 
     Inputs
     ------
-    anomaly_map, anomaly_mask, channel_maps
+    anomaly_map, anomaly_mask, channel_maps, clusters
         Outputs of :class:`~bids_anomaly.interfaces.anomaly.ScoreAnomaly`.
     """
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["anomaly_map", "anomaly_mask",
-                                                      "channel_maps"]),
+                                                      "channel_maps", "clusters"]),
                         name="inputnode")
     sub, ses = inputs.subject, inputs.session
     ds_map = _sink("ds_anomaly_map", output_dir, sub, ses,
@@ -158,9 +159,13 @@ def init_ds_anomaly_wf(
                     bids.anomaly_mask_spec(space, resolution, model_desc),
                     {**card_metadata, "Description": "voxels scoring above the calibrated "
                      "threshold"})
+    ds_clusters = _sink("ds_clusters", output_dir, sub, ses,
+                        bids.clusters_spec(space, resolution, model_desc),
+                        {**CLUSTER_COLUMNS, "Model": card_metadata.get("Model")})
     workflow.connect([
         (inputnode, ds_map, [("anomaly_map", "in_file")]),
         (inputnode, ds_mask, [("anomaly_mask", "in_file")]),
+        (inputnode, ds_clusters, [("clusters", "in_file")]),
     ])
     for index, channel in enumerate(channels or []):
         select = pe.Node(niu.Select(index=index), name=f"select_{channel}_map",

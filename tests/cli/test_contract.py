@@ -133,6 +133,7 @@ def test_group_without_maps_exits_18(run):
 @pytest.mark.parametrize("args, message", [
     (("participant", "--fdr", "0.05"), "--fdr needs a model"),
     (("train", "--single-subject", "mmst"), "apply to the participant level"),
+    (("group", "--min-cluster-size", "10"), "apply to the participant level"),
     (("train", "--model-type", "gmm", "--mixture-score", "outlyingness"), "needs --model-type"),
     (("train", "--model-type", "normative", "--online"), "apply to the mixture models"),
     (("train", "--model-type", "gmm", "--epochs", "3"), "apply to training a deep model"),

@@ -110,7 +110,7 @@ def test_single_subject_mode_finds_the_lesion(tmp_path):
     node = FitSubjectMixture(channel_files=[str(p) for p in subject.channels],
                              mask_file=str(subject.mask), model_type="mmst",
                              options={"n_components": 1, "per_tissue": True, "trim": 0.02},
-                             regions_file=str(regions), fpr=0.001)
+                             regions_file=str(regions), tissue_file=str(regions), fpr=0.001)
     result = node.run(cwd=str(tmp_path))
     flagged = np.asarray(nib.load(result.outputs.anomaly_mask).dataobj) > 0
     lesion = np.zeros(SHAPE, bool)
@@ -118,6 +118,22 @@ def test_single_subject_mode_finds_the_lesion(tmp_path):
     assert flagged[lesion].mean() > 0.9
     assert flagged[~lesion].mean() < 0.01
     assert np.isfinite(result.outputs.threshold)
+    # the lesion is the largest cluster of the table
+    import pandas as pd
+
+    clusters = pd.read_csv(result.outputs.clusters, sep="\t")
+    assert clusters.loc[0, "n_voxels"] >= 0.9 * lesion.sum()
+    assert clusters["n_voxels"].sum() == flagged.sum()
+    assert clusters.loc[0, "tissue"] in ("GM", "WM")  # it straddles the two generated regions
+    # with a minimum size above every stray voxel, only the lesion's cluster is left
+    big_only = FitSubjectMixture(channel_files=[str(p) for p in subject.channels],
+                                 mask_file=str(subject.mask), model_type="mmst",
+                                 options={"n_components": 1, "per_tissue": True, "trim": 0.02},
+                                 regions_file=str(regions), tissue_file=str(regions),
+                                 fpr=0.001, min_cluster_mm3=20.0).run(cwd=str(tmp_path))
+    assert len(pd.read_csv(big_only.outputs.clusters, sep="\t")) == 1
+    kept = np.asarray(nib.load(big_only.outputs.anomaly_mask).dataobj) > 0
+    assert kept[~lesion].sum() == 0 and kept[lesion].mean() > 0.9
     with_fdr = FitSubjectMixture(channel_files=[str(p) for p in subject.channels],
                                  mask_file=str(subject.mask), model_type="mmst",
                                  options={"n_components": 1, "per_tissue": True, "trim": 0.02},

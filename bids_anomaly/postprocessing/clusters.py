@@ -1,0 +1,105 @@
+"""Connected clusters of abnormal voxels: the table a researcher reads first.
+
+Clusters are 26-connected components of the thresholded mask. Clusters smaller than a minimum
+volume can be dropped (from the mask and the table). Each cluster is described by its volume,
+peak and mean score, peak and centroid positions in the template's millimetre coordinates, and
+the tissue class most of its voxels lie in.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+from scipy import ndimage
+
+from bids_anomaly.template import TISSUE_LABELS
+
+CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
+"""26-connectivity: voxels touching by a face, an edge or a corner belong together."""
+
+CLUSTER_COLUMNS = {
+    "cluster_id": {"Description": "1 for the largest cluster, then by decreasing volume"},
+    "n_voxels": {"Description": "number of voxels in the cluster"},
+    "volume_mm3": {"Description": "cluster volume", "Units": "mm^3"},
+    "peak_score": {"Description": "highest anomaly score in the cluster"},
+    "mean_score": {"Description": "mean anomaly score over the cluster"},
+    "peak_x": {"Description": "x of the peak voxel, template world coordinates", "Units": "mm"},
+    "peak_y": {"Description": "y of the peak voxel, template world coordinates", "Units": "mm"},
+    "peak_z": {"Description": "z of the peak voxel, template world coordinates", "Units": "mm"},
+    "centroid_x": {"Description": "x of the cluster's centre of mass", "Units": "mm"},
+    "centroid_y": {"Description": "y of the cluster's centre of mass", "Units": "mm"},
+    "centroid_z": {"Description": "z of the cluster's centre of mass", "Units": "mm"},
+    "tissue": {"Description": "template tissue class of most of the cluster's voxels",
+               "Levels": {**{name: f"template {name}" for name in TISSUE_LABELS.values()},
+                          "none": "outside the template's tissue classes"}},
+}
+"""Column definitions of ``*_clusters.tsv`` (written to its JSON sidecar)."""
+
+
+def remove_small_clusters(mask: np.ndarray, min_voxels: int) -> np.ndarray:
+    """``mask`` without the clusters of fewer than ``min_voxels`` voxels (boolean)."""
+    mask = np.asarray(mask) > 0
+    if min_voxels <= 1:
+        return mask
+    labels, count = ndimage.label(mask, structure=CONNECTIVITY)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    keep = sizes >= min_voxels
+    keep[0] = False
+    return keep[labels]
+
+
+def cluster_table(anomaly_map: np.ndarray, anomaly_mask: np.ndarray, affine: np.ndarray,
+                  tissue: np.ndarray | None = None) -> pd.DataFrame:
+    """One row per cluster of ``anomaly_mask``, largest first.
+
+    Parameters
+    ----------
+    anomaly_map : numpy.ndarray
+        Voxel-wise anomaly score.
+    anomaly_mask : numpy.ndarray
+        Voxels judged abnormal (same grid).
+    affine : numpy.ndarray
+        Voxel-to-world matrix of the grid (positions are given in its millimetres).
+    tissue : numpy.ndarray, optional
+        Integer tissue labels on the same grid (:data:`~bids_anomaly.template.TISSUE_LABELS`).
+
+    Returns
+    -------
+    pandas.DataFrame
+        The columns of :data:`CLUSTER_COLUMNS` (``tissue`` only with ``tissue``).
+    """
+    columns = [c for c in CLUSTER_COLUMNS if tissue is not None or c != "tissue"]
+    labels, count = ndimage.label(np.asarray(anomaly_mask) > 0, structure=CONNECTIVITY)
+    if count == 0:
+        return pd.DataFrame(columns=columns)
+    index = np.arange(1, count + 1)
+    scores = np.asarray(anomaly_map, dtype=np.float64)
+    n_voxels = ndimage.sum_labels(np.ones_like(scores), labels, index).astype(int)
+    peaks = ndimage.maximum_position(scores, labels, index)
+    centroids = ndimage.center_of_mass(np.ones_like(scores), labels, index)
+    voxel_volume = abs(float(np.linalg.det(affine[:3, :3])))
+
+    def world(points) -> np.ndarray:
+        points = np.asarray(points, dtype=np.float64).reshape(-1, 3)
+        return points @ affine[:3, :3].T + affine[:3, 3]
+
+    peak_mm, centroid_mm = world(peaks), world(centroids)
+    table = pd.DataFrame({
+        "n_voxels": n_voxels,
+        "volume_mm3": n_voxels * voxel_volume,
+        "peak_score": ndimage.maximum(scores, labels, index),
+        "mean_score": ndimage.mean(scores, labels, index),
+        **{f"peak_{axis}": peak_mm[:, i] for i, axis in enumerate("xyz")},
+        **{f"centroid_{axis}": centroid_mm[:, i] for i, axis in enumerate("xyz")},
+    })
+    if tissue is not None:
+        names = {0: "none", **TISSUE_LABELS}
+        tissue = np.asarray(tissue).astype(np.int64)
+        majority = []
+        for label in index:
+            counts = np.bincount(tissue[labels == label], minlength=max(names) + 1)
+            majority.append(names.get(int(counts.argmax()), "none"))
+        table["tissue"] = majority
+    table = table.sort_values(["volume_mm3", "peak_score"], ascending=False, kind="stable")
+    table.insert(0, "cluster_id", np.arange(1, count + 1))
+    return table[columns].reset_index(drop=True)
