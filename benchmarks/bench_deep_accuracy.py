@@ -22,6 +22,7 @@ fitting subjects, default architectures), on CPU unless ``--device cuda``: 2D fo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import tempfile
@@ -98,8 +99,7 @@ def compare(fit: TrainingData, calibration: TrainingData, kinds: dict[str, list[
             continue
         model = deep_model(model_type, mode, args, cache)
         start = time.perf_counter()
-        model.fit(fit.__class__(fit.subjects, fit.channels, args.device, fit.regions))
-        model.network.to("cpu")
+        model.fit(dataclasses.replace(fit, device=args.device))  # returns the network on CPU
         report = model.fit_report
         add(f"{model_type} {mode}", model, time.perf_counter() - start,
             {"best_epoch": report["best_epoch"], "epochs_run": report["epochs_run"],

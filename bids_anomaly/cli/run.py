@@ -41,7 +41,9 @@ def run_level(argv: list[str]) -> None:
     args = build_parser().parse_args(argv)
     _configure_logging(args.verbose)
     settings = settings_from_args(args)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and settings.analysis_level != "train":
+    from bids_anomaly.training import distributed
+
+    if distributed.world_size() > 1 and settings.analysis_level != "train":
         raise UsageError(f"the {settings.analysis_level} level runs as one process; only train "
                          "is launched with torchrun")
     _set_threads(settings.omp_nthreads)

@@ -17,6 +17,7 @@ from bids_anomaly.config import Settings
 from bids_anomaly.errors import EmptySelectionError, MissingInputError
 from bids_anomaly.evaluation.ground_truth import find_ground_truth, truth_in_template
 from bids_anomaly.evaluation.metrics import voxel_metrics
+from bids_anomaly.postprocessing.clusters import CONNECTIVITY
 
 LOGGER = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ def anomaly_burden(anomaly_map: np.ndarray, anomaly_mask: np.ndarray, brain_mask
     """
     brain = brain_mask > 0
     flagged = (anomaly_mask > 0) & brain
-    _, n_clusters = ndimage.label(flagged, structure=np.ones((3, 3, 3)))
+    _, n_clusters = ndimage.label(flagged, structure=CONNECTIVITY)
     scores = anomaly_map[brain]
     return {
         "brain_ml": brain.sum() * voxel_volume / 1000,

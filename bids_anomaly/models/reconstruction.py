@@ -167,16 +167,16 @@ class ReconstructionModel:
     def _new_network(self, architecture: Architecture) -> Reconstructor:
         return Reconstructor(architecture, kl_weight=self.kl_weight)
 
+    def _corrupt(self, inputs: torch.Tensor, mask: torch.Tensor,
+                 generator: torch.Generator | None) -> torch.Tensor:
+        """What the network sees in training (the input itself; the denoising AE adds noise)."""
+        return inputs
+
     def _batch_loss(self, module: torch.nn.Module, batch: tuple[torch.Tensor, ...],
                     generator: torch.Generator | None) -> torch.Tensor:
         """Masked mean squared reconstruction error plus the model's regulariser."""
         inputs, target, mask = batch
-        if self.model_type == "dae":
-            noise = coarse_noise(inputs.shape, self.noise_std, self.noise_scale, inputs.device,
-                                 generator)
-            channels_per_slice = inputs.shape[1] // mask.shape[1]
-            inputs = inputs + noise * mask.repeat_interleave(channels_per_slice, dim=1)
-        recon, extra = module(inputs)
+        recon, extra = module(self._corrupt(inputs, mask, generator))
         error = ((recon.float() - target) ** 2 * mask).sum()
         count = (mask.sum() * target.shape[1]).clamp_min(1.0)
         return error / count + extra.float()
@@ -366,6 +366,14 @@ class DenoisingAutoEncoderModel(ReconstructionModel):
     """Denoising U-Net trained to remove coarse noise (Kascenas et al., MIDL 2022)."""
 
     model_type = "dae"
+
+    def _corrupt(self, inputs: torch.Tensor, mask: torch.Tensor,
+                 generator: torch.Generator | None) -> torch.Tensor:
+        """The input plus coarse noise inside the brain."""
+        noise = coarse_noise(inputs.shape, self.noise_std, self.noise_scale, inputs.device,
+                             generator)
+        channels_per_slice = inputs.shape[1] // mask.shape[1]
+        return inputs + noise * mask.repeat_interleave(channels_per_slice, dim=1)
 
 
 DEEP_MODELS = {cls.model_type: cls for cls in (AutoEncoderModel, VariationalAutoEncoderModel,

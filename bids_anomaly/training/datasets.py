@@ -48,6 +48,15 @@ def pad_to(array: torch.Tensor, shape: tuple[int, ...]) -> tuple[torch.Tensor, t
     return torch.nn.functional.pad(array, flat), tuple(crop)
 
 
+def window_channels(window: torch.Tensor) -> torch.Tensor:
+    """``(..., C, X, Y, W)`` slice windows as ``(..., C * W, X, Y)`` input channels.
+
+    Channel ``c * W + offset`` holds channel ``c`` of the window's slice ``offset``: the one
+    channel order of 2.5D inputs, in training and at inference.
+    """
+    return window.movedim(-1, -3).flatten(-4, -3)
+
+
 def stack_slices(volume: torch.Tensor, context: int) -> torch.Tensor:
     """Axial slices with ``context`` neighbours on each side as extra channels.
 
@@ -62,14 +71,11 @@ def stack_slices(volume: torch.Tensor, context: int) -> torch.Tensor:
     -------
     torch.Tensor
         ``(Z, C * (2 * context + 1), X, Y)``: for each slice, the channels of slices
-        ``z - context .. z + context`` in that order.
+        ``z - context .. z + context`` (see :func:`window_channels`).
     """
-    channels, *_, depth = volume.shape
     padded = torch.nn.functional.pad(volume, (context, context))
-    parts = [padded[..., offset:offset + depth] for offset in range(2 * context + 1)]
-    stacked = torch.stack(parts, dim=1)  # (C, 2k+1, X, Y, Z)
-    return stacked.reshape(channels * (2 * context + 1), *volume.shape[1:3], depth).permute(
-        3, 0, 1, 2)
+    windows = padded.unfold(-1, 2 * context + 1, 1)  # (C, X, Y, Z, 2k+1)
+    return window_channels(windows.movedim(3, 0))
 
 
 class VolumeCache:
@@ -147,8 +153,7 @@ class SliceDataset(Dataset):
         block[..., low - (z - k):high - (z - k)] = volume[..., low:high]
         block = torch.from_numpy(block)
         channels = block[:-1]
-        # (C, X, Y, 2k+1) -> (C * (2k+1), X, Y) in the order of stack_slices
-        stacked = channels.permute(0, 3, 1, 2).reshape(-1, *channels.shape[1:3])
+        stacked = window_channels(channels)
         target = channels[..., k]
         mask = block[-1:, ..., k]
         return tuple(pad_to(t, self.shape)[0] for t in (stacked, target, mask))

@@ -12,7 +12,6 @@ from bids_anomaly import __version__, bids
 from bids_anomaly.config import Settings
 from bids_anomaly.interfaces.anomaly import FitSubjectMixture, ScoreAnomaly
 from bids_anomaly.models.base import REGISTRY, ModelCard
-from bids_anomaly.models.networks import DEEP_TYPES
 from bids_anomaly.template import Template
 from bids_anomaly.workflows.anatomical import init_anat_preproc_wf
 from bids_anomaly.workflows.outputs import init_ds_anat_wf, init_ds_anomaly_wf
@@ -162,7 +161,7 @@ def _connect_trained_model(workflow: pe.Workflow, anat_preproc_wf: pe.Workflow,
     }
     if not settings.fdr:
         metadata["Threshold"] = card.threshold
-    per_channel = card.model_type in DEEP_TYPES
+    per_channel = hasattr(REGISTRY[card.model_type], "channel_scores")
     ds_anomaly_wf = init_ds_anomaly_wf(inputs, settings.output_dir, template.name,
                                        template.resolution, bids.model_desc(card.name), metadata,
                                        channels=card.channels if per_channel else None)
