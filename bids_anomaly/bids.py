@@ -362,13 +362,23 @@ def figure_spec(kind: str, modality: str, space: str | None = None) -> dict:
             "desc": kind}
 
 
+def anomaly_figure_spec(space: str, res: int, desc: str) -> dict:
+    """Naming of a model's anomaly overlay figure (three planes through the peak)."""
+    return {"suffix": "statmap", "extension": ".png", "datatype": "figures", "space": space,
+            "res": res, "desc": desc, "stat": "anomaly"}
+
+
 def subject_report_path(output_dir: Path, subject: str) -> Path:
     """Path of a participant's HTML page, ``sub-<label>.html`` at the derivatives' root."""
     return Path(output_dir) / f"sub-{subject}.html"
 
 
-def anomaly_map_spec(space: str, res: int, desc: str) -> dict:
-    """Naming of a model's continuous anomaly map."""
+def anomaly_map_spec(space: str, res: int | None, desc: str) -> dict:
+    """Naming of a model's continuous anomaly map.
+
+    ``space`` is the template, or the reference modality (``T1w``) for the native-space copy,
+    which has no ``res-`` entity.
+    """
     return {"suffix": "statmap", "space": space, "res": res, "desc": desc, "stat": "anomaly"}
 
 
@@ -378,20 +388,48 @@ def clusters_spec(space: str, res: int, desc: str) -> dict:
             "desc": desc}
 
 
+def regions_spec(space: str, res: int, desc: str) -> dict:
+    """Entities of a model's regional burden table (``desc-<model>_regions.tsv``)."""
+    return {"suffix": "regions", "extension": ".tsv", "space": space, "res": res,
+            "desc": desc}
+
+
 def residual_map_spec(space: str, res: int, desc: str, channel: str) -> dict:
     """Entities of a model's residual map of one channel (``desc-<model><channel>``)."""
     return {"suffix": "statmap", "space": space, "res": res, "desc": f"{desc}{channel}",
             "stat": "residual"}
 
 
-def anomaly_mask_spec(space: str, res: int, desc: str) -> dict:
-    """Naming of a model's thresholded anomaly mask."""
+def anomaly_mask_spec(space: str, res: int | None, desc: str) -> dict:
+    """Naming of a model's thresholded anomaly mask (``res`` None: native space)."""
     return {"suffix": "mask", "space": space, "res": res, "label": "anomaly", "desc": desc}
 
 
 def spec_path(output_dir: Path, subject: str, session: str | None, spec: dict) -> Path:
     """Path of the derivative described by one of the ``*_spec`` functions."""
     return derivative_path(output_dir, subject, session, **spec)
+
+
+GROUP_TABLES = {
+    "subjects": "anomaly burden per subject/session",
+    "regions": "regional burden per subject/session, tissue class and atlas region",
+    "evaluation": "voxel- and lesion-wise metrics per subject against the ground truth",
+    "evaluationsummary": "evaluation means per group with bootstrap confidence intervals",
+    "statistics": "patients vs controls: AUROC of each burden measure, effect sizes",
+}
+"""Tables of the group level, by suffix (``group/desc-<model>_<suffix>.tsv``)."""
+
+
+def group_table_path(output_dir: Path, desc: str, suffix: str) -> Path:
+    """Path of a group-level table of one model (see :data:`GROUP_TABLES`)."""
+    if suffix not in GROUP_TABLES:
+        raise ValueError(f"unknown group table {suffix!r}")
+    return Path(output_dir) / "group" / f"desc-{desc}_{suffix}.tsv"
+
+
+def group_report_path(output_dir: Path) -> Path:
+    """Path of the group report."""
+    return Path(output_dir) / "group" / "report.html"
 
 
 def bids_uri(bids_dir: Path, path: Path) -> str:

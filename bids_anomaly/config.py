@@ -73,6 +73,10 @@ class Settings:
     single_subject: str | None = None
     fdr: float | None = None
     min_cluster_mm3: float = 0.0
+    restrict: str = "brain"
+    atlas: Path | None = None
+    control_label: str | None = None
+    bootstrap: int = 2000
     mode: str | None = None
     epochs: int | None = None
     batch_size: int | None = None

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from bids_anomaly import bids
 from bids_anomaly.synthetic import generate_demo_dataset
 
 LOGGER = logging.getLogger(__name__)
@@ -56,7 +57,7 @@ def run_demo(output_dir: Path, n_healthy: int = 8, n_patients: int = 3, nprocs: 
         print(f"[demo] {message} ({time.monotonic() - start:.0f} s)", flush=True)
         run_level([str(rawdata), str(results), *arguments, *common])
     for _, name in DEMO_MODELS:
-        table = results / "group" / f"desc-{name}_evaluation.tsv"
+        table = bids.group_table_path(results, name, "evaluation")
         evaluation = pd.read_csv(table, sep="\t")
         print(f"[demo] {name}: patients' mean AUROC {evaluation['auroc'].mean():.3f}, AUPRC "
               f"{evaluation['auprc'].mean():.3f}, Dice at the calibrated threshold "

@@ -118,8 +118,12 @@ def configure_nipype(settings: Settings) -> None:
     nipype_logging.update_logging(config)
 
 
-def run_workflow(workflow, settings: Settings) -> None:
-    """Run a Nipype workflow with the settings' resources, caching in the work directory."""
+def run_workflow(workflow, settings: Settings, progress=None) -> None:
+    """Run a Nipype workflow with the settings' resources, caching in the work directory.
+
+    ``progress`` (a :class:`~bids_anomaly.progress.WorkflowProgress`) receives every node's
+    status.
+    """
     log_dir = settings.output_dir / "logs"
     if settings.nprocs > 1:
         # forked workers of a process that already ran torch can hang (OpenMP state), so the
@@ -131,24 +135,45 @@ def run_workflow(workflow, settings: Settings) -> None:
         plugin = "MultiProc"
     else:
         plugin, plugin_args = "Linear", {}
+    if progress is not None:
+        plugin_args["status_callback"] = progress
     try:
         workflow.run(plugin=plugin, plugin_args=plugin_args)
     except RuntimeError as error:
         crashes = sorted(log_dir.glob("crash-*.txt"))
         hint = f"; details in {crashes[-1]}" if crashes else ""
         raise BidsAnomalyError(f"processing failed: {error}{hint}") from error
+    finally:
+        if progress is not None:
+            progress.close()
+
+
+def prepare_atlas(settings: Settings, template: Template):
+    """The user's ``--atlas`` checked and resampled onto the template grid (or None)."""
+    from bids_anomaly.postprocessing.regions import load_atlas
+
+    if settings.atlas is None:
+        return None
+    out_file = (settings.work_dir / "atlas"
+                / f"atlas_space-{template.name}_res-{template.resolution}_dseg.nii.gz")
+    atlas = load_atlas(settings.atlas, template.brain_mask, out_file)
+    LOGGER.info("atlas %s: %d regions", settings.atlas.name, len(atlas.labels))
+    return atlas
 
 
 def preprocess(settings: Settings, subjects: list[bids.AnatInputs], template: Template,
                model: tuple[Path, ModelCard] | None = None) -> None:
     """Build and run the participant workflow (preprocessing, then the model if given)."""
-    from bids_anomaly.workflows.base import init_participant_wf
+    from bids_anomaly.progress import WorkflowProgress
+    from bids_anomaly.workflows.base import init_participant_wf, subject_workflow_name
 
     configure_nipype(settings)
-    workflow = init_participant_wf(settings, subjects, template, model)
+    atlas = prepare_atlas(settings, template) if (model or settings.single_subject) else None
+    workflow = init_participant_wf(settings, subjects, template, model, atlas)
     LOGGER.info("processing %d subject/session(s): %s", len(subjects),
                 ", ".join(s.name for s in subjects))
-    run_workflow(workflow, settings)
+    progress = WorkflowProgress(workflow, {subject_workflow_name(s): s.name for s in subjects})
+    run_workflow(workflow, settings, progress)
     from bids_anomaly.reports.subject import write_subject_reports
 
     write_subject_reports(settings.output_dir, subjects, template.name)

@@ -3,6 +3,8 @@
 import json
 import subprocess
 
+import nibabel as nib
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -27,7 +29,23 @@ def test_demo_runs_and_finds_the_lesions(tmp_path):
         assert len(subjects) == 5
     normative = pd.read_csv(results / "group" / "desc-normative_evaluation.tsv", sep="\t")
     assert normative.loc[0, "dice"] > 0.3
-    assert (results / "group" / "report.html").read_text().count("<table") >= 4
+    report = (results / "group" / "report.html").read_text()
+    assert report.count("<table") >= 4
+    assert "Patients vs controls" in report and report.count("data:image/png") == 10  # 2 x 5
+    assert "model normative: clusters" in (results / "sub-patient01.html").read_text()
+    assert "lesion_sensitivity" in evaluation.columns
+    statistics = pd.read_csv(results / "group" / "desc-normative_statistics.tsv", sep="\t")
+    assert {"auroc", "hedges_g", "p_value"} <= set(statistics.columns)
+    assert {"global", "tissue:WM"} <= set(statistics["region"])
+    summary = pd.read_csv(results / "group" / "desc-normative_evaluationsummary.tsv", sep="\t")
+    assert (summary["ci_low"].isna() | (summary["ci_low"] <= summary["mean"])).all()
+    assert len(list(results.glob("sub-*/anat/*_desc-normative_regions.tsv"))) == 5
+    # native-space copies on the raw T1w's grid
+    raw = nib.load(out / "rawdata" / "sub-patient01" / "anat" / "sub-patient01_T1w.nii.gz")
+    native = nib.load(results / "sub-patient01" / "anat"
+                      / "sub-patient01_space-T1w_label-anomaly_desc-normative_mask.nii.gz")
+    assert native.shape == raw.shape and np.allclose(native.affine, raw.affine, atol=1e-3)
+    assert set(np.unique(np.asarray(native.dataobj))) == {0, 1}
     # a second run with the same folder resumes: nothing is recomputed, same results
     again = subprocess.run(["bids_anomaly", "demo", str(out), "--healthy", "4", "--patients",
                             "1", "--nprocs", "2"], capture_output=True, text=True, timeout=600)
@@ -48,7 +66,7 @@ def test_demo_runs_and_finds_the_lesions(tmp_path):
         ["bids_anomaly", str(rawdata), str(results), "participant", "--model", "dae", *common],
         capture_output=True, text=True, timeout=900)
     assert scored.returncode == 0, scored.stderr[-2000:]
-    assert len(list(results.glob("sub-*/anat/*_desc-dae_stat-anomaly_statmap.nii.gz"))) == 5
+    assert len(list(results.glob("sub-*/anat/*_res-2_desc-dae_stat-anomaly_statmap.nii.gz"))) == 5
     for model in ("normative", "dae"):  # every scored subject has its clusters table
         tables = list(results.glob(f"sub-*/anat/*_desc-{model}_clusters.tsv"))
         assert len(tables) == 5

@@ -100,6 +100,21 @@ def test_stripped_multimodal_and_t2w_only_subjects(real_data, tmp_path):
     assert roc_auc_score(truth[brain], score[brain]) > 0.75
     assert set(np.unique(flagged)) <= {0, 1} and flagged[brain].mean() < 0.03
     assert (flagged[~brain] == 0).all()
+    # the native-space copy lies on the raw T2w grid and ranks the hand-drawn (native) lesion
+    # above the rest of the brain as the template-space map does: it is aligned
+    native = nib.load(anat / "sub-stroke01_space-T2w_desc-mmstsingle_stat-anomaly_statmap.nii.gz")
+    raw_img = nib.load(raw_t2w)
+    assert native.shape == raw_img.shape and np.allclose(native.affine, raw_img.affine,
+                                                         atol=1e-3)
+    native_truth = np.asarray(nib.load(
+        real_data / "derivatives/lesion_masks/sub-stroke01/anat/"
+        "sub-stroke01_label-lesion_mask.nii.gz").dataobj) > 0
+    native_score = native.get_fdata()
+    region = (native_score != 0) | native_truth
+    assert roc_auc_score(native_truth[region], native_score[region]) > 0.7
+    regions = pd.read_csv(anat / f"sub-stroke01_space-{SPACE}_res-2_desc-mmstsingle_regions.tsv",
+                          sep="\t")
+    assert regions["region"].tolist()[:4] == ["brain", "GM", "WM", "CSF"]
     assert tree_digest(real_data) == before
 
 

@@ -22,6 +22,7 @@ from bids_anomaly.models import REGISTRY
 from bids_anomaly.models.networks import DEEP_TYPES
 from bids_anomaly.models.reconstruction import MODES, RESIDUALS
 from bids_anomaly.normalization import METHODS
+from bids_anomaly.postprocessing.regions import RESTRICTIONS
 from bids_anomaly.skullstrip import MODES as SKULL_STRIPPED_MODES
 from bids_anomaly.template import RESOLUTIONS
 from bids_anomaly.training.engine import PRECISIONS
@@ -189,6 +190,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="participant: drop clusters of abnormal voxels smaller than this "
                             "many cubic millimetres from the mask and the clusters table "
                             "(default: 0, keep all)")
+    model.add_argument("--restrict", choices=RESTRICTIONS,
+                       help="participant: flag abnormal voxels in the whole brain (default) or "
+                            "in the template's white matter only (wm; for white-matter "
+                            "hyperintensities and MS lesions)")
+    model.add_argument("--atlas", type=Path, metavar="DSEG",
+                       help="participant: discrete atlas in the template's (MNI) space with a "
+                            "BIDS label table beside it (DSEG without .nii[.gz], plus .tsv: "
+                            "columns index, name); adds each cluster's region and the burden "
+                            "per region to the tables")
 
     deep = parser.add_argument_group(
         "deep models (train --model-type ae|vae|vqvae|vit-ae|dae; unset: the model's default)")
@@ -225,6 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--ground-truth", type=Path, metavar="DERIV_DIR",
                        help="derivative folder with lesion masks (*_label-<x>_mask.nii.gz or "
                             "*_dseg.nii.gz) to evaluate against")
+    group.add_argument("--control-label", metavar="GROUP",
+                       help="the participants.tsv 'group' value of the controls in patients-"
+                            "vs-controls statistics (default: the first of healthy, control, "
+                            "controls, hc, cn present)")
+    group.add_argument("--bootstrap", type=_positive_int, default=2000, metavar="N",
+                       help="bootstrap resamples of the confidence intervals (default 2000)")
     return parser
 
 
@@ -278,11 +294,18 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         raise UsageError("--model applies to the participant level; train writes a new model "
                          "(--model-type, --model-name)")
     if args.analysis_level != "participant" and (args.single_subject or args.fdr
-                                                  or args.min_cluster_mm3):
-        raise UsageError("--single-subject, --fdr and --min-cluster-size apply to the "
-                         "participant level")
-    if args.fdr and not (args.model or args.single_subject):
-        raise UsageError("--fdr needs a model: --model NAME or --single-subject TYPE")
+                                                  or args.min_cluster_mm3 or args.restrict
+                                                  or args.atlas):
+        raise UsageError("--single-subject, --fdr, --min-cluster-size, --restrict and --atlas "
+                         "apply to the participant level")
+    if args.analysis_level != "group" and (args.control_label or args.ground_truth):
+        raise UsageError("--ground-truth and --control-label apply to the group level")
+    postprocessing = [option for option, given in (
+        ("--fdr", args.fdr), ("--min-cluster-size", args.min_cluster_mm3),
+        ("--restrict", args.restrict), ("--atlas", args.atlas)) if given]
+    if postprocessing and not (args.model or args.single_subject):
+        raise UsageError(f"{', '.join(postprocessing)} need a model: --model NAME or "
+                         "--single-subject TYPE")
     mixture_types = ("gmm", "tmm", "mmst")
     if args.mixture_score == "outlyingness" and "mmst" not in (args.model_type,
                                                                  args.single_subject):
@@ -335,6 +358,10 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         single_subject=args.single_subject,
         fdr=args.fdr,
         min_cluster_mm3=args.min_cluster_mm3,
+        restrict=args.restrict or "brain",
+        atlas=args.atlas.resolve() if args.atlas else None,
+        control_label=args.control_label,
+        bootstrap=args.bootstrap,
         **{name: getattr(args, name) for name in DEEP_OPTIONS},
         stop_on_first_crash=args.stop_on_first_crash,
         verbose=args.verbose,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import nibabel as nib
@@ -14,7 +15,12 @@ from scipy import ndimage
 
 from bids_anomaly import bids
 from bids_anomaly.config import Settings
-from bids_anomaly.errors import EmptySelectionError, MissingInputError
+from bids_anomaly.errors import (
+    BidsAnomalyError,
+    EmptySelectionError,
+    MissingInputError,
+    UsageError,
+)
 from bids_anomaly.evaluation.ground_truth import find_ground_truth, truth_in_template
 from bids_anomaly.evaluation.metrics import voxel_metrics
 from bids_anomaly.postprocessing.clusters import CONNECTIVITY
@@ -47,10 +53,16 @@ def anomaly_burden(anomaly_map: np.ndarray, anomaly_mask: np.ndarray, brain_mask
 
 
 def find_anomaly_maps(output_dir: Path) -> dict[str, list[Path]]:
-    """Anomaly maps in the derivative dataset, grouped by model ``desc``."""
+    """Template-space anomaly maps in the derivative dataset, grouped by model ``desc``.
+
+    The native-space copies (``space-<reference>``, no ``res-``) are left out: subjects are
+    compared on the template grid.
+    """
     maps: dict[str, list[Path]] = defaultdict(list)
     for path in sorted(output_dir.glob("sub-*/**/anat/*_stat-anomaly_statmap.nii.gz")):
-        maps[bids.parse_name(path)["desc"]].append(path)
+        entities = bids.parse_name(path)
+        if "res" in entities:
+            maps[entities["desc"]].append(path)
     return dict(maps)
 
 
@@ -66,14 +78,82 @@ def _transforms_to_template(anat_dir: Path, prefix: str, space: str) -> dict[str
     return chains
 
 
+@dataclass
+class ModelResults:
+    """Everything the group level found for one model (tables, curves, figures)."""
+
+    desc: str
+    burden: pd.DataFrame
+    regions: pd.DataFrame
+    evaluation: pd.DataFrame
+    curves: dict[str, dict] = field(default_factory=dict)
+    overlays: dict[str, Path] = field(default_factory=dict)
+    summary: pd.DataFrame = field(default_factory=pd.DataFrame)
+    statistics: pd.DataFrame = field(default_factory=pd.DataFrame)
+    control: str | None = None
+
+
+GLOBAL_MEASURES = ("abnormal_ml", "abnormal_fraction", "n_clusters", "mean_score", "p99_score")
+"""Burden measures compared between patients and controls (columns of the subjects table)."""
+
+REGIONAL_MEASURES = ("mean_score", "abnormal_percent")
+"""Per-region measures compared between patients and controls."""
+
+EVALUATION_METRICS = ("auroc", "auprc", "oracle_dice", "dice", "lesion_sensitivity",
+                      "false_positive_clusters")
+"""Evaluation columns summarised per group with bootstrap intervals."""
+
+
+def _model_roles(output_dir: Path, model_name: str | None) -> dict[str, str]:
+    """``training`` or ``calibration`` per participant of a trained model (empty otherwise)."""
+    from bids_anomaly.models.base import read_card
+
+    directory = output_dir / "models" / f"model-{model_name}"
+    if not model_name or not directory.is_dir():
+        return {}
+    try:
+        card = read_card(directory)
+    except BidsAnomalyError:
+        return {}
+    roles = {p: "calibration" for p in card.calibration_participants}
+    roles.update({p: "training" for p in card.training_participants})
+    return roles
+
+
+def _thinned(*arrays: np.ndarray, points: int = 400) -> list[np.ndarray]:
+    """At most ``points`` evenly spaced entries of each array (curves for plotting)."""
+    index = np.unique(np.linspace(0, len(arrays[0]) - 1, min(points, len(arrays[0]))).astype(int))
+    return [np.asarray(a)[index] for a in arrays]
+
+
+def _curves(scores: np.ndarray, truth: np.ndarray) -> dict:
+    """Thinned ROC and precision-recall curves of one subject's voxels."""
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    fpr, tpr, _ = roc_curve(truth, scores)
+    precision, recall, _ = precision_recall_curve(truth, scores)
+    fpr, tpr = _thinned(fpr, tpr)
+    precision, recall = _thinned(precision, recall)
+    return {"fpr": fpr, "tpr": tpr, "precision": precision, "recall": recall}
+
+
 def evaluate_model(settings: Settings, desc: str, maps: list[Path], layout,
-                   participants: pd.DataFrame | None) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Burden and (with ground truth) evaluation rows for one model's anomaly maps."""
-    burden_rows, evaluation_rows = [], []
+                   participants: pd.DataFrame | None) -> ModelResults:
+    """Burden, regional and (with ground truth) evaluation tables of one model's maps."""
+    from bids_anomaly.evaluation.metrics import lesion_metrics
+    from bids_anomaly.progress import ItemProgress
+    from bids_anomaly.reports.subject import anomaly_overlay
+
+    burden_rows, region_tables, evaluation_rows = [], [], []
+    curves, overlays = {}, {}
+    roles: dict[str, dict[str, str]] = {}
+    progress = ItemProgress(len(maps), f"group {desc}")
     for map_path in maps:
         entities = bids.parse_name(map_path)
         subject, session = entities["sub"], entities.get("ses")
         space, res = entities["space"], int(entities["res"])
+        name = f"sub-{subject}" + (f"_ses-{session}" if session else "")
+        progress.advance(name)
         mask_path = bids.spec_path(settings.output_dir, subject, session,
                                    bids.anomaly_mask_spec(space, res, desc))
         brain_path = bids.spec_path(settings.output_dir, subject, session,
@@ -83,16 +163,31 @@ def evaluate_model(settings: Settings, desc: str, maps: list[Path], layout,
             continue
         map_img = nib.load(map_path)
         anomaly_map = map_img.get_fdata(dtype=np.float32)
+        anomaly_mask = np.asarray(nib.load(mask_path).dataobj) > 0
         brain = np.asarray(nib.load(brain_path).dataobj) > 0
         sidecar = json.loads(map_path.with_name(map_path.name.replace(".nii.gz", ".json"))
                              .read_text())
+        model_name = sidecar.get("Model")
+        if model_name not in roles:
+            roles[model_name] = _model_roles(settings.output_dir, model_name)
         row = {"participant_id": f"sub-{subject}", "session_id": session or "n/a"}
         if participants is not None and "group" in participants.columns:
             match = participants.loc[participants["label"] == subject, "group"]
-            row["group"] = match.iloc[0] if len(match) else "n/a"
+            row["group"] = str(match.iloc[0]) if len(match) else "n/a"
+        row["model_role"] = roles[model_name].get(f"sub-{subject}", "test")
         voxel_volume = float(np.prod(map_img.header.get_zooms()[:3]))
-        burden_rows.append({**row, **anomaly_burden(
-            anomaly_map, np.asarray(nib.load(mask_path).dataobj), brain, voxel_volume)})
+        burden_rows.append({**row, **anomaly_burden(anomaly_map, anomaly_mask, brain,
+                                                    voxel_volume)})
+        regions_path = bids.spec_path(settings.output_dir, subject, session,
+                                      bids.regions_spec(space, res, desc))
+        if regions_path.is_file():
+            table = pd.read_csv(regions_path, sep="\t", na_values="n/a")
+            for column, value in reversed(list(row.items())):
+                table.insert(0, column, value)
+            region_tables.append(table)
+        overlay = anomaly_overlay(settings.output_dir, map_path)
+        if overlay is not None:
+            overlays[name] = overlay
         if settings.ground_truth is None:
             continue
         truth_file = find_ground_truth(settings.ground_truth, subject, session)
@@ -106,20 +201,65 @@ def evaluate_model(settings: Settings, desc: str, maps: list[Path], layout,
         if truth is None:
             continue
         region = brain | truth
-        metrics = voxel_metrics(anomaly_map[region], truth[region], sidecar["Threshold"])
+        metrics = voxel_metrics(anomaly_map[region], truth[region],
+                                predicted=anomaly_mask[region])
         metrics["truth_ml"] = metrics["truth_voxels"] * voxel_volume / 1000
+        metrics.update(lesion_metrics(anomaly_mask & region, truth))
         evaluation_rows.append({**row, "ground_truth": truth_file.name, **metrics})
-    return pd.DataFrame(burden_rows), pd.DataFrame(evaluation_rows)
+        if truth[region].any() and not truth[region].all():
+            curves[name] = {**_curves(anomaly_map[region], truth[region]),
+                            "auroc": metrics["auroc"], "auprc": metrics["auprc"]}
+    progress.close()
+    regions = pd.concat(region_tables, ignore_index=True) if region_tables else pd.DataFrame()
+    return ModelResults(desc, pd.DataFrame(burden_rows), regions,
+                        pd.DataFrame(evaluation_rows), curves, overlays)
+
+
+def per_subject(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per participant: the mean over their sessions (sessions are not independent)."""
+    keys = [c for c in ("participant_id", "group") if c in table.columns]
+    return table.groupby(keys, as_index=False, sort=True).mean(numeric_only=True)
+
+
+def group_statistics(results: ModelResults, control: str | None, n_boot: int,
+                     seed: int) -> pd.DataFrame:
+    """Patients vs controls for the global and regional burden measures of one model."""
+    from bids_anomaly.evaluation.statistics import compare_groups
+
+    burden = results.burden
+    if control is None or burden.empty or "group" not in burden.columns:
+        return pd.DataFrame()
+    if not ((burden["group"] == control).any() and (burden["group"] != control).any()):
+        return pd.DataFrame()
+    tables = [compare_groups(per_subject(burden), GLOBAL_MEASURES, control, n_boot, seed)
+              .assign(region="global")]
+    regions = results.regions
+    if not regions.empty and "group" in regions.columns:
+        for (region, source), rows in regions[regions["source"] != "brain"].groupby(
+                ["region", "source"], sort=False):
+            table = per_subject(rows[["participant_id", "group", *REGIONAL_MEASURES]])
+            tables.append(compare_groups(table, REGIONAL_MEASURES, control, n_boot, seed)
+                          .assign(region=f"{source}:{region}"))
+    table = pd.concat(tables, ignore_index=True)
+    columns = ["patients", "controls", "region", "measure"]
+    return table[columns + [c for c in table.columns if c not in columns]]
+
+
+def _write_table(table: pd.DataFrame, path: Path, written: list[Path]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(path, sep="\t", index=False, na_rep="n/a", float_format="%.6g")
+    written.append(path)
 
 
 def run_group(settings: Settings) -> list[Path]:
-    """The group level: one burden table per model, evaluation tables, an HTML summary.
+    """The group level: burden, regional, evaluation and statistics tables, an HTML report.
 
     Returns
     -------
     list of Path
         The tables and report written.
     """
+    from bids_anomaly.evaluation.statistics import resolve_control_label, summarize_by_group
     from bids_anomaly.participant import prepare
     from bids_anomaly.reports.group import write_group_report
 
@@ -141,20 +281,40 @@ def run_group(settings: Settings) -> list[Path]:
         participants = bids.read_participants(settings.bids_dir)
     except MissingInputError:
         participants = None
-    group_dir = settings.output_dir / "group"
-    group_dir.mkdir(exist_ok=True)
-    written, tables = [], {}
+    control = None
+    if participants is not None and "group" in participants.columns:
+        control = resolve_control_label(participants["group"].astype(str),
+                                        settings.control_label)
+        if control is None and settings.control_label is not None:
+            raise UsageError(
+                f"--control-label {settings.control_label}: no such group in participants.tsv "
+                f"(groups: {', '.join(sorted(participants['group'].astype(str).unique()))})")
+    elif settings.control_label is not None:
+        raise MissingInputError("--control-label needs a 'group' column in participants.tsv")
+    written, results = [], []
     for desc, paths in sorted(maps.items()):
-        burden, evaluation = evaluate_model(settings, desc, paths, layout, participants)
-        tables[desc] = (burden, evaluation)
-        path = group_dir / f"desc-{desc}_subjects.tsv"
-        burden.to_csv(path, sep="\t", index=False, na_rep="n/a", float_format="%.6g")
-        written.append(path)
-        if not evaluation.empty:
-            path = group_dir / f"desc-{desc}_evaluation.tsv"
-            evaluation.to_csv(path, sep="\t", index=False, na_rep="n/a", float_format="%.6g")
-            written.append(path)
+        result = evaluate_model(settings, desc, paths, layout, participants)
+        result.control = control
+        _write_table(result.burden, bids.group_table_path(settings.output_dir, desc, "subjects"),
+                     written)
+        if not result.regions.empty:
+            _write_table(result.regions,
+                         bids.group_table_path(settings.output_dir, desc, "regions"), written)
+        if not result.evaluation.empty:
+            _write_table(result.evaluation,
+                         bids.group_table_path(settings.output_dir, desc, "evaluation"), written)
+            result.summary = summarize_by_group(result.evaluation, EVALUATION_METRICS,
+                                                settings.bootstrap, settings.random_seed)
+            _write_table(result.summary, bids.group_table_path(
+                settings.output_dir, desc, "evaluationsummary"), written)
             LOGGER.info("%s: mean AUPRC %.3f, mean Dice %.3f over %d subjects", desc,
-                        evaluation["auprc"].mean(), evaluation["dice"].mean(), len(evaluation))
-    written.append(write_group_report(group_dir / "report.html", tables))
+                        result.evaluation["auprc"].mean(), result.evaluation["dice"].mean(),
+                        len(result.evaluation))
+        result.statistics = group_statistics(result, control, settings.bootstrap,
+                                             settings.random_seed)
+        if not result.statistics.empty:
+            _write_table(result.statistics,
+                         bids.group_table_path(settings.output_dir, desc, "statistics"), written)
+        results.append(result)
+    written.append(write_group_report(bids.group_report_path(settings.output_dir), results))
     return written

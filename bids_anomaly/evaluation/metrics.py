@@ -17,7 +17,8 @@ def dice(prediction: np.ndarray, truth: np.ndarray) -> float:
     return 1.0 if total == 0 else float(2 * (prediction & truth).sum() / total)
 
 
-def voxel_metrics(scores: np.ndarray, truth: np.ndarray, threshold: float) -> dict[str, float]:
+def voxel_metrics(scores: np.ndarray, truth: np.ndarray, threshold: float | None = None,
+                  predicted: np.ndarray | None = None) -> dict[str, float]:
     """Compare a continuous anomaly map with a binary ground truth, voxel by voxel.
 
     Parameters
@@ -26,8 +27,11 @@ def voxel_metrics(scores: np.ndarray, truth: np.ndarray, threshold: float) -> di
         Anomaly scores of the evaluated voxels (1D or any shape).
     truth : numpy.ndarray
         Binary ground truth, same shape.
-    threshold : float
+    threshold : float, optional
         The model's calibrated threshold (scores above it are abnormal).
+    predicted : numpy.ndarray, optional
+        The abnormal voxels as written (after FDR, restriction, cluster size), instead of
+        ``threshold``; one of the two is needed.
 
     Returns
     -------
@@ -41,7 +45,11 @@ def voxel_metrics(scores: np.ndarray, truth: np.ndarray, threshold: float) -> di
 
     scores = np.asarray(scores, dtype=np.float64).ravel()
     truth = np.asarray(truth, dtype=bool).ravel()
-    predicted = scores > threshold
+    if predicted is None:
+        if threshold is None:
+            raise ValueError("voxel_metrics needs a threshold or the predicted mask")
+        predicted = scores > threshold
+    predicted = np.asarray(predicted, dtype=bool).ravel()
     result = {
         "truth_voxels": int(truth.sum()),
         "predicted_voxels": int(predicted.sum()),
@@ -62,3 +70,47 @@ def voxel_metrics(scores: np.ndarray, truth: np.ndarray, threshold: float) -> di
     result["oracle_dice"] = float(f1[best])
     result["oracle_threshold"] = float(thresholds[best])
     return result
+
+
+def lesion_metrics(predicted: np.ndarray, truth: np.ndarray) -> dict[str, float]:
+    """Lesion-wise detection: connected components of the truth and of the prediction.
+
+    A true lesion (26-connected component of ``truth``) is detected when at least one of its
+    voxels is predicted; a predicted cluster is a false positive when none of its voxels is a
+    lesion voxel.
+
+    Parameters
+    ----------
+    predicted, truth : numpy.ndarray
+        Binary masks on one grid (3D, so that components are spatial).
+
+    Returns
+    -------
+    dict
+        ``n_lesions``, ``lesions_detected``, ``lesion_sensitivity`` (NaN without lesions),
+        ``n_clusters`` (predicted), ``false_positive_clusters`` and ``cluster_precision`` (NaN
+        without predicted clusters).
+
+    >>> import numpy as np
+    >>> truth = np.zeros((1, 1, 9), bool); truth[..., [1, 2, 6]] = True
+    >>> predicted = np.zeros((1, 1, 9), bool); predicted[..., [2, 3, 8]] = True
+    >>> lesion_metrics(predicted, truth)["lesions_detected"]
+    1
+    """
+    from scipy import ndimage
+
+    from bids_anomaly.postprocessing.clusters import CONNECTIVITY
+
+    predicted, truth = np.asarray(predicted, bool), np.asarray(truth, bool)
+    lesions, n_lesions = ndimage.label(truth, structure=CONNECTIVITY)
+    clusters, n_clusters = ndimage.label(predicted, structure=CONNECTIVITY)
+    detected = len(np.setdiff1d(np.unique(lesions[predicted]), [0]))
+    true_clusters = len(np.setdiff1d(np.unique(clusters[truth]), [0]))
+    return {
+        "n_lesions": int(n_lesions),
+        "lesions_detected": int(detected),
+        "lesion_sensitivity": detected / n_lesions if n_lesions else float("nan"),
+        "n_clusters": int(n_clusters),
+        "false_positive_clusters": int(n_clusters - true_clusters),
+        "cluster_precision": true_clusters / n_clusters if n_clusters else float("nan"),
+    }

@@ -25,12 +25,17 @@ class _AnomalyOutputSpec(TraitedSpec):
     anomaly_mask = File(exists=True, desc="voxels judged abnormal (uint8)")
     threshold = traits.Float(desc="the score threshold used")
     clusters = File(exists=True, desc="table of the mask's connected clusters (TSV)")
+    regions = File(exists=True, desc="anomaly burden per tissue class and atlas region (TSV)")
 
 
 class _PostprocessingInputSpec(BaseInterfaceInputSpec):
     tissue_file = File(exists=True, desc="template tissue segmentation (cluster tissue class)")
     min_cluster_mm3 = traits.Float(0.0, usedefault=True,
                                    desc="drop clusters smaller than this from mask and table")
+    restrict = traits.Enum("brain", "wm", usedefault=True,
+                           desc="flag voxels in the whole brain or in white matter only")
+    atlas_file = File(exists=True, desc="user atlas on the template grid")
+    atlas_labels = traits.Dict(traits.Str, traits.Str, desc="atlas region names by label")
 
 
 def _write_image(path: str, data: np.ndarray, dtype: type, reference: nib.Nifti1Image) -> str:
@@ -41,27 +46,40 @@ def _write_image(path: str, data: np.ndarray, dtype: type, reference: nib.Nifti1
     return path
 
 
-def _write_maps(results: dict, cwd: str, reference_file: str, anomaly_map: np.ndarray,
-                anomaly_mask: np.ndarray, inputs) -> None:
-    """Drop small clusters, then write the map, the mask and the clusters table.
+def _write_maps(results: dict, cwd: str, anomaly_map: np.ndarray, anomaly_mask: np.ndarray,
+                inputs) -> None:
+    """Restrict the mask, drop small clusters, write map, mask, clusters and regional tables.
 
-    ``inputs`` carries the post-processing options (:class:`_PostprocessingInputSpec`).
+    ``inputs`` carries the brain mask (``mask_file``, also the output grid) and the
+    post-processing options (:class:`_PostprocessingInputSpec`).
     """
     from bids_anomaly.postprocessing.clusters import cluster_table, remove_small_clusters
+    from bids_anomaly.postprocessing.regions import regional_table, restriction_mask
 
-    reference = nib.load(reference_file)
+    reference = nib.load(inputs.mask_file)
+    brain = np.asarray(reference.dataobj) > 0
     voxel_volume = float(np.prod(reference.header.get_zooms()[:3]))
+    tissue = atlas = None
+    if inputs.tissue_file:
+        tissue = np.asarray(nib.load(inputs.tissue_file).dataobj).astype(np.int64)
+    atlas_labels = {int(label): name for label, name in (inputs.atlas_labels or {}).items()}
+    if inputs.atlas_file:
+        atlas = np.asarray(nib.load(inputs.atlas_file).dataobj).astype(np.int64)
+    anomaly_mask = (anomaly_mask > 0) & restriction_mask(inputs.restrict, brain, tissue)
     min_voxels = int(np.ceil(inputs.min_cluster_mm3 / voxel_volume))
     anomaly_mask = remove_small_clusters(anomaly_mask, min_voxels)
     for key, data, dtype in (("anomaly_map", anomaly_map, np.float32),
                              ("anomaly_mask", anomaly_mask, np.uint8)):
         results[key] = _write_image(os.path.join(cwd, f"{key}.nii.gz"), data, dtype, reference)
-    tissue = None
-    if inputs.tissue_file:
-        tissue = np.asarray(nib.load(inputs.tissue_file).dataobj)
-    table = cluster_table(anomaly_map, anomaly_mask, reference.affine, tissue)
-    results["clusters"] = os.path.join(cwd, "clusters.tsv")
-    table.to_csv(results["clusters"], sep="\t", index=False, na_rep="n/a", float_format="%.6g")
+    tables = {
+        "clusters": cluster_table(anomaly_map, anomaly_mask, reference.affine, tissue, atlas,
+                                  atlas_labels),
+        "regions": regional_table(anomaly_map, anomaly_mask, brain, voxel_volume, tissue, atlas,
+                                  atlas_labels),
+    }
+    for key, table in tables.items():
+        results[key] = os.path.join(cwd, f"{key}.tsv")
+        table.to_csv(results[key], sep="\t", index=False, na_rep="n/a", float_format="%.6g")
 
 
 def _write_channel_maps(cwd: str, reference_file: str, maps: np.ndarray,
@@ -125,8 +143,7 @@ class ScoreAnomaly(SimpleInterface):
                 anomaly_map = model.score(image, mask).cpu().numpy().astype(np.float32)
         anomaly_mask, threshold = _threshold_maps(anomaly_map, mask.cpu().numpy(),
                                                   card.threshold, self.inputs.fdr, tail)
-        _write_maps(self._results, runtime.cwd, self.inputs.mask_file, anomaly_map,
-                    anomaly_mask, self.inputs)
+        _write_maps(self._results, runtime.cwd, anomaly_map, anomaly_mask, self.inputs)
         self._results["threshold"] = threshold
         return runtime
 
@@ -176,7 +193,6 @@ class FitSubjectMixture(SimpleInterface):
         threshold = threshold_at_fpr(simulated, self.inputs.fpr)
         anomaly_mask, threshold = _threshold_maps(anomaly_map, mask.cpu().numpy(), threshold,
                                                   self.inputs.fdr, tail_table(simulated))
-        _write_maps(self._results, runtime.cwd, self.inputs.mask_file, anomaly_map,
-                    anomaly_mask, self.inputs)
+        _write_maps(self._results, runtime.cwd, anomaly_map, anomaly_mask, self.inputs)
         self._results["threshold"] = threshold
         return runtime

@@ -32,6 +32,8 @@ CLUSTER_COLUMNS = {
     "tissue": {"Description": "template tissue class of most of the cluster's voxels",
                "Levels": {**{name: f"template {name}" for name in TISSUE_LABELS.values()},
                           "none": "outside the template's tissue classes"}},
+    "atlas_label": {"Description": "region of the user's atlas (--atlas) holding most of the "
+                                   "cluster's voxels; 'none' when most lie outside its regions"},
 }
 """Column definitions of ``*_clusters.tsv`` (written to its JSON sidecar)."""
 
@@ -48,8 +50,22 @@ def remove_small_clusters(mask: np.ndarray, min_voxels: int) -> np.ndarray:
     return keep[labels]
 
 
+def _majority(clusters: np.ndarray, count: int, segmentation: np.ndarray,
+              names: dict[int, str]) -> list[str]:
+    """Per cluster 1..count, the name of the segmentation label most of its voxels carry."""
+    inside = clusters > 0
+    pairs = np.stack([clusters[inside], np.asarray(segmentation)[inside].astype(np.int64)])
+    values, counts = np.unique(pairs, axis=1, return_counts=True)
+    best: dict[int, tuple[int, int]] = {}
+    for (cluster, label), n in zip(values.T.tolist(), counts.tolist(), strict=True):
+        if n > best.get(cluster, (-1, 0))[0]:
+            best[cluster] = (n, label)
+    return [names.get(best[c][1], "none") for c in range(1, count + 1)]
+
+
 def cluster_table(anomaly_map: np.ndarray, anomaly_mask: np.ndarray, affine: np.ndarray,
-                  tissue: np.ndarray | None = None) -> pd.DataFrame:
+                  tissue: np.ndarray | None = None, atlas: np.ndarray | None = None,
+                  atlas_labels: dict[int, str] | None = None) -> pd.DataFrame:
     """One row per cluster of ``anomaly_mask``, largest first.
 
     Parameters
@@ -62,13 +78,18 @@ def cluster_table(anomaly_map: np.ndarray, anomaly_mask: np.ndarray, affine: np.
         Voxel-to-world matrix of the grid (positions are given in its millimetres).
     tissue : numpy.ndarray, optional
         Integer tissue labels on the same grid (:data:`~bids_anomaly.template.TISSUE_LABELS`).
+    atlas : numpy.ndarray, optional
+        Integer atlas labels on the same grid, named by ``atlas_labels``.
 
     Returns
     -------
     pandas.DataFrame
-        The columns of :data:`CLUSTER_COLUMNS` (``tissue`` only with ``tissue``).
+        The columns of :data:`CLUSTER_COLUMNS` (``tissue`` only with ``tissue``,
+        ``atlas_label`` only with ``atlas``).
     """
-    columns = [c for c in CLUSTER_COLUMNS if tissue is not None or c != "tissue"]
+    left_out = {name for name, given in (("tissue", tissue), ("atlas_label", atlas))
+                if given is None}
+    columns = [c for c in CLUSTER_COLUMNS if c not in left_out]
     labels, count = ndimage.label(np.asarray(anomaly_mask) > 0, structure=CONNECTIVITY)
     if count == 0:
         return pd.DataFrame(columns=columns)
@@ -93,13 +114,9 @@ def cluster_table(anomaly_map: np.ndarray, anomaly_mask: np.ndarray, affine: np.
         **{f"centroid_{axis}": centroid_mm[:, i] for i, axis in enumerate("xyz")},
     })
     if tissue is not None:
-        names = {0: "none", **TISSUE_LABELS}
-        tissue = np.asarray(tissue).astype(np.int64)
-        majority = []
-        for label in index:
-            counts = np.bincount(tissue[labels == label], minlength=max(names) + 1)
-            majority.append(names.get(int(counts.argmax()), "none"))
-        table["tissue"] = majority
+        table["tissue"] = _majority(labels, count, tissue, TISSUE_LABELS)
+    if atlas is not None:
+        table["atlas_label"] = _majority(labels, count, atlas, atlas_labels or {})
     table = table.sort_values(["volume_mm3", "peak_score"], ascending=False, kind="stable")
     table.insert(0, "cluster_id", np.arange(1, count + 1))
     return table[columns].reset_index(drop=True)

@@ -1,4 +1,4 @@
-"""The group report: one self-contained HTML page of the group tables."""
+"""The group report: one self-contained HTML page with the group tables and figures."""
 
 from __future__ import annotations
 
@@ -8,46 +8,143 @@ from pathlib import Path
 import pandas as pd
 
 from bids_anomaly import __version__
+from bids_anomaly.reports.qc import _figure_html, _table_html
 
 _STYLE = """
-body { font-family: sans-serif; margin: 2em; color: #222; }
-table { border-collapse: collapse; margin-bottom: 2em; font-size: 0.9em; }
-th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
+body { font-family: sans-serif; margin: 2em; color: #222; max-width: 1400px; }
+h2 { border-bottom: 2px solid #444; padding-bottom: 0.2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: 1em 0 2em; font-size: 0.85em; display: block;
+        overflow-x: auto; max-width: 100%; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; }
 th { background: #f0f0f0; }
+figure { margin: 0.5em; display: inline-block; vertical-align: top; }
+figure img { max-width: 100%; }
+figcaption { font-size: 0.75em; color: #555; }
+.overlays figure { width: 32%; }
+.note { background: #fff6d5; border-left: 4px solid #e0b000; padding: 0.5em 1em; }
+.footer { font-size: 0.8em; color: #777; margin-top: 3em; }
 """
 
+_BURDEN_FIGURE_MEASURES = ("abnormal_ml", "n_clusters", "mean_score", "p99_score")
 
-def write_group_report(path: Path, tables: dict[str, tuple[pd.DataFrame, pd.DataFrame]]) -> Path:
-    """Write ``report.html`` with, per model, the evaluation summary and the per-subject tables.
+
+def _interval(table: pd.DataFrame, value: str, low: str, high: str) -> pd.Series:
+    """``value [low, high]`` strings of three columns."""
+    return table.apply(lambda r: f"{r[value]:.3f} [{r[low]:.3f}, {r[high]:.3f}]", axis=1)
+
+
+def _evaluation_section(result, figures: Path) -> list[str]:
+    from bids_anomaly.reports.figures import plot_curves
+
+    parts = ["<h3>Evaluation against the ground truth</h3>",
+             "<p>Voxel-wise AUROC and AUPRC of the anomaly map, the best Dice over all "
+             "thresholds (oracle) and the Dice of the written anomaly mask; a lesion is "
+             "detected when one of its voxels is flagged, a flagged cluster touching no lesion "
+             "is a false positive. Means per group with 95% percentile-bootstrap intervals.</p>"]
+    summary = result.summary.copy()
+    summary["mean [95% CI]"] = _interval(summary, "mean", "ci_low", "ci_high")
+    parts.append(_table_html(summary[["group", "metric", "n", "mean [95% CI]", "sd"]]))
+    if result.curves:
+        path = plot_curves(result.curves, figures / f"desc-{result.desc}_curves.svg",
+                           title=f"{result.desc}: voxel-wise ROC and precision-recall")
+        parts.append(_figure_html(path))
+    parts.append(_table_html(result.evaluation))
+    return parts
+
+
+def _statistics_section(result, figures: Path) -> list[str]:
+    from bids_anomaly.reports.figures import plot_burden_by_group, plot_subject_roc
+
+    statistics, burden = result.statistics, result.burden
+    parts = [f"<h3>Patients vs controls ({html.escape(str(result.control))})</h3>",
+             "<p>Each burden measure as a test separating patients from controls: AUROC with a "
+             "stratified 95% bootstrap interval, Hedges' g and the two-sided Mann-Whitney p "
+             "(uncorrected). Sessions of one participant are averaged first.</p>"]
+    seen = burden[(burden["group"] == result.control) & (burden["model_role"] != "test")]
+    if len(seen):
+        parts.append(
+            f"<p class='note'>{seen['participant_id'].nunique()} of the controls were used to "
+            "train or calibrate this model: their burden is biased low, so these figures are "
+            "optimistic. Compare held-out controls (model_role 'test') for an unbiased "
+            "estimate.</p>")
+    table = statistics.copy()
+    table["auroc [95% CI]"] = _interval(table, "auroc", "auroc_ci_low", "auroc_ci_high")
+    columns = ["patients", "region", "measure", "n_patients", "n_controls", "patients_mean",
+               "controls_mean", "auroc [95% CI]", "hedges_g", "p_value"]
+    global_rows = table["region"] == "global"
+    parts.append(_table_html(table.loc[global_rows, columns]))
+    subjects = burden.groupby(["participant_id", "group"], as_index=False).mean(
+        numeric_only=True)
+    measures = [m for m in _BURDEN_FIGURE_MEASURES if m in subjects.columns]
+    parts.append(_figure_html(plot_burden_by_group(
+        subjects, measures, figures / f"desc-{result.desc}_burden.svg",
+        title=f"{result.desc}: anomaly burden per group")))
+    parts.append(_figure_html(plot_subject_roc(
+        subjects, measures, result.control, figures / f"desc-{result.desc}_subjectroc.svg",
+        title=f"{result.desc}: all patients vs {result.control}")))
+    if (~global_rows).any():
+        parts.append("<h3>Regional burden: patients vs controls</h3>")
+        parts.append(_table_html(table.loc[~global_rows, columns]))
+    return parts
+
+
+def _regions_section(result) -> list[str]:
+    regions = result.regions
+    keys = ["source", "region"] + (["group"] if "group" in regions.columns else [])
+    table = (regions.groupby(keys, sort=False)[["mean_score", "abnormal_percent"]]
+             .mean().reset_index())
+    return ["<h3>Regional burden (mean over subjects)</h3>",
+            "<p>Mean anomaly score and percentage of flagged voxels per tissue class of the "
+            "template and per atlas region (per-subject values in "
+            f"desc-{html.escape(result.desc)}_regions.tsv).</p>", _table_html(table)]
+
+
+def write_group_report(path: Path, results: list) -> Path:
+    """Write ``report.html``: per model the evaluation, statistics, tables and overlays.
 
     Parameters
     ----------
     path : Path
-        Output file.
-    tables : dict
-        Model ``desc`` to (burden table, evaluation table).
+        Output file; figures are written to ``figures/`` beside it and embedded in the page.
+    results : list of ModelResults
+        One per model (:class:`bids_anomaly.evaluation.group.ModelResults`).
 
     Returns
     -------
     Path
         ``path``.
+
+    Notes
+    -----
+    Figures are embedded as data URIs and the style is inline: the page needs no network and no
+    other file.
     """
+    path = Path(path)
+    figures = path.parent / "figures"
     sections = []
-    for desc, (burden, evaluation) in tables.items():
-        sections.append(f"<h2>Model {html.escape(desc)}</h2>")
-        if not evaluation.empty:
-            columns = ["auroc", "auprc", "oracle_dice", "dice"]
-            summary = evaluation[columns].agg(["mean", "std"]).T
-            sections.append("<h3>Evaluation against ground truth (mean, sd)</h3>")
-            sections.append(summary.to_html(float_format="%.3f"))
-            sections.append(evaluation.to_html(index=False, float_format="%.3f", na_rep="n/a"))
+    for result in results:
+        sections.append(f"<h2>Model {html.escape(result.desc)}</h2>")
+        sections.append(f"<p>{len(result.burden)} subject/session(s) scored.</p>")
+        if not result.evaluation.empty:
+            sections.extend(_evaluation_section(result, figures))
+        if not result.statistics.empty:
+            sections.extend(_statistics_section(result, figures))
+        if not result.regions.empty:
+            sections.extend(_regions_section(result))
         sections.append("<h3>Anomaly burden per subject</h3>")
-        sections.append(burden.to_html(index=False, float_format="%.3f", na_rep="n/a"))
+        sections.append(_table_html(result.burden))
+        if result.overlays:
+            sections.append("<h3>Anomaly maps</h3><p>Scores above the model's calibrated "
+                            "threshold over the preprocessed reference image, cut through the "
+                            "highest flagged score; the anomaly mask is outlined in green.</p>")
+            sections.append("<div class='overlays'>" + "".join(
+                _figure_html(figure) for figure in result.overlays.values()) + "</div>")
     page = (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>bids_anomaly group report</title><style>{_STYLE}</style></head><body>"
-        f"<h1>bids_anomaly group report</h1><p>bids_anomaly {__version__}</p>"
-        + "".join(sections) + "</body></html>"
+        "<h1>bids_anomaly group report</h1>" + "\n".join(sections)
+        + f"<p class='footer'>bids_anomaly {html.escape(__version__)}</p></body></html>\n"
     )
-    path.write_text(page)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(page, encoding="utf-8")
     return path

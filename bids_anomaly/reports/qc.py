@@ -57,7 +57,8 @@ h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; margin-top: 2em; }
 figure { margin: 1em 0; }
 figure img { max-width: 100%; height: auto; background: #000; }
 figcaption { font-size: 0.8em; color: #555; }
-table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; }
+table { border-collapse: collapse; margin: 1em 0; font-size: 0.9em; display: block;
+        overflow-x: auto; max-width: 100%; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; text-align: right; }
 th { background: #f0f0f0; }
 .footer { font-size: 0.8em; color: #777; margin-top: 3em; }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from collections import defaultdict
 from pathlib import Path
@@ -9,9 +10,13 @@ from pathlib import Path
 import pandas as pd
 
 from bids_anomaly import bids
+from bids_anomaly.config import MODALITIES
 from bids_anomaly.reports.qc import QC_THRESHOLDS, write_subject_report
 
 LOGGER = logging.getLogger(__name__)
+
+MAX_CLUSTER_ROWS = 25
+"""Clusters listed in a participant's page (the TSV has them all)."""
 
 _QC_TEXT = (
     "dice: overlap of the brain mask warped to the template with the template's brain mask "
@@ -19,6 +24,73 @@ _QC_TEXT = (
     f"reference and the template (flagged below {QC_THRESHOLDS['nmi']} for T1w references). "
     "nmi_<modality>: each coregistered modality against the reference, for information."
 )
+
+
+def anomaly_overlay(output_dir: Path, map_path: Path) -> Path | None:
+    """The three-plane overlay figure of an anomaly map, drawn when missing or out of date.
+
+    The background is the subject's preprocessed reference image in template space, the cuts
+    go through the highest score inside the anomaly mask, and scores are shown from the
+    model's calibrated threshold up (from the 95th percentile without one, as with FDR).
+    """
+    from bids_anomaly.reports.figures import plot_anomaly_overlay
+
+    entities = bids.parse_name(map_path)
+    subject, session = entities["sub"], entities.get("ses")
+    space, res, desc = entities["space"], int(entities["res"]), entities["desc"]
+    out_file = bids.spec_path(output_dir, subject, session,
+                              bids.anomaly_figure_spec(space, res, desc))
+    if out_file.is_file() and out_file.stat().st_mtime >= map_path.stat().st_mtime:
+        return out_file
+    backgrounds = [bids.spec_path(output_dir, subject, session, bids.preproc_spec(space, res, m))
+                   for m in MODALITIES]
+    background = next((path for path in backgrounds if path.is_file()), None)
+    if background is None:
+        return None
+    mask = bids.spec_path(output_dir, subject, session, bids.anomaly_mask_spec(space, res, desc))
+    name = f"sub-{subject}" + (f" ses-{session}" if session else "")
+    modality = bids.parse_name(background)["suffix"]
+    sidecar = map_path.with_name(map_path.name.replace(".nii.gz", ".json"))
+    threshold = json.loads(sidecar.read_text()).get("Threshold") if sidecar.is_file() else None
+    return plot_anomaly_overlay(background, map_path, mask if mask.is_file() else None,
+                                out_file, title=f"{name}: {desc} on {modality}",
+                                threshold=threshold)
+
+
+def model_sections(output_dir: Path, inputs: bids.AnatInputs, space: str) -> list[dict]:
+    """Report sections of every model's anomaly map of one subject/session."""
+    sub, ses = inputs.subject, inputs.session
+    heading = f"Session {ses}: " if ses else ""
+    prefix = bids.derivative_name(sub, ses, "x", "").removesuffix("_x")
+    anat = bids.spec_path(output_dir, sub, ses, bids.qc_spec()).parent
+    sections = []
+    for map_path in sorted(anat.glob(f"{prefix}_space-{space}_res-*_stat-anomaly_statmap.nii.gz")):
+        entities = bids.parse_name(map_path)
+        res, desc = int(entities["res"]), entities["desc"]
+        sidecar_path = map_path.with_name(map_path.name.replace(".nii.gz", ".json"))
+        sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else {}
+        text = [f"Model {sidecar.get('Model', desc)} ({sidecar.get('ModelType', 'n/a')}): "
+                f"{sidecar.get('ScoreDefinition', '')}"]
+        if "Threshold" in sidecar:
+            text.append(f"Mask: scores above {sidecar['Threshold']:.4g} "
+                        f"({sidecar.get('ThresholdMethod', '')}).")
+        figure = anomaly_overlay(output_dir, map_path)
+        sections.append({"heading": f"{heading}model {desc}: anomaly map",
+                         "text": "\n\n".join(text), "figures": [figure] if figure else []})
+        for kind, spec, caption in (
+                ("clusters", bids.clusters_spec(space, res, desc),
+                 f"clusters (largest {MAX_CLUSTER_ROWS}; all in the TSV)"),
+                ("regions", bids.regions_spec(space, res, desc), "burden per region")):
+            path = bids.spec_path(output_dir, sub, ses, spec)
+            if path.is_file():
+                table = pd.read_csv(path, sep="\t", na_values="n/a")
+                if kind == "clusters":
+                    table = table.head(MAX_CLUSTER_ROWS)
+                sections.append({"heading": f"{heading}model {desc}: {caption}",
+                                 "text": "No cluster: no voxel above the threshold."
+                                 if table.empty else None,
+                                 "table": table})
+    return sections
 
 
 def session_sections(output_dir: Path, inputs: bids.AnatInputs, space: str) -> list[dict]:
@@ -71,6 +143,7 @@ def write_subject_reports(output_dir: Path, subjects: list[bids.AnatInputs],
         sections = []
         for inputs in sorted(sessions, key=lambda i: i.session or ""):
             sections.extend(session_sections(output_dir, inputs, space))
+            sections.extend(model_sections(output_dir, inputs, space))
         if not sections:
             continue
         images = sorted({f"{m}: {p.name}" for i in sessions for m, p in i.images.items()})

@@ -11,7 +11,9 @@ from nipype.pipeline import engine as pe
 from bids_anomaly import __version__, bids
 from bids_anomaly.config import Settings
 from bids_anomaly.interfaces.anomaly import FitSubjectMixture, ScoreAnomaly
+from bids_anomaly.interfaces.ants import ApplyTransforms
 from bids_anomaly.models.base import REGISTRY, ModelCard
+from bids_anomaly.postprocessing.regions import Atlas
 from bids_anomaly.template import Template
 from bids_anomaly.workflows.anatomical import init_anat_preproc_wf
 from bids_anomaly.workflows.outputs import init_ds_anat_wf, init_ds_anomaly_wf
@@ -35,6 +37,7 @@ def init_participant_wf(
     subjects: list[bids.AnatInputs],
     template: Template,
     model: tuple[Path, ModelCard] | None = None,
+    atlas: Atlas | None = None,
 ) -> pe.Workflow:
     """Build the participant-level workflow for every subject/session.
 
@@ -48,6 +51,8 @@ def init_participant_wf(
         Template files.
     model : (Path, ModelCard), optional
         Trained model to apply after preprocessing.
+    atlas : Atlas, optional
+        User atlas on the template grid, for the clusters and regional tables.
 
     Returns
     -------
@@ -58,8 +63,14 @@ def init_participant_wf(
     workflow = pe.Workflow(name=workflow_name(), base_dir=str(settings.work_dir))
     use_gpu = resolve_device(settings.device).type == "cuda"
     for inputs in subjects:
-        workflow.add_nodes([init_single_subject_wf(settings, inputs, template, model, use_gpu)])
+        workflow.add_nodes([init_single_subject_wf(settings, inputs, template, model, use_gpu,
+                                                   atlas)])
     return workflow
+
+
+def subject_workflow_name(inputs: bids.AnatInputs) -> str:
+    """Name of a subject/session's workflow (``sub_01_ses_a_wf``), unique within a run."""
+    return inputs.name.replace("-", "_") + "_wf"
 
 
 def init_single_subject_wf(
@@ -68,6 +79,7 @@ def init_single_subject_wf(
     template: Template,
     model: tuple[Path, ModelCard] | None = None,
     use_gpu: bool = False,
+    atlas: Atlas | None = None,
 ) -> pe.Workflow:
     """Preprocess one subject/session, write its derivatives, and apply a model if given.
 
@@ -83,9 +95,10 @@ def init_single_subject_wf(
         Trained model to apply.
     use_gpu : bool
         Run the networks (deepbet, the model) on CUDA.
+    atlas : Atlas, optional
+        User atlas for the clusters and regional tables.
     """
-    name = inputs.name.replace("-", "_") + "_wf"
-    workflow = pe.Workflow(name=name)
+    workflow = pe.Workflow(name=subject_workflow_name(inputs))
     modalities = inputs.modalities
     inputnode = pe.Node(
         niu.IdentityInterface(fields=[f"in_{m}" for m in modalities]
@@ -124,9 +137,10 @@ def init_single_subject_wf(
     ])
     if model is not None:
         _connect_trained_model(workflow, anat_preproc_wf, settings, inputs, template, model,
-                               use_gpu)
+                               use_gpu, atlas)
     if settings.single_subject:
-        _connect_single_subject(workflow, anat_preproc_wf, settings, inputs, template, use_gpu)
+        _connect_single_subject(workflow, anat_preproc_wf, settings, inputs, template, use_gpu,
+                                atlas)
     return workflow
 
 
@@ -137,9 +151,54 @@ def _threshold_metadata(settings: Settings, fpr: float) -> dict:
     return {"ThresholdMethod": "false-positive rate", "FalsePositiveRateTarget": fpr}
 
 
+def _postprocessing_inputs(settings: Settings, template: Template,
+                           atlas: Atlas | None) -> dict:
+    """Inputs of the model stage's post-processing (:class:`_PostprocessingInputSpec`)."""
+    options = {"tissue_file": str(template.dseg), "min_cluster_mm3": settings.min_cluster_mm3,
+               "restrict": settings.restrict}
+    if atlas is not None:
+        options.update(atlas_file=str(atlas.path),
+                       atlas_labels={str(k): v for k, v in atlas.labels.items()})
+    return options
+
+
+def _table_metadata(settings: Settings, atlas: Atlas | None) -> dict:
+    """Sidecar fields of the clusters and regions tables: how the mask was post-processed."""
+    return {
+        "Restriction": {"brain": "brain mask",
+                        "wm": "template white matter dilated by one voxel"}[settings.restrict],
+        "MinimumClusterVolume": settings.min_cluster_mm3,
+        "Atlas": str(atlas.source) if atlas is not None else None,
+    }
+
+
+def _connect_outputs(workflow: pe.Workflow, anat_preproc_wf: pe.Workflow, score: pe.Node,
+                     ds_wf: pe.Workflow, inputs: bids.AnatInputs) -> None:
+    """Sink the model stage's maps and tables, and their copies on the raw reference's grid."""
+    reference = str(inputs.images[inputs.reference])
+    native_map = pe.Node(ApplyTransforms(reference_file=reference, interpolation="linear"),
+                         name=f"{score.name}_native_map", mem_gb=1.0)
+    native_mask = pe.Node(ApplyTransforms(reference_file=reference,
+                                          interpolation="genericLabel", binarize=True),
+                          name=f"{score.name}_native_mask", mem_gb=1.0)
+    workflow.connect([
+        (anat_preproc_wf, native_map, [("outputnode.template_to_ref", "transforms")]),
+        (anat_preproc_wf, native_mask, [("outputnode.template_to_ref", "transforms")]),
+        (score, native_map, [("anomaly_map", "in_file")]),
+        (score, native_mask, [("anomaly_mask", "in_file")]),
+        (score, ds_wf, [("anomaly_map", "inputnode.anomaly_map"),
+                        ("anomaly_mask", "inputnode.anomaly_mask"),
+                        ("clusters", "inputnode.clusters"),
+                        ("regions", "inputnode.regions")]),
+        (native_map, ds_wf, [("out_file", "inputnode.native_map")]),
+        (native_mask, ds_wf, [("out_file", "inputnode.native_mask")]),
+    ])
+
+
 def _connect_trained_model(workflow: pe.Workflow, anat_preproc_wf: pe.Workflow,
                            settings: Settings, inputs: bids.AnatInputs, template: Template,
-                           model: tuple[Path, ModelCard], use_gpu: bool) -> None:
+                           model: tuple[Path, ModelCard], use_gpu: bool,
+                           atlas: Atlas | None = None) -> None:
     """Score the preprocessed channels with a trained model and write the maps."""
     model_dir, card = model
     channels = pe.Node(niu.Merge(len(card.channels)), name="model_channels",
@@ -149,8 +208,7 @@ def _connect_trained_model(workflow: pe.Workflow, anat_preproc_wf: pe.Workflow,
     score = pe.Node(
         ScoreAnomaly(model_dir=str(model_dir), model_checksum=card.checksum,
                      fdr=settings.fdr or 0.0, device="cuda" if use_gpu else "cpu",
-                     tissue_file=str(template.dseg),
-                     min_cluster_mm3=settings.min_cluster_mm3),
+                     **_postprocessing_inputs(settings, template, atlas)),
         name="score_anomaly", mem_gb=2.0,
     )
     metadata = {
@@ -164,21 +222,20 @@ def _connect_trained_model(workflow: pe.Workflow, anat_preproc_wf: pe.Workflow,
     per_channel = hasattr(REGISTRY[card.model_type], "channel_scores")
     ds_anomaly_wf = init_ds_anomaly_wf(inputs, settings.output_dir, template.name,
                                        template.resolution, bids.model_desc(card.name), metadata,
-                                       channels=card.channels if per_channel else None)
+                                       channels=card.channels if per_channel else None,
+                                       table_metadata=_table_metadata(settings, atlas))
     workflow.connect([
         (channels, score, [("out", "channel_files")]),
         (anat_preproc_wf, score, [("outputnode.std_mask", "mask_file")]),
-        (score, ds_anomaly_wf, [("anomaly_map", "inputnode.anomaly_map"),
-                                ("anomaly_mask", "inputnode.anomaly_mask"),
-                                ("clusters", "inputnode.clusters")]),
     ])
+    _connect_outputs(workflow, anat_preproc_wf, score, ds_anomaly_wf, inputs)
     if per_channel:
         workflow.connect(score, "channel_maps", ds_anomaly_wf, "inputnode.channel_maps")
 
 
 def _connect_single_subject(workflow: pe.Workflow, anat_preproc_wf: pe.Workflow,
                             settings: Settings, inputs: bids.AnatInputs, template: Template,
-                            use_gpu: bool) -> None:
+                            use_gpu: bool, atlas: Atlas | None = None) -> None:
     """Fit a mixture on the subject's own channels, score them and write the maps."""
     from bids_anomaly.training.train import mixture_options
 
@@ -190,10 +247,10 @@ def _connect_single_subject(workflow: pe.Workflow, anat_preproc_wf: pe.Workflow,
     fit = pe.Node(
         FitSubjectMixture(model_type=settings.single_subject,
                           options=mixture_options(settings, single_subject=True),
-                          regions_file=str(template.dseg), tissue_file=str(template.dseg),
+                          regions_file=str(template.dseg),
                           fpr=settings.fpr, fdr=settings.fdr or 0.0,
                           device="cuda" if use_gpu else "cpu",
-                          min_cluster_mm3=settings.min_cluster_mm3),
+                          **_postprocessing_inputs(settings, template, atlas)),
         name="fit_subject_mixture", mem_gb=2.0, n_procs=settings.omp_nthreads,
     )
     name = f"{settings.single_subject}-single"
@@ -207,11 +264,10 @@ def _connect_single_subject(workflow: pe.Workflow, anat_preproc_wf: pe.Workflow,
     }
     ds_single_wf = init_ds_anomaly_wf(inputs, settings.output_dir, template.name,
                                       template.resolution, bids.model_desc(name), metadata,
-                                      name="ds_single_subject_wf")
+                                      name="ds_single_subject_wf",
+                                      table_metadata=_table_metadata(settings, atlas))
     workflow.connect([
         (channels, fit, [("out", "channel_files")]),
         (anat_preproc_wf, fit, [("outputnode.std_mask", "mask_file")]),
-        (fit, ds_single_wf, [("anomaly_map", "inputnode.anomaly_map"),
-                             ("anomaly_mask", "inputnode.anomaly_mask"),
-                             ("clusters", "inputnode.clusters")]),
     ])
+    _connect_outputs(workflow, anat_preproc_wf, fit, ds_single_wf, inputs)

@@ -10,6 +10,7 @@ from nipype.pipeline import engine as pe
 from bids_anomaly import bids
 from bids_anomaly.interfaces.bids import DerivativesDataSink
 from bids_anomaly.postprocessing.clusters import CLUSTER_COLUMNS
+from bids_anomaly.postprocessing.regions import REGION_COLUMNS
 
 
 def _sink(name: str, output_dir: Path, subject: str, session: str | None, spec: dict,
@@ -136,20 +137,31 @@ def init_ds_anomaly_wf(
     card_metadata: dict,
     name: str = "ds_anomaly_wf",
     channels: list[str] | None = None,
+    table_metadata: dict | None = None,
 ) -> pe.Workflow:
-    """Write a model's anomaly map and thresholded mask for one subject/session.
+    """Write a model's maps and tables for one subject/session.
 
-    With ``channels`` (models whose score combines per-channel maps), each channel's map is
-    written too, as ``desc-<model><channel>_stat-residual_statmap``.
+    The anomaly map and mask are written in template space and, as ``space-<reference>``
+    without ``res-``, on the grid of the subject's raw reference image. With ``channels``
+    (models whose score combines per-channel maps), each channel's map is written too, as
+    ``desc-<model><channel>_stat-residual_statmap``.
+
+    Parameters
+    ----------
+    table_metadata : dict, optional
+        Extra sidecar fields of the clusters and regions tables (restriction, atlas).
 
     Inputs
     ------
-    anomaly_map, anomaly_mask, channel_maps, clusters
+    anomaly_map, anomaly_mask, channel_maps, clusters, regions
         Outputs of :class:`~bids_anomaly.interfaces.anomaly.ScoreAnomaly`.
+    native_map, native_mask
+        The map and mask resampled onto the raw reference image.
     """
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["anomaly_map", "anomaly_mask",
-                                                      "channel_maps", "clusters"]),
+                                                      "channel_maps", "clusters", "regions",
+                                                      "native_map", "native_mask"]),
                         name="inputnode")
     sub, ses = inputs.subject, inputs.session
     ds_map = _sink("ds_anomaly_map", output_dir, sub, ses,
@@ -159,13 +171,29 @@ def init_ds_anomaly_wf(
                     bids.anomaly_mask_spec(space, resolution, model_desc),
                     {**card_metadata, "Description": "voxels scoring above the calibrated "
                      "threshold"})
+    table_metadata = {"Model": card_metadata.get("Model"), **(table_metadata or {})}
     ds_clusters = _sink("ds_clusters", output_dir, sub, ses,
                         bids.clusters_spec(space, resolution, model_desc),
-                        {**CLUSTER_COLUMNS, "Model": card_metadata.get("Model")})
+                        {**CLUSTER_COLUMNS, **table_metadata})
+    ds_regions = _sink("ds_regions", output_dir, sub, ses,
+                       bids.regions_spec(space, resolution, model_desc),
+                       {**REGION_COLUMNS, **table_metadata})
+    reference = inputs.reference
+    native = {"Description": f"resampled onto the raw {reference} image's grid through the "
+                             f"inverse of its registration to {space}"}
+    ds_native_map = _sink("ds_native_map", output_dir, sub, ses,
+                          bids.anomaly_map_spec(reference, None, model_desc),
+                          {**card_metadata, **native})
+    ds_native_mask = _sink("ds_native_mask", output_dir, sub, ses,
+                           bids.anomaly_mask_spec(reference, None, model_desc),
+                           {**card_metadata, **native})
     workflow.connect([
         (inputnode, ds_map, [("anomaly_map", "in_file")]),
         (inputnode, ds_mask, [("anomaly_mask", "in_file")]),
         (inputnode, ds_clusters, [("clusters", "in_file")]),
+        (inputnode, ds_regions, [("regions", "in_file")]),
+        (inputnode, ds_native_map, [("native_map", "in_file")]),
+        (inputnode, ds_native_mask, [("native_mask", "in_file")]),
     ])
     for index, channel in enumerate(channels or []):
         select = pe.Node(niu.Select(index=index), name=f"select_{channel}_map",

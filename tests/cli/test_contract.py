@@ -125,13 +125,30 @@ def test_model_with_other_channels_exits_65(run, tmp_path):
     assert code == 66 and "no such model" in err
 
 
+def test_atlas_errors_exit_with_sysexits(run, tiny_bids, tmp_path):
+    model = tmp_path / "model"
+    code, err = run("participant", "--single-subject", "gmm", "--atlas",
+                    str(tmp_path / "none_dseg.nii.gz"))
+    assert code == 66 and "no such file" in err
+    atlas = tmp_path / "prob_dseg.nii.gz"
+    nib.Nifti1Image(np.full((4, 4, 4), 0.5, np.float32), np.eye(4)).to_filename(atlas)
+    (tmp_path / "prob_dseg.tsv").write_text("index\tname\n1\tx\n")
+    code, err = run("participant", "--single-subject", "gmm", "--atlas", str(atlas))
+    assert code == 65 and "fractional" in err
+    assert not model.exists()
+
+
 def test_group_without_maps_exits_18(run):
     code, err = run("group")
     assert code == 18 and "no anomaly maps" in err
 
 
 @pytest.mark.parametrize("args, message", [
-    (("participant", "--fdr", "0.05"), "--fdr needs a model"),
+    (("participant", "--fdr", "0.05"), "--fdr need a model"),
+    (("participant", "--restrict", "wm"), "--restrict need a model"),
+    (("group", "--atlas", "x_dseg.nii.gz"), "apply to the participant level"),
+    (("participant", "--control-label", "HC"), "apply to the group level"),
+    (("train", "--ground-truth", "."), "apply to the group level"),
     (("train", "--single-subject", "mmst"), "apply to the participant level"),
     (("group", "--min-cluster-size", "10"), "apply to the participant level"),
     (("train", "--model-type", "gmm", "--mixture-score", "outlyingness"), "needs --model-type"),

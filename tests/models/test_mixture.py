@@ -4,6 +4,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from bids_anomaly.models import REGISTRY, SubjectImages, TrainingData, load_model, save_model
 from bids_anomaly.models.base import ModelCard, valid_voxels
@@ -141,6 +142,24 @@ def test_single_subject_mode_finds_the_lesion(tmp_path):
     flagged = np.asarray(nib.load(with_fdr.run(cwd=str(tmp_path)).outputs.anomaly_mask
                                   ).dataobj) > 0
     assert flagged[lesion].mean() > 0.9
+    # white matter only (generated label 2, dilated by a voxel), with the regions as an atlas
+    in_wm = FitSubjectMixture(channel_files=[str(p) for p in subject.channels],
+                              mask_file=str(subject.mask), model_type="mmst",
+                              options={"n_components": 1, "per_tissue": True, "trim": 0.02},
+                              regions_file=str(regions), tissue_file=str(regions), fpr=0.001,
+                              restrict="wm", atlas_file=str(regions),
+                              atlas_labels={"1": "region-a", "2": "region-b"}
+                              ).run(cwd=str(tmp_path)).outputs
+    flagged = np.asarray(nib.load(in_wm.anomaly_mask).dataobj) > 0
+    white = ndimage.binary_dilation(_regions() == 2)
+    assert flagged.any() and not flagged[~white].any()
+    assert flagged[lesion & white].mean() > 0.9
+    table = pd.read_csv(in_wm.clusters, sep="\t")
+    assert set(table["atlas_label"]) <= {"region-a", "region-b"}
+    regions_table = pd.read_csv(in_wm.regions, sep="\t").set_index("region")
+    assert regions_table.loc["region-b", "abnormal_ml"] > 0
+    assert regions_table.loc["brain", "abnormal_ml"] == pytest.approx(
+        regions_table.loc[["region-a", "region-b"], "abnormal_ml"].sum())
 
 
 def test_invalid_options_are_refused():

@@ -1,0 +1,171 @@
+"""Figures of the anomaly reports: map overlays, ROC/PR curves, burden per group."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+
+from bids_anomaly.reports.qc import _use_agg
+
+_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
+            "#7f7f7f", "#bcbd22", "#17becf")
+
+
+def peak_coordinates(map_file: str | Path, mask_file: str | Path | None = None) -> list[float]:
+    """World coordinates of the highest score inside the mask (or anywhere without one)."""
+    img = nib.load(str(map_file))
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    if mask_file is not None:
+        mask = np.asarray(nib.load(str(mask_file)).dataobj) > 0
+        if mask.any():
+            data = np.where(mask, data, -np.inf)
+    index = np.unravel_index(int(np.argmax(data)), data.shape)
+    return [float(v) for v in nib.affines.apply_affine(img.affine, index)]
+
+
+def plot_anomaly_overlay(background_file: str | Path, map_file: str | Path,
+                         mask_file: str | Path | None, out_file: str | Path,
+                         title: str = "", threshold: float | None = None) -> Path:
+    """Anomaly map over an anatomical image in three planes through its strongest abnormality.
+
+    Parameters
+    ----------
+    background_file : path
+        Anatomical image on the map's grid (the preprocessed reference in template space).
+    map_file : path
+        Anomaly map; shown above ``threshold`` (default: its 95th percentile inside the brain).
+    mask_file : path, optional
+        Anomaly mask; its outline is drawn in green and the cuts go through its highest score.
+    out_file : path
+        PNG or SVG file; its folder is created.
+    title : str
+        Drawn on the figure.
+
+    Returns
+    -------
+    Path
+        ``out_file``.
+    """
+    _use_agg()
+    from nilearn import plotting
+
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    scores = np.asarray(nib.load(str(map_file)).dataobj, dtype=np.float32)
+    inside = scores[scores != 0]
+    if threshold is None:
+        threshold = float(np.percentile(inside, 95)) if inside.size else 0.0
+    vmax = float(np.percentile(inside, 99.9)) if inside.size else 1.0
+    display = plotting.plot_stat_map(
+        str(map_file), bg_img=str(background_file), display_mode="ortho",
+        cut_coords=peak_coordinates(map_file, mask_file), threshold=threshold,
+        vmax=max(vmax, threshold * 1.01, 1e-6), cmap="hot", title=title or None,
+        black_bg=True, draw_cross=True, annotate=True, colorbar=True)
+    if mask_file is not None and np.asarray(nib.load(str(mask_file)).dataobj).any():
+        display.add_contours(str(mask_file), levels=[0.5], colors="lime", linewidths=0.8)
+    try:
+        display.savefig(str(out_file), dpi=90)
+    finally:
+        display.close()
+    return out_file
+
+
+def _save(figure, out_file: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        figure.savefig(out_file, bbox_inches="tight")
+    finally:
+        plt.close(figure)
+    return out_file
+
+
+def plot_curves(curves: Mapping[str, Mapping[str, np.ndarray]], out_file: str | Path,
+                title: str = "") -> Path:
+    """Voxel-wise ROC and precision-recall curves, one line per subject.
+
+    Parameters
+    ----------
+    curves : dict
+        Subject name to ``fpr``, ``tpr``, ``recall``, ``precision``, ``auroc`` and ``auprc``.
+    out_file : path
+        SVG or PNG file.
+    """
+    _use_agg()
+    import matplotlib.pyplot as plt
+
+    figure, (roc, pr) = plt.subplots(1, 2, figsize=(10, 4.2))
+    for index, (name, curve) in enumerate(curves.items()):
+        colour = _COLOURS[index % len(_COLOURS)]
+        roc.plot(curve["fpr"], curve["tpr"], color=colour, lw=1.2,
+                 label=f"{name} ({curve['auroc']:.3f})")
+        pr.plot(curve["recall"], curve["precision"], color=colour, lw=1.2,
+                label=f"{name} ({curve['auprc']:.3f})")
+    roc.plot([0, 1], [0, 1], color="#999", lw=0.8, ls="--")
+    roc.set(xlabel="false-positive rate", ylabel="true-positive rate", title="ROC (AUROC)",
+            xlim=(0, 1), ylim=(0, 1.01))
+    pr.set(xlabel="recall", ylabel="precision", title="precision-recall (AUPRC)",
+           xlim=(0, 1), ylim=(0, 1.01))
+    for axis in (roc, pr):
+        axis.legend(fontsize=7, loc="lower right" if axis is roc else "upper right")
+        axis.grid(alpha=0.3)
+    if title:
+        figure.suptitle(title)
+    return _save(figure, Path(out_file))
+
+
+def plot_burden_by_group(table: pd.DataFrame, measures: Sequence[str], out_file: str | Path,
+                         title: str = "") -> Path:
+    """Box plots of burden measures per participants.tsv group, every subject drawn as a dot."""
+    _use_agg()
+    import matplotlib.pyplot as plt
+
+    groups = sorted(table["group"].astype(str).unique()) if "group" in table else ["all"]
+    figure, axes = plt.subplots(1, len(measures), figsize=(3.2 * len(measures), 3.6),
+                                squeeze=False)
+    rng = np.random.default_rng(0)
+    for axis, measure in zip(axes[0], measures, strict=True):
+        values = [pd.to_numeric(table.loc[table["group"].astype(str) == g, measure]
+                                if "group" in table else table[measure],
+                                errors="coerce").dropna().to_numpy() for g in groups]
+        axis.boxplot(values, showfliers=False)
+        axis.set_xticks(range(1, len(groups) + 1), groups, rotation=30, ha="right")
+        for position, points in enumerate(values, start=1):
+            axis.scatter(position + rng.uniform(-0.12, 0.12, len(points)), points, s=14,
+                         color=_COLOURS[(position - 1) % len(_COLOURS)], zorder=3)
+        axis.set_title(measure, fontsize=10)
+        axis.grid(alpha=0.3, axis="y")
+    if title:
+        figure.suptitle(title)
+    figure.tight_layout()
+    return _save(figure, Path(out_file))
+
+
+def plot_subject_roc(table: pd.DataFrame, measures: Sequence[str], control: str,
+                     out_file: str | Path, title: str = "") -> Path:
+    """ROC curves of burden measures separating all patients from the controls."""
+    _use_agg()
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    truth = (table["group"].astype(str) != control).to_numpy()
+    figure, axis = plt.subplots(figsize=(4.6, 4.2))
+    for index, measure in enumerate(measures):
+        values = pd.to_numeric(table[measure], errors="coerce").to_numpy()
+        keep = np.isfinite(values)
+        if len(set(truth[keep])) < 2:
+            continue
+        fpr, tpr, _ = roc_curve(truth[keep], values[keep])
+        axis.plot(fpr, tpr, color=_COLOURS[index % len(_COLOURS)], lw=1.5,
+                  label=f"{measure} ({roc_auc_score(truth[keep], values[keep]):.2f})")
+    axis.plot([0, 1], [0, 1], color="#999", lw=0.8, ls="--")
+    axis.set(xlabel=f"false-positive rate ({control})", ylabel="true-positive rate (patients)",
+             title=title or "patients vs controls", xlim=(0, 1), ylim=(0, 1.01))
+    axis.legend(fontsize=7, loc="lower right")
+    axis.grid(alpha=0.3)
+    return _save(figure, Path(out_file))
