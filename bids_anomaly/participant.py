@@ -95,26 +95,41 @@ def resolve_model(settings: Settings) -> tuple[Path, ModelCard]:
 
 
 def configure_nipype(settings: Settings) -> None:
-    """Set Nipype's execution options; workflows copy them when built, so call this first."""
+    """Set Nipype's execution and logging options; workflows copy them when built.
+
+    The options are also written to ``WORK/nipype/nipype.cfg`` and ``NIPYPE_CONFIG_DIR`` points
+    there: the MultiProc workers are fresh processes that read their configuration (log levels
+    included) from that file, not from this process.
+    """
+    import configparser
+
     from nipype import config
     from nipype import logging as nipype_logging
 
     log_dir = settings.output_dir / "logs"
     level = "DEBUG" if settings.verbose > 1 else "INFO" if settings.verbose else "WARNING"
-    config.update_config({
+    options = {
         "execution": {
             "crashdump_dir": str(log_dir),
             "crashfile_format": "txt",
             "hash_method": "timestamp",
-            "stop_on_first_crash": settings.stop_on_first_crash,
-            "remove_unnecessary_outputs": False,
-            "check_version": False,
+            "stop_on_first_crash": str(settings.stop_on_first_crash),
+            "remove_unnecessary_outputs": "false",
+            "check_version": "false",
             # the default of 2 s per scheduling loop dominates runs whose steps are cached
-            "poll_sleep_duration": 0.01,
+            "poll_sleep_duration": "0.01",
         },
-        "logging": {"log_directory": str(log_dir), "log_to_file": True,
+        "logging": {"log_directory": str(log_dir), "log_to_file": "true",
                     "workflow_level": level, "interface_level": level, "utils_level": level},
-    })
+    }
+    config_dir = settings.work_dir / "nipype"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    parser = configparser.ConfigParser()
+    parser.read_dict(options)
+    with open(config_dir / "nipype.cfg", "w") as handle:
+        parser.write(handle)
+    os.environ["NIPYPE_CONFIG_DIR"] = str(config_dir)
+    config.update_config(options)
     nipype_logging.update_logging(config)
 
 
