@@ -223,7 +223,13 @@ def per_subject(table: pd.DataFrame) -> pd.DataFrame:
 
 def group_statistics(results: ModelResults, control: str | None, n_boot: int,
                      seed: int) -> pd.DataFrame:
-    """Patients vs controls for the global and regional burden measures of one model."""
+    """Patients vs controls for the global and regional burden measures of one model.
+
+    ``p_fdr`` is the Mann-Whitney p adjusted by Benjamini-Hochberg over every measure and region
+    of one comparison (one patient group against the controls).
+    """
+    from scipy.stats import false_discovery_control
+
     from bids_anomaly.evaluation.statistics import compare_groups
 
     burden = results.burden
@@ -241,6 +247,12 @@ def group_statistics(results: ModelResults, control: str | None, n_boot: int,
             tables.append(compare_groups(table, REGIONAL_MEASURES, control, n_boot, seed)
                           .assign(region=f"{source}:{region}"))
     table = pd.concat(tables, ignore_index=True)
+    table["p_fdr"] = np.nan
+    for _, rows in table.groupby("patients", sort=False):
+        tested = rows["p_value"].notna()
+        if tested.any():
+            table.loc[rows.index[tested], "p_fdr"] = false_discovery_control(
+                rows.loc[tested, "p_value"].to_numpy(), method="bh")
     columns = ["patients", "controls", "region", "measure"]
     return table[columns + [c for c in table.columns if c not in columns]]
 

@@ -27,6 +27,23 @@ figcaption { font-size: 0.75em; color: #555; }
 
 _BURDEN_FIGURE_MEASURES = ("abnormal_ml", "n_clusters", "mean_score", "p99_score")
 
+MAX_OVERLAYS = 60
+"""Overlays per model in the group report (about 40 KB each); the subjects with the largest
+abnormal volume are shown, every subject's overlay is in its own page."""
+
+
+def _shown_overlays(result) -> tuple[list, int]:
+    """The overlays to embed (largest abnormal volume first when there are too many)."""
+    overlays = result.overlays
+    if len(overlays) <= MAX_OVERLAYS:
+        return list(overlays.values()), 0
+    burden = result.burden
+    names = burden["participant_id"] + burden["session_id"].map(
+        lambda s: "" if s in ("n/a", None) or pd.isna(s) else f"_ses-{s}")
+    order = names[burden["abnormal_ml"].sort_values(ascending=False).index]
+    chosen = [overlays[name] for name in order if name in overlays][:MAX_OVERLAYS]
+    return chosen, len(overlays) - len(chosen)
+
 
 def _interval(table: pd.DataFrame, value: str, low: str, high: str) -> pd.Series:
     """``value [low, high]`` strings of three columns."""
@@ -58,8 +75,9 @@ def _statistics_section(result, figures: Path) -> list[str]:
     statistics, burden = result.statistics, result.burden
     parts = [f"<h3>Patients vs controls ({html.escape(str(result.control))})</h3>",
              "<p>Each burden measure as a test separating patients from controls: AUROC with a "
-             "stratified 95% bootstrap interval, Hedges' g and the two-sided Mann-Whitney p "
-             "(uncorrected). Sessions of one participant are averaged first.</p>"]
+             "stratified 95% bootstrap interval, Hedges' g, the two-sided Mann-Whitney p and "
+             "p_fdr, adjusted by Benjamini-Hochberg over all measures and regions of the "
+             "comparison. Sessions of one participant are averaged first.</p>"]
     seen = burden[(burden["group"] == result.control) & (burden["model_role"] != "test")]
     if len(seen):
         parts.append(
@@ -70,7 +88,7 @@ def _statistics_section(result, figures: Path) -> list[str]:
     table = statistics.copy()
     table["auroc [95% CI]"] = _interval(table, "auroc", "auroc_ci_low", "auroc_ci_high")
     columns = ["patients", "region", "measure", "n_patients", "n_controls", "patients_mean",
-               "controls_mean", "auroc [95% CI]", "hedges_g", "p_value"]
+               "controls_mean", "auroc [95% CI]", "hedges_g", "p_value", "p_fdr"]
     global_rows = table["region"] == "global"
     parts.append(_table_html(table.loc[global_rows, columns]))
     subjects = burden.groupby(["participant_id", "group"], as_index=False).mean(
@@ -134,11 +152,16 @@ def write_group_report(path: Path, results: list) -> Path:
         sections.append("<h3>Anomaly burden per subject</h3>")
         sections.append(_table_html(result.burden))
         if result.overlays:
+            shown, hidden = _shown_overlays(result)
+            more = (f" The {len(shown)} subjects with the largest abnormal volume are shown; "
+                    f"the other {hidden} are in their own pages (sub-&lt;label&gt;.html)."
+                    if hidden else "")
             sections.append("<h3>Anomaly maps</h3><p>Scores above the model's calibrated "
                             "threshold over the preprocessed reference image, cut through the "
-                            "highest flagged score; the anomaly mask is outlined in green.</p>")
+                            f"highest flagged score; the anomaly mask is outlined in green.{more}"
+                            "</p>")
             sections.append("<div class='overlays'>" + "".join(
-                _figure_html(figure) for figure in result.overlays.values()) + "</div>")
+                _figure_html(figure) for figure in shown) + "</div>")
     page = (
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>bids_anomaly group report</title><style>{_STYLE}</style></head><body>"

@@ -55,7 +55,7 @@ def _results(tmp_path) -> ModelResults:
         "patients": "MS", "controls": "healthy", "region": "global", "measure": "abnormal_ml",
         "n_patients": 1, "n_controls": 2, "patients_mean": 3.0, "controls_mean": 1.5,
         "auroc": 1.0, "auroc_ci_low": float("nan"), "auroc_ci_high": float("nan"),
-        "hedges_g": float("nan"), "p_value": 0.67}])
+        "hedges_g": float("nan"), "p_value": 0.67, "p_fdr": 0.67}])
     regions = pd.DataFrame([{"participant_id": "sub-00", "group": "healthy", "region": "WM",
                              "source": "tissue", "mean_score": 1.0, "abnormal_percent": 0.5}])
     return ModelResults("test", pd.DataFrame(burden), regions, pd.DataFrame(evaluation),
@@ -105,3 +105,14 @@ def test_group_report_renders_in_headless_chromium(tmp_path):
     dark = (image < 40).mean(axis=1)  # rows mostly black: the overlays' black background
     assert (dark > 0.3).sum() > 100
     assert rest.std() > 30
+
+
+def test_large_cohorts_show_the_largest_abnormal_volumes(tmp_path, monkeypatch):
+    from bids_anomaly.reports import group
+
+    monkeypatch.setattr(group, "MAX_OVERLAYS", 2)
+    results = _results(tmp_path)  # abnormal_ml 1, 2, 3 for sub-00, 01, 02
+    text = write_group_report(tmp_path / "report.html", [results]).read_text()
+    assert text.count("data:image/png") == 2
+    assert "sub-02.png" in text and "sub-01.png" in text and "sub-00.png" not in text
+    assert "the other 1 are in their own pages" in text
