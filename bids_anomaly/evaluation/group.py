@@ -87,7 +87,7 @@ class ModelResults:
     regions: pd.DataFrame
     evaluation: pd.DataFrame
     curves: dict[str, dict] = field(default_factory=dict)
-    overlays: dict[str, Path] = field(default_factory=dict)
+    overlays: dict[tuple[str, str], Path] = field(default_factory=dict)
     summary: pd.DataFrame = field(default_factory=pd.DataFrame)
     statistics: pd.DataFrame = field(default_factory=pd.DataFrame)
     control: str | None = None
@@ -152,7 +152,7 @@ def evaluate_model(settings: Settings, desc: str, maps: list[Path], layout,
         entities = bids.parse_name(map_path)
         subject, session = entities["sub"], entities.get("ses")
         space, res = entities["space"], int(entities["res"])
-        name = f"sub-{subject}" + (f"_ses-{session}" if session else "")
+        name = bids.AnatInputs(subject, session).name
         progress.advance(name)
         mask_path = bids.spec_path(settings.output_dir, subject, session,
                                    bids.anomaly_mask_spec(space, res, desc))
@@ -187,7 +187,7 @@ def evaluate_model(settings: Settings, desc: str, maps: list[Path], layout,
             region_tables.append(table)
         overlay = anomaly_overlay(settings.output_dir, map_path)
         if overlay is not None:
-            overlays[name] = overlay
+            overlays[row["participant_id"], row["session_id"]] = overlay
         if settings.ground_truth is None:
             continue
         truth_file = find_ground_truth(settings.ground_truth, subject, session)

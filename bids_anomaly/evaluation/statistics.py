@@ -11,6 +11,17 @@ CONTROL_LABELS = ("healthy", "control", "controls", "hc", "cn")
 """``group`` values taken for the controls when ``--control-label`` is not given (any case)."""
 
 
+def _percentile_interval(samples: tuple[np.ndarray, ...], statistic: Callable, n_boot: int,
+                         level: float, seed: int) -> tuple[float, float]:
+    """Percentile bootstrap (scipy) of a vectorised statistic, each sample resampled alone."""
+    from scipy.stats import bootstrap
+
+    result = bootstrap(samples, statistic, n_resamples=n_boot, confidence_level=level,
+                       method="percentile", vectorized=True, rng=np.random.default_rng(seed))
+    interval = result.confidence_interval
+    return float(interval.low), float(interval.high)
+
+
 def bootstrap_ci(values: Sequence[float], statistic: Callable = np.mean, n_boot: int = 2000,
                  level: float = 0.95, seed: int = 0) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of a statistic of one sample.
@@ -20,7 +31,7 @@ def bootstrap_ci(values: Sequence[float], statistic: Callable = np.mean, n_boot:
     values : sequence of float
         The sample; NaNs are left out.
     statistic : callable
-        Applied along axis 1 of an (n_boot, n) array of resamples.
+        ``statistic(samples, axis)``, vectorised like ``numpy.mean``.
     n_boot : int
         Number of resamples.
     level : float
@@ -37,12 +48,7 @@ def bootstrap_ci(values: Sequence[float], statistic: Callable = np.mean, n_boot:
     values = values[np.isfinite(values)]
     if values.size < 2:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    samples = values[rng.integers(0, values.size, size=(n_boot, values.size))]
-    stats = statistic(samples, axis=1)
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(stats, [tail, 100 - tail])
-    return float(low), float(high)
+    return _percentile_interval((values,), statistic, n_boot, level, seed)
 
 
 def summarize_by_group(table: pd.DataFrame, metrics: Sequence[str], n_boot: int = 2000,
@@ -108,13 +114,12 @@ def auroc(patients: Sequence[float], controls: Sequence[float]) -> float:
     return float(roc_auc_score(truth, np.r_[a, b]))
 
 
-def _auroc_of_resamples(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """AUROC of each row pair of (n_boot, n_a) and (n_boot, n_b) arrays (Mann-Whitney U)."""
-    from scipy.stats import rankdata
+def _auroc_of_resamples(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
+    """AUROC of each pair of resamples along ``axis``: Mann-Whitney U over n_a n_b (scipy)."""
+    from scipy.stats import mannwhitneyu
 
-    ranks = rankdata(np.concatenate([a, b], axis=1), axis=1)
-    n_a, n_b = a.shape[1], b.shape[1]
-    return (ranks[:, :n_a].sum(axis=1) - n_a * (n_a + 1) / 2) / (n_a * n_b)
+    u = mannwhitneyu(a, b, axis=axis, method="asymptotic").statistic
+    return u / (a.shape[axis] * b.shape[axis])
 
 
 def auroc_ci(patients: Sequence[float], controls: Sequence[float], n_boot: int = 2000,
@@ -126,12 +131,7 @@ def auroc_ci(patients: Sequence[float], controls: Sequence[float], n_boot: int =
     a, b = np.asarray(patients, np.float64), np.asarray(controls, np.float64)
     if a.size < 2 or b.size < 2:
         return float("nan"), float("nan")
-    rng = np.random.default_rng(seed)
-    stats = _auroc_of_resamples(a[rng.integers(0, a.size, (n_boot, a.size))],
-                                b[rng.integers(0, b.size, (n_boot, b.size))])
-    tail = (1 - level) / 2 * 100
-    low, high = np.percentile(stats, [tail, 100 - tail])
-    return float(low), float(high)
+    return _percentile_interval((a, b), _auroc_of_resamples, n_boot, level, seed)
 
 
 def resolve_control_label(groups: Sequence[str], requested: str | None = None) -> str | None:

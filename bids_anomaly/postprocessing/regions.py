@@ -25,8 +25,8 @@ from bids_anomaly.template import TISSUE_LABELS
 
 LOGGER = logging.getLogger(__name__)
 
-RESTRICTIONS = ("brain", "wm")
-"""Where abnormal voxels may be flagged: the whole brain mask, or white matter only."""
+RESTRICTIONS = {"brain": "brain mask", "wm": "template white matter dilated by one voxel"}
+"""Where abnormal voxels may be flagged (:func:`restriction_mask`), with the sidecars' wording."""
 
 ATLAS_MIN_INSIDE = 0.8
 """Share of an atlas's labelled voxels that must fall inside the template's (dilated) brain.
@@ -207,7 +207,7 @@ def restriction_mask(restrict: str, brain: np.ndarray, tissue: np.ndarray | None
     if restrict == "brain":
         return brain
     if restrict != "wm":
-        raise ValueError(f"restriction must be one of {RESTRICTIONS}, not {restrict!r}")
+        raise ValueError(f"restriction must be one of {tuple(RESTRICTIONS)}, not {restrict!r}")
     if tissue is None:
         raise ValueError("the white-matter restriction needs the template's tissue labels")
     white = np.asarray(tissue) == next(k for k, v in TISSUE_LABELS.items() if v == "WM")

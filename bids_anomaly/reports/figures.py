@@ -15,12 +15,17 @@ _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#
             "#7f7f7f", "#bcbd22", "#17becf")
 
 
-def peak_coordinates(map_file: str | Path, mask_file: str | Path | None = None) -> list[float]:
-    """World coordinates of the highest score inside the mask (or anywhere without one)."""
-    img = nib.load(str(map_file))
+def peak_coordinates(map_file, mask_file=None) -> list[float]:
+    """World coordinates of the highest score inside the mask (or anywhere without one).
+
+    ``map_file`` and ``mask_file`` are paths or images.
+    """
+    from nilearn.image import load_img
+
+    img = load_img(map_file)
     data = np.asarray(img.dataobj, dtype=np.float32)
     if mask_file is not None:
-        mask = np.asarray(nib.load(str(mask_file)).dataobj) > 0
+        mask = np.asarray(load_img(mask_file).dataobj) > 0
         if mask.any():
             data = np.where(mask, data, -np.inf)
     index = np.unravel_index(int(np.argmax(data)), data.shape)
@@ -55,18 +60,20 @@ def plot_anomaly_overlay(background_file: str | Path, map_file: str | Path,
 
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    scores = np.asarray(nib.load(str(map_file)).dataobj, dtype=np.float32)
+    map_img = nib.load(str(map_file))
+    mask_img = nib.load(str(mask_file)) if mask_file is not None else None
+    scores = np.asarray(map_img.dataobj, dtype=np.float32)
     inside = scores[scores != 0]
     if threshold is None:
         threshold = float(np.percentile(inside, 95)) if inside.size else 0.0
     vmax = float(np.percentile(inside, 99.9)) if inside.size else 1.0
     display = plotting.plot_stat_map(
-        str(map_file), bg_img=str(background_file), display_mode="ortho",
-        cut_coords=peak_coordinates(map_file, mask_file), threshold=threshold,
+        map_img, bg_img=str(background_file), display_mode="ortho",
+        cut_coords=peak_coordinates(map_img, mask_img), threshold=threshold,
         vmax=max(vmax, threshold * 1.01, 1e-6), cmap="hot", title=title or None,
         black_bg=True, draw_cross=True, annotate=True, colorbar=True)
-    if mask_file is not None and np.asarray(nib.load(str(mask_file)).dataobj).any():
-        display.add_contours(str(mask_file), levels=[0.5], colors="lime", linewidths=0.8)
+    if mask_img is not None and np.asarray(mask_img.dataobj).any():
+        display.add_contours(mask_img, levels=[0.5], colors="lime", linewidths=0.8)
     try:
         display.savefig(str(out_file), dpi=90)
     finally:

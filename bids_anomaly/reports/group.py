@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from bids_anomaly import __version__
+from bids_anomaly.evaluation.group import per_subject
 from bids_anomaly.reports.qc import _figure_html, _table_html
 
 _STYLE = """
@@ -37,11 +38,9 @@ def _shown_overlays(result) -> tuple[list, int]:
     overlays = result.overlays
     if len(overlays) <= MAX_OVERLAYS:
         return list(overlays.values()), 0
-    burden = result.burden
-    names = burden["participant_id"] + burden["session_id"].map(
-        lambda s: "" if s in ("n/a", None) or pd.isna(s) else f"_ses-{s}")
-    order = names[burden["abnormal_ml"].sort_values(ascending=False).index]
-    chosen = [overlays[name] for name in order if name in overlays][:MAX_OVERLAYS]
+    burden = result.burden.sort_values("abnormal_ml", ascending=False)
+    keys = zip(burden["participant_id"], burden["session_id"], strict=True)
+    chosen = [overlays[key] for key in keys if key in overlays][:MAX_OVERLAYS]
     return chosen, len(overlays) - len(chosen)
 
 
@@ -91,8 +90,7 @@ def _statistics_section(result, figures: Path) -> list[str]:
                "controls_mean", "auroc [95% CI]", "hedges_g", "p_value", "p_fdr"]
     global_rows = table["region"] == "global"
     parts.append(_table_html(table.loc[global_rows, columns]))
-    subjects = burden.groupby(["participant_id", "group"], as_index=False).mean(
-        numeric_only=True)
+    subjects = per_subject(burden)
     measures = [m for m in _BURDEN_FIGURE_MEASURES if m in subjects.columns]
     parts.append(_figure_html(plot_burden_by_group(
         subjects, measures, figures / f"desc-{result.desc}_burden.svg",

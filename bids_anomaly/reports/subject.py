@@ -61,10 +61,10 @@ def model_sections(output_dir: Path, inputs: bids.AnatInputs, space: str) -> lis
     """Report sections of every model's anomaly map of one subject/session."""
     sub, ses = inputs.subject, inputs.session
     heading = f"Session {ses}: " if ses else ""
-    prefix = bids.derivative_name(sub, ses, "x", "").removesuffix("_x")
     anat = bids.spec_path(output_dir, sub, ses, bids.qc_spec()).parent
     sections = []
-    for map_path in sorted(anat.glob(f"{prefix}_space-{space}_res-*_stat-anomaly_statmap.nii.gz")):
+    pattern = f"{inputs.name}_space-{space}_res-*_stat-anomaly_statmap.nii.gz"
+    for map_path in sorted(anat.glob(pattern)):
         entities = bids.parse_name(map_path)
         res, desc = int(entities["res"]), entities["desc"]
         sidecar_path = map_path.with_name(map_path.name.replace(".nii.gz", ".json"))

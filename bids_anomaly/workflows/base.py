@@ -13,7 +13,7 @@ from bids_anomaly.config import Settings
 from bids_anomaly.interfaces.anomaly import FitSubjectMixture, ScoreAnomaly
 from bids_anomaly.interfaces.ants import ApplyTransforms
 from bids_anomaly.models.base import REGISTRY, ModelCard
-from bids_anomaly.postprocessing.regions import Atlas
+from bids_anomaly.postprocessing.regions import RESTRICTIONS, Atlas
 from bids_anomaly.template import Template
 from bids_anomaly.workflows.anatomical import init_anat_preproc_wf
 from bids_anomaly.workflows.outputs import init_ds_anat_wf, init_ds_anomaly_wf
@@ -165,8 +165,7 @@ def _postprocessing_inputs(settings: Settings, template: Template,
 def _table_metadata(settings: Settings, atlas: Atlas | None) -> dict:
     """Sidecar fields of the clusters and regions tables: how the mask was post-processed."""
     return {
-        "Restriction": {"brain": "brain mask",
-                        "wm": "template white matter dilated by one voxel"}[settings.restrict],
+        "Restriction": RESTRICTIONS[settings.restrict],
         "MinimumClusterVolume": settings.min_cluster_mm3,
         "Atlas": str(atlas.source) if atlas is not None else None,
     }

@@ -38,7 +38,7 @@ def _results(tmp_path) -> ModelResults:
     for index in range(3):
         paths = _images(tmp_path, index)
         name = f"sub-{index:02d}"
-        overlays[name] = plot_anomaly_overlay(paths["anat"], paths["map"], paths["mask"],
+        overlays[name, "n/a"] = plot_anomaly_overlay(paths["anat"], paths["map"], paths["mask"],
                                               tmp_path / f"{name}.png", title=name,
                                               threshold=4.0)
         burden.append({"participant_id": name, "session_id": "n/a",
