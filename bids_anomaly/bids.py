@@ -6,8 +6,10 @@ outputs are named by :func:`derivative_path`, and read back by :func:`parse_name
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +19,7 @@ import pandas as pd
 from bids_anomaly import __version__
 from bids_anomaly.config import MODALITIES
 from bids_anomaly.errors import (
+    BadDataError,
     BIDSValidationError,
     EmptySelectionError,
     MissingInputError,
@@ -32,6 +35,15 @@ ENTITY_ORDER = (
 """Order of entities in derivative names (BIDS order; ``stat`` last as in DESIGN.md)."""
 
 _ENTITY = re.compile(r"^([a-zA-Z0-9]+)-([a-zA-Z0-9]+)$")
+_LABEL = re.compile(r"^[a-zA-Z0-9]+$")
+_MODEL_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_-]{0,63}$")
+
+FILTER_ENTITIES = (
+    "acquisition", "ceagent", "chunk", "direction", "echo", "extension", "flip", "inv", "mt",
+    "part", "proc", "reconstruction", "run", "space", "task",
+)
+"""pybids entities a ``--bids-filter-file`` may set (subject, session, datatype and suffix are
+chosen by the tool)."""
 
 
 @dataclass
@@ -69,6 +81,79 @@ class AnatInputs:
     def name(self) -> str:
         """``sub-<label>[_ses-<label>]``, for messages and workflow names."""
         return f"sub-{self.subject}" + (f"_ses-{self.session}" if self.session else "")
+
+
+def check_label(value: str, what: str) -> str:
+    """A participant or session label without its prefix, checked.
+
+    Raises
+    ------
+    UsageError
+        Empty, or not made of letters and digits only (as BIDS labels are).
+
+    Examples
+    --------
+    >>> check_label("sub-01", "participant")
+    '01'
+    """
+    label = value.removeprefix("sub-" if what == "participant" else "ses-")
+    if not _LABEL.match(label):
+        raise UsageError(f"{what} label {value!r} is not a BIDS label: use letters and digits "
+                         "only (with or without the prefix)")
+    return label
+
+
+def check_model_name(name: str) -> str:
+    """A model name, checked before any work: it becomes a folder name and a ``desc-`` label.
+
+    Raises
+    ------
+    UsageError
+        Not 1-64 letters, digits, ``-`` or ``_`` starting with a letter or digit (so that no
+        name can point outside ``OUTPUT_DIR/models``).
+
+    Examples
+    --------
+    >>> check_model_name("wmh-gmm")
+    'wmh-gmm'
+    """
+    if not _MODEL_NAME.match(name):
+        raise UsageError(f"model name {name!r}: use 1-64 letters, digits, '-' or '_', starting "
+                         "with a letter or digit")
+    return name
+
+
+def check_bids_filters(filters: object) -> dict[str, dict]:
+    """The content of a ``--bids-filter-file``, checked: suffixes and entities this tool knows.
+
+    Raises
+    ------
+    UsageError
+        Not an object of objects, an unknown suffix key (a typo would otherwise be silently
+        ignored) or an unknown entity.
+    """
+    if not isinstance(filters, dict):
+        raise UsageError("--bids-filter-file must hold a JSON object, e.g. "
+                         '{"t1w": {"acquisition": "mprage"}}')
+    known = {m.lower(): m for m in MODALITIES}
+    checked = {}
+    for key, query in filters.items():
+        if key.lower() not in known:
+            raise UsageError(f"--bids-filter-file: unknown key {key!r}; the keys are the "
+                             f"lower-case suffixes {', '.join(sorted(known))}")
+        if not isinstance(query, dict):
+            raise UsageError(f"--bids-filter-file: the value of {key!r} must be an object of "
+                             f"entities, e.g. {{\"acquisition\": \"mprage\"}}, not {query!r}")
+        for entity, value in query.items():
+            if entity not in FILTER_ENTITIES:
+                raise UsageError(f"--bids-filter-file: {key!r} filters on unknown entity "
+                                 f"{entity!r}; use {', '.join(FILTER_ENTITIES)}")
+            values = value if isinstance(value, list) else [value]
+            if not all(v is None or isinstance(v, (str, int, bool)) for v in values):
+                raise UsageError(f"--bids-filter-file: {key}.{entity} must be a string, a "
+                                 f"number, null or a list of those, not {value!r}")
+        checked[key.lower()] = query
+    return checked
 
 
 def check_bids_dir(bids_dir: Path, skip_validation: bool = False) -> None:
@@ -132,9 +217,19 @@ def read_participants(bids_dir: Path) -> pd.DataFrame:
     path = bids_dir / "participants.tsv"
     if not path.is_file():
         raise MissingInputError(f"{path} is missing, so participants cannot be filtered by it")
-    table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    try:
+        table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False,
+                            quoting=csv.QUOTE_NONE, encoding="utf-8")
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise BadDataError(f"{path} is not a readable tab-separated table "
+                           f"({error.__class__.__name__}: {str(error).strip()})") from error
     if "participant_id" not in table.columns:
         raise BIDSValidationError(f"{path} has no participant_id column")
+    malformed = [value for value in table["participant_id"]
+                 if not (value.startswith("sub-") and _LABEL.match(value[4:]))]
+    if malformed:
+        raise BadDataError(f"{path}: participant_id {malformed[0]!r} is not sub-<label> "
+                           f"(letters and digits){' (and more)' if len(malformed) > 1 else ''}")
     table["label"] = table["participant_id"].str.removeprefix("sub-")
     return table
 
@@ -165,7 +260,8 @@ def select_participants(layout, labels: list[str], bids_dir: Path,
         A label is unknown, or the selection is empty.
     """
     available = sorted(layout.get_subjects())
-    wanted = [label.removeprefix("sub-") for label in labels] or available
+    wanted = list(dict.fromkeys(check_label(label, "participant") for label in labels))
+    wanted = wanted or available
     unknown = sorted(set(wanted) - set(available))
     if unknown:
         raise EmptySelectionError(
@@ -283,6 +379,11 @@ def parse_name(path: str | Path) -> dict[str, str]:
     return parsed
 
 
+def model_dir(output_dir: Path, model_name: str) -> Path:
+    """The folder of a trained model, ``OUTPUT_DIR/models/model-<name>`` (name checked)."""
+    return Path(output_dir) / "models" / f"model-{check_model_name(model_name)}"
+
+
 def model_desc(model_name: str) -> str:
     """The ``desc-`` label of a model's outputs: its name without non-alphanumerics.
 
@@ -312,10 +413,15 @@ def write_dataset_description(output_dir: Path, bids_dir: Path | None) -> Path:
         "GeneratedBy": [generated_by],
     }
     if bids_dir is not None:
-        description["SourceDatasets"] = [{"URL": Path(bids_dir).resolve().as_uri()}]
+        # sidecars cite their sources as bids:raw:... URIs; DatasetLinks says where raw is,
+        # relative to this dataset (no absolute host path is recorded)
+        raw = os.path.relpath(Path(bids_dir).absolute(), Path(output_dir).absolute())
+        description["SourceDatasets"] = [{"URL": "bids:raw:"}]
+        description["DatasetLinks"] = {"raw": Path(raw).as_posix()}
     path = output_dir / "dataset_description.json"
     path.write_text(json.dumps(description, indent=2) + "\n")
-    ignored = ["logs/", "work/", "models/", "group/", "*.html", "*_clusters.tsv"]
+    ignored = ["logs/", "work/", "models/", "group/", "figures/", "*.html", "*_clusters.tsv",
+               "*_regions.tsv", "*_qc.tsv"]
     (output_dir / ".bidsignore").write_text("\n".join(ignored) + "\n")
     return path
 
@@ -433,5 +539,13 @@ def group_report_path(output_dir: Path) -> Path:
 
 
 def bids_uri(bids_dir: Path, path: Path) -> str:
-    """BIDS URI of a raw file (``bids:raw:sub-01/anat/...``), as used in ``Sources``."""
-    return "bids:raw:" + Path(path).resolve().relative_to(Path(bids_dir).resolve()).as_posix()
+    """BIDS URI of a raw file (``bids:raw:sub-01/anat/...``), as used in ``Sources``.
+
+    The path inside the dataset is kept as it is named there: a file that is a symbolic link
+    to shared storage outside the dataset still has its BIDS name.
+
+    >>> bids_uri(Path("/data/ds"), Path("/data/ds/sub-01/anat/sub-01_T1w.nii.gz"))
+    'bids:raw:sub-01/anat/sub-01_T1w.nii.gz'
+    """
+    relative = os.path.relpath(os.path.abspath(path), os.path.abspath(bids_dir))
+    return "bids:raw:" + Path(relative).as_posix()

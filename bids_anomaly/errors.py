@@ -6,6 +6,8 @@ only place that turns these exceptions into exit codes and one-line messages.
 
 from __future__ import annotations
 
+import signal
+
 
 class BidsAnomalyError(Exception):
     """Base class of errors whose message is meant for the user."""
@@ -53,3 +55,12 @@ class TemporaryFailure(BidsAnomalyError):
     """A resource is temporarily missing, such as CUDA when ``--device cuda`` (exit 75)."""
 
     exit_code = 75
+
+
+class Interrupted(KeyboardInterrupt):
+    """The run was stopped by a signal (SIGTERM, SIGINT): exit 128 + the signal number."""
+
+    def __init__(self, signum: int = signal.SIGINT) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = int(signum)
+        self.exit_code = 128 + self.signum

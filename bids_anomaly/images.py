@@ -49,6 +49,9 @@ def load_volume(path: str | Path, *, dtype: type = np.float32) -> nib.Nifti1Imag
         ) from error
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
+    if data.ndim < 3:
+        raise BadDataError(f"{path}: expected a 3D volume, got a {data.ndim}D image of shape "
+                           f"{data.shape} (a single slice?); give the whole volume")
     if data.ndim != 3:
         raise BadDataError(
             f"{path}: expected a 3D volume, got shape {data.shape}; split 4D series and give one "
@@ -63,6 +66,13 @@ def load_volume(path: str | Path, *, dtype: type = np.float32) -> nib.Nifti1Imag
     if (affine is None or not np.all(np.isfinite(affine))
             or abs(np.linalg.det(affine[:3, :3])) < 1e-6):
         raise BadDataError(f"{path}: the header has no usable orientation (affine)")
+    shear = affine_shear(affine)
+    if shear > MAX_SHEAR:
+        raise BadDataError(
+            f"{path}: the affine is sheared (its axes are {np.degrees(shear):.2f} degrees from "
+            "perpendicular); ITK/ANTs only take rotations and voxel sizes: reslice the image "
+            "onto an unsheared grid first"
+        )
     data = np.asarray(data, dtype=np.float64)
     finite = np.isfinite(data)
     if not finite.all():
@@ -72,6 +82,77 @@ def load_volume(path: str | Path, *, dtype: type = np.float32) -> nib.Nifti1Imag
     out.header.set_data_dtype(dtype)
     out.header.set_slope_inter(1.0, 0.0)
     return out
+
+
+MAX_SHEAR = 1e-3
+"""Largest angle (radians) by which voxel axes may deviate from perpendicular.
+
+ITK refuses direction matrices that are not orthonormal (within about 1e-4 per element);
+rounding in NIfTI headers written by common converters stays far below this.
+"""
+
+MIN_DISTINCT_INTENSITIES = 16
+"""Fewer distinct values than this in the foreground: a mask or label image, not an MR image."""
+
+PADDING_FRACTION = 0.05
+"""Share of the voxels at the image's negative minimum above which that value is padding."""
+
+
+def affine_shear(affine: np.ndarray) -> float:
+    """Largest deviation from perpendicular (radians) between the affine's voxel axes.
+
+    >>> affine_shear(np.diag([2.0, 2.0, 3.0, 1.0]))
+    0.0
+    """
+    axes = np.asarray(affine, dtype=float)[:3, :3]
+    axes = axes / np.linalg.norm(axes, axis=0)
+    cosines = np.abs(axes.T @ axes - np.eye(3))
+    return float(np.arcsin(np.clip(cosines.max(), 0.0, 1.0)))
+
+
+def check_anatomical(data: np.ndarray, path: str | Path) -> None:
+    """Refuse an image that cannot be a structural MR image: empty, constant, a label map.
+
+    Raises
+    ------
+    BadDataError
+        Every voxel 0 (or NaN), one constant value, or fewer than
+        :data:`MIN_DISTINCT_INTENSITIES` distinct values in the non-zero voxels.
+    """
+    sample = np.asarray(data[::2, ::2, ::2] if min(data.shape) >= 8 else data)
+    foreground = sample[sample != 0]
+    if foreground.size == 0:
+        raise BadDataError(f"{path}: the image is empty (every voxel is 0 or NaN)")
+    values = np.unique(foreground)
+    if values.size == 1 and foreground.size == sample.size:
+        raise BadDataError(f"{path}: the image is constant ({values[0]:g} everywhere)")
+    if values.size < MIN_DISTINCT_INTENSITIES:
+        shown = ", ".join(f"{v:g}" for v in values[:5]) + (" ..." if values.size > 5 else "")
+        raise BadDataError(f"{path}: only {values.size} distinct intensities ({shown}): this "
+                           "is a mask or label image, not an MR image")
+
+
+def padding_to_zero(data: np.ndarray) -> tuple[np.ndarray, float | None]:
+    """Set a negative padding value (e.g. int16's -32768 around the head) to 0.
+
+    MR magnitude images are not negative; a negative minimum held by more than
+    :data:`PADDING_FRACTION` of the voxels is the converter's fill value for "no data". Left in
+    place it would be mixed into the brain's edge by interpolation and read as real intensities.
+
+    Returns
+    -------
+    data : ndarray
+        The data with the padding at 0 (the input itself when there is none).
+    value : float or None
+        The padding value replaced, or None.
+    """
+    minimum = float(data.min())
+    if minimum >= 0:
+        return data, None
+    padding = data == minimum
+    if padding.mean() <= PADDING_FRACTION:
+        return data, None
+    return np.where(padding, 0, data).astype(data.dtype), minimum
 
 
 def reorient_to_ras(img: nib.Nifti1Image) -> nib.Nifti1Image:

@@ -7,11 +7,14 @@ import logging
 import os
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
+
 from bids_anomaly import bids
 from bids_anomaly.config import Settings
-from bids_anomaly.errors import BidsAnomalyError, MissingInputError, OutputError
-from bids_anomaly.images import load_volume
-from bids_anomaly.models.base import ModelCard, read_card
+from bids_anomaly.errors import BadDataError, MissingInputError, OutputError
+from bids_anomaly.images import check_anatomical, load_volume
+from bids_anomaly.models.base import ModelCard, check_weights, load_model
 from bids_anomaly.template import Template, get_template
 
 LOGGER = logging.getLogger(__name__)
@@ -74,16 +77,22 @@ def validate_images(subjects: list[bids.AnatInputs], record: Path) -> None:
             key, signature = str(path), [stat.st_size, stat.st_mtime_ns]
             if seen.get(key) == signature:
                 continue
-            load_volume(path)
+            check_anatomical(np.asarray(load_volume(path).dataobj), path)
             seen[key] = signature
     record.write_text(json.dumps(seen, indent=1))
 
 
-def resolve_model(settings: Settings) -> tuple[Path, ModelCard]:
-    """Find ``--model`` as a directory or as a name under ``OUTPUT_DIR/models``."""
+def resolve_model(settings: Settings, template: Template | None = None
+                  ) -> tuple[Path, ModelCard]:
+    """Find ``--model`` as a directory or as a name under ``OUTPUT_DIR/models``, and check it.
+
+    The whole model is loaded once here, before any work: a damaged card, weights that do not
+    match the card's checksum or channels, or weights fitted on another template grid stop the
+    run with exit 65 even when every later step would come from the cache.
+    """
     candidate = Path(settings.model)
     if not candidate.is_dir():
-        candidate = settings.output_dir / "models" / f"model-{settings.model}"
+        candidate = bids.model_dir(settings.output_dir, settings.model)
     if not candidate.is_dir():
         available = sorted(p.name.removeprefix("model-")
                            for p in (settings.output_dir / "models").glob("model-*"))
@@ -91,7 +100,41 @@ def resolve_model(settings: Settings) -> tuple[Path, ModelCard]:
             f"--model {settings.model}: no such model directory nor model name "
             f"(models in {settings.output_dir / 'models'}: {', '.join(available) or 'none'})"
         )
-    return candidate.resolve(), read_card(candidate)
+    model, card = load_model(candidate)
+    grid = None
+    if template is not None and (card.template, card.resolution) == (template.name,
+                                                                       template.resolution):
+        grid = nib.load(template.brain_mask).shape
+    check_weights(model, card, grid)
+    return candidate.resolve(), card
+
+
+def split_compatible(subjects: list[bids.AnatInputs], card: ModelCard, strict: bool = False
+                     ) -> tuple[list[bids.AnatInputs], list[tuple[bids.AnatInputs, str]]]:
+    """The subjects that have a model's channels, and the others with the reason.
+
+    Raises
+    ------
+    BadDataError
+        No subject can be scored, or one cannot and ``strict`` (``--stop-on-first-crash``).
+    """
+    compatible, skipped = [], []
+    for inputs in subjects:
+        try:
+            card.check_channels(inputs.modalities)
+        except BadDataError as error:
+            if strict:
+                raise BadDataError(f"{inputs.name}: {error}") from error
+            skipped.append((inputs, str(error)))
+        else:
+            compatible.append(inputs)
+    if not compatible:
+        reasons = "; ".join(f"{inputs.name}: {reason}" for inputs, reason in skipped[:3])
+        raise BadDataError(f"no selected subject can be scored by model {card.name!r}: "
+                           f"{reasons}")
+    for inputs, reason in skipped:
+        LOGGER.warning("%s: not scored: %s", inputs.name, reason)
+    return compatible, skipped
 
 
 def configure_nipype(settings: Settings) -> None:
@@ -137,27 +180,13 @@ def run_workflow(workflow, settings: Settings, progress=None) -> None:
     """Run a Nipype workflow with the settings' resources, caching in the work directory.
 
     ``progress`` (a :class:`~bids_anomaly.progress.WorkflowProgress`) receives every node's
-    status.
+    status. See :func:`bids_anomaly.execution.run_workflow`.
     """
-    log_dir = settings.output_dir / "logs"
-    if settings.nprocs > 1:
-        # forked workers of a process that already ran torch can hang (OpenMP state), so the
-        # pool starts its workers from a clean server process
-        plugin_args = {"n_procs": settings.nprocs, "raise_insufficient": False,
-                       "mp_context": "forkserver"}
-        if settings.mem_gb:
-            plugin_args["memory_gb"] = settings.mem_gb
-        plugin = "MultiProc"
-    else:
-        plugin, plugin_args = "Linear", {}
-    if progress is not None:
-        plugin_args["status_callback"] = progress
+    from bids_anomaly.execution import run_workflow as execute
+
     try:
-        workflow.run(plugin=plugin, plugin_args=plugin_args)
-    except RuntimeError as error:
-        crashes = sorted(log_dir.glob("crash-*.txt"))
-        hint = f"; details in {crashes[-1]}" if crashes else ""
-        raise BidsAnomalyError(f"processing failed: {error}{hint}") from error
+        execute(workflow, settings.nprocs, settings.output_dir / "logs", settings.mem_gb,
+                progress)
     finally:
         if progress is not None:
             progress.close()
@@ -177,14 +206,18 @@ def prepare_atlas(settings: Settings, template: Template):
 
 
 def preprocess(settings: Settings, subjects: list[bids.AnatInputs], template: Template,
-               model: tuple[Path, ModelCard] | None = None) -> None:
-    """Build and run the participant workflow (preprocessing, then the model if given)."""
+               model: tuple[Path, ModelCard] | None = None,
+               scored: set[str] | None = None) -> None:
+    """Build and run the participant workflow (preprocessing, then the model if given).
+
+    ``scored`` names the subject/sessions the model applies to (default: all).
+    """
     from bids_anomaly.progress import WorkflowProgress
     from bids_anomaly.workflows.base import init_participant_wf, subject_workflow_name
 
     configure_nipype(settings)
     atlas = prepare_atlas(settings, template) if (model or settings.single_subject) else None
-    workflow = init_participant_wf(settings, subjects, template, model, atlas)
+    workflow = init_participant_wf(settings, subjects, template, model, atlas, scored)
     LOGGER.info("processing %d subject/session(s): %s", len(subjects),
                 ", ".join(s.name for s in subjects))
     progress = WorkflowProgress(workflow, {subject_workflow_name(s): s.name for s in subjects})
@@ -194,13 +227,19 @@ def preprocess(settings: Settings, subjects: list[bids.AnatInputs], template: Te
     write_subject_reports(settings.output_dir, subjects, template.name)
 
 
-def run_participant(settings: Settings) -> list[bids.AnatInputs]:
+def run_participant(settings: Settings
+                    ) -> tuple[list[bids.AnatInputs], list[tuple[bids.AnatInputs, str]]]:
     """The participant level: preprocess the selected participants and score them with a model.
+
+    Subjects that the model cannot score (a missing channel) are preprocessed, not scored, and
+    returned with the reason; with ``--stop-on-first-crash`` they stop the run before any work.
 
     Returns
     -------
-    list of AnatInputs
+    subjects : list of AnatInputs
         The subject/sessions processed.
+    skipped : list of (AnatInputs, str)
+        Those the model did not score, and why.
     """
     from bids_anomaly.workflows.base import preprocessing_settings
 
@@ -208,10 +247,11 @@ def run_participant(settings: Settings) -> list[bids.AnatInputs]:
     labels = bids.select_participants(layout, settings.participant_label, settings.bids_dir)
     subjects = collect_subjects(settings, layout, labels)
     model = None
+    scored, skipped = subjects, []
     if settings.model:
-        model = resolve_model(settings)
-        for inputs in subjects:
-            model[1].check_compatible(inputs.modalities, template.name, template.resolution,
-                                      preprocessing_settings(settings))
-    preprocess(settings, subjects, template, model)
-    return subjects
+        model = resolve_model(settings, template)
+        model[1].check_space(template.name, template.resolution,
+                             preprocessing_settings(settings))
+        scored, skipped = split_compatible(subjects, model[1], settings.stop_on_first_crash)
+    preprocess(settings, subjects, template, model, scored={s.name for s in scored})
+    return subjects, skipped

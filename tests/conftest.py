@@ -64,3 +64,30 @@ def real_data() -> Path:
     if not REAL_DATA.is_dir():
         pytest.skip("../shared/data/bids_real is not available")
     return REAL_DATA
+
+
+def template_grid(resolution: int = 2) -> tuple[int, ...]:
+    """Shape of the embedded template's grid."""
+    from bids_anomaly.template import template_images
+
+    return template_images(resolution)["T1w"].shape
+
+
+def saved_normative_model(directory: Path, channels: list[str], threshold: float = 3.0,
+                          grid: tuple[int, ...] | None = None, fpr: float = 0.001) -> Path:
+    """A normative model on the template grid (median 0, spread 1), saved with its card."""
+    import torch
+
+    from bids_anomaly.models import ModelCard, NormativeModel, save_model
+
+    grid = grid or template_grid()
+    model = NormativeModel()
+    model.location = torch.zeros(len(channels), *grid)
+    model.spread = torch.ones(len(channels), *grid)
+    model.support = torch.ones(grid, dtype=torch.bool)
+    card = ModelCard(name=directory.name.removeprefix("model-"), model_type="normative",
+                     channels=list(channels), template="MNI152NLin2009aSym", resolution=2,
+                     preprocessing={}, hyperparameters=model.hyperparameters,
+                     training_participants=[], calibration_participants=[],
+                     threshold=threshold, fpr=fpr, calibration_voxels=1)
+    return save_model(model, card, directory)

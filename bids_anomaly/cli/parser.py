@@ -10,6 +10,7 @@ import re
 from pathlib import Path
 
 from bids_anomaly import __version__
+from bids_anomaly.bids import check_bids_filters, check_label, check_model_name
 from bids_anomaly.config import (
     DEEP_OPTIONS,
     DEFAULT_FPR,
@@ -286,10 +287,13 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
     if args.bids_filter_file:
         try:
             filters = json.loads(Path(args.bids_filter_file).read_text())
-        except (OSError, json.JSONDecodeError) as error:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise UsageError(f"--bids-filter-file {args.bids_filter_file}: {error}") from error
-        if not isinstance(filters, dict):
-            raise UsageError("--bids-filter-file must hold a JSON object")
+        filters = check_bids_filters(filters)
+    participant_labels = [check_label(label, "participant") for label in args.participant_label]
+    session_labels = [check_label(label, "session") for label in args.session_label]
+    if args.model_name is not None:
+        check_model_name(args.model_name)
     if args.analysis_level != "participant" and args.model:
         raise UsageError("--model applies to the participant level; train writes a new model "
                          "(--model-type, --model-name)")
@@ -329,8 +333,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         output_dir=output_dir,
         analysis_level=args.analysis_level,
         work_dir=work_dir,
-        participant_label=[label.removeprefix("sub-") for label in args.participant_label],
-        session_label=[label.removeprefix("ses-") for label in args.session_label],
+        participant_label=list(dict.fromkeys(participant_labels)),
+        session_label=list(dict.fromkeys(session_labels)),
         bids_filters=filters,
         skip_bids_validation=args.skip_bids_validation,
         nprocs=args.nprocs,

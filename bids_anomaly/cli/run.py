@@ -7,7 +7,7 @@ import os
 import sys
 import traceback
 
-from bids_anomaly.errors import BidsAnomalyError, UsageError
+from bids_anomaly.errors import BidsAnomalyError, Interrupted, UsageError
 
 LOGGER = logging.getLogger("bids_anomaly")
 
@@ -53,9 +53,12 @@ def run_level(argv: list[str]) -> None:
     if settings.analysis_level == "participant":
         from bids_anomaly.participant import run_participant
 
-        subjects = run_participant(settings)
+        subjects, skipped = run_participant(settings)
         print(f"participant level done for {len(subjects)} subject/session(s); derivatives in "
               f"{settings.output_dir}")
+        if skipped:
+            print(f"not scored by model {settings.model} ({len(skipped)}): "
+                  + "; ".join(f"{inputs.name}: {reason}" for inputs, reason in skipped))
     elif settings.analysis_level == "train":
         from bids_anomaly.training.train import run_train
 
@@ -72,15 +75,19 @@ def run_level(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line and return its exit code."""
     argv = sys.argv[1:] if argv is None else argv
+    from bids_anomaly.execution import interruptible
+
     try:
-        run_level(argv)
+        with interruptible():
+            run_level(argv)
     except BidsAnomalyError as error:
         print(f"bids_anomaly: error: {error}", file=sys.stderr)
         return error.exit_code
-    except KeyboardInterrupt:
-        print("bids_anomaly: interrupted; rerun with the same work directory to resume",
-              file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as interrupt:
+        name = interrupt.args[0] if isinstance(interrupt, Interrupted) else "SIGINT"
+        print(f"bids_anomaly: stopped by {name}; workers stopped; rerun with the same work "
+              "directory to resume", file=sys.stderr)
+        return getattr(interrupt, "exit_code", 130)
     except Exception as error:  # a bug: say so in one line, keep the traceback in the log
         LOGGER.debug("unexpected failure", exc_info=True)
         print(f"bids_anomaly: internal error: {error.__class__.__name__}: {error} "

@@ -108,8 +108,13 @@ def _model_roles(output_dir: Path, model_name: str | None) -> dict[str, str]:
     """``training`` or ``calibration`` per participant of a trained model (empty otherwise)."""
     from bids_anomaly.models.base import read_card
 
-    directory = output_dir / "models" / f"model-{model_name}"
-    if not model_name or not directory.is_dir():
+    if not model_name:
+        return {}
+    try:
+        directory = bids.model_dir(output_dir, model_name)
+    except UsageError:  # a single-subject fit's name, not a trained model
+        return {}
+    if not directory.is_dir():
         return {}
     try:
         card = read_card(directory)

@@ -107,6 +107,10 @@ class _ScoreAnomalyInputSpec(_PostprocessingInputSpec):
     mask_file = File(exists=True, mandatory=True, desc="brain mask in template space")
     model_dir = Directory(exists=True, mandatory=True, nohash=True, desc="model directory")
     model_checksum = traits.Str(mandatory=True, desc="checksum of the weights (cache key)")
+    card_checksum = traits.Str(mandatory=True,
+                               desc="checksum of model.json: threshold, calibration and "
+                                    "channels (cache key; a retrained model can keep its "
+                                    "weights)")
     fdr = traits.Float(0.0, usedefault=True,
                        desc="false-discovery rate for Benjamini-Hochberg (0: use the "
                             "calibrated false-positive-rate threshold)")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec
 
-from bids_anomaly.images import load_volume, reorient_to_ras
+from bids_anomaly.images import load_volume, padding_to_zero, reorient_to_ras
+
+LOGGER = logging.getLogger("nipype.interface")
 
 
 class _ConformImageInputSpec(BaseInterfaceInputSpec):
@@ -20,13 +23,22 @@ class _ConformImageOutputSpec(TraitedSpec):
 
 
 class ConformImage(SimpleInterface):
-    """Check a raw image (3D, readable, finite) and reorient it to RAS+ as float32."""
+    """Check a raw image (3D, readable, finite) and reorient it to RAS+ as float32.
+
+    A negative padding value around the head (int16 images filled with -32768) is set to 0
+    (:func:`~bids_anomaly.images.padding_to_zero`).
+    """
 
     input_spec = _ConformImageInputSpec
     output_spec = _ConformImageOutputSpec
 
     def _run_interface(self, runtime):
-        img = reorient_to_ras(load_volume(self.inputs.in_file))
+        img = load_volume(self.inputs.in_file)
+        data, padding = padding_to_zero(np.asarray(img.dataobj))
+        if padding is not None:
+            LOGGER.info("%s: padding value %g set to 0", self.inputs.in_file, padding)
+            img = nib.Nifti1Image(data, img.affine, img.header)
+        img = reorient_to_ras(img)
         out_file = os.path.join(runtime.cwd, "conformed.nii.gz")
         img.to_filename(out_file)
         self._results["out_file"] = out_file

@@ -180,21 +180,14 @@ class ModelCard:
     score_definition: str = ""
     extra: dict = field(default_factory=dict)
 
-    def check_compatible(self, channels: list[str], template: str, resolution: int,
-                         preprocessing: dict) -> None:
-        """Refuse data the model was not trained for.
+    def check_space(self, template: str, resolution: int, preprocessing: dict) -> None:
+        """Refuse data in another template, resolution or preprocessing than the model's.
 
         Raises
         ------
         BadDataError
-            Missing channels, or another template, resolution or preprocessing.
+            Another template, resolution or preprocessing.
         """
-        missing = [c for c in self.channels if c not in channels]
-        if missing:
-            raise BadDataError(
-                f"model {self.name!r} needs channels {self.channels} but {', '.join(missing)} "
-                f"is missing (available: {', '.join(channels) or 'none'})"
-            )
         if (template, resolution) != (self.template, self.resolution):
             raise BadDataError(
                 f"model {self.name!r} was trained in {self.template} at {self.resolution} mm, "
@@ -207,6 +200,33 @@ class ModelCard:
                     f"model {self.name!r} was trained with {key}={value!r}, the data were "
                     f"preprocessed with {key}={preprocessing[key]!r}"
                 )
+
+    def check_channels(self, channels: list[str]) -> None:
+        """Refuse a subject that lacks one of the model's channels.
+
+        Raises
+        ------
+        BadDataError
+            A channel is missing.
+        """
+        missing = [c for c in self.channels if c not in channels]
+        if missing:
+            raise BadDataError(
+                f"model {self.name!r} needs channels {self.channels} but {', '.join(missing)} "
+                f"is missing (available: {', '.join(channels) or 'none'})"
+            )
+
+    def check_compatible(self, channels: list[str], template: str, resolution: int,
+                         preprocessing: dict) -> None:
+        """Refuse data the model was not trained for (space first, then channels).
+
+        Raises
+        ------
+        BadDataError
+            Missing channels, or another template, resolution or preprocessing.
+        """
+        self.check_space(template, resolution, preprocessing)
+        self.check_channels(channels)
 
 
 def file_checksum(path: Path) -> str:
@@ -222,26 +242,148 @@ def save_model(model: AnomalyModel, card: ModelCard, directory: Path) -> Path:
     """Write weights and card into ``directory`` (created), the card last."""
     directory.mkdir(parents=True, exist_ok=True)
     model.save(directory)
+    _stamp_weights(directory / WEIGHTS_FILE, {"channels": json.dumps(list(card.channels))})
     card.checksum = file_checksum(directory / WEIGHTS_FILE)
     card.hyperparameters = json.loads(json.dumps(card.hyperparameters))
     (directory / CARD_FILE).write_text(json.dumps(dataclasses.asdict(card), indent=2) + "\n")
     return directory
 
 
+def _card_problem(card: ModelCard) -> str | None:
+    """What is wrong with a card's fields (None: nothing)."""
+    from bids_anomaly.config import MODALITIES
+
+    def number(value: object) -> bool:
+        return (isinstance(value, (int, float)) and not isinstance(value, bool)
+                and bool(np.isfinite(value)))
+
+    def names(value: object) -> bool:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+    if not isinstance(card.model_type, str) or card.model_type not in REGISTRY:
+        return (f"unknown model type {card.model_type!r} (this version knows "
+                f"{', '.join(sorted(REGISTRY))})")
+    if (not names(card.channels) or not card.channels
+            or len(set(card.channels)) != len(card.channels)
+            or not set(card.channels) <= set(MODALITIES)):
+        return (f"channels {card.channels!r} must be a non-empty list of distinct modalities "
+                f"among {', '.join(MODALITIES)}")
+    if not number(card.threshold):
+        return f"threshold {card.threshold!r} is not a finite number"
+    if not number(card.fpr) or not 0 < card.fpr < 1:
+        return f"fpr {card.fpr!r} is not a rate in (0, 1)"
+    if (not isinstance(card.resolution, int) or isinstance(card.resolution, bool)
+            or card.resolution < 1):
+        return f"resolution {card.resolution!r} is not a voxel size in mm"
+    if not isinstance(card.template, str) or not card.template:
+        return f"template {card.template!r} is not a template name"
+    if not isinstance(card.name, str) or not card.name:
+        return f"name {card.name!r} is not a model name"
+    if not names(card.training_participants) or not names(card.calibration_participants):
+        return "training_participants and calibration_participants must be lists of names"
+    if not isinstance(card.checksum, str) or len(card.checksum) != 64:
+        return "checksum is not a SHA-256 digest"
+    for key in ("preprocessing", "hyperparameters", "extra"):
+        if not isinstance(getattr(card, key), dict):
+            return f"{key} is not an object"
+    return None
+
+
+def _stamp_weights(path: Path, metadata: dict[str, str]) -> None:
+    """Add entries to the metadata of a safetensors file (rewriting it)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    with safe_open(str(path), framework="pt") as stream:
+        tensors = {key: stream.get_tensor(key) for key in stream.keys()}
+        existing = stream.metadata() or {}
+    save_file(tensors, str(path), metadata={**existing, **metadata})
+
+
+def weights_channels(directory: Path) -> list[str] | None:
+    """The channels stamped into a model's weights when it was saved (None: not stamped).
+
+    The card can be edited by hand; the weights, whose checksum the card holds, cannot be
+    without the checksum failing, so they are what the card's channels are checked against.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(Path(directory) / WEIGHTS_FILE), framework="pt") as stream:
+        stamped = (stream.metadata() or {}).get("channels")
+    return json.loads(stamped) if stamped else None
+
+
 def read_card(directory: Path) -> ModelCard:
-    """Read and check ``model.json``; a clear :class:`BadDataError` when it is not a model."""
+    """Read and check ``model.json``; a clear :class:`BadDataError` when it is not a model.
+
+    Raises
+    ------
+    MissingInputError
+        The folder has no ``model.json``.
+    BadDataError
+        The card is not JSON, lacks or adds fields, or a field has an impossible value (an
+        unknown model type, channels that are not modalities, a threshold that is not a number).
+    """
     path = Path(directory) / CARD_FILE
     if not path.is_file():
         raise MissingInputError(f"{directory} is not a model directory: {CARD_FILE} is missing")
     try:
         values = json.loads(path.read_text())
-        return ModelCard(**values)
-    except (json.JSONDecodeError, TypeError) as error:
+        card = ModelCard(**values)
+    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
         raise BadDataError(f"{path} is not a valid model card: {error}") from error
+    problem = _card_problem(card)
+    if problem:
+        raise BadDataError(f"{path} is not a valid model card: {problem}")
+    return card
+
+
+def card_checksum(directory: Path) -> str:
+    """SHA-256 of a model's ``model.json``: with the weights' checksum, what a score depends on.
+
+    A retrained model can have identical weights and another threshold; caches of scoring steps
+    are keyed on both checksums.
+    """
+    return file_checksum(Path(directory) / CARD_FILE)
+
+
+def check_weights(model: AnomalyModel, card: ModelCard,
+                  grid_shape: tuple[int, ...] | None = None) -> None:
+    """Refuse a card that does not describe its weights, or weights made for another grid.
+
+    Raises
+    ------
+    BadDataError
+        The weights take another number of channels than the card lists, or were fitted on
+        another grid than ``grid_shape`` (the template's).
+    """
+    n_channels = getattr(model, "n_channels", None)
+    if n_channels is not None and n_channels != len(card.channels):
+        raise BadDataError(
+            f"model {card.name!r}: its weights take {n_channels} channel(s) but {CARD_FILE} "
+            f"lists {len(card.channels)} ({', '.join(card.channels)}); the card was edited or "
+            "belongs to other weights"
+        )
+    model_grid = getattr(model, "grid_shape", None)
+    if (grid_shape is not None and model_grid is not None
+            and tuple(model_grid) != tuple(grid_shape)):
+        raise BadDataError(
+            f"model {card.name!r} was fitted on a {tuple(model_grid)} grid, the template grid "
+            f"is {tuple(grid_shape)}: it was trained with another template"
+        )
 
 
 def load_model(directory: Path) -> tuple[AnomalyModel, ModelCard]:
-    """Load a model directory, checking the weights' checksum and the model type."""
+    """Load a model directory, checking the card, the weights' checksum and their shapes.
+
+    Raises
+    ------
+    MissingInputError
+        No card or no weights.
+    BadDataError
+        A damaged card, weights that do not match the card's checksum, or weights that cannot
+        be read as the card's model type with the card's channels.
+    """
     directory = Path(directory)
     card = read_card(directory)
     weights = directory / WEIGHTS_FILE
@@ -250,10 +392,19 @@ def load_model(directory: Path) -> tuple[AnomalyModel, ModelCard]:
     if file_checksum(weights) != card.checksum:
         raise BadDataError(f"{weights} does not match the checksum in {CARD_FILE}: it was "
                            "modified or damaged; copy the model directory again")
-    if card.model_type not in REGISTRY:
-        raise BadDataError(f"{directory}: unknown model type {card.model_type!r} (this version "
-                           f"knows {', '.join(sorted(REGISTRY))})")
-    return REGISTRY[card.model_type].load(directory), card
+    try:
+        model = REGISTRY[card.model_type].load(directory)
+    except Exception as error:  # safetensors, missing tensors, shapes: all mean "not these"
+        raise BadDataError(f"{weights} cannot be read as a {card.model_type!r} model "
+                           f"({error.__class__.__name__}: {error})") from error
+    stamped = weights_channels(directory)
+    if stamped is not None and stamped != list(card.channels):
+        raise BadDataError(f"model {card.name!r}: its weights were trained on "
+                           f"{', '.join(stamped)} but {CARD_FILE} lists "
+                           f"{', '.join(card.channels)}; the card was edited or belongs to "
+                           "other weights")
+    check_weights(model, card)
+    return model, card
 
 
 def read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:

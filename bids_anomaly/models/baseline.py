@@ -94,6 +94,11 @@ class IntensityBaseline:
         """Settings needed to rebuild the model."""
         return {"channel": self.channel, "direction": self.direction}
 
+    n_channels = None
+    """Any number of channels (the score reads one of them)."""
+    grid_shape = None
+    """Any grid (the score is a per-image z-score)."""
+
     def fit(self, data: TrainingData) -> None:
         """Learn nothing; check that ``data`` has the channel to threshold.
 
@@ -124,8 +129,8 @@ class IntensityBaseline:
             ``(X, Y, Z)`` float32 scores on ``image.device``.
         """
         if self.channel >= image.shape[0]:
-            raise ValueError(f"channel {self.channel} does not exist in an image with "
-                             f"{image.shape[0]} channels")
+            raise BadDataError(f"the baseline reads channel {self.channel}, which does not "
+                               f"exist in an image with {image.shape[0]} channel(s)")
         z = robust_z_score(image[self.channel], mask.to(image.device))
         if self.direction == "hypo":
             return -z

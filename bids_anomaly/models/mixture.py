@@ -397,6 +397,22 @@ class MixtureModel:
             scores.append(self.voxel_scores(drawn, labels))
         return torch.cat(scores).cpu().numpy()
 
+    @property
+    def n_channels(self) -> int | None:
+        """Channels the fitted model takes (None before fitting)."""
+        if not self.mixtures:
+            return None
+        return next(iter(self.mixtures.values())).n_channels
+
+    @property
+    def grid_shape(self) -> tuple[int, ...] | None:
+        """The template grid of the region map or normative part (None: any grid)."""
+        if self.regions is not None:
+            return tuple(self.regions.shape)
+        if self.normative_model is not None:
+            return self.normative_model.grid_shape
+        return None
+
     def save(self, directory: Path) -> None:
         """Write every mixture (and the region map, normative part) to ``weights.safetensors``."""
         tensors: dict[str, torch.Tensor] = {}

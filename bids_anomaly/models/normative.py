@@ -52,6 +52,16 @@ class NormativeModel:
         return {"min_fraction": self.min_fraction, "min_spread": self.min_spread,
                 "spread_sigma": self.spread_sigma}
 
+    @property
+    def n_channels(self) -> int | None:
+        """Channels the fitted model takes (None before fitting)."""
+        return None if self.location is None else int(self.location.shape[0])
+
+    @property
+    def grid_shape(self) -> tuple[int, ...] | None:
+        """The template grid the model was fitted on (None before fitting)."""
+        return None if self.location is None else tuple(self.location.shape[1:])
+
     def fit(self, data: TrainingData) -> None:
         """Compute the voxel-wise median and MAD over the subjects of ``data``."""
         stack = []

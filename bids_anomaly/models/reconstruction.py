@@ -156,6 +156,16 @@ class ReconstructionModel:
             values["image_shape"] = list(self.image_shape)
         return values
 
+    @property
+    def n_channels(self) -> int | None:
+        """Channels the trained network takes and returns (None before training)."""
+        return None if self.network is None else self.network.architecture.out_channels
+
+    @property
+    def grid_shape(self) -> tuple[int, ...] | None:
+        """The grid of the training volumes (None before training)."""
+        return self.image_shape
+
     # ----------------------------------------------------------------- network
     def _input_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
         multiple = divisor(self.model_type, self.vit_patch)

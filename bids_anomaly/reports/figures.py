@@ -9,7 +9,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
-from bids_anomaly.reports.qc import _use_agg
+from bids_anomaly.reports.qc import _use_agg, save_figure
 
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
             "#7f7f7f", "#bcbd22", "#17becf")
@@ -75,7 +75,7 @@ def plot_anomaly_overlay(background_file: str | Path, map_file: str | Path,
     if mask_img is not None and np.asarray(mask_img.dataobj).any():
         display.add_contours(mask_img, levels=[0.5], colors="lime", linewidths=0.8)
     try:
-        display.savefig(str(out_file), dpi=90)
+        save_figure(display, out_file, dpi=90)
     finally:
         display.close()
     return out_file
@@ -86,7 +86,7 @@ def _save(figure, out_file: Path) -> Path:
 
     out_file.parent.mkdir(parents=True, exist_ok=True)
     try:
-        figure.savefig(out_file, bbox_inches="tight")
+        save_figure(figure, out_file, bbox_inches="tight")
     finally:
         plt.close(figure)
     return out_file

@@ -73,6 +73,20 @@ def _use_agg() -> None:
         matplotlib.use("Agg")
 
 
+def save_figure(figure: Any, out_file: str | Path, **options: Any) -> Path:
+    """Save a matplotlib figure or nilearn display so that the same figure gives the same bytes.
+
+    SVG files otherwise carry the date and random element ids.
+    """
+    import matplotlib
+
+    out_file = Path(out_file)
+    metadata = {"Date": None} if out_file.suffix == ".svg" else {}
+    with matplotlib.rc_context({"svg.hashsalt": "bids_anomaly"}):
+        figure.savefig(str(out_file), metadata=metadata, **options)
+    return out_file
+
+
 def _load_3d(path: str | Path) -> nib.spatialimages.SpatialImage:
     """Load an image, dropping trailing singleton dimensions (a 3D volume stored as 4D)."""
     img = nib.load(str(path))
@@ -164,7 +178,7 @@ def _save(display: Any, out_file: Path) -> Path:
     """Save a nilearn display as SVG and close its figure."""
     out_file.parent.mkdir(parents=True, exist_ok=True)
     try:
-        display.savefig(str(out_file))
+        save_figure(display, out_file)
     finally:
         display.close()
     return out_file

@@ -117,10 +117,9 @@ def fit_and_save(settings: Settings, data: TrainingData, template: Template,
     LOGGER.info("fitting %s on %d subjects, calibrating on %d held-out subjects",
                 settings.model_type, len(fit_data), len(calibration_data))
     name = settings.model_name or settings.model_type
-    bids.model_desc(name)
     model = build_model(settings)
     model.fit(fit_data)
-    directory = settings.output_dir / "models" / f"model-{name}"
+    directory = bids.model_dir(settings.output_dir, name)
     if not distributed.is_main():
         return directory  # rank 0 calibrates and writes the model
     calibration = healthy_scores(model, calibration_data)

@@ -12,7 +12,7 @@ from bids_anomaly import __version__, bids
 from bids_anomaly.config import Settings
 from bids_anomaly.interfaces.anomaly import FitSubjectMixture, ScoreAnomaly
 from bids_anomaly.interfaces.ants import ApplyTransforms
-from bids_anomaly.models.base import REGISTRY, ModelCard
+from bids_anomaly.models.base import REGISTRY, ModelCard, card_checksum
 from bids_anomaly.postprocessing.regions import RESTRICTIONS, Atlas
 from bids_anomaly.template import Template
 from bids_anomaly.workflows.anatomical import init_anat_preproc_wf
@@ -38,6 +38,7 @@ def init_participant_wf(
     template: Template,
     model: tuple[Path, ModelCard] | None = None,
     atlas: Atlas | None = None,
+    scored: set[str] | None = None,
 ) -> pe.Workflow:
     """Build the participant-level workflow for every subject/session.
 
@@ -53,6 +54,8 @@ def init_participant_wf(
         Trained model to apply after preprocessing.
     atlas : Atlas, optional
         User atlas on the template grid, for the clusters and regional tables.
+    scored : set of str, optional
+        Names of the subject/sessions the model applies to (default: all).
 
     Returns
     -------
@@ -63,8 +66,9 @@ def init_participant_wf(
     workflow = pe.Workflow(name=workflow_name(), base_dir=str(settings.work_dir))
     use_gpu = resolve_device(settings.device).type == "cuda"
     for inputs in subjects:
-        workflow.add_nodes([init_single_subject_wf(settings, inputs, template, model, use_gpu,
-                                                   atlas)])
+        applies = scored is None or inputs.name in scored
+        workflow.add_nodes([init_single_subject_wf(settings, inputs, template,
+                                                   model if applies else None, use_gpu, atlas)])
     return workflow
 
 
@@ -206,6 +210,7 @@ def _connect_trained_model(workflow: pe.Workflow, anat_preproc_wf: pe.Workflow,
         workflow.connect(anat_preproc_wf, f"outputnode.preproc_{channel}", channels, f"in{index}")
     score = pe.Node(
         ScoreAnomaly(model_dir=str(model_dir), model_checksum=card.checksum,
+                     card_checksum=card_checksum(model_dir),
                      fdr=settings.fdr or 0.0, device="cuda" if use_gpu else "cpu",
                      **_postprocessing_inputs(settings, template, atlas)),
         name="score_anomaly", mem_gb=2.0,

@@ -88,7 +88,7 @@ def init_ds_anat_wf(
                      bids.preproc_spec(space, resolution, modality), metadata, srcs)
         workflow.connect(inputnode, f"preproc_{modality}", node, "in_file")
     ds_mask = _sink("ds_std_mask", output_dir, sub, ses, bids.brain_mask_spec(space, resolution),
-                    {"Type": "Brain", "RawSources": [sources[reference]]},
+                    {"Type": "Brain"},
                     [sources[reference]])
     ds_forward = _sink("ds_ref_to_template", output_dir, sub, ses,
                        bids.transform_spec(reference, space),
@@ -117,14 +117,14 @@ def init_ds_anat_wf(
         (inputnode, ds_fig_mask, [("fig_brain_mask", "in_file")]),
         (inputnode, ds_fig_reg, [("fig_registration", "in_file")]),
     ])
-    if others:
-        pick = pe.Node(niu.Split(splits=[1] * len(others), squeeze=True),
-                       name="split_coregistration_figures", run_without_submitting=True)
-        workflow.connect(inputnode, "fig_coregistration", pick, "inlist")
-        for index, modality in enumerate(others, start=1):
-            node = _sink(f"ds_fig_coregistration_{modality}", output_dir, sub, ses,
-                         bids.figure_spec("coregistration", modality, space))
-            workflow.connect(pick, f"out{index}", node, "in_file")
+    # Nipype hands a one-element list on as a plain string: Select takes both
+    for index, modality in enumerate(others):
+        pick = pe.Node(niu.Select(index=index), name=f"select_coregistration_{modality}",
+                       run_without_submitting=True)
+        node = _sink(f"ds_fig_coregistration_{modality}", output_dir, sub, ses,
+                     bids.figure_spec("coregistration", modality, space))
+        workflow.connect([(inputnode, pick, [("fig_coregistration", "inlist")]),
+                          (pick, node, [("out", "in_file")])])
     return workflow
 
 

@@ -9,8 +9,7 @@ import torch
 
 from bids_anomaly import __version__
 from bids_anomaly.cli.run import main
-from bids_anomaly.models import ModelCard, NormativeModel, save_model
-from tests.conftest import tree_digest
+from tests.conftest import saved_normative_model, tree_digest
 
 
 @pytest.fixture
@@ -105,20 +104,11 @@ def test_cuda_requested_without_gpu_exits_75(run, tmp_path):
 
 
 def test_model_with_other_channels_exits_65(run, tmp_path):
-    model = NormativeModel()
-    model.location = torch.zeros(1, 4, 4, 4)
-    model.spread = torch.ones(1, 4, 4, 4)
-    model.support = torch.ones(4, 4, 4, dtype=torch.bool)
-    card = ModelCard(name="flair", model_type="normative", channels=["FLAIR"],
-                     template="MNI152NLin2009aSym", resolution=2, preprocessing={},
-                     hyperparameters=model.hyperparameters, training_participants=[],
-                     calibration_participants=[], threshold=3.0, fpr=0.001, calibration_voxels=1)
-    directory = save_model(model, card, tmp_path / "model-flair")
+    directory = saved_normative_model(tmp_path / "model-flair", ["FLAIR"])
     code, err = run("participant", "--model", str(directory))
     assert code == 65 and "FLAIR is missing" in err
     card_path = directory / "model.json"
-    card_path.write_text(json.dumps({**json.loads(card_path.read_text()), "channels": ["T1w"],
-                                     "resolution": 1}))
+    card_path.write_text(json.dumps({**json.loads(card_path.read_text()), "resolution": 1}))
     code, err = run("participant", "--model", str(directory))
     assert code == 65 and "at 1 mm" in err
     code, err = run("participant", "--model", "no-such-model")

@@ -119,5 +119,5 @@ def test_invalid_settings_raise(settings):
 def test_fit_refuses_a_channel_the_data_do_not_have():
     with pytest.raises(ValueError, match="channel 2.*only 2 channels"):
         IntensityBaseline(channel=2).fit(TrainingData([], ["T1w", "FLAIR"]))
-    with pytest.raises(ValueError, match="channel 2"):
+    with pytest.raises(BadDataError, match="channel 2"):
         IntensityBaseline(channel=2).score(torch.ones((2, *SHAPE)), _brain_mask())

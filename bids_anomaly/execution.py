@@ -1,0 +1,238 @@
+"""Running Nipype workflows: worker processes that never outlive the run, failures as one line.
+
+Nipype runs each node in a worker process (MultiProc) or in this process (Linear). Three things
+are added here:
+
+- **Supervised workers.** A MultiProc worker waits on its task queue forever, so a run killed
+  with ``kill -9`` used to leave its workers (and through them Python's fork server and resource
+  tracker) running. Each worker now watches the process that started it and exits when it is
+  gone, and ignores SIGINT, which the main process handles for the whole run.
+- **Clean interruption.** SIGTERM (sent by ``kill``, SLURM's ``scancel``, ``docker stop``) is
+  turned into :class:`~bids_anomaly.errors.Interrupted` in the main process; on the way out the
+  workers are stopped, so nothing keeps running after the message.
+- **Failures mapped back.** An exception inside a node reaches the main process as a generic
+  "Workflow did not execute cleanly"; the crash files of this run say which node failed and
+  why. A :class:`~bids_anomaly.errors.BidsAnomalyError` raised in a node becomes the same
+  error (same exit code, one line) in the main process; anything else is reported in one line
+  naming the node, the subject and the crash file that holds the traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from bids_anomaly import errors
+from bids_anomaly.errors import BidsAnomalyError, Interrupted
+
+LOGGER = logging.getLogger(__name__)
+
+WATCH_INTERVAL_S = 0.5
+"""How often a worker checks that the main process is still alive."""
+
+
+@contextlib.contextmanager
+def interruptible() -> Iterator[None]:
+    """Turn SIGTERM into :class:`~bids_anomaly.errors.Interrupted` while the block runs.
+
+    Only the main thread can install signal handlers; elsewhere (a test runner's thread) the
+    block runs unchanged.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def terminate(signum: int, frame: object) -> None:
+        raise Interrupted(signum)
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _process_state(pid: int) -> tuple[str, str] | None:
+    """(state, start time) of a process from /proc, or None when it does not exist."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return fields[0], fields[19]
+
+
+def _main_process_alive(main_pid: int, started: str | None) -> bool:
+    """Whether the main process still runs: not gone, not a zombie, not a reused pid."""
+    if started is None:  # no /proc: existence is all that can be asked
+        try:
+            os.kill(main_pid, 0)
+        except (ProcessLookupError, PermissionError):
+            return False
+        return True
+    state = _process_state(main_pid)
+    return state is not None and state[0] not in ("Z", "X") and state[1] == started
+
+
+def _watch_main_process(main_pid: int) -> None:
+    """Exit this worker as soon as the main process has died (even by SIGKILL)."""
+    known = _process_state(main_pid)
+    started = known[1] if known else None
+    while True:
+        time.sleep(WATCH_INTERVAL_S)
+        if not _main_process_alive(main_pid, started):
+            os._exit(1)
+
+
+def _initialize_worker(cwd: str, main_pid: int) -> None:
+    """Set up a MultiProc worker: Nipype's own set-up, SIGINT ignored, a watch on the main."""
+    from nipype.pipeline.plugins.multiproc import process_initializer
+
+    process_initializer(cwd)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_watch_main_process, args=(main_pid,), daemon=True,
+                     name="watch-main-process").start()
+
+
+def supervised_multiproc(plugin_args: dict):
+    """Nipype's MultiProc plugin whose workers stop with the main process (see module docs)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from nipype.pipeline.plugins import MultiProcPlugin
+
+    class SupervisedMultiProcPlugin(MultiProcPlugin):
+        def __init__(self, plugin_args: dict | None = None) -> None:
+            super().__init__(plugin_args=plugin_args)
+            self.pool.shutdown(wait=False)  # started no worker yet: replaced by ours
+            context = multiprocessing.get_context(self.plugin_args.get("mp_context"))
+            self.pool = ProcessPoolExecutor(
+                max_workers=self.processors, initializer=_initialize_worker,
+                initargs=(self._cwd, os.getpid()), mp_context=context)
+
+        stopping = False
+
+        def _async_callback(self, args) -> None:
+            if not self.stopping:  # a killed worker's task has no result to report
+                super()._async_callback(args)
+
+        def stop_workers(self) -> None:
+            """Kill the workers (a node still running is abandoned) and close the pool."""
+            self.stopping = True
+            processes = list((getattr(self.pool, "_processes", None) or {}).values())
+            for process in processes:
+                with contextlib.suppress(Exception):
+                    process.kill()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+    return SupervisedMultiProcPlugin(plugin_args=plugin_args)
+
+
+@dataclass
+class Crash:
+    """What a Nipype crash file says: the node, the exception type and its message."""
+
+    path: Path
+    node: str
+    error_type: str
+    message: str
+
+    @property
+    def subject(self) -> str | None:
+        """``sub-<label>[_ses-<label>]`` of the node, from its workflow path."""
+        match = re.search(r"\.(sub_[A-Za-z0-9]+(?:_ses_[A-Za-z0-9]+)?)_wf\.", self.node + ".")
+        if not match:
+            return None
+        return match.group(1).replace("sub_", "sub-", 1).replace("_ses_", "_ses-")
+
+    def error(self) -> BidsAnomalyError:
+        """The user-facing error: ours with its exit code, anything else exit 1, one line."""
+        name = self.error_type.rsplit(".", 1)[-1]
+        cls = getattr(errors, name, None)
+        where = self.subject or self.node
+        if isinstance(cls, type) and issubclass(cls, BidsAnomalyError):
+            return cls(f"{where}: {self.message}")
+        step = self.node.rsplit(".", 1)[-1]
+        return BidsAnomalyError(f"{where}: step {step} failed ({name}: {self.message}); the "
+                                f"traceback is in {self.path}")
+
+
+def read_crash(path: Path) -> Crash:
+    """Parse a Nipype crash file (text format) into a :class:`Crash`.
+
+    The file holds ``Node: <name>`` and the traceback of the failure inside the node (nested in
+    Nipype's own, each line indented by a tab); the last exception of it is the cause.
+    """
+    text = Path(path).read_text(errors="replace")
+    node_match = re.search(r"^Node: (.+)$", text, re.MULTILINE)
+    node = node_match.group(1).strip() if node_match else "unknown"
+    body = text.split("\nTraceback:\n", 1)[-1]
+    lines = [line[1:] if line.startswith("\t") else line for line in body.splitlines()]
+    starts = [i for i, line in enumerate(lines) if line.startswith("Traceback (most recent")]
+    tail = lines[starts[-1] + 1:] if starts else lines
+    first = next((i for i, line in enumerate(tail) if line.strip() and not line.startswith(" ")),
+                 None)
+    exception = " ".join(line.strip() for line in tail[first:] if line.strip()) if (
+        first is not None) else "unknown error"
+    error_type, _, message = exception.partition(": ")
+    return Crash(Path(path), node, error_type.strip(), " ".join(message.split()))
+
+
+def crash_files_since(log_dir: Path, start: float) -> list[Path]:
+    """Nipype crash files written in ``log_dir`` since ``start`` (a ``time.time()``)."""
+    files = [p for p in Path(log_dir).glob("crash-*.txt") if p.stat().st_mtime >= start - 1]
+    return sorted(files, key=lambda p: p.stat().st_mtime)
+
+
+def failure(log_dir: Path, start: float, error: Exception) -> BidsAnomalyError:
+    """The error to report for a workflow that failed (see :func:`read_crash`)."""
+    crashes = [read_crash(path) for path in crash_files_since(log_dir, start)]
+    if not crashes:
+        return BidsAnomalyError(f"processing failed: {' '.join(str(error).split())}")
+    first = crashes[0].error()
+    if len(crashes) > 1:
+        first.args = (f"{first.args[0]} (and {len(crashes) - 1} more failed step(s); see "
+                      f"{log_dir})",)
+    return first
+
+
+def run_workflow(workflow, nprocs: int, log_dir: Path, mem_gb: float | None = None,
+                 status_callback: Callable | None = None) -> None:
+    """Run a Nipype workflow: MultiProc with supervised workers, or Linear for one process.
+
+    Raises
+    ------
+    BidsAnomalyError
+        A node failed (see :func:`failure`).
+    KeyboardInterrupt
+        SIGINT, or SIGTERM under :func:`interruptible`; the workers are stopped first.
+    """
+    plugin_args: dict = {}
+    if status_callback is not None:
+        plugin_args["status_callback"] = status_callback
+    if nprocs > 1:
+        # forked workers of a process that already ran torch can hang (OpenMP state), so the
+        # pool starts its workers from a clean server process
+        plugin_args.update(n_procs=nprocs, raise_insufficient=False, mp_context="forkserver")
+        if mem_gb:
+            plugin_args["memory_gb"] = mem_gb
+        plugin = supervised_multiproc(plugin_args)
+    else:
+        from nipype.pipeline.plugins import LinearPlugin
+
+        plugin = LinearPlugin(plugin_args=plugin_args)
+    start = time.time()
+    try:
+        workflow.run(plugin=plugin)
+    except RuntimeError as error:
+        raise failure(log_dir, start, error) from error
+    finally:
+        if hasattr(plugin, "stop_workers"):
+            plugin.stop_workers()

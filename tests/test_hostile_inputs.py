@@ -1,0 +1,375 @@
+"""Inputs a hostile but fair user gives: each gets its exit code and one line, never a traceback.
+
+Add a case to :data:`CASES` for every new input the tool learns to refuse. Each case changes a
+copy of a small dataset (or adds a file next to it) and returns the command-line arguments; the
+run must exit with the expected code, print one line containing the expected words, and leave
+the input dataset byte-identical.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from bids_anomaly.cli.run import main
+from tests.conftest import saved_normative_model, tree_digest, write_minimal_bids
+
+T1W = "sub-01/anat/sub-01_T1w.nii.gz"
+
+
+def _image(bids: Path, data: np.ndarray, affine: np.ndarray | None = None,
+           path: str = T1W) -> None:
+    nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0]) if affine is None else affine
+                    ).to_filename(bids / path)
+
+
+def _zeros(bids, tmp):
+    _image(bids, np.zeros((20, 20, 20), np.float32))
+    return ["participant"]
+
+
+def _all_nan(bids, tmp):
+    _image(bids, np.full((20, 20, 20), np.nan, np.float32))
+    return ["participant"]
+
+
+def _sheared(bids, tmp):
+    affine = np.array([[2.0, 0.5, 0, 0], [0, 2, 0, 0], [0, 0, 2, 0], [0, 0, 0, 1]])
+    _image(bids, np.random.default_rng(0).random((20, 20, 20)).astype(np.float32), affine)
+    return ["participant"]
+
+
+def _nearly_binary(bids, tmp):
+    data = (np.random.default_rng(0).random((20, 20, 20)) > 0.5).astype(np.int16) * 100
+    data[0, 0, :3] = (1, 2, 3)
+    _image(bids, data)
+    return ["participant"]
+
+
+def _two_dimensional(bids, tmp):
+    _image(bids, np.random.default_rng(0).random((20, 20)).astype(np.float32))
+    return ["participant"]
+
+
+def _four_dimensional(bids, tmp):
+    _image(bids, np.random.default_rng(0).random((10, 10, 10, 3)).astype(np.float32))
+    return ["participant"]
+
+
+def _truncated(bids, tmp):
+    path = bids / T1W
+    content = path.read_bytes()
+    path.write_bytes(content[: len(content) // 2])
+    return ["participant"]
+
+
+def _not_gzip(bids, tmp):
+    (bids / T1W).write_bytes(b"this is not a NIfTI file")
+    return ["participant"]
+
+
+def _empty_label(bids, tmp):
+    return ["participant", "--participant-label", ""]
+
+
+def _bare_prefix(bids, tmp):
+    return ["participant", "--participant-label", "sub-"]
+
+
+def _filter_file(content: object) -> Callable:
+    def setup(bids, tmp):
+        path = tmp / "filter.json"
+        path.write_text(json.dumps(content))
+        return ["participant", "--bids-filter-file", str(path)]
+    return setup
+
+
+def _filter_not_json(bids, tmp):
+    path = tmp / "filter.json"
+    path.write_bytes(b"\xff\xfe{not json")
+    return ["participant", "--bids-filter-file", str(path)]
+
+
+def _participants(content: bytes) -> Callable:
+    def setup(bids, tmp):
+        (bids / "participants.tsv").write_bytes(content)
+        return ["train", "--train-filter", "group=healthy"]
+    return setup
+
+
+def _model_name(name: str) -> Callable:
+    def setup(bids, tmp):
+        return ["train", "--model-name", name]
+    return setup
+
+
+def _model(edit: Callable[[Path], None], channels: tuple[str, ...] = ("T1w",)) -> Callable:
+    def setup(bids, tmp):
+        directory = saved_normative_model(tmp / "model-norm", list(channels))
+        edit(directory)
+        return ["participant", "--model", str(directory)]
+    return setup
+
+
+def _edit_card(**changes: object) -> Callable[[Path], None]:
+    def edit(directory: Path) -> None:
+        path = directory / "model.json"
+        path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return edit
+
+
+def _truncate_weights(directory: Path) -> None:
+    path = directory / "weights.safetensors"
+    path.write_bytes(path.read_bytes()[:1000])
+
+
+def _replace_weights(directory: Path) -> None:
+    other = saved_normative_model(directory.parent / "model-other", ["T1w"], threshold=9.0,
+                                  grid=(10, 10, 10))
+    shutil.copyfile(other / "weights.safetensors", directory / "weights.safetensors")
+
+
+def _other_grid(bids, tmp):
+    directory = saved_normative_model(tmp / "model-small", ["T1w"], grid=(10, 11, 12))
+    return ["participant", "--model", str(directory)]
+
+
+def _flair_model_strict(bids, tmp):
+    rng = np.random.default_rng(1)
+    _image(bids, rng.random((20, 20, 20)).astype(np.float32),
+           path="sub-01/anat/sub-01_FLAIR.nii.gz")
+    directory = saved_normative_model(tmp / "model-ms", ["T1w", "FLAIR"])
+    return ["participant", "--model", str(directory), "--stop-on-first-crash"]
+
+
+CASES = {
+    "all-zero T1w": (_zeros, 65, "empty"),
+    "all-NaN T1w": (_all_nan, 65, "empty"),
+    "sheared affine": (_sheared, 65, "sheared"),
+    "nearly binary int16": (_nearly_binary, 65, "distinct intensities"),
+    "2D image": (_two_dimensional, 65, "2D image"),
+    "4D image": (_four_dimensional, 65, "split 4D series"),
+    "truncated gzip": (_truncated, 65, "truncated or corrupt"),
+    "not a NIfTI": (_not_gzip, 65, "truncated or corrupt"),
+    "empty participant label": (_empty_label, 2, "not a BIDS label"),
+    "bare sub- label": (_bare_prefix, 2, "not a BIDS label"),
+    "filter: unknown entity": (_filter_file({"t1w": {"colour": "red"}}), 2, "unknown entity"),
+    "filter: value not an object": (_filter_file({"t1w": "mprage"}), 2, "must be an object"),
+    "filter: misspelt suffix": (_filter_file({"t1ww": {"acquisition": "x"}}), 2, "unknown key"),
+    "filter: a list": (_filter_file(["t1w"]), 2, "JSON object"),
+    "filter: bad value": (_filter_file({"t1w": {"run": {"a": 1}}}), 2, "must be a string"),
+    "filter: not JSON": (_filter_not_json, 2, "--bids-filter-file"),
+    "participants.tsv: unbalanced quote": (
+        _participants(b'participant_id\tgroup\n"sub-01\thealthy\nsub-02\thealthy\n'), 65,
+        "is not sub-<label>"),
+    "participants.tsv: random bytes": (
+        _participants(bytes(np.random.default_rng(0).integers(0, 256, 300, dtype=np.uint8))),
+        65, "participants.tsv"),
+    "participants.tsv: empty": (_participants(b""), 65, "not a readable tab-separated table"),
+    "model name: path traversal": (_model_name("x/../../bids/code"), 2, "model name"),
+    "model name: no letter": (_model_name("!!!"), 2, "model name"),
+    "model name: dot-dot": (_model_name(".."), 2, "model name"),
+    "model: path traversal by name": (lambda b, t: ["participant", "--model", "../../x"], 2,
+                                      "model name"),
+    "card: more channels than weights": (_model(_edit_card(channels=["T1w", "FLAIR"])), 65,
+                                         "model.json lists"),
+    "card: another channel than weights": (_model(_edit_card(channels=["T2w"])), 65,
+                                           "trained on T1w"),
+    "card: unknown model type": (_model(_edit_card(model_type="evil")), 65,
+                                 "unknown model type 'evil'"),
+    "card: threshold not a number": (_model(_edit_card(threshold="abc")), 65,
+                                     "threshold 'abc'"),
+    "card: fpr out of range": (_model(_edit_card(fpr=2)), 65, "fpr 2"),
+    "card: unknown field": (_model(_edit_card(owner="me")), 65, "not a valid model card"),
+    "card: not JSON": (_model(lambda d: (d / "model.json").write_text("{")), 65,
+                       "not a valid model card"),
+    "weights: truncated": (_model(_truncate_weights), 65, "checksum"),
+    "weights: replaced": (_model(_replace_weights), 65, "checksum"),
+    "weights: missing": (_model(lambda d: (d / "weights.safetensors").unlink()), 66,
+                         "is missing"),
+    "weights: another template grid": (_other_grid, 65, "another template"),
+    "mixed cohort with --stop-on-first-crash": (_flair_model_strict, 65,
+                                                "sub-02: model 'ms' needs channels"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
+def test_hostile_input_gives_its_exit_code_and_one_line(case, tiny_bids, tmp_path, capsys):
+    setup, code, words = CASES[case]
+    work = tmp_path / "case"
+    work.mkdir()
+    args = setup(tiny_bids, work)
+    before = tree_digest(tiny_bids)
+    output = tmp_path / "out"
+    assert main([str(tiny_bids), str(output), *args]) == code
+    err = capsys.readouterr().err.strip()
+    assert words in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert tree_digest(tiny_bids) == before
+
+
+@pytest.mark.parametrize("args", [["train", "--model-name", "!!!"],
+                                  ["participant", "--participant-label", ""]])
+def test_names_are_refused_before_any_work(args, tiny_bids, tmp_path):
+    assert main([str(tiny_bids), str(tmp_path / "out"), *args]) == 2
+    assert not (tmp_path / "out").exists()
+
+
+def test_repeated_labels_are_processed_once(tiny_bids, tmp_path):
+    from bids_anomaly.cli.parser import build_parser, settings_from_args
+
+    args = build_parser().parse_args([str(tiny_bids), str(tmp_path / "out"), "participant",
+                                      "--participant-label", "01", "sub-01", "02", "01"])
+    assert settings_from_args(args).participant_label == ["01", "02"]
+
+
+def test_symlinked_image_keeps_its_bids_name(tmp_path):
+    from bids_anomaly.bids import bids_uri
+
+    shared = tmp_path / "shared" / "scan.nii.gz"
+    shared.parent.mkdir()
+    shared.write_bytes(b"x")
+    link = tmp_path / "ds" / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(shared)
+    assert bids_uri(tmp_path / "ds", link) == "bids:raw:sub-01/anat/sub-01_T1w.nii.gz"
+
+
+def test_dataset_description_records_no_host_path(tmp_path):
+    from bids_anomaly.bids import write_dataset_description
+
+    bids, out = tmp_path / "data" / "raw", tmp_path / "results" / "derivatives"
+    write_dataset_description(out, bids)
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["SourceDatasets"] == [{"URL": "bids:raw:"}]
+    assert description["DatasetLinks"] == {"raw": "../../data/raw"}
+    assert str(tmp_path) not in (out / "dataset_description.json").read_text()
+    ignored = (out / ".bidsignore").read_text().split()
+    assert {"*_regions.tsv", "*_qc.tsv", "figures/"} <= set(ignored)
+
+
+def test_int16_padding_is_not_taken_for_normalised_data(tmp_path):
+    from bids_anomaly.images import padding_to_zero
+    from bids_anomaly.interfaces.images import ConformImage
+
+    rng = np.random.default_rng(0)
+    data = np.full((30, 30, 30), -32768, np.int16)
+    data[5:25, 5:25, 5:25] = rng.integers(200, 1000, (20, 20, 20))
+    fixed, value = padding_to_zero(data)
+    assert value == -32768 and fixed.min() == 0 and (fixed[5:25, 5:25, 5:25] > 0).all()
+    z_scored = rng.normal(size=(20, 20, 20)).astype(np.float32)
+    assert padding_to_zero(z_scored)[1] is None  # a spread of negatives is data, not padding
+    nib.Nifti1Image(data, np.eye(4)).to_filename(tmp_path / "padded.nii.gz")
+    result = ConformImage(in_file=str(tmp_path / "padded.nii.gz")).run(cwd=str(tmp_path))
+    assert nib.load(result.outputs.out_file).get_fdata().min() == 0
+
+
+# ---------------------------------------------------------------- failures inside Nipype nodes
+
+def _failing_workflow(base_dir: Path, error: str):
+    from nipype.interfaces import utility as niu
+    from nipype.pipeline import engine as pe
+
+    def fail(kind):
+        if kind == "ours":
+            from bids_anomaly.errors import BadDataError
+            raise BadDataError("the FLAIR covers no brain")
+        raise ValueError("something\nwent wrong")
+
+    workflow = pe.Workflow(name="wf", base_dir=str(base_dir))
+    subject = pe.Workflow(name="sub_07_ses_b_wf")
+    subject.add_nodes([pe.Node(niu.Function(function=fail, input_names=["kind"]),
+                               name="failing_step")])
+    subject.get_node("failing_step").inputs.kind = error
+    workflow.add_nodes([subject])
+    workflow.config["execution"] = {"crashdump_dir": str(base_dir / "logs"),
+                                    "crashfile_format": "txt"}
+    return workflow
+
+
+@pytest.mark.parametrize("nprocs", [1, 2])
+def test_errors_inside_nodes_keep_their_exit_code(tmp_path, nprocs):
+    from bids_anomaly.errors import BadDataError, BidsAnomalyError
+    from bids_anomaly.execution import run_workflow
+
+    with pytest.raises(BadDataError) as ours:
+        run_workflow(_failing_workflow(tmp_path / "a", "ours"), nprocs, tmp_path / "a" / "logs")
+    assert str(ours.value) == "sub-07_ses-b: the FLAIR covers no brain"
+    assert ours.value.exit_code == 65
+    with pytest.raises(BidsAnomalyError) as other:
+        run_workflow(_failing_workflow(tmp_path / "b", "other"), nprocs, tmp_path / "b" / "logs")
+    message = str(other.value)
+    assert other.value.exit_code == 1 and "\n" not in message
+    assert "sub-07_ses-b: step failing_step failed (ValueError: something went wrong)" in message
+    assert "crash-" in message and Path(message.rsplit(" ", 1)[-1]).is_file()
+
+
+# ------------------------------------------------------------- the most common MS protocol, real
+
+@pytest.fixture(scope="module")
+def flair_dataset(tmp_path_factory) -> Path:
+    """Two generated subjects: sub-01 T1w + FLAIR (a symlink to shared storage), sub-02 T1w."""
+    from bids_anomaly.synthetic import synthetic_subject
+
+    root = tmp_path_factory.mktemp("protocol")
+    first, second = synthetic_subject(seed=5, lesions=True), synthetic_subject(seed=6)
+    bids = write_minimal_bids(root / "bids", {"01": {"T1w": first["T1w"]},
+                                              "02": {"T1w": second["T1w"]}},
+                              groups={"01": "MS"})
+    shared = root / "shared" / "flair_of_patient_01.nii.gz"
+    shared.parent.mkdir()
+    first["FLAIR"].to_filename(shared)
+    (bids / "sub-01" / "anat" / "sub-01_FLAIR.nii.gz").symlink_to(shared)
+    return bids
+
+
+@pytest.mark.slow
+def test_t1w_flair_mixed_cohort_and_retrained_threshold(flair_dataset, tmp_path):
+    out = tmp_path / "out"
+    before = tree_digest(flair_dataset)
+    common = [str(flair_dataset), str(out), "participant", "--nprocs", "2"]
+    result = subprocess.run([sys.executable, "-m", "bids_anomaly", *common],
+                            capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    anat = out / "sub-01" / "anat"
+    flair = anat / "sub-01_space-MNI152NLin2009aSym_res-2_desc-preproc_FLAIR.json"
+    assert json.loads(flair.read_text())["Sources"][0] == (
+        "bids:raw:sub-01/anat/sub-01_FLAIR.nii.gz")
+    assert (out / "sub-01" / "figures"
+            / "sub-01_space-MNI152NLin2009aSym_desc-coregistration_FLAIR.svg").is_file()
+
+    # a T1w + FLAIR model scores sub-01 and reports sub-02, which has no FLAIR
+    model = saved_normative_model(out / "models" / "model-ms", ["T1w", "FLAIR"], threshold=4.0)
+    scored = subprocess.run([sys.executable, "-m", "bids_anomaly", *common, "--model", "ms"],
+                            capture_output=True, text=True, timeout=900)
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    assert "sub-02: model 'ms' needs channels ['T1w', 'FLAIR'] but FLAIR is missing" in (
+        scored.stdout)
+    statmap = anat / "sub-01_space-MNI152NLin2009aSym_res-2_desc-ms_stat-anomaly_statmap.nii.gz"
+    mask = anat / "sub-01_space-MNI152NLin2009aSym_res-2_label-anomaly_desc-ms_mask.nii.gz"
+    assert not list((out / "sub-02" / "anat").glob("*desc-ms*"))
+
+    def flagged(threshold: float) -> tuple[int, int]:
+        scores = nib.load(statmap).get_fdata()
+        return int(np.asarray(nib.load(mask).dataobj).sum()), int((scores > threshold).sum())
+
+    written, expected = flagged(4.0)
+    assert written == expected > 0
+    # the same weights with another threshold (a retrained --fpr): the mask follows the card
+    saved_normative_model(model, ["T1w", "FLAIR"], threshold=6.0)
+    again = subprocess.run([sys.executable, "-m", "bids_anomaly", *common, "--model", "ms"],
+                           capture_output=True, text=True, timeout=900)
+    assert again.returncode == 0, again.stderr[-2000:]
+    written, expected = flagged(6.0)
+    assert written == expected and written < flagged(4.0)[1]
+    assert json.loads(mask.with_name(mask.name.replace(".nii.gz", ".json")).read_text())[
+        "Threshold"] == 6.0
+    assert tree_digest(flair_dataset) == before
