@@ -7,6 +7,7 @@ outputs are named by :func:`derivative_path`, and read back by :func:`parse_name
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -183,15 +184,39 @@ def check_bids_dir(bids_dir: Path, skip_validation: bool = False) -> None:
         raise BIDSValidationError(f"{bids_dir} is not a BIDS dataset: it has no sub-* folder")
 
 
+def dataset_signature(bids_dir: Path, validate: bool = True) -> str:
+    """A digest of the dataset's file names, sizes and times (and how it is indexed).
+
+    The pybids index cached under this name is reused only while the dataset is unchanged: a
+    subject added, removed or rewritten gives a new index.
+    """
+    digest = hashlib.sha256(f"pybids {validate}".encode())
+    for folder, subfolders, files in os.walk(bids_dir):
+        subfolders[:] = sorted(d for d in subfolders
+                               if d not in ("derivatives", "code", "sourcedata", ".git"))
+        for name in sorted(files):
+            path = os.path.join(folder, name)
+            try:
+                stat = os.stat(path)
+            except OSError:  # a broken symbolic link: pybids will say so
+                continue
+            digest.update(f"{os.path.relpath(path, bids_dir)}\0{stat.st_size}\0"
+                          f"{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()[:16]
+
+
 def load_layout(bids_dir: Path, database_dir: Path, validate: bool = True):
-    """Index the dataset with pybids, caching the index in the work directory.
+    """Index the dataset with pybids, reusing an index cached in the work directory.
+
+    Nothing is written here: a new index lives in memory until :func:`save_layout` (called
+    once the selection is known to be valid, so a run that selects nobody leaves no trace).
 
     Parameters
     ----------
     bids_dir : Path
         The raw dataset (never written to).
     database_dir : Path
-        Folder for pybids' SQLite index; reused when it exists.
+        Folder of pybids' SQLite indexes, one per :func:`dataset_signature`.
     validate : bool
         Let pybids check file names against the BIDS specification.
 
@@ -201,15 +226,24 @@ def load_layout(bids_dir: Path, database_dir: Path, validate: bool = True):
     """
     from bids.layout import BIDSLayout, BIDSLayoutIndexer
 
-    database_dir.mkdir(parents=True, exist_ok=True)
+    cached = database_dir / dataset_signature(bids_dir, validate)
     indexer = BIDSLayoutIndexer(validate=validate, ignore=[re.compile(r"^/derivatives/"),
                                                           re.compile(r"^/code/"),
                                                           re.compile(r"^/sourcedata/")])
     try:
-        return BIDSLayout(str(bids_dir), validate=validate, indexer=indexer,
-                          database_path=str(database_dir))
+        layout = BIDSLayout(str(bids_dir), validate=validate, indexer=indexer,
+                            database_path=str(cached) if cached.is_dir() else None)
     except Exception as error:  # pybids raises several types for a broken dataset
         raise BIDSValidationError(f"pybids cannot index {bids_dir}: {error}") from error
+    return layout
+
+
+def save_layout(layout, bids_dir: Path, database_dir: Path, validate: bool = True) -> None:
+    """Keep a new pybids index in the work directory (see :func:`load_layout`)."""
+    cached = database_dir / dataset_signature(bids_dir, validate)
+    if not cached.is_dir():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        layout.save(str(cached))
 
 
 def read_participants(bids_dir: Path) -> pd.DataFrame:
@@ -434,7 +468,15 @@ def write_sidecar(image_path: Path, metadata: dict) -> Path:
             name = name[: -len(extension)]
             break
     path = image_path.with_name(name + ".json")
-    path.write_text(json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n")
+    update_text(path, json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n")
+    return path
+
+
+def update_text(path: Path, content: str) -> Path:
+    """Write ``content`` to ``path`` unless it holds it already (its time then stays)."""
+    path = Path(path)
+    if not (path.is_file() and path.read_text(encoding="utf-8") == content):
+        path.write_text(content, encoding="utf-8")
     return path
 
 
@@ -511,6 +553,15 @@ def anomaly_mask_spec(space: str, res: int | None, desc: str) -> dict:
     return {"suffix": "mask", "space": space, "res": res, "label": "anomaly", "desc": desc}
 
 
+def subject_derivatives(output_dir: Path, subject: str, session: str | None) -> list[Path]:
+    """Every derivative of one subject/session: its images, tables, sidecars and figures."""
+    prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "") + "_"
+    folder = Path(output_dir) / f"sub-{subject}"
+    anat = (folder / f"ses-{session}" if session else folder) / "anat"
+    return sorted(p for d in (anat, folder / "figures") if d.is_dir()
+                  for p in d.glob(prefix + "*") if p.is_file())
+
+
 def spec_path(output_dir: Path, subject: str, session: str | None, spec: dict) -> Path:
     """Path of the derivative described by one of the ``*_spec`` functions."""
     return derivative_path(output_dir, subject, session, **spec)
@@ -531,6 +582,23 @@ def group_table_path(output_dir: Path, desc: str, suffix: str) -> Path:
     if suffix not in GROUP_TABLES:
         raise ValueError(f"unknown group table {suffix!r}")
     return Path(output_dir) / "group" / f"desc-{desc}_{suffix}.tsv"
+
+
+def run_config_path(output_dir: Path, level: str, when: float | None = None) -> Path:
+    """Where a run's settings are kept: ``logs/<YYYYmmdd-HHMMSS>_<level>/bids_anomaly.toml``.
+
+    One folder per run, never overwritten (a second run in the same second gets a suffix), so
+    that any earlier run can be repeated with ``--config-file``.
+    """
+    import time
+
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(when))
+    folder = Path(output_dir) / "logs" / f"{stamp}_{level}"
+    number = 1
+    while folder.exists():
+        number += 1
+        folder = Path(output_dir) / "logs" / f"{stamp}_{level}-{number}"
+    return folder / "bids_anomaly.toml"
 
 
 def group_report_path(output_dir: Path) -> Path:

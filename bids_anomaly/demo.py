@@ -16,14 +16,24 @@ LOGGER = logging.getLogger(__name__)
 DEMO_MODELS = (("normative", "normative"), ("gmm", "gmm"))
 """(model type, model name) pairs trained and evaluated by the demo."""
 
+DEMO_HEALTHY = 4
+"""Healthy controls of the default demo: 3 to fit the models, 1 to calibrate their threshold."""
 
-def run_demo(output_dir: Path, n_healthy: int = 8, n_patients: int = 3, nprocs: int = 1,
-             device: str = "auto", random_seed: int = 0, verbose: int = 0) -> Path:
+DEMO_PATIENTS = 2
+"""Patients of the default demo (one with a thick-slice FLAIR)."""
+
+DEMO_MODALITIES = ("T1w", "FLAIR")
+"""Contrasts of the default demo: the most common MS / white-matter-lesion protocol."""
+
+
+def run_demo(output_dir: Path, n_healthy: int = DEMO_HEALTHY, n_patients: int = DEMO_PATIENTS,
+             nprocs: int = 1, device: str = "auto", random_seed: int = 0, verbose: int = 0,
+             modalities: tuple[str, ...] = DEMO_MODALITIES) -> Path:
     """Run the whole tool on generated data and print where the results are.
 
     ``output_dir`` receives ``rawdata/`` (the generated BIDS dataset with ground truth in
     ``rawdata/derivatives/lesion_masks``), ``derivatives/bids_anomaly/`` (the results) and
-    ``work/``. Running it again with the same folder resumes and redoes nothing that finished.
+    ``work/``. Running it again with the same folder redoes nothing that finished.
 
     Returns
     -------
@@ -31,6 +41,7 @@ def run_demo(output_dir: Path, n_healthy: int = 8, n_patients: int = 3, nprocs: 
         The group report.
     """
     from bids_anomaly.cli.run import run_level
+    from bids_anomaly.progress import _duration
 
     output_dir = Path(output_dir).resolve()
     rawdata = output_dir / "rawdata"
@@ -38,11 +49,15 @@ def run_demo(output_dir: Path, n_healthy: int = 8, n_patients: int = 3, nprocs: 
     work = output_dir / "work"
     start = time.monotonic()
     if not (rawdata / "dataset_description.json").is_file():
-        print(f"[demo] generating a synthetic BIDS dataset in {rawdata}", flush=True)
+        print(f"[demo] generating a synthetic BIDS dataset in {rawdata}: {n_healthy} healthy "
+              f"controls and {n_patients} patients with lesions ({', '.join(modalities)})",
+              flush=True)
         generate_demo_dataset(rawdata, n_healthy=n_healthy, n_patients=n_patients,
-                              seed=random_seed)
-    common = ["-w", str(work), "--nprocs", str(nprocs), "--device", device,
-              "--random-seed", str(random_seed)] + ["-v"] * verbose
+                              seed=random_seed, modalities=modalities)
+    # one thread per step and one step per core: the subjects run side by side (ITK's
+    # threads scale poorly), and the results are reproducible to the bit
+    common = ["-w", str(work), "--nprocs", str(nprocs), "--omp-nthreads", "1",
+              "--device", device, "--random-seed", str(random_seed)] + ["-v"] * verbose
     levels = [("preprocessing every participant", ["participant"])]
     for model_type, name in DEMO_MODELS:
         levels.append((f"training a {model_type} model on the healthy controls",
@@ -53,8 +68,9 @@ def run_demo(output_dir: Path, n_healthy: int = 8, n_patients: int = 3, nprocs: 
                        ["participant", "--model", name]))
     levels.append(("group tables and evaluation",
                    ["group", "--ground-truth", str(rawdata / "derivatives" / "lesion_masks")]))
-    for message, arguments in levels:
-        print(f"[demo] {message} ({time.monotonic() - start:.0f} s)", flush=True)
+    for number, (message, arguments) in enumerate(levels, start=1):
+        print(f"[demo] step {number}/{len(levels)}: {message} (elapsed "
+              f"{_duration(time.monotonic() - start)})", flush=True)
         run_level([str(rawdata), str(results), *arguments, *common])
     for _, name in DEMO_MODELS:
         table = bids.group_table_path(results, name, "evaluation")
@@ -62,7 +78,7 @@ def run_demo(output_dir: Path, n_healthy: int = 8, n_patients: int = 3, nprocs: 
         print(f"[demo] {name}: patients' mean AUROC {evaluation['auroc'].mean():.3f}, AUPRC "
               f"{evaluation['auprc'].mean():.3f}, Dice at the calibrated threshold "
               f"{evaluation['dice'].mean():.3f} (oracle {evaluation['oracle_dice'].mean():.3f})")
-    report = results / "group" / "report.html"
-    print(f"[demo] done in {time.monotonic() - start:.0f} s; results in {results}, report "
+    report = bids.group_report_path(results)
+    print(f"[demo] done in {_duration(time.monotonic() - start)}; results in {results}, report "
           f"{report}", flush=True)
     return report

@@ -91,17 +91,35 @@ def _watch_main_process(main_pid: int) -> None:
             os._exit(1)
 
 
-def _initialize_worker(cwd: str, main_pid: int) -> None:
+def set_nipype_console_level(level: str) -> None:
+    """Show Nipype's messages from ``level`` on the console; its log file keeps them all.
+
+    Nipype logs to one stream handler on the ``nipype`` logger and to ``pypeline.log``; its
+    loggers are set to the file's level, so the console gets its own.
+    """
+    import logging as logging_module
+
+    from nipype import logging as nipype_logging  # noqa: F401  (creates the handler)
+
+    nipype_logger = logging_module.getLogger("nipype")
+    nipype_logger.propagate = False  # its own handler shows what the console should
+    for handler in nipype_logger.handlers:
+        if type(handler) is logging_module.StreamHandler:
+            handler.setLevel(level)
+
+
+def _initialize_worker(cwd: str, main_pid: int, console_level: str) -> None:
     """Set up a MultiProc worker: Nipype's own set-up, SIGINT ignored, a watch on the main."""
     from nipype.pipeline.plugins.multiproc import process_initializer
 
     process_initializer(cwd)
+    set_nipype_console_level(console_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_watch_main_process, args=(main_pid,), daemon=True,
                      name="watch-main-process").start()
 
 
-def supervised_multiproc(plugin_args: dict):
+def supervised_multiproc(plugin_args: dict, console_level: str = "WARNING"):
     """Nipype's MultiProc plugin whose workers stop with the main process (see module docs)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
@@ -115,7 +133,7 @@ def supervised_multiproc(plugin_args: dict):
             context = multiprocessing.get_context(self.plugin_args.get("mp_context"))
             self.pool = ProcessPoolExecutor(
                 max_workers=self.processors, initializer=_initialize_worker,
-                initargs=(self._cwd, os.getpid()), mp_context=context)
+                initargs=(self._cwd, os.getpid(), console_level), mp_context=context)
 
         stopping = False
 
@@ -204,8 +222,12 @@ def failure(log_dir: Path, start: float, error: Exception) -> BidsAnomalyError:
 
 
 def run_workflow(workflow, nprocs: int, log_dir: Path, mem_gb: float | None = None,
-                 status_callback: Callable | None = None) -> None:
+                 status_callback: Callable | None = None, console_level: str = "WARNING"
+                 ) -> None:
     """Run a Nipype workflow: MultiProc with supervised workers, or Linear for one process.
+
+    ``console_level`` is the lowest level of Nipype messages shown on the console (the workers'
+    too); ``pypeline.log`` keeps every message of the level Nipype is configured with.
 
     Raises
     ------
@@ -223,7 +245,7 @@ def run_workflow(workflow, nprocs: int, log_dir: Path, mem_gb: float | None = No
         plugin_args.update(n_procs=nprocs, raise_insufficient=False, mp_context="forkserver")
         if mem_gb:
             plugin_args["memory_gb"] = mem_gb
-        plugin = supervised_multiproc(plugin_args)
+        plugin = supervised_multiproc(plugin_args, console_level)
     else:
         from nipype.pipeline.plugins import LinearPlugin
 

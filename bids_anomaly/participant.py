@@ -13,6 +13,7 @@ import numpy as np
 from bids_anomaly import bids
 from bids_anomaly.config import Settings
 from bids_anomaly.errors import BadDataError, MissingInputError, OutputError
+from bids_anomaly.execution import set_nipype_console_level
 from bids_anomaly.images import check_anatomical, load_volume
 from bids_anomaly.models.base import ModelCard, check_weights, load_model
 from bids_anomaly.template import Template, get_template
@@ -20,24 +21,54 @@ from bids_anomaly.template import Template, get_template
 LOGGER = logging.getLogger(__name__)
 
 
-def prepare(settings: Settings):
-    """Check the input dataset, create output and work folders, index the dataset.
+def index_dataset(settings: Settings):
+    """Check the input dataset and index it with pybids (nothing is written yet).
+
+    Returns
+    -------
+    bids.layout.BIDSLayout
+    """
+    bids.check_bids_dir(settings.bids_dir, settings.skip_bids_validation)
+    return bids.load_layout(settings.bids_dir, settings.work_dir / "bids_db",
+                            validate=not settings.skip_bids_validation)
+
+
+def create_outputs(settings: Settings, layout=None) -> Path:
+    """Create the output and work folders, describe the derivatives, record the run's settings.
+
+    Called once the selection is known to be valid: a run that stops earlier (nobody
+    selected, a usage error) leaves nothing behind.
+
+    Returns
+    -------
+    Path
+        The run's settings (``OUTPUT_DIR/logs/<time>_<level>/bids_anomaly.toml``), which
+        ``--config-file`` reads back.
+    """
+    try:
+        for folder in (settings.output_dir, settings.work_dir, settings.output_dir / "logs"):
+            folder.mkdir(parents=True, exist_ok=True)
+        bids.write_dataset_description(settings.output_dir, settings.bids_dir)
+        record = settings.write(bids.run_config_path(settings.output_dir,
+                                                     settings.analysis_level))
+        if layout is not None:
+            bids.save_layout(layout, settings.bids_dir, settings.work_dir / "bids_db",
+                             validate=not settings.skip_bids_validation)
+    except OSError as error:
+        raise OutputError(f"cannot write the output or work folder: {error}") from error
+    return record
+
+
+def prepare(settings: Settings, layout=None):
+    """Create the outputs (see :func:`create_outputs`) and the template in the work folder.
 
     Returns
     -------
     layout : bids.layout.BIDSLayout
     template : Template
     """
-    bids.check_bids_dir(settings.bids_dir, settings.skip_bids_validation)
-    try:
-        for folder in (settings.output_dir, settings.work_dir, settings.output_dir / "logs"):
-            folder.mkdir(parents=True, exist_ok=True)
-        bids.write_dataset_description(settings.output_dir, settings.bids_dir)
-        settings.write(settings.work_dir / f"config-{settings.analysis_level}.toml")
-    except OSError as error:
-        raise OutputError(f"cannot write the output or work folder: {error}") from error
-    layout = bids.load_layout(settings.bids_dir, settings.work_dir / "bids_db",
-                              validate=not settings.skip_bids_validation)
+    layout = layout if layout is not None else index_dataset(settings)
+    create_outputs(settings, layout)
     template = get_template(settings.resolution, settings.work_dir / "templates")
     return layout, template
 
@@ -61,7 +92,6 @@ def collect_subjects(settings: Settings, layout, labels: list[str]) -> list[bids
             subjects.append(inputs)
     if not subjects:
         raise MissingInputError("none of the selected participants has a usable anatomical image")
-    validate_images(subjects, settings.work_dir / "validated-inputs.json")
     return subjects
 
 
@@ -150,7 +180,9 @@ def configure_nipype(settings: Settings) -> None:
     from nipype import logging as nipype_logging
 
     log_dir = settings.output_dir / "logs"
-    level = "DEBUG" if settings.verbose > 1 else "INFO" if settings.verbose else "WARNING"
+    # pypeline.log keeps which steps ran and which came from the cache; the console shows them
+    # only with -v
+    level = "DEBUG" if settings.verbose > 1 else "INFO"
     options = {
         "execution": {
             "crashdump_dir": str(log_dir),
@@ -174,6 +206,12 @@ def configure_nipype(settings: Settings) -> None:
     os.environ["NIPYPE_CONFIG_DIR"] = str(config_dir)
     config.update_config(options)
     nipype_logging.update_logging(config)
+    set_nipype_console_level(nipype_console_level(settings))
+
+
+def nipype_console_level(settings: Settings) -> str:
+    """The lowest level of Nipype's messages shown on the console (``-v``: INFO)."""
+    return "DEBUG" if settings.verbose > 1 else "INFO" if settings.verbose else "WARNING"
 
 
 def run_workflow(workflow, settings: Settings, progress=None) -> None:
@@ -186,7 +224,7 @@ def run_workflow(workflow, settings: Settings, progress=None) -> None:
 
     try:
         execute(workflow, settings.nprocs, settings.output_dir / "logs", settings.mem_gb,
-                progress)
+                progress, nipype_console_level(settings))
     finally:
         if progress is not None:
             progress.close()
@@ -210,21 +248,51 @@ def preprocess(settings: Settings, subjects: list[bids.AnatInputs], template: Te
                scored: set[str] | None = None) -> None:
     """Build and run the participant workflow (preprocessing, then the model if given).
 
-    ``scored`` names the subject/sessions the model applies to (default: all).
+    ``scored`` names the subject/sessions the model applies to (default: all). Subjects that
+    finished the same run before, with their derivatives untouched, are skipped
+    (:mod:`bids_anomaly.completion`).
     """
+    from bids_anomaly.completion import is_complete, mark_complete
+    from bids_anomaly.device import resolve_device
     from bids_anomaly.progress import WorkflowProgress
-    from bids_anomaly.workflows.base import init_participant_wf, subject_workflow_name
-
-    configure_nipype(settings)
-    atlas = prepare_atlas(settings, template) if (model or settings.single_subject) else None
-    workflow = init_participant_wf(settings, subjects, template, model, atlas, scored)
-    LOGGER.info("processing %d subject/session(s): %s", len(subjects),
-                ", ".join(s.name for s in subjects))
-    progress = WorkflowProgress(workflow, {subject_workflow_name(s): s.name for s in subjects})
-    run_workflow(workflow, settings, progress)
     from bids_anomaly.reports.subject import write_subject_reports
+    from bids_anomaly.workflows.base import (
+        init_participant_wf,
+        preprocessing_key,
+        subject_run_key,
+        subject_workflow_name,
+    )
 
-    write_subject_reports(settings.output_dir, subjects, template.name)
+    atlas = prepare_atlas(settings, template) if (model or settings.single_subject) else None
+    use_gpu = resolve_device(settings.device).type == "cuda"
+    keys = {inputs.name: subject_run_key(
+        settings, inputs, template,
+        model if scored is None or inputs.name in scored else None, atlas, use_gpu)
+        for inputs in subjects}
+    pending = [s for s in subjects if not is_complete(settings.work_dir, s, keys[s.name])]
+    done = len(subjects) - len(pending)
+    if done:
+        LOGGER.info("%d of %d subject/session(s) up to date (same inputs and settings, "
+                    "derivatives untouched): skipped", done, len(subjects))
+    # subjects whose preprocessing finished go straight to the model stage
+    preprocessed = {s.name for s in pending
+                    if is_complete(settings.work_dir, s,
+                                   preprocessing_key(settings, s, template, use_gpu))}
+    if pending:
+        configure_nipype(settings)
+        workflow = init_participant_wf(settings, pending, template, model, atlas, scored,
+                                       preprocessed)
+        LOGGER.info("processing %d subject/session(s): %s", len(pending),
+                    ", ".join(s.name for s in pending))
+        progress = WorkflowProgress(workflow,
+                                    {subject_workflow_name(s): s.name for s in pending})
+        run_workflow(workflow, settings, progress)
+    missing_pages = [s for s in subjects
+                     if not bids.subject_report_path(settings.output_dir, s.subject).is_file()]
+    write_subject_reports(settings.output_dir, pending + [s for s in missing_pages
+                                                          if s not in pending], template.name)
+    for inputs in pending:
+        mark_complete(settings.work_dir, inputs, keys[inputs.name], settings.output_dir)
 
 
 def run_participant(settings: Settings
@@ -243,9 +311,11 @@ def run_participant(settings: Settings
     """
     from bids_anomaly.workflows.base import preprocessing_settings
 
-    layout, template = prepare(settings)
+    layout = index_dataset(settings)
     labels = bids.select_participants(layout, settings.participant_label, settings.bids_dir)
     subjects = collect_subjects(settings, layout, labels)
+    layout, template = prepare(settings, layout)
+    validate_images(subjects, settings.work_dir / "validated-inputs.json")
     model = None
     scored, skipped = subjects, []
     if settings.model:

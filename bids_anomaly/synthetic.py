@@ -163,7 +163,8 @@ def synthetic_subject(
 
 
 def generate_demo_dataset(
-    bids_dir: Path, n_healthy: int = 8, n_patients: int = 3, seed: int = 0
+    bids_dir: Path, n_healthy: int = 8, n_patients: int = 3, seed: int = 0,
+    modalities: tuple[str, ...] = MODALITIES,
 ) -> Path:
     """Write a synthetic BIDS dataset of healthy subjects and patients with lesions.
 
@@ -182,6 +183,8 @@ def generate_demo_dataset(
         Number of patients.
     seed : int
         Seed of the whole dataset.
+    modalities : tuple of str
+        Contrasts to write (among T1w, T2w and FLAIR); the anatomy does not depend on them.
 
     Returns
     -------
@@ -195,6 +198,9 @@ def generate_demo_dataset(
 
     """
     bids_dir = Path(bids_dir)
+    unknown = sorted(set(modalities) - set(MODALITIES))
+    if unknown or not modalities:
+        raise ValueError(f"modalities {modalities}: choose among {', '.join(MODALITIES)}")
     if bids_dir.exists() and (not bids_dir.is_dir() or any(bids_dir.iterdir())):
         raise FileExistsError(f"{bids_dir}: the demo dataset needs an empty or new folder")
     derivatives = bids_dir / "derivatives" / "lesion_masks"
@@ -223,7 +229,7 @@ def generate_demo_dataset(
                 orientation=_ORIENTATIONS[(number - 1) % len(_ORIENTATIONS)],
                 thick_flair=number % 2 == 0,
             )
-            _write_subject(bids_dir, label, images)
+            _write_subject(bids_dir, label, {m: images[m] for m in modalities})
             if group == "patient":
                 anat = derivatives / f"sub-{label}" / "anat"
                 anat.mkdir(parents=True, exist_ok=True)
@@ -419,10 +425,10 @@ def _nifti(data: np.ndarray, ras_affine: np.ndarray, orientation: str) -> nib.Ni
 
 
 def _write_subject(bids_dir: Path, label: str, images: dict[str, nib.Nifti1Image]) -> None:
-    """Write the three anatomical images of one subject and their sidecars."""
+    """Write the anatomical images of one subject and their sidecars."""
     anat = bids_dir / f"sub-{label}" / "anat"
     anat.mkdir(parents=True, exist_ok=True)
-    for modality in MODALITIES:
+    for modality in images:
         stem = anat / f"sub-{label}_{modality}"
         images[modality].to_filename(f"{stem}.nii.gz")
         zooms = [float(zoom) for zoom in images[modality].header.get_zooms()[:3]]

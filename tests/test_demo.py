@@ -46,10 +46,22 @@ def test_demo_runs_and_finds_the_lesions(tmp_path):
                       / "sub-patient01_space-T1w_label-anomaly_desc-normative_mask.nii.gz")
     assert native.shape == raw.shape and np.allclose(native.affine, raw.affine, atol=1e-3)
     assert set(np.unique(np.asarray(native.dataobj))) == {0, 1}
-    # a second run with the same folder resumes: nothing is recomputed, same results
+    assert "Warning" not in result.stderr and "Traceback" not in result.stderr
+    assert "[Node] Finished" in (results / "logs" / "pypeline.log").read_text()
+    assert len(list((results / "logs").glob("*_participant/bids_anomaly.toml"))) == 3
+
+    # a second run with the same folder redoes nothing: no model refitted, no map rescored,
+    # no derivative, table or report rewritten
+    def times() -> dict:
+        return {p: p.stat().st_mtime_ns for p in results.rglob("*")
+                if p.is_file() and "logs" not in p.parts}
+
+    before = times()
     again = subprocess.run(["bids_anomaly", "demo", str(out), "--healthy", "4", "--patients",
                             "1", "--nprocs", "2"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
+    assert times() == before
+    assert again.stderr.count("up to date") == 8  # 3 participant, 2 x (train + its check), group
     assert (pd.read_csv(results / "group" / "desc-normative_evaluation.tsv", sep="\t")
             .equals(normative))
 

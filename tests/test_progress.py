@@ -79,3 +79,39 @@ def test_item_progress_logs_position_and_eta(caplog):
     progress.advance("b")
     progress.close()
     assert "2/2" in terminal.getvalue()
+
+
+def _sleep(x):
+    import time
+
+    time.sleep(0.4)
+    return x
+
+
+def test_batch_mode_says_where_it_is_between_subjects(tmp_path, caplog):
+    top = pe.Workflow("top", base_dir=str(tmp_path))
+    subject = pe.Workflow("sub_a_wf")
+    previous = None
+    for index in range(4):
+        node = pe.Node(niu.Function(input_names=["x"], output_names=["x"], function=_sleep),
+                       name=f"step{index}")
+        if previous is None:
+            node.inputs.x = 0
+        else:
+            subject.connect(previous, "x", node, "x")
+        previous = node
+    top.add_nodes([subject])
+    progress = WorkflowProgress(top, {"sub_a_wf": "sub-a"}, stream=io.StringIO(),
+                                heartbeat=0.25)
+    with caplog.at_level(logging.INFO, logger="bids_anomaly.progress"):
+        top.run(plugin="Linear", plugin_args={"status_callback": progress})
+    progress.close()
+    beats = [r.getMessage() for r in caplog.records if "of the work done" in r.getMessage()]
+    assert len(beats) >= 3  # about 1.6 s of work, a line every 0.25 s
+    assert "ETA estimating" in beats[0]  # nothing has run yet
+    later = [b for b in beats if "ETA estimating" not in b]
+    assert later and all("ETA" in b and "elapsed" in b for b in later)
+    # the ETA after the first steps is about the time the remaining steps take (0.4 s each)
+    eta_seconds = [int(b.split("ETA ")[1].split(" s")[0]) for b in later if " min" not in
+                   b.split("ETA ")[1]]
+    assert eta_seconds and max(eta_seconds) <= 3

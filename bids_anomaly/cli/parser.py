@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import os
@@ -18,6 +19,7 @@ from bids_anomaly.config import (
     SINGLE_SUBJECT_TRIM,
     Settings,
 )
+from bids_anomaly.demo import DEMO_HEALTHY, DEMO_MODALITIES, DEMO_PATIENTS
 from bids_anomaly.errors import UsageError
 from bids_anomaly.models import REGISTRY
 from bids_anomaly.models.networks import DEEP_TYPES
@@ -97,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"bids_anomaly {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more log output (repeat for debug)")
+    parser.add_argument("--config-file", type=Path, metavar="TOML",
+                        help="settings of an earlier run (OUTPUT_DIR/logs/<time>_<level>/"
+                             "bids_anomaly.toml); options given on the command line win")
+    parser.add_argument("--notrack", action="store_true",
+                        help="accepted for compatibility with fMRIPrep; this tool never sends "
+                             "usage data anywhere")
 
     select = parser.add_argument_group("selecting data")
     select.add_argument("--participant-label", "--participant_label", nargs="+", default=[],
@@ -253,10 +261,15 @@ def build_demo_parser() -> argparse.ArgumentParser:
                     "train and group on it.",
     )
     parser.add_argument("output_dir", type=Path, help="folder for the dataset and the results")
-    parser.add_argument("--healthy", type=_positive_int, default=8,
-                        help="healthy controls to generate (default: 8; at least 3)")
-    parser.add_argument("--patients", type=_positive_int, default=3,
-                        help="patients with synthetic lesions to generate (default: 3)")
+    parser.add_argument("--healthy", type=_positive_int, default=DEMO_HEALTHY,
+                        help=f"healthy controls to generate (default: {DEMO_HEALTHY}; at least "
+                             "3)")
+    parser.add_argument("--patients", type=_positive_int, default=DEMO_PATIENTS,
+                        help=f"patients with synthetic lesions to generate (default: "
+                             f"{DEMO_PATIENTS})")
+    parser.add_argument("--modalities", nargs="+", choices=("T1w", "T2w", "FLAIR"),
+                        default=list(DEMO_MODALITIES),
+                        help=f"contrasts to generate (default: {' '.join(DEMO_MODALITIES)})")
     parser.add_argument("--nprocs", type=_positive_int, default=os.cpu_count() or 1)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--random-seed", type=int, default=0)
@@ -265,7 +278,60 @@ def build_demo_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from_args(args: argparse.Namespace) -> Settings:
+CONFIG_IGNORED = ("bids_dir", "output_dir", "analysis_level", "version", "bids_filters")
+"""Settings a ``--config-file`` does not set: given on the command line, or recorded only."""
+
+
+def read_config_file(path: Path) -> dict:
+    """The settings saved by an earlier run (``[bids_anomaly]`` table of a TOML file).
+
+    Raises
+    ------
+    UsageError
+        Not readable, not TOML, or without a ``[bids_anomaly]`` table.
+    """
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    try:
+        values = tomllib.loads(Path(path).read_text())["bids_anomaly"]
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError) as error:
+        raise UsageError(f"--config-file {path}: not a settings file written by bids_anomaly "
+                         f"({error.__class__.__name__}: {error})") from error
+    if not isinstance(values, dict):
+        raise UsageError(f"--config-file {path}: [bids_anomaly] is not a table")
+    return values
+
+
+def parse_arguments(argv: list[str]) -> tuple[argparse.Namespace, dict]:
+    """Parse the command line, with the defaults of ``--config-file`` when one is given.
+
+    Returns
+    -------
+    args : argparse.Namespace
+    config : dict
+        The settings read from ``--config-file`` (empty without one).
+    """
+    parser = build_parser()
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config-file", type=Path)
+    known, _ = pre.parse_known_args(argv)
+    config = {}
+    if known.config_file is not None:
+        config = read_config_file(known.config_file)
+        destinations = {action.dest for action in parser._actions}
+        unknown = sorted(set(config) - {field.name for field in dataclasses.fields(Settings)})
+        if unknown:
+            raise UsageError(f"--config-file {known.config_file}: unknown settings "
+                             f"{', '.join(unknown)}")
+        parser.set_defaults(**{key: value for key, value in config.items()
+                               if key in destinations and key not in CONFIG_IGNORED})
+    return parser.parse_args(argv), config
+
+
+def settings_from_args(args: argparse.Namespace, config: dict | None = None) -> Settings:
     """Check the parsed arguments against each other and build the run's settings.
 
     Raises
@@ -290,6 +356,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise UsageError(f"--bids-filter-file {args.bids_filter_file}: {error}") from error
         filters = check_bids_filters(filters)
+    elif config and config.get("bids_filters"):
+        filters = check_bids_filters(config["bids_filters"])
     participant_labels = [check_label(label, "participant") for label in args.participant_label]
     session_labels = [check_label(label, "session") for label in args.session_label]
     if args.model_name is not None:

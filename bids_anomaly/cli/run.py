@@ -26,7 +26,7 @@ def _set_threads(omp_nthreads: int) -> None:
 
 def run_level(argv: list[str]) -> None:
     """Parse ``argv`` and run the requested level (raises BidsAnomalyError on failure)."""
-    from bids_anomaly.cli.parser import build_demo_parser, build_parser, settings_from_args
+    from bids_anomaly.cli.parser import build_demo_parser, parse_arguments, settings_from_args
 
     if argv and argv[0] == "demo":
         args = build_demo_parser().parse_args(argv[1:])
@@ -35,12 +35,12 @@ def run_level(argv: list[str]) -> None:
 
         _set_threads(min(8, args.nprocs))
         run_demo(args.output_dir, n_healthy=args.healthy, n_patients=args.patients,
-                 nprocs=args.nprocs, device=args.device,
-                 random_seed=args.random_seed, verbose=args.verbose)
+                 nprocs=args.nprocs, device=args.device, random_seed=args.random_seed,
+                 verbose=args.verbose, modalities=tuple(args.modalities))
         return
-    args = build_parser().parse_args(argv)
+    args, config = parse_arguments(argv)
     _configure_logging(args.verbose)
-    settings = settings_from_args(args)
+    settings = settings_from_args(args, config)
     from bids_anomaly.training import distributed
 
     if distributed.world_size() > 1 and settings.analysis_level != "train":
@@ -75,6 +75,11 @@ def run_level(argv: list[str]) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line and return its exit code."""
     argv = sys.argv[1:] if argv is None else argv
+    if "--version" in argv:  # answered before the heavy imports
+        from bids_anomaly import __version__
+
+        print(f"bids_anomaly {__version__}")
+        return 0
     from bids_anomaly.execution import interruptible
 
     try:

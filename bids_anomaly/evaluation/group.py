@@ -277,12 +277,12 @@ def run_group(settings: Settings) -> list[Path]:
         The tables and report written.
     """
     from bids_anomaly.evaluation.statistics import resolve_control_label, summarize_by_group
-    from bids_anomaly.participant import prepare
+    from bids_anomaly.participant import create_outputs, index_dataset
     from bids_anomaly.reports.group import write_group_report
 
     if settings.ground_truth is not None and not settings.ground_truth.is_dir():
         raise MissingInputError(f"--ground-truth {settings.ground_truth} is not a folder")
-    layout, _ = prepare(settings)
+    layout = index_dataset(settings)
     maps = find_anomaly_maps(settings.output_dir)
     if settings.participant_label:
         wanted = {f"sub-{label}_" for label in settings.participant_label}
@@ -294,6 +294,13 @@ def run_group(settings: Settings) -> list[Path]:
             f"no anomaly maps in {settings.output_dir}: run the participant level with --model "
             "first"
         )
+    create_outputs(settings, layout)
+    key = group_inputs_key(settings, maps)
+    record = settings.work_dir / "group" / "outputs.json"
+    previous = json.loads(record.read_text()) if record.is_file() else {}
+    if previous.get("key") == key and all(Path(p).is_file() for p in previous["written"]):
+        LOGGER.info("group outputs are up to date (same maps, ground truth and settings): kept")
+        return [Path(p) for p in previous["written"]]
     try:
         participants = bids.read_participants(settings.bids_dir)
     except MissingInputError:
@@ -334,4 +341,37 @@ def run_group(settings: Settings) -> list[Path]:
                          bids.group_table_path(settings.output_dir, desc, "statistics"), written)
         results.append(result)
     written.append(write_group_report(bids.group_report_path(settings.output_dir), results))
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"key": key, "written": [str(p) for p in written]}, indent=1))
     return written
+
+
+def group_inputs_key(settings: Settings, maps: dict[str, list[Path]]) -> str:
+    """A digest of what the group outputs depend on: the name and content of every input.
+
+    The maps and everything written beside them (masks, regional tables, sidecars), the model
+    cards, the ground truth, participants.tsv, and the group settings.
+    """
+    import hashlib
+
+    from bids_anomaly import __version__
+    from bids_anomaly.models.base import file_checksum
+
+    files: list[Path] = []
+    for paths in maps.values():
+        for path in paths:
+            prefix = path.name.split("_space-")[0]
+            files.extend(path.parent.glob(f"{prefix}_*"))
+    files.extend((settings.output_dir / "models").glob("model-*/*.json"))
+    if settings.ground_truth is not None:
+        files.extend(p for p in settings.ground_truth.rglob("*") if p.is_file())
+    files.append(settings.bids_dir / "participants.tsv")
+    digest = hashlib.sha256(json.dumps({
+        "version": __version__, "ground_truth": str(settings.ground_truth),
+        "control_label": settings.control_label, "bootstrap": settings.bootstrap,
+        "seed": settings.random_seed, "participants": settings.participant_label,
+    }, sort_keys=True).encode())
+    for path in sorted(set(files)):
+        if path.is_file():
+            digest.update(f"{path}\0{file_checksum(path)}\n".encode())
+    return digest.hexdigest()

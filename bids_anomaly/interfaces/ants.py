@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
+import nibabel as nib
 import numpy as np
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
@@ -210,7 +211,8 @@ class ResampleToVoxelSize(SimpleInterface):
     """Resample an image to isotropic voxels over the same field of view (antspyx).
 
     Registrations estimate transforms in world coordinates, so estimating them on a coarser copy
-    of the image (at the output resolution) gives transforms that apply to the original.
+    of the image (at the output resolution) gives transforms that apply to the original. An
+    image already at that voxel size is passed on as it is.
     """
 
     input_spec = _ResampleInputSpec
@@ -219,8 +221,12 @@ class ResampleToVoxelSize(SimpleInterface):
     def _run_interface(self, runtime):
         import ants
 
-        image = ants.image_read(self.inputs.in_file)
         size = self.inputs.voxel_size
+        spacing = nib.load(self.inputs.in_file).header.get_zooms()[:3]
+        if np.allclose(spacing, size, rtol=0, atol=1e-4):  # already there: nothing to do
+            self._results["out_file"] = self.inputs.in_file
+            return runtime
+        image = ants.image_read(self.inputs.in_file)
         interp = 0 if self.inputs.interpolation == "linear" else 1
         resampled = ants.resample_image(image, (size, size, size), use_voxels=False,
                                         interp_type=interp)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import filecmp
 import shutil
 from pathlib import Path
 
@@ -38,7 +39,8 @@ class DerivativesDataSink(SimpleInterface):
     """Copy a result to its BIDS-derivative name and write its JSON sidecar.
 
     Always runs, so that a derivative deleted by hand is written again on the next run, while
-    the computation behind it stays cached.
+    the computation behind it stays cached; a derivative that is already there with the same
+    content is left untouched.
     """
 
     input_spec = _DerivativesDataSinkInputSpec
@@ -52,7 +54,8 @@ class DerivativesDataSink(SimpleInterface):
             **(self.inputs.entities or {}),
         )
         out_file.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self.inputs.in_file, out_file)
+        if not (out_file.is_file() and filecmp.cmp(self.inputs.in_file, out_file, shallow=False)):
+            shutil.copyfile(self.inputs.in_file, out_file)  # unchanged files keep their times
         metadata = dict(self.inputs.metadata or {})
         if self.inputs.source_files:
             metadata["Sources"] = list(self.inputs.source_files)

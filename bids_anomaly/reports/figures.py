@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -67,17 +68,22 @@ def plot_anomaly_overlay(background_file: str | Path, map_file: str | Path,
     if threshold is None:
         threshold = float(np.percentile(inside, 95)) if inside.size else 0.0
     vmax = float(np.percentile(inside, 99.9)) if inside.size else 1.0
-    display = plotting.plot_stat_map(
-        map_img, bg_img=str(background_file), display_mode="ortho",
-        cut_coords=peak_coordinates(map_img, mask_img), threshold=threshold,
-        vmax=max(vmax, threshold * 1.01, 1e-6), cmap="hot", title=title or None,
-        black_bg=True, draw_cross=True, annotate=True, colorbar=True)
-    if mask_img is not None and np.asarray(mask_img.dataobj).any():
-        display.add_contours(mask_img, levels=[0.5], colors="lime", linewidths=0.8)
-    try:
-        save_figure(display, out_file, dpi=90)
-    finally:
-        display.close()
+    if not (scores > threshold).any():
+        title = f"{title} (no voxel above the threshold)".strip()
+    with warnings.catch_warnings():
+        # nilearn warns "empty mask" when nothing is above the threshold: said in the title
+        warnings.filterwarnings("ignore", message="empty mask")
+        display = plotting.plot_stat_map(
+            map_img, bg_img=str(background_file), display_mode="ortho",
+            cut_coords=peak_coordinates(map_img, mask_img), threshold=threshold,
+            vmax=max(vmax, threshold * 1.01, 1e-6), cmap="hot", title=title or None,
+            black_bg=True, draw_cross=True, annotate=True, colorbar=True)
+        if mask_img is not None and np.asarray(mask_img.dataobj).any():
+            display.add_contours(mask_img, levels=[0.5], colors="lime", linewidths=0.8)
+        try:
+            save_figure(display, out_file, dpi=90)
+        finally:
+            display.close()
     return out_file
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from bids_anomaly import __version__
+from bids_anomaly import __version__, bids
 from bids_anomaly.evaluation.group import per_subject
 from bids_anomaly.reports.qc import _figure_html, _table_html
 
@@ -167,5 +167,5 @@ def write_group_report(path: Path, results: list) -> Path:
         + f"<p class='footer'>bids_anomaly {html.escape(__version__)}</p></body></html>\n"
     )
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(page, encoding="utf-8")
+    bids.update_text(path, page)
     return path

@@ -20,6 +20,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
+from bids_anomaly import bids
 from bids_anomaly.evaluation.metrics import dice
 from bids_anomaly.images import same_grid
 
@@ -552,5 +553,5 @@ def write_subject_report(out_file: str | Path, title: str,
     )
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    out_file.write_text(page, encoding="utf-8")
+    bids.update_text(out_file, page)
     return out_file

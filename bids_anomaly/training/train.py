@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 from pathlib import Path
 
 import torch
 
-from bids_anomaly import bids
+from bids_anomaly import __version__, bids
 from bids_anomaly.config import DEEP_OPTIONS, MODALITIES, SINGLE_SUBJECT_TRIM, Settings
 from bids_anomaly.device import resolve_device
-from bids_anomaly.errors import MissingInputError
-from bids_anomaly.models.base import REGISTRY, ModelCard, SubjectImages, TrainingData, save_model
+from bids_anomaly.errors import BidsAnomalyError, MissingInputError
+from bids_anomaly.models.base import (
+    CARD_FILE,
+    REGISTRY,
+    ModelCard,
+    SubjectImages,
+    TrainingData,
+    file_checksum,
+    load_model,
+    save_model,
+)
 from bids_anomaly.models.mixture import MixtureModel
 from bids_anomaly.models.reconstruction import ReconstructionModel
-from bids_anomaly.participant import collect_subjects, prepare, preprocess
+from bids_anomaly.participant import (
+    collect_subjects,
+    index_dataset,
+    prepare,
+    preprocess,
+    validate_images,
+)
 from bids_anomaly.postprocessing.thresholds import healthy_scores, tail_table, threshold_at_fpr
 from bids_anomaly.template import Template
 from bids_anomaly.training import distributed
@@ -103,23 +120,63 @@ def build_model(settings: Settings):
     return cls()
 
 
+def training_key(settings: Settings, data: TrainingData, template: Template,
+                 preprocessing: dict, hyperparameters: dict) -> str:
+    """A digest of everything a trained model depends on: the data's bytes and the settings.
+
+    A model directory whose card records the same key is up to date: training it again would
+    give the same model, so the train level keeps it.
+    """
+    digest = hashlib.sha256()
+    major_minor = ".".join(__version__.split(".")[:2])
+    digest.update(json.dumps({
+        "version": major_minor, "model_type": settings.model_type,
+        "hyperparameters": hyperparameters, "channels": list(data.channels),
+        "fpr": settings.fpr, "calibration_fraction": settings.calibration_fraction,
+        "seed": settings.random_seed, "template": [template.name, template.resolution],
+        "preprocessing": preprocessing, "subjects": data.names,
+    }, sort_keys=True, default=str).encode())
+    for subject in data.subjects:
+        for path in [*subject.channels, subject.mask]:
+            digest.update(file_checksum(Path(path)).encode())
+    return digest.hexdigest()
+
+
+def up_to_date(directory: Path, key: str) -> bool:
+    """Whether ``directory`` holds a sound model trained with this :func:`training_key`."""
+    if not (directory / CARD_FILE).is_file():
+        return False
+    try:
+        _, card = load_model(directory)
+    except BidsAnomalyError as error:
+        LOGGER.warning("%s cannot be reused (%s): training again", directory, error)
+        return False
+    return card.extra.get("training_key") == key
+
+
 def fit_and_save(settings: Settings, data: TrainingData, template: Template,
                  preprocessing: dict) -> Path:
     """Fit on part of ``data``, calibrate the threshold on the rest, write the model directory.
+
+    A model already trained on the same data with the same settings is kept as it is.
 
     Returns
     -------
     Path
         The model directory.
     """
+    name = settings.model_name or settings.model_type
+    directory = bids.model_dir(settings.output_dir, name)
+    model = build_model(settings)
+    key = training_key(settings, data, template, preprocessing, model.hyperparameters)
+    if up_to_date(directory, key):
+        LOGGER.info("model %s is up to date (same data and settings): kept", directory)
+        return directory
     torch.manual_seed(settings.random_seed)
     fit_data, calibration_data = data.split(settings.calibration_fraction, settings.random_seed)
     LOGGER.info("fitting %s on %d subjects, calibrating on %d held-out subjects",
                 settings.model_type, len(fit_data), len(calibration_data))
-    name = settings.model_name or settings.model_type
-    model = build_model(settings)
     model.fit(fit_data)
-    directory = bids.model_dir(settings.output_dir, name)
     if not distributed.is_main():
         return directory  # rank 0 calibrates and writes the model
     calibration = healthy_scores(model, calibration_data)
@@ -139,7 +196,7 @@ def fit_and_save(settings: Settings, data: TrainingData, template: Template,
         calibration_voxels=int(calibration.size),
         score_definition=model.score_definition,
         extra={"calibration_tail": tail_table(calibration),
-               "fit": getattr(model, "fit_report", {})},
+               "fit": getattr(model, "fit_report", {}), "training_key": key},
     )
     save_model(model, card, directory)
     LOGGER.info("model written to %s (threshold %.4g at FPR %g)", directory, threshold,
@@ -159,11 +216,13 @@ def run_train(settings: Settings) -> Path:
 
     device = distributed.setup(resolve_device(settings.device))
     try:
-        layout, template = prepare(settings)
+        layout = index_dataset(settings)
         labels = bids.select_participants(layout, settings.participant_label,
                                           settings.bids_dir, settings.train_filter)
         subjects = collect_subjects(settings, layout, labels)
         channels = choose_channels(subjects, settings.channels)
+        layout, template = prepare(settings, layout)
+        validate_images(subjects, settings.work_dir / "validated-inputs.json")
         if distributed.is_main():
             preprocess(settings, subjects, template)
         distributed.barrier()  # the other ranks wait for the preprocessed images

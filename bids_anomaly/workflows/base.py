@@ -32,6 +32,67 @@ def preprocessing_settings(settings: Settings) -> dict:
     return {"registration": settings.registration, "normalization": settings.normalization}
 
 
+def _digest(values: dict) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(values, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def preprocessing_key(settings: Settings, inputs: bids.AnatInputs, template: Template,
+                      use_gpu: bool) -> str:
+    """A digest of everything one subject's preprocessing reads (its completion record's key).
+
+    The package version, the raw images (names, sizes and times), the template and the
+    preprocessing settings: when a finished run had the same key, preprocessing again would
+    write the same derivatives.
+    """
+    import os
+
+    raw = {}
+    for modality, path in inputs.images.items():
+        stat = os.stat(path)
+        raw[modality] = [str(path), stat.st_size, stat.st_mtime_ns]
+    return _digest({
+        "version": __version__, "subject": inputs.name, "raw": raw,
+        "template": [template.name, template.resolution], "use_gpu": use_gpu,
+        "output_dir": str(settings.output_dir), "bids_dir": str(settings.bids_dir),
+        "preprocessing": {**preprocessing_settings(settings),
+                          "skull_stripped": settings.skull_stripped,
+                          "random_seed": settings.random_seed,
+                          "omp_nthreads": settings.omp_nthreads},
+    })
+
+
+def subject_run_key(settings: Settings, inputs: bids.AnatInputs, template: Template,
+                    model: tuple[Path, ModelCard] | None, atlas: Atlas | None,
+                    use_gpu: bool) -> str:
+    """A digest of everything one subject's workflow reads (its completion record's key).
+
+    Without a model or ``--single-subject`` it is the :func:`preprocessing_key`; otherwise
+    that key with the model's card and weights, the post-processing options and the atlas.
+    """
+    from bids_anomaly.models.base import file_checksum
+
+    key = preprocessing_key(settings, inputs, template, use_gpu)
+    if model is None and not settings.single_subject:
+        return key
+    values = {
+        "preprocessing": key,
+        "postprocessing": {"fdr": settings.fdr, "min_cluster_mm3": settings.min_cluster_mm3,
+                           "restrict": settings.restrict,
+                           "atlas": file_checksum(atlas.path) if atlas is not None else None},
+    }
+    if model is not None:
+        values["model"] = [model[1].checksum, card_checksum(model[0])]
+    if settings.single_subject:
+        from bids_anomaly.training.train import mixture_options
+
+        values["single_subject"] = [settings.single_subject, settings.fpr,
+                                    mixture_options(settings, single_subject=True)]
+    return _digest(values)
+
+
 def init_participant_wf(
     settings: Settings,
     subjects: list[bids.AnatInputs],
@@ -39,6 +100,7 @@ def init_participant_wf(
     model: tuple[Path, ModelCard] | None = None,
     atlas: Atlas | None = None,
     scored: set[str] | None = None,
+    preprocessed: set[str] | None = None,
 ) -> pe.Workflow:
     """Build the participant-level workflow for every subject/session.
 
@@ -56,6 +118,9 @@ def init_participant_wf(
         User atlas on the template grid, for the clusters and regional tables.
     scored : set of str, optional
         Names of the subject/sessions the model applies to (default: all).
+    preprocessed : set of str, optional
+        Names of the subject/sessions whose preprocessing finished (their derivatives feed the
+        model stage directly).
 
     Returns
     -------
@@ -67,8 +132,9 @@ def init_participant_wf(
     use_gpu = resolve_device(settings.device).type == "cuda"
     for inputs in subjects:
         applies = scored is None or inputs.name in scored
-        workflow.add_nodes([init_single_subject_wf(settings, inputs, template,
-                                                   model if applies else None, use_gpu, atlas)])
+        workflow.add_nodes([init_single_subject_wf(
+            settings, inputs, template, model if applies else None, use_gpu, atlas,
+            preprocessed=inputs.name in (preprocessed or ()))])
     return workflow
 
 
@@ -84,8 +150,13 @@ def init_single_subject_wf(
     model: tuple[Path, ModelCard] | None = None,
     use_gpu: bool = False,
     atlas: Atlas | None = None,
+    preprocessed: bool = False,
 ) -> pe.Workflow:
     """Preprocess one subject/session, write its derivatives, and apply a model if given.
+
+    With ``preprocessed`` (its preprocessing finished in an earlier run), the model stage reads
+    the preprocessed derivatives instead: the preprocessing steps are not even checked against
+    their cache.
 
     Parameters
     ----------
@@ -101,8 +172,46 @@ def init_single_subject_wf(
         Run the networks (deepbet, the model) on CUDA.
     atlas : Atlas, optional
         User atlas for the clusters and regional tables.
+    preprocessed : bool
+        Read the preprocessed derivatives instead of preprocessing.
     """
     workflow = pe.Workflow(name=subject_workflow_name(inputs))
+    if preprocessed:
+        source = _preprocessed_derivatives(settings, inputs, template)
+        prefix = ""
+    else:
+        source = _preprocess(workflow, settings, inputs, template, use_gpu)
+        prefix = "outputnode."
+    if model is not None:
+        _connect_trained_model(workflow, source, prefix, settings, inputs, template, model,
+                               use_gpu, atlas)
+    if settings.single_subject:
+        _connect_single_subject(workflow, source, prefix, settings, inputs, template, use_gpu,
+                                atlas)
+    return workflow
+
+
+def _preprocessed_derivatives(settings: Settings, inputs: bids.AnatInputs,
+                              template: Template) -> pe.Node:
+    """A node holding the preprocessed derivatives the model stage reads."""
+    modalities = inputs.modalities
+    fields = [f"preproc_{m}" for m in modalities] + ["std_mask", "template_to_ref"]
+    node = pe.Node(niu.IdentityInterface(fields=fields), name="preprocessed")
+
+    def path(spec: dict) -> str:
+        return str(bids.spec_path(settings.output_dir, inputs.subject, inputs.session, spec))
+
+    for modality in modalities:
+        setattr(node.inputs, f"preproc_{modality}",
+                path(bids.preproc_spec(template.name, template.resolution, modality)))
+    node.inputs.std_mask = path(bids.brain_mask_spec(template.name, template.resolution))
+    node.inputs.template_to_ref = path(bids.transform_spec(template.name, inputs.reference))
+    return node
+
+
+def _preprocess(workflow: pe.Workflow, settings: Settings, inputs: bids.AnatInputs,
+                template: Template, use_gpu: bool) -> pe.Workflow:
+    """Add preprocessing and its derivatives to ``workflow``; return the preprocessing."""
     modalities = inputs.modalities
     inputnode = pe.Node(
         niu.IdentityInterface(fields=[f"in_{m}" for m in modalities]
@@ -139,13 +248,7 @@ def init_single_subject_wf(
         (anat_preproc_wf, ds_anat_wf, [(f"outputnode.{field}", f"inputnode.{field}")
                                        for field in anat_outputs]),
     ])
-    if model is not None:
-        _connect_trained_model(workflow, anat_preproc_wf, settings, inputs, template, model,
-                               use_gpu, atlas)
-    if settings.single_subject:
-        _connect_single_subject(workflow, anat_preproc_wf, settings, inputs, template, use_gpu,
-                                atlas)
-    return workflow
+    return anat_preproc_wf
 
 
 def _threshold_metadata(settings: Settings, fpr: float) -> dict:
@@ -175,7 +278,7 @@ def _table_metadata(settings: Settings, atlas: Atlas | None) -> dict:
     }
 
 
-def _connect_outputs(workflow: pe.Workflow, anat_preproc_wf: pe.Workflow, score: pe.Node,
+def _connect_outputs(workflow: pe.Workflow, source, prefix: str, score: pe.Node,
                      ds_wf: pe.Workflow, inputs: bids.AnatInputs) -> None:
     """Sink the model stage's maps and tables, and their copies on the raw reference's grid."""
     reference = str(inputs.images[inputs.reference])
@@ -185,8 +288,8 @@ def _connect_outputs(workflow: pe.Workflow, anat_preproc_wf: pe.Workflow, score:
                                           interpolation="genericLabel", binarize=True),
                           name=f"{score.name}_native_mask", mem_gb=1.0)
     workflow.connect([
-        (anat_preproc_wf, native_map, [("outputnode.template_to_ref", "transforms")]),
-        (anat_preproc_wf, native_mask, [("outputnode.template_to_ref", "transforms")]),
+        (source, native_map, [(f"{prefix}template_to_ref", "transforms")]),
+        (source, native_mask, [(f"{prefix}template_to_ref", "transforms")]),
         (score, native_map, [("anomaly_map", "in_file")]),
         (score, native_mask, [("anomaly_mask", "in_file")]),
         (score, ds_wf, [("anomaly_map", "inputnode.anomaly_map"),
@@ -198,16 +301,20 @@ def _connect_outputs(workflow: pe.Workflow, anat_preproc_wf: pe.Workflow, score:
     ])
 
 
-def _connect_trained_model(workflow: pe.Workflow, anat_preproc_wf: pe.Workflow,
+def _connect_trained_model(workflow: pe.Workflow, source, prefix: str,
                            settings: Settings, inputs: bids.AnatInputs, template: Template,
                            model: tuple[Path, ModelCard], use_gpu: bool,
                            atlas: Atlas | None = None) -> None:
-    """Score the preprocessed channels with a trained model and write the maps."""
+    """Score the preprocessed channels with a trained model and write the maps.
+
+    ``source`` gives the preprocessed images as fields ``<prefix>preproc_<modality>``,
+    ``<prefix>std_mask`` and ``<prefix>template_to_ref``.
+    """
     model_dir, card = model
     channels = pe.Node(niu.Merge(len(card.channels)), name="model_channels",
                        run_without_submitting=True)
     for index, channel in enumerate(card.channels, start=1):
-        workflow.connect(anat_preproc_wf, f"outputnode.preproc_{channel}", channels, f"in{index}")
+        workflow.connect(source, f"{prefix}preproc_{channel}", channels, f"in{index}")
     score = pe.Node(
         ScoreAnomaly(model_dir=str(model_dir), model_checksum=card.checksum,
                      card_checksum=card_checksum(model_dir),
@@ -230,14 +337,14 @@ def _connect_trained_model(workflow: pe.Workflow, anat_preproc_wf: pe.Workflow,
                                        table_metadata=_table_metadata(settings, atlas))
     workflow.connect([
         (channels, score, [("out", "channel_files")]),
-        (anat_preproc_wf, score, [("outputnode.std_mask", "mask_file")]),
+        (source, score, [(f"{prefix}std_mask", "mask_file")]),
     ])
-    _connect_outputs(workflow, anat_preproc_wf, score, ds_anomaly_wf, inputs)
+    _connect_outputs(workflow, source, prefix, score, ds_anomaly_wf, inputs)
     if per_channel:
         workflow.connect(score, "channel_maps", ds_anomaly_wf, "inputnode.channel_maps")
 
 
-def _connect_single_subject(workflow: pe.Workflow, anat_preproc_wf: pe.Workflow,
+def _connect_single_subject(workflow: pe.Workflow, source, prefix: str,
                             settings: Settings, inputs: bids.AnatInputs, template: Template,
                             use_gpu: bool, atlas: Atlas | None = None) -> None:
     """Fit a mixture on the subject's own channels, score them and write the maps."""
@@ -247,7 +354,7 @@ def _connect_single_subject(workflow: pe.Workflow, anat_preproc_wf: pe.Workflow,
     channels = pe.Node(niu.Merge(len(modalities)), name="subject_channels",
                        run_without_submitting=True)
     for index, channel in enumerate(modalities, start=1):
-        workflow.connect(anat_preproc_wf, f"outputnode.preproc_{channel}", channels, f"in{index}")
+        workflow.connect(source, f"{prefix}preproc_{channel}", channels, f"in{index}")
     fit = pe.Node(
         FitSubjectMixture(model_type=settings.single_subject,
                           options=mixture_options(settings, single_subject=True),
@@ -272,6 +379,6 @@ def _connect_single_subject(workflow: pe.Workflow, anat_preproc_wf: pe.Workflow,
                                       table_metadata=_table_metadata(settings, atlas))
     workflow.connect([
         (channels, fit, [("out", "channel_files")]),
-        (anat_preproc_wf, fit, [("outputnode.std_mask", "mask_file")]),
+        (source, fit, [(f"{prefix}std_mask", "mask_file")]),
     ])
-    _connect_outputs(workflow, anat_preproc_wf, fit, ds_single_wf, inputs)
+    _connect_outputs(workflow, source, prefix, fit, ds_single_wf, inputs)
