@@ -28,9 +28,9 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
-from bids_anomaly.models import DEEP_MODELS, SubjectImages, TrainingData
-from bids_anomaly.models.networks import Architecture
-from bids_anomaly.training.engine import EngineOptions
+from bids_anomaly.models import REGISTRY, ReconstructionModel, SubjectImages, TrainingData
+from bids_anomaly.models.deep.engine import EngineOptions
+from bids_anomaly.models.deep.networks import Architecture
 
 GRID_2MM = (99, 117, 95)
 GRID_1MM = (197, 233, 189)
@@ -91,7 +91,8 @@ def main() -> None:
     """Train and time every requested model type and mode; print a Markdown table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--types", nargs="+", default=list(DEEP_MODELS))
+    parser.add_argument("--types", nargs="+", default=[
+        t for t, c in REGISTRY.items() if issubclass(c, ReconstructionModel)])
     parser.add_argument("--modes", nargs="+", default=["2d", "3d"])
     parser.add_argument("--subjects", type=int, default=6)
     parser.add_argument("--channels", type=int, default=2)
@@ -117,7 +118,7 @@ def main() -> None:
             training = EngineOptions(epochs=args.epochs, batch_size=args.batch_size,
                                      num_workers=args.num_workers, patience=0,
                                      precision=args.precision)
-            model = DEEP_MODELS[model_type](mode=mode, training=training,
+            model = REGISTRY[model_type](mode=mode, training=training,
                                             cache_dir=folder / "cache")
             model.fit(data)
             last = model.fit_report["history"][-1]

@@ -46,11 +46,11 @@ from bench_mixture_accuracy import (
 )
 
 from bids_anomaly.evaluation.ground_truth import find_ground_truth, truth_in_template
-from bids_anomaly.models import DEEP_MODELS, AnomalyModel, IntensityBaseline, NormativeModel
+from bids_anomaly.models import REGISTRY, AnomalyModel, IntensityBaseline, NormativeModel
 from bids_anomaly.models.base import TrainingData, valid_voxels
+from bids_anomaly.models.deep.engine import EngineOptions
 from bids_anomaly.postprocessing.thresholds import healthy_scores, threshold_at_fpr
 from bids_anomaly.template import TEMPLATE_NAME, Template, get_template
-from bids_anomaly.training.engine import EngineOptions
 
 DEEP_VARIANTS = (("ae", "2d"), ("vae", "2d"), ("vqvae", "2d"), ("vit-ae", "2d"),
                  ("dae", "2d"), ("dae", "3d"))
@@ -62,7 +62,7 @@ def deep_model(model_type: str, mode: str, args: argparse.Namespace, cache: Path
     training = EngineOptions(epochs=epochs, batch_size=args.batch_size,
                              patience=args.patience, num_workers=args.num_workers,
                              seed=args.seed, precision="auto")
-    return DEEP_MODELS[model_type](mode=mode, training=training, cache_dir=cache,
+    return REGISTRY[model_type](mode=mode, training=training, cache_dir=cache,
                                    patch_size=64, patches_per_volume=args.patches_per_volume)
 
 

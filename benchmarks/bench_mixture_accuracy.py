@@ -268,7 +268,7 @@ def fit_single_subject(model: MixtureModel, image: torch.Tensor, mask: torch.Ten
                        regions: torch.Tensor, fpr: float, n_simulated: int) -> float:
     """Fit ``model`` on the subject's own valid voxels; return its simulated threshold.
 
-    As :class:`bids_anomaly.interfaces.anomaly.FitSubjectMixture` does: the threshold is the
+    As :class:`bids_anomaly.interfaces.anomaly.FitSubjectModel` does: the threshold is the
     ``1 - fpr`` quantile of the scores of samples drawn from the fitted mixture.
     """
     model.fit_subject(image, mask, regions)

@@ -415,7 +415,17 @@ def parse_name(path: str | Path) -> dict[str, str]:
 
 def model_dir(output_dir: Path, model_name: str) -> Path:
     """The folder of a trained model, ``OUTPUT_DIR/models/model-<name>`` (name checked)."""
-    return Path(output_dir) / "models" / f"model-{check_model_name(model_name)}"
+    return models_dir(output_dir) / f"model-{check_model_name(model_name)}"
+
+
+def model_names(output_dir: Path) -> list[str]:
+    """Names of the trained models under ``OUTPUT_DIR/models``."""
+    return sorted(p.name.removeprefix("model-") for p in models_dir(output_dir).glob("model-*"))
+
+
+def model_cards(output_dir: Path) -> list[Path]:
+    """The ``model.json`` of every trained model."""
+    return sorted(models_dir(output_dir).glob("model-*/model.json"))
 
 
 def model_desc(model_name: str) -> str:
@@ -453,21 +463,36 @@ def write_dataset_description(output_dir: Path, bids_dir: Path | None) -> Path:
         description["SourceDatasets"] = [{"URL": "bids:raw:"}]
         description["DatasetLinks"] = {"raw": Path(raw).as_posix()}
     path = output_dir / "dataset_description.json"
-    path.write_text(json.dumps(description, indent=2) + "\n")
+    update_text(path, json.dumps(description, indent=2) + "\n")
     ignored = ["logs/", "work/", "models/", "group/", "figures/", "*.html", "*_clusters.tsv",
                "*_regions.tsv", "*_qc.tsv"]
-    (output_dir / ".bidsignore").write_text("\n".join(ignored) + "\n")
+    update_text(output_dir / ".bidsignore", "\n".join(ignored) + "\n")
     return path
 
 
-def write_sidecar(image_path: Path, metadata: dict) -> Path:
-    """Write the JSON sidecar of a derivative next to it."""
-    name = image_path.name
+def sidecar_path(path: Path) -> Path:
+    """The JSON sidecar of a derivative (``x_T1w.nii.gz`` -> ``x_T1w.json``).
+
+    >>> sidecar_path(Path("sub-01_desc-x_clusters.tsv")).name
+    'sub-01_desc-x_clusters.json'
+    """
+    name = Path(path).name
     for extension in (".nii.gz", ".nii", ".h5", ".mat", ".tsv"):
         if name.endswith(extension):
             name = name[: -len(extension)]
             break
-    path = image_path.with_name(name + ".json")
+    return Path(path).with_name(name + ".json")
+
+
+def read_sidecar(path: Path) -> dict:
+    """The metadata of a derivative (empty when it has no sidecar)."""
+    sidecar = sidecar_path(path)
+    return json.loads(sidecar.read_text()) if sidecar.is_file() else {}
+
+
+def write_sidecar(image_path: Path, metadata: dict) -> Path:
+    """Write the JSON sidecar of a derivative next to it."""
+    path = sidecar_path(image_path)
     update_text(path, json.dumps(metadata, indent=2, sort_keys=True, default=str) + "\n")
     return path
 
@@ -599,6 +624,86 @@ def run_config_path(output_dir: Path, level: str, when: float | None = None) -> 
         number += 1
         folder = Path(output_dir) / "logs" / f"{stamp}_{level}-{number}"
     return folder / "bids_anomaly.toml"
+
+
+def group_figures_dir(output_dir: Path) -> Path:
+    """Folder of the group report's figures."""
+    return Path(output_dir) / "group" / "figures"
+
+
+ANOMALY_MAPS = "sub-*/**/anat/*_stat-anomaly_statmap.nii.gz"
+"""Where the group level finds every model's anomaly maps (a glob under OUTPUT_DIR)."""
+
+
+def anomaly_maps(output_dir: Path) -> list[Path]:
+    """Every anomaly map of the derivative dataset, template space and native."""
+    return sorted(Path(output_dir).glob(ANOMALY_MAPS))
+
+
+def subject_anomaly_maps(output_dir: Path, subject: str, session: str | None,
+                         space: str) -> list[Path]:
+    """The template-space anomaly maps of one subject/session, every model."""
+    anat = spec_path(output_dir, subject, session, qc_spec()).parent
+    name = f"sub-{subject}" + (f"_ses-{session}" if session else "")
+    return sorted(anat.glob(f"{name}_space-{space}_res-*_stat-anomaly_statmap.nii.gz"))
+
+
+def transforms_to(anat_dir: Path, prefix: str, target: str, extension: str = ".h5"
+                  ) -> list[Path]:
+    """The stored transforms of one subject/session (``prefix``) to ``target``."""
+    return sorted(Path(anat_dir).glob(f"{prefix}_from-*_to-{target}_mode-image_xfm{extension}"))
+
+
+# Folders of the output and work directories (one place for each).
+
+def log_dir(output_dir: Path) -> Path:
+    """Logs, crash files and each run's settings."""
+    return Path(output_dir) / "logs"
+
+
+def models_dir(output_dir: Path) -> Path:
+    """Where trained models are written (``model-<name>/`` each)."""
+    return Path(output_dir) / "models"
+
+
+def checkpoint_dir(work_dir: Path, model_name: str) -> Path:
+    """Per-epoch checkpoints and loss log of a deep model being trained."""
+    return Path(work_dir) / "train" / f"model-{check_model_name(model_name)}"
+
+
+def volume_cache_dir(work_dir: Path) -> Path:
+    """Preprocessed volumes cached for training deep models."""
+    return Path(work_dir) / "cache" / "volumes"
+
+
+def layout_index_dir(work_dir: Path) -> Path:
+    """The pybids indexes of the input dataset, one per dataset signature."""
+    return Path(work_dir) / "bids_db"
+
+
+def template_cache_dir(work_dir: Path) -> Path:
+    """The template's files, written once per resolution."""
+    return Path(work_dir) / "templates"
+
+
+def atlas_cache_path(work_dir: Path, space: str, resolution: int) -> Path:
+    """The user's atlas resampled onto the template grid."""
+    return Path(work_dir) / "atlas" / f"atlas_space-{space}_res-{resolution}_dseg.nii.gz"
+
+
+def validated_inputs_path(work_dir: Path) -> Path:
+    """The raw images already checked, with their sizes and times."""
+    return Path(work_dir) / "validated-inputs.json"
+
+
+def completion_record_path(work_dir: Path, name: str, key: str) -> Path:
+    """Record of a finished subject/session run (:mod:`bids_anomaly.completion`)."""
+    return Path(work_dir) / "completed" / f"{name}_{key[:24]}.json"
+
+
+def group_record_path(work_dir: Path) -> Path:
+    """What the last group run read and wrote (its outputs are kept while that holds)."""
+    return Path(work_dir) / "group" / "outputs.json"
 
 
 def group_report_path(output_dir: Path) -> Path:

@@ -21,7 +21,7 @@ LOGGER = logging.getLogger(__name__)
 
 
 def _record_path(work_dir: Path, inputs: bids.AnatInputs, key: str) -> Path:
-    return Path(work_dir) / "completed" / f"{inputs.name}_{key[:24]}.json"
+    return bids.completion_record_path(work_dir, inputs.name, key)
 
 
 def _signatures(files: list[Path]) -> dict[str, list[int]]:

@@ -1,18 +1,36 @@
-"""One typed settings object for a run, written to the work directory as TOML for provenance."""
+"""The settings of a run, in documented sections; the command line is generated from them.
+
+:class:`Settings` groups :class:`InputSettings`, :class:`ExecutionSettings`,
+:class:`PreprocessingSettings`, :class:`ModelSettings`, :class:`PostprocessingSettings` and
+:class:`GroupSettings`. Every field is declared once, with :func:`option`: its default, its
+meaning (the ``--help`` text), its command-line flag and the levels it applies to.
+:mod:`bids_anomaly.cli.parser` builds the parser from these declarations, and the model
+families declare their own options the same way (:mod:`bids_anomaly.models`). A run's settings
+are written as TOML (``OUTPUT_DIR/logs/<time>_<level>/bids_anomaly.toml``) and read back by
+``--config-file``.
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
+import re
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import tomli_w
 
 from bids_anomaly import __version__
+from bids_anomaly.errors import UsageError
 
 MODALITIES = ("T1w", "FLAIR", "T2w", "PDw")
 """Anatomical suffixes the tool reads, in order of preference for the reference image."""
+
+LEVELS = ("participant", "train", "group")
+"""The analysis levels."""
 
 DEFAULT_FPR = 0.001
 """Default voxel-wise false-positive rate for a model's calibrated threshold.
@@ -21,86 +39,372 @@ One healthy brain voxel in a thousand is flagged: about 240 voxels (2 ml) per he
 2 mm, a level at which lesions of a few millilitres stand out.
 """
 
-SINGLE_SUBJECT_TRIM = 0.02
-"""Default trimmed fraction when a mixture is fitted on one subject's own brain.
+RESOLUTIONS = (1, 2)
+"""Template voxel sizes (mm) the embedded template is offered at."""
 
-Heavy-tailed components otherwise absorb the subject's lesions: on a generated subject whose
-lesion is 3 % of a tissue, an untrimmed one-component MMST gave the lesion p-values near 1e-3
-(not significant among 4,000 voxels), trimming 2 % gave 4e-6 to 1e-4.
-"""
+REGISTRATIONS = ("Rigid", "Affine", "SyN")
+"""Reference-to-template registrations."""
 
-DEEP_OPTIONS = ("mode", "epochs", "batch_size", "patch_size", "learning_rate", "width", "latent",
-                "patience", "residual", "precision", "num_workers", "tensorboard")
-"""Settings of the deep models; None means the model's own default (``models.reconstruction``,
-``training.engine.EngineOptions``)."""
+NORMALIZATIONS = ("robust-zscore", "whitestripe", "percentile")
+"""Intensity normalisations inside the brain (:mod:`bids_anomaly.normalization`)."""
+
+SKULL_STRIPPED = ("auto", "yes", "no")
+"""``--skull-stripped`` choices: detect, declare stripped, or always run brain extraction."""
+
+RESTRICTIONS = {"brain": "brain mask", "wm": "template white matter dilated by one voxel"}
+"""Where abnormal voxels may be flagged, with the sidecars' wording."""
+
+
+# ------------------------------------------------------------------------ value parsers
+
+def positive_int(value: str) -> int:
+    """An integer of at least 1."""
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return number
+
+
+def rate(value: str) -> float:
+    """A number in (0, 1)."""
+    number = float(value)
+    if not 0 < number < 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {value}")
+    return number
+
+
+def volume(value: str) -> float:
+    """A volume in mm3, 0 or more."""
+    try:
+        number = float(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not a volume in mm3: {value!r}") from error
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"the volume must be 0 or more, not {value}")
+    return number
+
+
+def memory_gb(value: str) -> float:
+    """``--mem`` values such as ``8G``, ``8GB``, ``500M`` or ``8`` (GB), in GB."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)B?\s*", value, re.IGNORECASE)
+    if not match:
+        raise argparse.ArgumentTypeError(f"cannot read memory amount {value!r} (use e.g. 16G)")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    return number * {"K": 1 / 1024**2, "M": 1 / 1024, "G": 1.0, "T": 1024.0, "": 1.0}[unit]
+
+
+# ------------------------------------------------------------------------ declarations
+
+def option(default: Any = None, help: str = "", *, flags: tuple[str, ...] = (),
+           levels: tuple[str, ...] = LEVELS, factory: Callable[[], Any] | None = None,
+           single_subject: bool = False, **argparse_options: Any) -> Any:
+    """Declare a setting: its default, meaning and command-line flags.
+
+    Parameters
+    ----------
+    default : object
+        The value when nothing is said (use ``factory`` for lists and dicts).
+    help : str
+        What it means, for ``--help`` (``{default}`` is replaced by the default).
+    flags : tuple of str
+        Command-line flags; none for settings that are not set on the command line.
+    levels : tuple of str
+        The levels it applies to; given at another level it is a usage error.
+    factory : callable, optional
+        Builds the default (mutable defaults).
+    single_subject : bool
+        A model family's option that also applies to ``participant --single-subject``.
+    **argparse_options
+        ``type``, ``choices`` (a tuple, or :data:`MODEL_TYPES` / :data:`SINGLE_SUBJECT_TYPES`
+        for the registered families), ``nargs``, ``metavar``, ``action``: as for
+        ``argparse.add_argument``.
+    """
+    metadata = {"help": help, "flags": flags, "levels": levels, "argparse": argparse_options,
+                "single_subject": single_subject}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def declared_options(cls: type) -> Iterator[dataclasses.Field]:
+    """The fields of a settings or options dataclass that have a command-line flag."""
+    for item in dataclasses.fields(cls):
+        if item.metadata.get("flags"):
+            yield item
+
+
+def default_of(item: dataclasses.Field) -> Any:
+    """The default value of a dataclass field."""
+    if item.default is not dataclasses.MISSING:
+        return item.default
+    if item.default_factory is not dataclasses.MISSING:
+        return item.default_factory()
+    return None
+
+
+def help_text(item: dataclasses.Field) -> str:
+    """The ``--help`` text of a declared setting, with its default filled in."""
+    return item.metadata["help"].replace("{default}", str(default_of(item)))
+
+
+# ------------------------------------------------------------------------ sections
+
+@dataclass
+class InputSettings:
+    """What to read, where to write, which level to run."""
+
+    bids_dir: Path | None = option(help="root of the BIDS dataset (read only)")
+    output_dir: Path | None = option(help="root of the derivatives to write")
+    analysis_level: str = option(
+        "participant", "participant: preprocess (and score with --model); train: fit a model; "
+        "group: tables, evaluation and report")
+    participant_label: list[str] = option(
+        help="participants to process (with or without sub-)", factory=list,
+        flags=("--participant-label", "--participant_label"), nargs="+", metavar="LABEL")
+    session_label: list[str] = option(
+        help="sessions to process (default: all)", factory=list, flags=("--session-label",),
+        nargs="+", metavar="LABEL")
+    bids_filters: dict = option(
+        help="pybids filters per lower-case suffix (from --bids-filter-file)", factory=dict)
+    skip_bids_validation: bool = option(
+        False, "do not refuse a dataset that fails the BIDS checks",
+        flags=("--skip-bids-validation",), action="store_true")
+
+
+@dataclass
+class ExecutionSettings:
+    """Resources and reproducibility."""
+
+    work_dir: Path | None = option(
+        help="folder for intermediate results and caches; reuse it to resume (default: "
+             "OUTPUT_DIR/work)", flags=("-w", "--work-dir"), type=Path)
+    nprocs: int = option(
+        os.cpu_count() or 1, "processes running at once (default: all CPUs, here {default})",
+        flags=("--nprocs", "--n-cpus"), type=positive_int)
+    omp_nthreads: int | None = option(
+        help="threads per process for ITK and torch (default: min(8, nprocs)); 1 makes the "
+             "results reproducible to the bit", flags=("--omp-nthreads",), type=positive_int)
+    mem_gb: float | None = option(
+        help="memory limit for scheduling, e.g. 16G", flags=("--mem", "--mem-gb"),
+        type=memory_gb)
+    device: str = option("auto", "auto, cpu or cuda (exit 75 if cuda is asked for and absent)",
+                         flags=("--device",))
+    random_seed: int = option(0, "seed of every random choice (default: {default})",
+                              flags=("--random-seed",), type=int)
+    stop_on_first_crash: bool = option(
+        False, "stop at the first failing step instead of finishing the others; with --model, "
+               "a subject without the model's channels stops the run before any work",
+        flags=("--stop-on-first-crash",), action="store_true")
+    verbose: int = option(0, "more log output (repeat for debug)", flags=("-v", "--verbose"),
+                          action="count")
+
+    @property
+    def threads(self) -> int:
+        """Threads per step: ``--omp-nthreads``, or min(8, nprocs)."""
+        return self.omp_nthreads or min(8, self.nprocs)
+
+
+@dataclass
+class PreprocessingSettings:
+    """How raw images become template-space channels."""
+
+    resolution: int = option(2, "template-space voxel size in mm (default: {default})",
+                             flags=("--resolution",), type=int, choices=RESOLUTIONS)
+    registration: str = option(
+        "SyN", "reference-to-template registration (default: SyN, affine then deformable: "
+               "Dice 0.98 with the template mask in 2.8 s at 2 mm, Affine 0.96 in 1.3-2.4 s; "
+               "see the README)", flags=("--registration",), choices=REGISTRATIONS)
+    normalization: str = option(
+        "robust-zscore", "intensity normalisation inside the brain: robust-zscore (median and "
+                         "IQR, default), whitestripe (normal-appearing white matter) or "
+                         "percentile (1st-99th percentile to 0-1)",
+        flags=("--normalization",), choices=NORMALIZATIONS)
+    skull_stripped: str = option(
+        "auto", "auto: images whose background is one constant value around a brain-sized "
+                "object are taken as skull-stripped and not stripped again; yes: every "
+                "reference image is skull-stripped; no: always run brain extraction (deepbet)",
+        flags=("--skull-stripped",), choices=SKULL_STRIPPED)
+
+    def recorded(self) -> dict:
+        """The choices a model must agree with (recorded in model cards)."""
+        return {"registration": self.registration, "normalization": self.normalization}
+
+
+MODEL_TYPES = "model types"
+"""``choices`` of a setting that names a registered model family (the parser fills them in)."""
+
+SINGLE_SUBJECT_TYPES = "single-subject model types"
+"""``choices`` of a setting that names a family that can be fitted on one subject."""
+
+
+@dataclass
+class ModelSettings:
+    """Which model to train or apply; the family's own options are in ``options``."""
+
+    model: str | None = option(
+        help="trained model to apply (a name under OUTPUT_DIR/models/ or a model directory)",
+        flags=("--model",), levels=("participant",), metavar="NAME|PATH")
+    model_type: str = option("normative", "the kind of model (default: {default})",
+                             flags=("--model-type",), levels=("train",),
+                             choices=MODEL_TYPES)
+    model_name: str | None = option(help="name of the model (default: the type)",
+                                    flags=("--model-name",), levels=("train",))
+    train_filter: list[str] = option(
+        help="participants.tsv rows to train on, e.g. group=healthy", factory=list,
+        flags=("--train-filter",), levels=("train",), nargs="+", metavar="COLUMN=VALUE")
+    channels: list[str] = option(
+        help="modalities to use (default: those every subject has)", factory=list,
+        flags=("--channels",), levels=("train",), nargs="+", choices=MODALITIES)
+    fpr: float = option(
+        DEFAULT_FPR, "voxel false-positive rate of the calibrated threshold (train; and of "
+                     "--single-subject; default: {default})", flags=("--fpr",), type=rate,
+        levels=("train", "participant"))
+    calibration_fraction: float = option(
+        0.2, "share of the training subjects held out to calibrate the threshold")
+    single_subject: str | None = option(
+        help="fit this model on each subject's own brain and flag its improbable voxels; for "
+             "users without healthy controls. The threshold is the --fpr quantile of the fitted "
+             "model itself", flags=("--single-subject",), levels=("participant",),
+        choices=SINGLE_SUBJECT_TYPES)
+    options: dict = option(
+        help="the model family's options given on the command line (see the family's "
+             "Options)", factory=dict)
+
+
+@dataclass
+class PostprocessingSettings:
+    """From an anomaly map to a mask, clusters and regional tables (participant level)."""
+
+    fdr: float | None = option(
+        help="threshold by Benjamini-Hochberg at false-discovery rate Q on voxel p-values from "
+             "the healthy calibration, instead of the voxel false-positive rate",
+        flags=("--fdr",), levels=("participant",), type=rate, metavar="Q")
+    min_cluster_mm3: float = option(
+        0.0, "drop clusters of abnormal voxels smaller than this many cubic millimetres from "
+             "the mask and the clusters table (default: 0, keep all)",
+        flags=("--min-cluster-size",), levels=("participant",), type=volume, metavar="MM3")
+    restrict: str = option(
+        "brain", "flag abnormal voxels in the whole brain (default) or in the template's white "
+                 "matter only (wm; for white-matter hyperintensities and MS lesions)",
+        flags=("--restrict",), levels=("participant",), choices=tuple(RESTRICTIONS))
+    atlas: Path | None = option(
+        help="discrete atlas in the template's (MNI) space with a BIDS label table beside it "
+             "(DSEG without .nii[.gz], plus .tsv: columns index, name); adds each cluster's "
+             "region and the burden per region to the tables", flags=("--atlas",),
+        levels=("participant",), type=Path, metavar="DSEG")
+
+    def given(self) -> list[str]:
+        """Flags of the options set to something else than their default."""
+        return [item.metadata["flags"][0] for item in declared_options(type(self))
+                if getattr(self, item.name) != default_of(item)]
+
+
+@dataclass
+class GroupSettings:
+    """Group tables, evaluation and statistics."""
+
+    ground_truth: Path | None = option(
+        help="derivative folder with lesion masks (*_label-<x>_mask.nii.gz or *_dseg.nii.gz) to "
+             "evaluate against", flags=("--ground-truth",), levels=("group",), type=Path,
+        metavar="DERIV_DIR")
+    control_label: str | None = option(
+        help="the participants.tsv 'group' value of the controls in patients-vs-controls "
+             "statistics (default: the first of healthy, control, controls, hc, cn present)",
+        flags=("--control-label",), levels=("group",), metavar="GROUP")
+    bootstrap: int = option(2000, "bootstrap resamples of the confidence intervals (default: "
+                                  "{default})", flags=("--bootstrap",), levels=("group",),
+                            type=positive_int, metavar="N")
+
+
+SECTIONS = {
+    "inputs": InputSettings, "execution": ExecutionSettings,
+    "preprocessing": PreprocessingSettings, "model": ModelSettings,
+    "postprocessing": PostprocessingSettings, "group": GroupSettings,
+}
+"""Section name in :class:`Settings` (and in the TOML record) and its dataclass."""
 
 
 @dataclass
 class Settings:
-    """Everything a run depends on; built from the command line by ``cli.parser``."""
+    """Everything a run depends on, by section (built by ``cli.parser`` or by the demo)."""
 
-    bids_dir: Path | None
-    output_dir: Path
-    analysis_level: str
-    work_dir: Path
-    participant_label: list[str] = field(default_factory=list)
-    session_label: list[str] = field(default_factory=list)
-    bids_filters: dict = field(default_factory=dict)
-    skip_bids_validation: bool = False
-    nprocs: int = field(default_factory=lambda: os.cpu_count() or 1)
-    omp_nthreads: int = 1
-    mem_gb: float | None = None
-    device: str = "auto"
-    random_seed: int = 0
-    model: str | None = None
-    model_type: str = "normative"
-    model_name: str | None = None
-    train_filter: list[str] = field(default_factory=list)
-    channels: list[str] = field(default_factory=list)
-    ground_truth: Path | None = None
-    resolution: int = 2
-    registration: str = "SyN"
-    normalization: str = "robust-zscore"
-    skull_stripped: str = "auto"
-    fpr: float = DEFAULT_FPR
-    calibration_fraction: float = 0.2
-    n_components: int | str = 5
-    online: bool = False
-    trim: float | None = None
-    per_tissue: bool = False
-    with_normative: bool = False
-    mixture_score: str = "nll"
-    single_subject: str | None = None
-    fdr: float | None = None
-    min_cluster_mm3: float = 0.0
-    restrict: str = "brain"
-    atlas: Path | None = None
-    control_label: str | None = None
-    bootstrap: int = 2000
-    mode: str | None = None
-    epochs: int | None = None
-    batch_size: int | None = None
-    patch_size: int | None = None
-    learning_rate: float | None = None
-    width: int | None = None
-    latent: int | None = None
-    patience: int | None = None
-    residual: str | None = None
-    precision: str | None = None
-    num_workers: int | None = None
-    tensorboard: Path | None = None
-    stop_on_first_crash: bool = False
-    verbose: int = 0
+    inputs: InputSettings = field(default_factory=InputSettings)
+    execution: ExecutionSettings = field(default_factory=ExecutionSettings)
+    preprocessing: PreprocessingSettings = field(default_factory=PreprocessingSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    postprocessing: PostprocessingSettings = field(default_factory=PostprocessingSettings)
+    group: GroupSettings = field(default_factory=GroupSettings)
     version: str = __version__
 
+    # the places every level uses, by their short names
+    @property
+    def bids_dir(self) -> Path:
+        """The input dataset."""
+        return self.inputs.bids_dir
+
+    @property
+    def output_dir(self) -> Path:
+        """The derivative dataset."""
+        return self.inputs.output_dir
+
+    @property
+    def work_dir(self) -> Path:
+        """The cache (``OUTPUT_DIR/work`` unless ``--work-dir``)."""
+        return self.execution.work_dir or self.inputs.output_dir / "work"
+
+    @property
+    def level(self) -> str:
+        """The analysis level."""
+        return self.inputs.analysis_level
+
+    def check(self) -> None:
+        """Refuse settings that do not fit together (usage errors, exit 2).
+
+        Raises
+        ------
+        UsageError
+            Output or work folder inside the input, an option at a level it does not apply to,
+            a post-processing option without a model. (The model families check their own
+            options: :func:`bids_anomaly.models.check_family_options`.)
+        """
+        bids_dir, output_dir = self.inputs.bids_dir, self.inputs.output_dir
+        if output_dir == bids_dir or bids_dir in output_dir.parents:
+            raise UsageError(
+                f"OUTPUT_DIR {output_dir} is inside BIDS_DIR {bids_dir}; the input dataset is "
+                "never written to: choose an output folder outside it")
+        if self.work_dir == bids_dir or bids_dir in self.work_dir.parents:
+            raise UsageError(f"--work-dir {self.work_dir} is inside BIDS_DIR {bids_dir}")
+        for section in (self.model, self.postprocessing, self.group):
+            misplaced = [item for item in declared_options(type(section))
+                         if self.level not in item.metadata["levels"]
+                         and getattr(section, item.name) != default_of(item)]
+            if misplaced:
+                levels = sorted({lv for item in misplaced for lv in item.metadata["levels"]})
+                raise UsageError(
+                    f"{', '.join(item.metadata['flags'][0] for item in misplaced)} apply to the "
+                    f"{' and '.join(levels)} level{'s' if len(levels) > 1 else ''}")
+        postprocessing = self.postprocessing.given()
+        if postprocessing and not (self.model.model or self.model.single_subject):
+            raise UsageError(f"{', '.join(postprocessing)} need a model: --model NAME or "
+                             "--single-subject TYPE")
+
     def to_toml(self) -> str:
-        """Serialise, with paths as strings and unset values left out."""
-        values = {}
-        for key, value in dataclasses.asdict(self).items():
-            if value is None:
-                continue
-            values[key] = str(value) if isinstance(value, Path) else value
-        return tomli_w.dumps({"bids_anomaly": values})
+        """Serialise by section, with paths as strings and unset values left out."""
+        def plain(value: Any) -> Any:
+            if isinstance(value, Path):
+                return str(value)
+            if isinstance(value, dict):
+                return {k: plain(v) for k, v in value.items() if v is not None}
+            if isinstance(value, list):
+                return [plain(v) for v in value]
+            return value
+
+        record = {"version": self.version}
+        for name in SECTIONS:
+            values = dataclasses.asdict(getattr(self, name))
+            record[name] = {key: plain(value) for key, value in values.items()
+                            if value is not None}
+        return tomli_w.dumps({"bids_anomaly": record})
 
     def write(self, path: Path) -> Path:
         """Write the settings as TOML to ``path`` and return it."""

@@ -40,13 +40,20 @@ def run_demo(output_dir: Path, n_healthy: int = DEMO_HEALTHY, n_patients: int = 
     Path
         The group report.
     """
-    from bids_anomaly.cli.run import run_level
+    from bids_anomaly import levels
+    from bids_anomaly.config import (
+        ExecutionSettings,
+        GroupSettings,
+        InputSettings,
+        ModelSettings,
+        Settings,
+    )
     from bids_anomaly.progress import _duration
 
     output_dir = Path(output_dir).resolve()
     rawdata = output_dir / "rawdata"
     results = output_dir / "derivatives" / "bids_anomaly"
-    work = output_dir / "work"
+    truth = rawdata / "derivatives" / "lesion_masks"
     start = time.monotonic()
     if not (rawdata / "dataset_description.json").is_file():
         print(f"[demo] generating a synthetic BIDS dataset in {rawdata}: {n_healthy} healthy "
@@ -56,22 +63,28 @@ def run_demo(output_dir: Path, n_healthy: int = DEMO_HEALTHY, n_patients: int = 
                               seed=random_seed, modalities=modalities)
     # one thread per step and one step per core: the subjects run side by side (ITK's
     # threads scale poorly), and the results are reproducible to the bit
-    common = ["-w", str(work), "--nprocs", str(nprocs), "--omp-nthreads", "1",
-              "--device", device, "--random-seed", str(random_seed)] + ["-v"] * verbose
-    levels = [("preprocessing every participant", ["participant"])]
+    execution = ExecutionSettings(work_dir=output_dir / "work", nprocs=nprocs, omp_nthreads=1,
+                                  device=device, random_seed=random_seed, verbose=verbose)
+
+    def settings(level: str, **sections) -> Settings:
+        return Settings(inputs=InputSettings(bids_dir=rawdata, output_dir=results,
+                                             analysis_level=level),
+                        execution=execution, **sections)
+
+    steps = [("preprocessing every participant", settings("participant"))]
     for model_type, name in DEMO_MODELS:
-        levels.append((f"training a {model_type} model on the healthy controls",
-                       ["train", "--model-type", model_type, "--model-name", name,
-                        "--train-filter", "group=healthy"]))
+        steps.append((f"training a {model_type} model on the healthy controls", settings(
+            "train", model=ModelSettings(model_type=model_type, model_name=name,
+                                         train_filter=["group=healthy"]))))
     for _, name in DEMO_MODELS:
-        levels.append((f"scoring every participant with {name}",
-                       ["participant", "--model", name]))
-    levels.append(("group tables and evaluation",
-                   ["group", "--ground-truth", str(rawdata / "derivatives" / "lesion_masks")]))
-    for number, (message, arguments) in enumerate(levels, start=1):
-        print(f"[demo] step {number}/{len(levels)}: {message} (elapsed "
+        steps.append((f"scoring every participant with {name}",
+                      settings("participant", model=ModelSettings(model=name))))
+    steps.append(("group tables and evaluation",
+                  settings("group", group=GroupSettings(ground_truth=truth))))
+    for number, (message, step) in enumerate(steps, start=1):
+        print(f"[demo] step {number}/{len(steps)}: {message} (elapsed "
               f"{_duration(time.monotonic() - start)})", flush=True)
-        run_level([str(rawdata), str(results), *arguments, *common])
+        print(levels.run(step), flush=True)
     for _, name in DEMO_MODELS:
         table = bids.group_table_path(results, name, "evaluation")
         evaluation = pd.read_csv(table, sep="\t")

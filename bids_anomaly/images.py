@@ -155,6 +155,17 @@ def padding_to_zero(data: np.ndarray) -> tuple[np.ndarray, float | None]:
     return np.where(padding, 0, data).astype(data.dtype), minimum
 
 
+def load_3d(path: str | Path) -> nib.spatialimages.SpatialImage:
+    """Load an image, dropping trailing singleton dimensions (a 3D volume stored as 4D)."""
+    img = nib.load(str(path))
+    if len(img.shape) > 3:
+        if any(size != 1 for size in img.shape[3:]):
+            raise ValueError(f"{path} is not a 3D image (shape {img.shape})")
+        img = nib.Nifti1Image(np.asarray(img.dataobj).reshape(img.shape[:3]), img.affine,
+                              img.header)
+    return img
+
+
 def reorient_to_ras(img: nib.Nifti1Image) -> nib.Nifti1Image:
     """Return the image with its array axes permuted/flipped to RAS+.
 

@@ -24,9 +24,11 @@ import numpy as np
 from scipy.ndimage import gaussian_filter1d
 from scipy.signal import find_peaks
 
+from bids_anomaly.config import NORMALIZATIONS
+
 LOGGER = logging.getLogger(__name__)
 
-METHODS = ("robust-zscore", "whitestripe", "percentile")
+METHODS = NORMALIZATIONS  # declared with the settings (--normalization)
 #: Contrasts understood by :func:`whitestripe` (BIDS suffixes).
 WHITESTRIPE_MODALITIES = ("T1w", "T2w", "FLAIR", "PDw")
 

@@ -30,7 +30,7 @@ STEP_SECONDS = {
     "BrainExtraction": 4.0,
     "N4BiasFieldCorrection": 2.7,
     "QCFigures": 1.9,
-    "FitSubjectMixture": 5.0,
+    "FitSubjectModel": 5.0,
     "ScoreAnomaly": 2.0,
     "ResampleToVoxelSize": 0.6,
     "ApplyTransforms": 0.3,

@@ -19,6 +19,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from bids_anomaly.config import SKULL_STRIPPED
+
 LOGGER = logging.getLogger(__name__)
 
 MAX_BRAIN_ML = 2300.0
@@ -30,8 +32,7 @@ MIN_BACKGROUND_FRACTION = 0.1
 MIN_BORDER_FRACTION = 0.5
 """Smallest share of the volume's faces at the background value (the background surrounds)."""
 
-MODES = ("auto", "yes", "no")
-"""``--skull-stripped`` choices: detect, declare stripped, or always run brain extraction."""
+MODES = SKULL_STRIPPED  # declared with the settings (--skull-stripped)
 
 
 @dataclass(frozen=True)

@@ -14,8 +14,9 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from bids_anomaly.config import RESOLUTIONS
+
 TEMPLATE_NAME = "MNI152NLin2009aSym"
-RESOLUTIONS = (1, 2)
 CROP_MARGIN_MM = 8
 TISSUE_LABELS = {1: "GM", 2: "WM", 3: "CSF"}
 """Labels of the template's hard tissue segmentation (``*_dseg``), as in fMRIPrep."""

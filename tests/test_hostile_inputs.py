@@ -228,7 +228,7 @@ def test_repeated_labels_are_processed_once(tiny_bids, tmp_path):
 
     args = build_parser().parse_args([str(tiny_bids), str(tmp_path / "out"), "participant",
                                       "--participant-label", "01", "sub-01", "02", "01"])
-    assert settings_from_args(args).participant_label == ["01", "02"]
+    assert settings_from_args(args).inputs.participant_label == ["01", "02"]
 
 
 def test_symlinked_image_keeps_its_bids_name(tmp_path):

@@ -7,7 +7,7 @@ import os
 import sys
 import traceback
 
-from bids_anomaly.errors import BidsAnomalyError, Interrupted, UsageError
+from bids_anomaly.errors import BidsAnomalyError, Interrupted
 
 LOGGER = logging.getLogger("bids_anomaly")
 
@@ -16,12 +16,6 @@ def _configure_logging(verbose: int) -> None:
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     LOGGER.setLevel(min(level, logging.INFO))
-
-
-def _set_threads(omp_nthreads: int) -> None:
-    # ITK reads this when antspyx first runs a filter, and worker processes inherit it
-    os.environ["ITK_GLOBAL_DEFAULT_NUMBER_OF_THREADS"] = str(omp_nthreads)
-    os.environ.setdefault("OMP_NUM_THREADS", str(omp_nthreads))
 
 
 def run_level(argv: list[str]) -> None:
@@ -33,43 +27,18 @@ def run_level(argv: list[str]) -> None:
         _configure_logging(args.verbose)
         from bids_anomaly.demo import run_demo
 
-        _set_threads(min(8, args.nprocs))
         run_demo(args.output_dir, n_healthy=args.healthy, n_patients=args.patients,
                  nprocs=args.nprocs, device=args.device, random_seed=args.random_seed,
                  verbose=args.verbose, modalities=tuple(args.modalities))
         return
     args, config = parse_arguments(argv)
-    _configure_logging(args.verbose)
+    _configure_logging(getattr(args, "execution.verbose", 0))
     settings = settings_from_args(args, config)
-    from bids_anomaly.training import distributed
+    from bids_anomaly import levels
 
-    if distributed.world_size() > 1 and settings.analysis_level != "train":
-        raise UsageError(f"the {settings.analysis_level} level runs as one process; only train "
-                         "is launched with torchrun")
-    _set_threads(settings.omp_nthreads)
-    from bids_anomaly.device import resolve_device
-
-    resolve_device(settings.device)
-    if settings.analysis_level == "participant":
-        from bids_anomaly.participant import run_participant
-
-        subjects, skipped = run_participant(settings)
-        print(f"participant level done for {len(subjects)} subject/session(s); derivatives in "
-              f"{settings.output_dir}")
-        if skipped:
-            print(f"not scored by model {settings.model} ({len(skipped)}): "
-                  + "; ".join(f"{inputs.name}: {reason}" for inputs, reason in skipped))
-    elif settings.analysis_level == "train":
-        from bids_anomaly.training.train import run_train
-
-        directory = run_train(settings)
-        if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 writes the model
-            print(f"model written to {directory}")
-    else:
-        from bids_anomaly.evaluation.group import run_group
-
-        tables = run_group(settings)
-        print("group level done: " + ", ".join(str(path) for path in tables))
+    line = levels.run(settings)
+    if line:
+        print(line)
 
 
 def main(argv: list[str] | None = None) -> int:

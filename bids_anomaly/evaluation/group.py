@@ -1,8 +1,7 @@
-"""The group level: burden tables for every model, evaluation against ground truth, report."""
+"""Group tables of a model's maps: burden, regions, evaluation against truth, statistics."""
 
 from __future__ import annotations
 
-import json
 import logging
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -17,8 +16,6 @@ from bids_anomaly import bids
 from bids_anomaly.config import Settings
 from bids_anomaly.errors import (
     BidsAnomalyError,
-    EmptySelectionError,
-    MissingInputError,
     UsageError,
 )
 from bids_anomaly.evaluation.ground_truth import find_ground_truth, truth_in_template
@@ -59,7 +56,7 @@ def find_anomaly_maps(output_dir: Path) -> dict[str, list[Path]]:
     compared on the template grid.
     """
     maps: dict[str, list[Path]] = defaultdict(list)
-    for path in sorted(output_dir.glob("sub-*/**/anat/*_stat-anomaly_statmap.nii.gz")):
+    for path in bids.anomaly_maps(output_dir):
         entities = bids.parse_name(path)
         if "res" in entities:
             maps[entities["desc"]].append(path)
@@ -68,12 +65,12 @@ def find_anomaly_maps(output_dir: Path) -> dict[str, list[Path]]:
 
 def _transforms_to_template(anat_dir: Path, prefix: str, space: str) -> dict[str, list[Path]]:
     """For each modality with stored transforms, the chain from its raw grid to the template."""
-    to_template = list(anat_dir.glob(f"{prefix}_from-*_to-{space}_mode-image_xfm.h5"))
+    to_template = bids.transforms_to(anat_dir, prefix, space)
     if not to_template:
         return {}
     reference = bids.parse_name(to_template[0])["from"]
     chains = {reference: [to_template[0]]}
-    for path in anat_dir.glob(f"{prefix}_from-*_to-{reference}_mode-image_xfm.mat"):
+    for path in bids.transforms_to(anat_dir, prefix, reference, ".mat"):
         chains[bids.parse_name(path)["from"]] = [to_template[0], path]
     return chains
 
@@ -87,6 +84,7 @@ class ModelResults:
     regions: pd.DataFrame
     evaluation: pd.DataFrame
     curves: dict[str, dict] = field(default_factory=dict)
+    maps: dict[tuple[str, str], Path] = field(default_factory=dict)
     overlays: dict[tuple[str, str], Path] = field(default_factory=dict)
     summary: pd.DataFrame = field(default_factory=pd.DataFrame)
     statistics: pd.DataFrame = field(default_factory=pd.DataFrame)
@@ -147,10 +145,9 @@ def evaluate_model(settings: Settings, desc: str, maps: list[Path], layout,
     """Burden, regional and (with ground truth) evaluation tables of one model's maps."""
     from bids_anomaly.evaluation.metrics import lesion_metrics
     from bids_anomaly.progress import ItemProgress
-    from bids_anomaly.reports.subject import anomaly_overlay
 
     burden_rows, region_tables, evaluation_rows = [], [], []
-    curves, overlays = {}, {}
+    curves, map_paths = {}, {}
     roles: dict[str, dict[str, str]] = {}
     progress = ItemProgress(len(maps), f"group {desc}")
     for map_path in maps:
@@ -170,9 +167,7 @@ def evaluate_model(settings: Settings, desc: str, maps: list[Path], layout,
         anomaly_map = map_img.get_fdata(dtype=np.float32)
         anomaly_mask = np.asarray(nib.load(mask_path).dataobj) > 0
         brain = np.asarray(nib.load(brain_path).dataobj) > 0
-        sidecar = json.loads(map_path.with_name(map_path.name.replace(".nii.gz", ".json"))
-                             .read_text())
-        model_name = sidecar.get("Model")
+        model_name = bids.read_sidecar(map_path).get("Model")
         if model_name not in roles:
             roles[model_name] = _model_roles(settings.output_dir, model_name)
         row = {"participant_id": f"sub-{subject}", "session_id": session or "n/a"}
@@ -190,12 +185,10 @@ def evaluate_model(settings: Settings, desc: str, maps: list[Path], layout,
             for column, value in reversed(list(row.items())):
                 table.insert(0, column, value)
             region_tables.append(table)
-        overlay = anomaly_overlay(settings.output_dir, map_path)
-        if overlay is not None:
-            overlays[row["participant_id"], row["session_id"]] = overlay
-        if settings.ground_truth is None:
+        map_paths[row["participant_id"], row["session_id"]] = map_path
+        if settings.group.ground_truth is None:
             continue
-        truth_file = find_ground_truth(settings.ground_truth, subject, session)
+        truth_file = find_ground_truth(settings.group.ground_truth, subject, session)
         if truth_file is None:
             continue
         raw = bids.collect_anat(layout, subject, [session] if session else None)
@@ -217,7 +210,7 @@ def evaluate_model(settings: Settings, desc: str, maps: list[Path], layout,
     progress.close()
     regions = pd.concat(region_tables, ignore_index=True) if region_tables else pd.DataFrame()
     return ModelResults(desc, pd.DataFrame(burden_rows), regions,
-                        pd.DataFrame(evaluation_rows), curves, overlays)
+                        pd.DataFrame(evaluation_rows), curves, map_paths)
 
 
 def per_subject(table: pd.DataFrame) -> pd.DataFrame:
@@ -260,118 +253,3 @@ def group_statistics(results: ModelResults, control: str | None, n_boot: int,
                 rows.loc[tested, "p_value"].to_numpy(), method="bh")
     columns = ["patients", "controls", "region", "measure"]
     return table[columns + [c for c in table.columns if c not in columns]]
-
-
-def _write_table(table: pd.DataFrame, path: Path, written: list[Path]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(path, sep="\t", index=False, na_rep="n/a", float_format="%.6g")
-    written.append(path)
-
-
-def run_group(settings: Settings) -> list[Path]:
-    """The group level: burden, regional, evaluation and statistics tables, an HTML report.
-
-    Returns
-    -------
-    list of Path
-        The tables and report written.
-    """
-    from bids_anomaly.evaluation.statistics import resolve_control_label, summarize_by_group
-    from bids_anomaly.participant import create_outputs, index_dataset
-    from bids_anomaly.reports.group import write_group_report
-
-    if settings.ground_truth is not None and not settings.ground_truth.is_dir():
-        raise MissingInputError(f"--ground-truth {settings.ground_truth} is not a folder")
-    layout = index_dataset(settings)
-    maps = find_anomaly_maps(settings.output_dir)
-    if settings.participant_label:
-        wanted = {f"sub-{label}_" for label in settings.participant_label}
-        maps = {desc: [p for p in paths if any(p.name.startswith(w) for w in wanted)]
-                for desc, paths in maps.items()}
-        maps = {desc: paths for desc, paths in maps.items() if paths}
-    if not maps:
-        raise EmptySelectionError(
-            f"no anomaly maps in {settings.output_dir}: run the participant level with --model "
-            "first"
-        )
-    create_outputs(settings, layout)
-    key = group_inputs_key(settings, maps)
-    record = settings.work_dir / "group" / "outputs.json"
-    previous = json.loads(record.read_text()) if record.is_file() else {}
-    if previous.get("key") == key and all(Path(p).is_file() for p in previous["written"]):
-        LOGGER.info("group outputs are up to date (same maps, ground truth and settings): kept")
-        return [Path(p) for p in previous["written"]]
-    try:
-        participants = bids.read_participants(settings.bids_dir)
-    except MissingInputError:
-        participants = None
-    control = None
-    if participants is not None and "group" in participants.columns:
-        control = resolve_control_label(participants["group"].astype(str),
-                                        settings.control_label)
-        if control is None and settings.control_label is not None:
-            raise UsageError(
-                f"--control-label {settings.control_label}: no such group in participants.tsv "
-                f"(groups: {', '.join(sorted(participants['group'].astype(str).unique()))})")
-    elif settings.control_label is not None:
-        raise MissingInputError("--control-label needs a 'group' column in participants.tsv")
-    written, results = [], []
-    for desc, paths in sorted(maps.items()):
-        result = evaluate_model(settings, desc, paths, layout, participants)
-        result.control = control
-        _write_table(result.burden, bids.group_table_path(settings.output_dir, desc, "subjects"),
-                     written)
-        if not result.regions.empty:
-            _write_table(result.regions,
-                         bids.group_table_path(settings.output_dir, desc, "regions"), written)
-        if not result.evaluation.empty:
-            _write_table(result.evaluation,
-                         bids.group_table_path(settings.output_dir, desc, "evaluation"), written)
-            result.summary = summarize_by_group(result.evaluation, EVALUATION_METRICS,
-                                                settings.bootstrap, settings.random_seed)
-            _write_table(result.summary, bids.group_table_path(
-                settings.output_dir, desc, "evaluationsummary"), written)
-            LOGGER.info("%s: mean AUPRC %.3f, mean Dice %.3f over %d subjects", desc,
-                        result.evaluation["auprc"].mean(), result.evaluation["dice"].mean(),
-                        len(result.evaluation))
-        result.statistics = group_statistics(result, control, settings.bootstrap,
-                                             settings.random_seed)
-        if not result.statistics.empty:
-            _write_table(result.statistics,
-                         bids.group_table_path(settings.output_dir, desc, "statistics"), written)
-        results.append(result)
-    written.append(write_group_report(bids.group_report_path(settings.output_dir), results))
-    record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"key": key, "written": [str(p) for p in written]}, indent=1))
-    return written
-
-
-def group_inputs_key(settings: Settings, maps: dict[str, list[Path]]) -> str:
-    """A digest of what the group outputs depend on: the name and content of every input.
-
-    The maps and everything written beside them (masks, regional tables, sidecars), the model
-    cards, the ground truth, participants.tsv, and the group settings.
-    """
-    import hashlib
-
-    from bids_anomaly import __version__
-    from bids_anomaly.models.base import file_checksum
-
-    files: list[Path] = []
-    for paths in maps.values():
-        for path in paths:
-            prefix = path.name.split("_space-")[0]
-            files.extend(path.parent.glob(f"{prefix}_*"))
-    files.extend((settings.output_dir / "models").glob("model-*/*.json"))
-    if settings.ground_truth is not None:
-        files.extend(p for p in settings.ground_truth.rglob("*") if p.is_file())
-    files.append(settings.bids_dir / "participants.tsv")
-    digest = hashlib.sha256(json.dumps({
-        "version": __version__, "ground_truth": str(settings.ground_truth),
-        "control_label": settings.control_label, "bootstrap": settings.bootstrap,
-        "seed": settings.random_seed, "participants": settings.participant_label,
-    }, sort_keys=True).encode())
-    for path in sorted(set(files)):
-        if path.is_file():
-            digest.update(f"{path}\0{file_checksum(path)}\n".encode())
-    return digest.hexdigest()

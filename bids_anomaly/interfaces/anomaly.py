@@ -17,6 +17,8 @@ from nipype.interfaces.base import (
     traits,
 )
 
+from bids_anomaly.config import RESTRICTIONS
+
 
 class _AnomalyOutputSpec(TraitedSpec):
     anomaly_map = File(exists=True, desc="voxel-wise anomaly score (float32)")
@@ -32,7 +34,7 @@ class _PostprocessingInputSpec(BaseInterfaceInputSpec):
     tissue_file = File(exists=True, desc="template tissue segmentation (cluster tissue class)")
     min_cluster_mm3 = traits.Float(0.0, usedefault=True,
                                    desc="drop clusters smaller than this from mask and table")
-    restrict = traits.Enum("brain", "wm", usedefault=True,
+    restrict = traits.Enum(*RESTRICTIONS, usedefault=True,
                            desc="flag voxels in the whole brain or in white matter only")
     atlas_file = File(exists=True, desc="user atlas on the template grid")
     atlas_labels = traits.Dict(traits.Str, traits.Str, desc="atlas region names by label")
@@ -127,7 +129,7 @@ class ScoreAnomaly(SimpleInterface):
         import torch
 
         from bids_anomaly.errors import BadDataError
-        from bids_anomaly.models import SubjectImages, load_model
+        from bids_anomaly.models import ChannelScorer, SubjectImages, load_model
 
         model, card = load_model(self.inputs.model_dir)
         tail = card.extra.get("calibration_tail")
@@ -137,7 +139,7 @@ class ScoreAnomaly(SimpleInterface):
         subject = SubjectImages("subject", list(self.inputs.channel_files), self.inputs.mask_file)
         image, mask = subject.load(self.inputs.device)
         with torch.no_grad():
-            if hasattr(model, "channel_scores"):
+            if isinstance(model, ChannelScorer):
                 per_channel = model.channel_scores(image, mask)
                 anomaly_map = model.combine(per_channel).cpu().numpy().astype(np.float32)
                 self._results["channel_maps"] = _write_channel_maps(
@@ -152,28 +154,30 @@ class ScoreAnomaly(SimpleInterface):
         return runtime
 
 
-class _FitSubjectMixtureInputSpec(_PostprocessingInputSpec):
+class _FitSubjectModelInputSpec(_PostprocessingInputSpec):
     channel_files = InputMultiObject(File(exists=True), mandatory=True,
                                      desc="the subject's template-space images")
     mask_file = File(exists=True, mandatory=True, desc="brain mask in template space")
-    model_type = traits.Enum("gmm", "tmm", "mmst", mandatory=True, desc="mixture family")
-    options = traits.Dict(desc="MixtureModel keyword arguments")
+    model_type = traits.Str(mandatory=True,
+                            desc="a registered family that can be fitted on one subject")
+    hyperparameters = traits.Dict(desc="the model's hyperparameters")
     regions_file = File(exists=True, desc="template tissue segmentation (for per_tissue)")
     fpr = traits.Float(mandatory=True, desc="voxel false-positive rate of the threshold")
     fdr = traits.Float(0.0, usedefault=True, desc="Benjamini-Hochberg rate (0: use fpr)")
     device = traits.Str("cpu", usedefault=True, nohash=True, desc="torch device")
 
 
-class FitSubjectMixture(SimpleInterface):
-    """Single-subject mode: fit a mixture on the subject's own brain and score it.
+class FitSubjectModel(SimpleInterface):
+    """Single-subject mode: fit a model on the subject's own brain and score it.
 
     Without healthy controls, the threshold (and the p-values for ``fdr``) come from the fitted
-    mixture itself: scores of a million samples drawn from it give the healthy distribution the
-    model believes in. Heavy tails (``tmm``, ``mmst``) and trimming keep the lesions from being
-    absorbed by the fit.
+    model itself: scores of a million samples drawn from it give the healthy distribution the
+    model believes in. For the mixtures, heavy tails (``tmm``, ``mmst``) and trimming keep the
+    lesions from being absorbed by the fit. The family implements ``fit_subject(image, mask,
+    regions)`` and ``simulated_scores()`` (its ``single_subject`` flag says so).
     """
 
-    input_spec = _FitSubjectMixtureInputSpec
+    input_spec = _FitSubjectModelInputSpec
     output_spec = _AnomalyOutputSpec
 
     def _run_interface(self, runtime):
@@ -182,12 +186,13 @@ class FitSubjectMixture(SimpleInterface):
         from bids_anomaly.models import REGISTRY, SubjectImages
         from bids_anomaly.postprocessing.thresholds import tail_table, threshold_at_fpr
 
-        torch.manual_seed(self.inputs.options.get("random_seed", 0))
+        torch.manual_seed(self.inputs.hyperparameters.get("random_seed", 0))
         subject = SubjectImages("subject", list(self.inputs.channel_files), self.inputs.mask_file)
         image, mask = subject.load(self.inputs.device)
-        model = REGISTRY[self.inputs.model_type](**self.inputs.options)
+        model = REGISTRY[self.inputs.model_type].from_hyperparameters(
+            dict(self.inputs.hyperparameters))
         regions = None
-        if model.per_tissue:
+        if getattr(model, "per_tissue", False):
             regions = torch.from_numpy(
                 np.asarray(nib.load(self.inputs.regions_file).dataobj).astype(np.int64))
         model.fit_subject(image, mask, regions)

@@ -58,16 +58,16 @@ class RegistrationQC(SimpleInterface):
     image), ``coverage_<modality>`` (share of the brain inside each other modality's field of
     view) and ``nmi_<modality>`` (each coregistered modality vs the reference in template space,
     inside that coverage; flagged below :data:`COREGISTRATION_NMI`), ``qc_pass`` and
-    ``qc_flags``. Thresholds are in :data:`bids_anomaly.reports.qc.QC_THRESHOLDS`; the NMI
-    threshold applies to T1w references only (it was measured between T1w images). A failure
-    is logged as a warning.
+    ``qc_flags``. Thresholds are in
+    :data:`bids_anomaly.evaluation.registration.QC_THRESHOLDS`; the NMI threshold applies to T1w
+    references only (it was measured between T1w images). A failure is logged as a warning.
     """
 
     input_spec = _RegistrationQCInputSpec
     output_spec = _RegistrationQCOutputSpec
 
     def _run_interface(self, runtime):
-        from bids_anomaly.reports.qc import (
+        from bids_anomaly.evaluation.registration import (
             QC_THRESHOLDS,
             brain_volume_ml,
             flag_failures,

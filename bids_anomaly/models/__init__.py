@@ -1,12 +1,42 @@
-"""Anomaly models: one interface (:mod:`bids_anomaly.models.base`), one module per family."""
+"""Anomaly models: one contract (:mod:`bids_anomaly.models.base`), one module per family.
 
+:data:`REGISTRY` is the only list of model types: the command line's choices, its per-family
+option groups, the checks of which options go with which type, and the levels' dispatch all
+read it.
+
+Adding a model family
+---------------------
+1. Write one module here (deep families use :mod:`bids_anomaly.models.deep`): a subclass of
+   :class:`~bids_anomaly.models.base.BaseModel` with ``model_type``, ``summary``, ``fit``,
+   ``score``, ``score_definition``, ``hyperparameters``, ``n_channels`` / ``grid_shape``,
+   ``tensors`` / ``restore`` (what is stored), decorated with
+   :func:`~bids_anomaly.models.base.register`. A score that combines one map per channel also
+   implements :class:`~bids_anomaly.models.base.ChannelScorer`; its maps are then written too.
+2. Its options, if any: a dataclass whose fields are declared with
+   :func:`bids_anomaly.config.option` (default, help, flag), named in the class's ``options``,
+   and a ``from_settings`` classmethod that builds the model from ``settings.model.options``.
+   The parser adds the flags, and refuses them with another model type.
+3. Import the module below so that it registers.
+4. Tests in ``tests/models/``: fit on generated volumes, a lesion scores above healthy tissue,
+   save/load round trip. ``tests/models/test_contract.py`` registers a toy family and runs it
+   through train, participant and group: the same works for a new family with no other change.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from bids_anomaly.errors import UsageError
 from bids_anomaly.models.base import (
     REGISTRY,
     AnomalyModel,
+    BaseModel,
+    ChannelScorer,
     ModelCard,
     SubjectImages,
     TrainingData,
     load_model,
+    register,
     save_model,
 )
 from bids_anomaly.models.baseline import IntensityBaseline
@@ -17,12 +47,18 @@ from bids_anomaly.models.mixture import (
     StudentMixtureModel,
 )
 from bids_anomaly.models.normative import NormativeModel
-from bids_anomaly.models.reconstruction import DEEP_MODELS, ReconstructionModel
+from bids_anomaly.models.reconstruction import ReconstructionModel
+
+if TYPE_CHECKING:
+    import dataclasses
+
+    from bids_anomaly.config import Settings
 
 __all__ = [
-    "DEEP_MODELS",
     "REGISTRY",
     "AnomalyModel",
+    "BaseModel",
+    "ChannelScorer",
     "GaussianMixtureModel",
     "IntensityBaseline",
     "MixtureModel",
@@ -33,6 +69,69 @@ __all__ = [
     "StudentMixtureModel",
     "SubjectImages",
     "TrainingData",
+    "build_model",
+    "check_family_options",
+    "family_options",
     "load_model",
+    "register",
     "save_model",
 ]
+
+
+def family_options(cls: type[BaseModel]) -> dict[str, dataclasses.Field]:
+    """The command-line options of a family, by field name (from its ``options`` classes)."""
+    from bids_anomaly.config import declared_options
+
+    return {item.name: item for options in cls.options for item in declared_options(options)}
+
+
+def _scope(name: str) -> str:
+    """How usage errors name the families an option belongs to."""
+    owners = [t for t, cls in sorted(REGISTRY.items()) if name in family_options(cls)]
+    scopes = sorted({REGISTRY[t].options_scope for t in owners})
+    return f"{' and '.join(scopes)} (train --model-type {'|'.join(owners)})"
+
+
+def check_family_options(settings: Settings) -> None:
+    """Refuse family options given with a model type (or level) they do not belong to.
+
+    Raises
+    ------
+    UsageError
+        An option of another family, an option given where no model is fitted, or values the
+        family refuses together (:meth:`~bids_anomaly.models.base.BaseModel.check_options`).
+    """
+    given = settings.model.options
+    if not given:
+        return
+    single = settings.level == "participant" and settings.model.single_subject
+    owner = (REGISTRY[settings.model.single_subject] if single
+             else REGISTRY[settings.model.model_type] if settings.level == "train" else None)
+    accepted = family_options(owner) if owner is not None else {}
+    if single:
+        accepted = {k: v for k, v in accepted.items() if v.metadata.get("single_subject")}
+    wrong = [name for name in given if name not in accepted]
+    if wrong:
+        flags = ", ".join(_flag(name) for name in wrong)
+        raise UsageError(f"{flags} apply to {_scope(wrong[0])}"
+                         + (", some with participant --single-subject" if any(
+                             _single_subject_option(name) for name in wrong) else ""))
+    owner.check_options(given, single_subject=bool(single))
+
+
+def _flag(name: str) -> str:
+    for cls in REGISTRY.values():
+        if name in family_options(cls):
+            return family_options(cls)[name].metadata["flags"][0]
+    return name
+
+
+def _single_subject_option(name: str) -> bool:
+    return any(name in family_options(cls) and family_options(cls)[name].metadata.get(
+        "single_subject") for cls in REGISTRY.values())
+
+
+def build_model(settings: Settings, single_subject: bool = False) -> BaseModel:
+    """A new, unfitted model of the settings' type (``--single-subject``'s type when asked)."""
+    model_type = settings.model.single_subject if single_subject else settings.model.model_type
+    return REGISTRY[model_type].from_settings(settings, single_subject=single_subject)

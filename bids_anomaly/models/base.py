@@ -15,7 +15,7 @@ import random
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, ClassVar, Protocol, runtime_checkable
 
 import nibabel as nib
 import numpy as np
@@ -23,6 +23,9 @@ import torch
 
 from bids_anomaly import __version__
 from bids_anomaly.errors import BadDataError, MissingInputError
+
+if TYPE_CHECKING:
+    from bids_anomaly.config import Settings
 
 WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "model.json"
@@ -132,9 +135,30 @@ class TrainingData:
 
 @runtime_checkable
 class AnomalyModel(Protocol):
-    """What every anomaly model does."""
+    """What every anomaly model does and says; the levels use nothing else.
+
+    Attributes
+    ----------
+    model_type : str
+        The name it is registered and chosen under (``--model-type``).
+    score_definition : str
+        What the score means, for the statmap sidecars and the model card.
+    hyperparameters : dict
+        Everything needed to rebuild the model (stored with its weights and in the card).
+    fit_report : dict
+        What fitting found (iterations, losses, BIC...), for the model card.
+    n_channels : int or None
+        Channels the fitted model takes (None: any number).
+    grid_shape : tuple of int or None
+        Grid the fitted model works on (None: any grid).
+    """
 
     model_type: str
+    score_definition: str
+    hyperparameters: dict
+    fit_report: dict
+    n_channels: int | None
+    grid_shape: tuple[int, ...] | None
 
     def fit(self, data: TrainingData) -> None:
         """Learn healthy anatomy from ``data``."""
@@ -150,11 +174,118 @@ class AnomalyModel(Protocol):
         """Read a model written by :meth:`save`."""
 
 
-REGISTRY: dict[str, type] = {}
+@runtime_checkable
+class ChannelScorer(Protocol):
+    """A model whose score combines one map per channel; each map is written too."""
+
+    def channel_scores(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """One score map per channel, ``(C, X, Y, Z)``."""
+
+    def combine(self, channel_scores: torch.Tensor) -> torch.Tensor:
+        """The anomaly score from the per-channel maps."""
 
 
-def register(cls: type) -> type:
-    """Class decorator adding a model to :data:`REGISTRY` under its ``model_type``."""
+class BaseModel:
+    """What the families share: registration metadata, options, safetensors storage.
+
+    A family subclasses this, sets the class attributes, implements ``fit``, ``score``,
+    ``hyperparameters``, :meth:`tensors` and :meth:`restore`, and is registered with
+    :func:`register` (see :mod:`bids_anomaly.models` for the steps).
+
+    Attributes
+    ----------
+    model_type : str
+        ``--model-type`` name.
+    summary : str
+        One line for ``--help`` and the README's model table.
+    single_subject : bool
+        Whether ``participant --single-subject TYPE`` can fit it on one subject's own brain.
+    options : tuple of type
+        The option dataclasses whose fields with flags are this family's command-line options
+        (see :func:`bids_anomaly.config.option`).
+    options_scope : str
+        How ``--help`` and usage errors name the families these options apply to.
+    """
+
+    model_type: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    single_subject: ClassVar[bool] = False
+    options: ClassVar[tuple[type, ...]] = ()
+    options_scope: ClassVar[str] = ""
+    score_definition: str = ""
+    n_channels: int | None = None
+    grid_shape: tuple[int, ...] | None = None
+
+    def __init__(self) -> None:
+        self.fit_report: dict = {}
+
+    @property
+    def hyperparameters(self) -> dict:
+        """Everything needed to rebuild the model (none by default)."""
+        return {}
+
+    # --------------------------------------------------------------- building
+    @classmethod
+    def from_settings(cls, settings: Settings, single_subject: bool = False) -> BaseModel:
+        """A new, unfitted model from a run's settings (family options included).
+
+        ``single_subject``: for ``participant --single-subject`` (a fit on one subject's own
+        brain). The base class takes no option.
+        """
+        return cls()
+
+    @classmethod
+    def check_options(cls, given: dict, single_subject: bool = False) -> None:
+        """Refuse option values that do not fit together for this family (UsageError)."""
+
+    # --------------------------------------------------------------- storage
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The fitted state, as named tensors."""
+        raise NotImplementedError
+
+    def restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set the fitted state from :meth:`tensors`' output."""
+        raise NotImplementedError
+
+    def stored_hyperparameters(self) -> dict:
+        """What :meth:`save` stores beside the tensors (the hyperparameters by default)."""
+        return self.hyperparameters
+
+    @classmethod
+    def from_hyperparameters(cls, hyperparameters: dict) -> BaseModel:
+        """An unfitted model from stored hyperparameters (keyword arguments by default)."""
+        return cls(**hyperparameters)
+
+    def save(self, directory: Path) -> None:
+        """Write the tensors and hyperparameters to ``weights.safetensors``."""
+        write_weights(directory, self.tensors(), self.stored_hyperparameters())
+
+    @classmethod
+    def load(cls, directory: Path) -> BaseModel:
+        """Read a model written by :meth:`save` (no code is unpickled)."""
+        tensors, hyperparameters = read_weights(directory)
+        model = cls.from_hyperparameters(hyperparameters)
+        model.restore(tensors)
+        return model
+
+
+REGISTRY: dict[str, type[BaseModel]] = {}
+"""Every model family by ``model_type``: the only list of model types."""
+
+
+def register(cls: type[BaseModel]) -> type[BaseModel]:
+    """Class decorator adding a model family to :data:`REGISTRY` under its ``model_type``.
+
+    Raises
+    ------
+    ValueError
+        No ``model_type``, or one already registered by another class.
+    """
+    if not cls.model_type:
+        raise ValueError(f"{cls.__name__} has no model_type")
+    if REGISTRY.get(cls.model_type, cls) is not cls:
+        raise ValueError(f"model type {cls.model_type!r} is registered already by "
+                         f"{REGISTRY[cls.model_type].__name__}")
     REGISTRY[cls.model_type] = cls
     return cls
 

@@ -8,12 +8,10 @@ white-matter lesions on FLAIR.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from bids_anomaly.errors import BadDataError
-from bids_anomaly.models.base import TrainingData, read_weights, register, write_weights
+from bids_anomaly.models.base import BaseModel, TrainingData, register
 from bids_anomaly.models.normative import MAD_TO_SD
 
 DIRECTIONS = ("hyper", "hypo", "both")
@@ -60,7 +58,7 @@ def robust_z_score(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @register
-class IntensityBaseline:
+class IntensityBaseline(BaseModel):
     """Robust z-score of one channel within each image's own brain; no learning.
 
     Parameters
@@ -77,6 +75,7 @@ class IntensityBaseline:
     """
 
     model_type = "intensity"
+    summary = "robust z-score of one channel within each image's own brain (the baseline)"
     score_definition = ("sign * (x - median) / (1.4826 MAD) of one channel, median and MAD over "
                         "the image's own brain voxels; sign +1 hyper, -1 hypo, |z| both")
 
@@ -86,6 +85,7 @@ class IntensityBaseline:
                              f"not {direction!r}")
         if channel < 0:
             raise ValueError(f"channel must be a non-negative index, not {channel}")
+        super().__init__()
         self.channel = int(channel)
         self.direction = direction
 
@@ -93,11 +93,6 @@ class IntensityBaseline:
     def hyperparameters(self) -> dict:
         """Settings needed to rebuild the model."""
         return {"channel": self.channel, "direction": self.direction}
-
-    n_channels = None
-    """Any number of channels (the score reads one of them)."""
-    grid_shape = None
-    """Any grid (the score is a per-image z-score)."""
 
     def fit(self, data: TrainingData) -> None:
         """Learn nothing; check that ``data`` has the channel to threshold.
@@ -138,12 +133,9 @@ class IntensityBaseline:
             return z.abs()
         return z
 
-    def save(self, directory: Path) -> None:
-        """Write the channel index and the hyperparameters to ``weights.safetensors``."""
-        write_weights(directory, {"channel": torch.tensor([self.channel])}, self.hyperparameters)
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The channel index (everything else is a hyperparameter)."""
+        return {"channel": torch.tensor([self.channel])}
 
-    @classmethod
-    def load(cls, directory: Path) -> IntensityBaseline:
-        """Read a model written by :meth:`save`."""
-        _, hyperparameters = read_weights(directory)
-        return cls(**hyperparameters)
+    def restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Nothing to restore: the hyperparameters rebuild the model."""

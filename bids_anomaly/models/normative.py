@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from bids_anomaly.models.base import TrainingData, read_weights, register, write_weights
+from bids_anomaly.models.base import BaseModel, TrainingData, register
 
 MAD_TO_SD = 1.4826
 """Median absolute deviation of a Gaussian, in standard deviations."""
 
 
 @register
-class NormativeModel:
+class NormativeModel(BaseModel):
     """Per-voxel median and scaled MAD of healthy subjects; scores are robust z-scores.
 
     The anomaly score of a voxel is its largest absolute robust z-score over channels: how
@@ -35,10 +33,12 @@ class NormativeModel:
     """
 
     model_type = "normative"
+    summary = "voxel-wise median and MAD of healthy subjects; score: largest robust z-score"
     score_definition = "max over channels of |x - median| / (1.4826 MAD), healthy voxel-wise"
 
     def __init__(self, min_fraction: float = 0.5, min_spread: float = 0.1,
                  spread_sigma: float = 1.0) -> None:
+        super().__init__()
         self.min_fraction = min_fraction
         self.min_spread = min_spread
         self.spread_sigma = spread_sigma
@@ -94,17 +94,13 @@ class NormativeModel:
         score = z.abs().amax(dim=0)
         return torch.where(mask & self.support.to(device), score, 0.0)
 
-    def save(self, directory: Path) -> None:
-        """Write location, spread and support to ``weights.safetensors``."""
-        write_weights(directory, {"location": self.location, "spread": self.spread,
-                                  "support": self.support.to(torch.uint8)}, self.hyperparameters)
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Location, spread and support."""
+        return {"location": self.location, "spread": self.spread,
+                "support": self.support.to(torch.uint8)}
 
-    @classmethod
-    def load(cls, directory: Path) -> NormativeModel:
-        """Read a model written by :meth:`save`."""
-        tensors, hyperparameters = read_weights(directory)
-        model = cls(**hyperparameters)
-        model.location = tensors["location"]
-        model.spread = tensors["spread"]
-        model.support = tensors["support"].bool()
-        return model
+    def restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Set location, spread and support."""
+        self.location = tensors["location"]
+        self.spread = tensors["spread"]
+        self.support = tensors["support"].bool()

@@ -19,25 +19,23 @@ network from them and refuses weights that do not fit.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
+import math
 import tempfile
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
 
 import numpy as np
 import torch
+from torch import nn
 
-from bids_anomaly.errors import BadDataError
-from bids_anomaly.models.base import (
-    TrainingData,
-    read_weights,
-    register,
-    valid_voxels,
-    write_weights,
-)
-from bids_anomaly.models.networks import Architecture, Reconstructor, coarse_noise, divisor
-from bids_anomaly.training import engine
-from bids_anomaly.training.datasets import (
+from bids_anomaly.config import option, positive_int
+from bids_anomaly.errors import BadDataError, UsageError
+from bids_anomaly.models.base import BaseModel, TrainingData, register, valid_voxels
+from bids_anomaly.models.deep import engine
+from bids_anomaly.models.deep.datasets import (
     PatchDataset,
     SliceDataset,
     VolumeCache,
@@ -45,6 +43,18 @@ from bids_anomaly.training.datasets import (
     padded_shape,
     stack_slices,
 )
+from bids_anomaly.models.deep.networks import (
+    Architecture,
+    QuantisedReconstructor,
+    Reconstructor,
+    TokenReconstructor,
+    VariationalReconstructor,
+    check_input_shape,
+    coarse_noise,
+)
+
+if TYPE_CHECKING:
+    from bids_anomaly.config import Settings
 
 LOGGER = logging.getLogger(__name__)
 
@@ -63,8 +73,41 @@ def _split(n_subjects: int, seed: int) -> tuple[list[int], list[int]]:
     return sorted(order[n_validation:].tolist()), sorted(order[:n_validation].tolist())
 
 
-class ReconstructionModel:
-    """A MONAI network trained to reconstruct healthy brains; scores are its residuals.
+@dataclass
+class ReconstructionOptions:
+    """What a reconstruction model is (its training is :class:`~.deep.engine.EngineOptions`)."""
+
+    mode: str = option(
+        "2d", "axial slices (2d), slices with their neighbours as extra channels (2.5d) or 3D "
+              "patches with sliding-window inference (3d); default {default}",
+        flags=("--mode",), choices=MODES)
+    context: int = option(1, "neighbouring slices on each side in 2.5d mode")
+    patch_size: int = option(64, "3d: side of the training patches and inference windows "
+                                 "(default {default})", flags=("--patch-size",),
+                             type=positive_int, metavar="VOXELS")
+    width: int = option(32, "feature maps of the first network level (default {default})",
+                        flags=("--width",), type=positive_int)
+    latent: int = option(16, "bottleneck size: AE bottleneck channels, VAE code length / 16, "
+                             "VQ-VAE embedding size (default {default})", flags=("--latent",),
+                         type=positive_int)
+    vit_patch: int = option(16, "token side of the ViT autoencoder")
+    kl_weight: float = option(1e-3, "weight of the VAE's KL divergence per voxel")
+    noise_std: float = option(0.2, "standard deviation of the denoising AE's coarse noise")
+    noise_scale: int = option(8, "grid coarseness of the denoising AE's noise")
+    patches_per_volume: int = option(16, "training patches per subject and epoch in 3d mode")
+    smoothing: float = option(1.0, "sigma, in voxels, of the residual's Gaussian smoothing")
+    residual: str = option(
+        "both", "which residuals are anomalous: both signs, only brighter (hyper, e.g. FLAIR "
+                "lesions) or only darker (hypo) than the reconstruction (default {default})",
+        flags=("--residual",), choices=RESIDUALS)
+
+
+class DeepModel(BaseModel):
+    """A MONAI network on slices, 2.5D stacks or 3D patches: training, inference, storage.
+
+    What the network learns and how its output becomes a score is the subclass's:
+    :class:`ReconstructionModel` (residuals of a reconstruction), and the self-supervised
+    families of :mod:`bids_anomaly.models.selfsupervised`.
 
     Parameters
     ----------
@@ -77,7 +120,7 @@ class ReconstructionModel:
     width : int
         Feature maps of the first network level.
     latent : int
-        Bottleneck size (see :class:`~bids_anomaly.models.networks.Architecture`).
+        Bottleneck size (see :class:`~bids_anomaly.models.deep.networks.Architecture`).
     vit_patch : int
         Token side of the ViT autoencoder.
     kl_weight : float
@@ -97,16 +140,30 @@ class ReconstructionModel:
         Where preprocessed volumes are cached for training (a temporary folder by default).
     """
 
-    model_type = "ae"
+    options = (ReconstructionOptions, engine.EngineOptions)
+    options_scope = "training a deep model"
+    reconstructor: ClassVar[type[Reconstructor]] = Reconstructor
+    """How the family's network is run (what its loss adds to the reconstruction error)."""
+    input_multiple: ClassVar[int] = 16
+    """Every spatial size of an input must be a multiple of this (the total down-sampling)."""
 
-    def __init__(self, mode: str = "2d", context: int = 1, patch_size: int = 64,
-                 width: int = 32, latent: int = 16, vit_patch: int = 16,
-                 kl_weight: float = 1e-3, noise_std: float = 0.2, noise_scale: int = 8,
-                 patches_per_volume: int = 16, smoothing: float = 1.0,
-                 residual: str = "both", training: engine.EngineOptions | None = None,
+    def __init__(self, mode: str = ReconstructionOptions.mode,
+                 context: int = ReconstructionOptions.context,
+                 patch_size: int = ReconstructionOptions.patch_size,
+                 width: int = ReconstructionOptions.width,
+                 latent: int = ReconstructionOptions.latent,
+                 vit_patch: int = ReconstructionOptions.vit_patch,
+                 kl_weight: float = ReconstructionOptions.kl_weight,
+                 noise_std: float = ReconstructionOptions.noise_std,
+                 noise_scale: int = ReconstructionOptions.noise_scale,
+                 patches_per_volume: int = ReconstructionOptions.patches_per_volume,
+                 smoothing: float = ReconstructionOptions.smoothing,
+                 residual: str = ReconstructionOptions.residual,
+                 training: engine.EngineOptions | None = None,
                  cache_dir: Path | None = None, architecture: dict | None = None,
                  image_shape: tuple[int, ...] | None = None, fit_report: dict | None = None
                  ) -> None:
+        super().__init__()
         if mode not in MODES:
             raise ValueError(f"mode {mode!r}: choose one of {', '.join(MODES)}")
         if residual not in RESIDUALS:
@@ -132,16 +189,36 @@ class ReconstructionModel:
             self.network = self._new_network(Architecture(
                 **{**architecture, "input_shape": tuple(architecture["input_shape"])}))
 
-    # ----------------------------------------------------------------- description
-    @property
-    def score_definition(self) -> str:
-        """What the score means, for the statmap sidecar."""
-        sign = {"both": "|x - x_hat|", "hyper": "max(x - x_hat, 0)",
-                "hypo": "max(x_hat - x, 0)"}[self.residual]
-        return (f"{self.model_type} ({self.mode}) reconstruction residual {sign} of the "
-                f"robust-z-scored intensities, mean over channels, Gaussian-smoothed "
-                f"(sigma {self.smoothing} voxels) inside the brain")
+    @classmethod
+    def from_settings(cls, settings: Settings, single_subject: bool = False
+                      ) -> DeepModel:
+        """A model with the run's options; checkpoints go to ``WORK/train/model-<name>``."""
+        from bids_anomaly import bids
 
+        given = settings.model.options
+        engine_fields = {item.name for item in fields(engine.EngineOptions)}
+        name = settings.model.model_name or settings.model.model_type
+        training = engine.EngineOptions(
+            seed=settings.execution.random_seed,
+            checkpoint_dir=bids.checkpoint_dir(settings.work_dir, name),
+            **{key: value for key, value in given.items() if key in engine_fields})
+        return cls(training=training, cache_dir=bids.volume_cache_dir(settings.work_dir),
+                   **{key: value for key, value in given.items() if key not in engine_fields})
+
+    @classmethod
+    def check_options(cls, given: dict, single_subject: bool = False) -> None:
+        """TensorBoard logging needs its package.
+
+        Raises
+        ------
+        UsageError
+            ``--tensorboard`` without the ``tensorboard`` package.
+        """
+        if given.get("tensorboard") and importlib.util.find_spec("tensorboard") is None:
+            raise UsageError("--tensorboard needs the tensorboard package: pip install "
+                             "tensorboard")
+
+    # ----------------------------------------------------------------- description
     @property
     def hyperparameters(self) -> dict:
         """Everything needed to rebuild the model (stored with the weights)."""
@@ -159,7 +236,9 @@ class ReconstructionModel:
     @property
     def n_channels(self) -> int | None:
         """Channels the trained network takes and returns (None before training)."""
-        return None if self.network is None else self.network.architecture.out_channels
+        if self.network is None:
+            return None
+        return self.network.architecture.in_channels // (2 * self.context + 1)
 
     @property
     def grid_shape(self) -> tuple[int, ...] | None:
@@ -168,14 +247,28 @@ class ReconstructionModel:
 
     # ----------------------------------------------------------------- network
     def _input_shape(self, image_shape: tuple[int, ...]) -> tuple[int, ...]:
-        multiple = divisor(self.model_type, self.vit_patch)
+        multiple = self.input_size_multiple()
         if self.mode == "3d":
             side = padded_shape((self.patch_size,), multiple)[0]
             return (side,) * 3
         return padded_shape(tuple(image_shape[:2]), multiple)
 
+    def output_channels(self, channels: int) -> int:
+        """Channels the network returns for ``channels`` input modalities (the same here)."""
+        return channels
+
+    def input_size_multiple(self) -> int:
+        """Every spatial size of an input must be a multiple of this."""
+        return self.input_multiple
+
+    def build_network(self, architecture: Architecture) -> nn.Module:
+        """The family's MONAI network for ``architecture`` (untrained)."""
+        raise NotImplementedError
+
     def _new_network(self, architecture: Architecture) -> Reconstructor:
-        return Reconstructor(architecture, kl_weight=self.kl_weight)
+        check_input_shape(architecture, self.input_size_multiple())
+        return self.reconstructor(architecture, self.build_network(architecture),
+                                  kl_weight=self.kl_weight)
 
     def _corrupt(self, inputs: torch.Tensor, mask: torch.Tensor,
                  generator: torch.Generator | None) -> torch.Tensor:
@@ -194,8 +287,7 @@ class ReconstructionModel:
     # ----------------------------------------------------------------- training
     def fit(self, data: TrainingData) -> None:
         """Train on ``data`` (healthy subjects), early-stopping on some of them held out."""
-        from bids_anomaly.training import distributed
-
+        from bids_anomaly.models.deep import distributed
         device = torch.device(data.device)
         seed = self.training.seed
         if self.cache_dir is None:
@@ -218,7 +310,8 @@ class ReconstructionModel:
                 return SliceDataset([volumes[i] for i in index], input_shape, self.context)
         architecture = Architecture(
             model_type=self.model_type, spatial_dims=3 if self.mode == "3d" else 2,
-            in_channels=channels * (2 * self.context + 1), out_channels=channels,
+            in_channels=channels * (2 * self.context + 1),
+            out_channels=self.output_channels(channels),
             input_shape=input_shape, width=self.width, latent=self.latent,
             vit_patch=self.vit_patch)
         torch.manual_seed(seed)
@@ -243,17 +336,21 @@ class ReconstructionModel:
 
     # ----------------------------------------------------------------- inference
     def _check_input(self, image: torch.Tensor) -> None:
-        architecture = self.network.architecture
-        if image.shape[0] != architecture.out_channels:
-            raise BadDataError(f"the {self.model_type} model takes {architecture.out_channels} "
+        if image.shape[0] != self.n_channels:
+            raise BadDataError(f"the {self.model_type} model takes {self.n_channels} "
                                f"channel(s), the image has {image.shape[0]}")
         if tuple(image.shape[1:]) != tuple(self.image_shape):
             raise BadDataError(f"the {self.model_type} model was trained on a "
                                f"{tuple(self.image_shape)} grid, the image is "
                                f"{tuple(image.shape[1:])}")
 
-    def reconstruct(self, image: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
-        """The network's reconstruction of a ``(C, X, Y, Z)`` image (brain-masked input)."""
+    def infer(self, image: torch.Tensor, condition: float | None = None,
+              batch_size: int | None = None) -> torch.Tensor:
+        """The network's output for a ``(C, X, Y, Z)`` image (brain-masked input).
+
+        Slices (or sliding windows in 3D) in batches; ``condition`` is passed to networks that
+        take one (a restoration model's severity). Returns ``(C_out, X, Y, Z)``.
+        """
         if self.network is None:
             raise RuntimeError("the model is not fitted")
         self._check_input(image)
@@ -265,7 +362,10 @@ class ReconstructionModel:
         def predict(batch: torch.Tensor) -> torch.Tensor:
             with torch.autocast(device.type, dtype=dtype or torch.float32,
                                 enabled=dtype is not None):
-                return network(batch)[0].float()
+                if condition is None:
+                    return network(batch)[0].float()
+                level = torch.full((batch.shape[0],), float(condition), device=device)
+                return network(batch, level)[0].float()
 
         with torch.no_grad():
             if self.mode == "3d":
@@ -277,16 +377,94 @@ class ReconstructionModel:
                 return inferer(image[None], predict)[0]
             stacks = stack_slices(image, self.context)  # (Z, C', X, Y)
             padded, crop = pad_to(stacks, network.architecture.input_shape)
-            output = torch.zeros((image.shape[-1], image.shape[0], *padded.shape[2:]),
-                                 device=device)
+            output = torch.zeros((image.shape[-1], network.architecture.out_channels,
+                                  *padded.shape[2:]), device=device)
             occupied = torch.nonzero(image.ne(0).any(dim=0).any(dim=0).any(dim=0)).flatten()
             for start in range(0, len(occupied), batch_size):
                 index = occupied[start:start + batch_size]
                 output[index] = predict(padded[index])
             return output[(slice(None), slice(None), *crop)].permute(1, 2, 3, 0)
 
+    def smoothed(self, values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """``(C, X, Y, Z)`` maps Gaussian-smoothed inside ``valid`` (``smoothing`` voxels).
+
+        Normalised convolution, so the brain's edge is not darkened; 0 outside ``valid``.
+        """
+        values = torch.where(valid, values, 0.0)
+        if self.smoothing > 0:
+            from monai.networks.layers import GaussianFilter
+
+            smooth = GaussianFilter(spatial_dims=3, sigma=self.smoothing).to(values.device)
+            weight = smooth(valid[None, None].float())[0]
+            values = smooth(values[:, None])[:, 0] / weight.clamp_min(1e-6)
+        return torch.where(valid, values, 0.0)
+
+    # ----------------------------------------------------------------- storage
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """The network's weights."""
+        if self.network is None:
+            raise RuntimeError("the model is not fitted")
+        return self.network.state_dict()
+
+    def stored_hyperparameters(self) -> dict:
+        """The hyperparameters, the architecture and the fit report."""
+        return {**self.hyperparameters, "fit_report": self.fit_report}
+
+    @classmethod
+    def from_hyperparameters(cls, hyperparameters: dict) -> DeepModel:
+        """Rebuild the (untrained) network from the stored hyperparameters.
+
+        Raises
+        ------
+        BadDataError
+            Hyperparameters that do not describe a network of this family.
+        """
+        values = dict(hyperparameters)
+        training = engine.EngineOptions(**values.pop("training", {}))
+        try:
+            return cls(training=training, **values)
+        except (KeyError, TypeError, ValueError) as error:
+            raise BadDataError(f"the stored {cls.model_type} hyperparameters do not describe "
+                               f"a network: {str(error)[:300]}") from error
+
+    def restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Load the network's weights.
+
+        Raises
+        ------
+        BadDataError
+            The weights do not fit the stored architecture.
+        """
+        try:
+            self.network.load_state_dict(tensors, strict=True)
+        except (AttributeError, RuntimeError) as error:
+            raise BadDataError(f"the weights do not match the {self.model_type} architecture "
+                               f"stored with them: {str(error)[:300]}") from error
+        self.network.eval()
+
+
+class ReconstructionModel(DeepModel):
+    """A MONAI network trained to reconstruct healthy brains; scores are its residuals.
+
+    The residual ``x - x_hat`` of each channel counts in the direction ``residual`` says, is
+    smoothed inside the brain, and the channels' maps are averaged.
+    """
+
+    @property
+    def score_definition(self) -> str:
+        """What the score means, for the statmap sidecar."""
+        sign = {"both": "|x - x_hat|", "hyper": "max(x - x_hat, 0)",
+                "hypo": "max(x_hat - x, 0)"}[self.residual]
+        return (f"{self.model_type} ({self.mode}) reconstruction residual {sign} of the "
+                f"robust-z-scored intensities, mean over channels, Gaussian-smoothed "
+                f"(sigma {self.smoothing} voxels) inside the brain")
+
+    def reconstruct(self, image: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """The network's reconstruction of a ``(C, X, Y, Z)`` image (brain-masked input)."""
+        return self.infer(image, batch_size=batch_size)
+
     def channel_scores(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Smoothed residual of each channel, ``(C, X, Y, Z)``, 0 outside the valid brain."""
+        """Smoothed residual of each channel, ``(C, X, Y, Z)``, 0 outside the brain."""
         valid = valid_voxels(image, mask)
         masked = torch.where(valid, image, 0.0)
         residual = masked - self.reconstruct(masked)
@@ -296,14 +474,7 @@ class ReconstructionModel:
             residual = (-residual).clamp_min(0)
         else:
             residual = residual.abs()
-        residual = torch.where(valid, residual, 0.0)
-        if self.smoothing > 0:
-            from monai.networks.layers import GaussianFilter
-
-            smooth = GaussianFilter(spatial_dims=3, sigma=self.smoothing).to(image.device)
-            weight = smooth(valid[None, None].float())[0]
-            residual = smooth(residual[:, None])[:, 0] / weight.clamp_min(1e-6)
-        return torch.where(valid, residual, 0.0)
+        return self.smoothed(residual, valid)
 
     @staticmethod
     def combine(channel_scores: torch.Tensor) -> torch.Tensor:
@@ -314,40 +485,22 @@ class ReconstructionModel:
         """Mean smoothed residual over channels; 0 outside the valid brain."""
         return self.combine(self.channel_scores(image, mask))
 
-    # ----------------------------------------------------------------- storage
-    def save(self, directory: Path) -> None:
-        """Write the network's weights and the hyperparameters to ``weights.safetensors``."""
-        if self.network is None:
-            raise RuntimeError("the model is not fitted")
-        hyperparameters = {**self.hyperparameters, "fit_report": self.fit_report}
-        write_weights(directory, self.network.state_dict(), hyperparameters)
-
-    @classmethod
-    def load(cls, directory: Path) -> ReconstructionModel:
-        """Rebuild the network from the stored hyperparameters and load its weights.
-
-        Raises
-        ------
-        BadDataError
-            The weights do not fit the stored architecture.
-        """
-        tensors, hyperparameters = read_weights(directory)
-        training = engine.EngineOptions(**hyperparameters.pop("training", {}))
-        try:
-            model = cls(training=training, **hyperparameters)
-            model.network.load_state_dict(tensors, strict=True)
-        except (KeyError, TypeError, ValueError, RuntimeError) as error:
-            raise BadDataError(f"{directory}: the weights do not match the {cls.model_type} "
-                               f"architecture stored with them: {str(error)[:300]}") from error
-        model.network.eval()
-        return model
-
 
 @register
 class AutoEncoderModel(ReconstructionModel):
     """Convolutional autoencoder (MONAI ``AutoEncoder``) with a narrow spatial bottleneck."""
 
     model_type = "ae"
+    summary = "convolutional autoencoder; score: reconstruction residual"
+
+    def build_network(self, architecture: Architecture) -> nn.Module:
+        """MONAI ``AutoEncoder``: four stride-2 levels down to ``latent`` channels."""
+        from monai.networks import nets
+
+        a, w = architecture, architecture.width
+        return nets.AutoEncoder(spatial_dims=a.spatial_dims, in_channels=a.in_channels,
+                                out_channels=a.out_channels, channels=(w, 2 * w, 4 * w, a.latent),
+                                strides=(2, 2, 2, 2), num_res_units=1, norm="INSTANCE")
 
 
 @register
@@ -355,6 +508,20 @@ class VariationalAutoEncoderModel(ReconstructionModel):
     """Variational autoencoder (MONAI ``VarAutoEncoder``); the posterior mean reconstructs."""
 
     model_type = "vae"
+    summary = "variational autoencoder; score: reconstruction residual"
+    reconstructor = VariationalReconstructor
+
+    def build_network(self, architecture: Architecture) -> nn.Module:
+        """MONAI ``VarAutoEncoder`` with a code of ``16 * latent``."""
+        from monai.networks import nets
+
+        a, w = architecture, architecture.width
+        return nets.VarAutoEncoder(spatial_dims=a.spatial_dims,
+                                   in_shape=(a.in_channels, *a.input_shape),
+                                   out_channels=a.out_channels, latent_size=a.latent * 16,
+                                   channels=(w, 2 * w, 4 * w, 8 * w), strides=(2, 2, 2, 2),
+                                   num_res_units=1, norm="INSTANCE", use_sigmoid=False,
+                                   use_mean_at_inference=True)
 
 
 @register
@@ -362,6 +529,21 @@ class VQVAEModel(ReconstructionModel):
     """Vector-quantised VAE (MONAI ``VQVAE``): reconstructions from a learned codebook."""
 
     model_type = "vqvae"
+    summary = "vector-quantised VAE; score: reconstruction residual"
+    reconstructor = QuantisedReconstructor
+    input_multiple = 8
+
+    def build_network(self, architecture: Architecture) -> nn.Module:
+        """MONAI ``VQVAE`` with a 256-entry codebook of ``latent``-long embeddings."""
+        from monai.networks import nets
+
+        a, w = architecture, architecture.width
+        return nets.VQVAE(spatial_dims=a.spatial_dims, in_channels=a.in_channels,
+                          out_channels=a.out_channels, channels=(w, 2 * w, 4 * w),
+                          num_res_layers=1, num_res_channels=(w, 2 * w, 4 * w),
+                          downsample_parameters=((2, 4, 1, 1),) * 3,
+                          upsample_parameters=((2, 4, 1, 1, 0),) * 3,
+                          num_embeddings=256, embedding_dim=a.latent)
 
 
 @register
@@ -369,6 +551,32 @@ class ViTAutoEncoderModel(ReconstructionModel):
     """Vision-transformer autoencoder (MONAI ``ViTAutoEnc``)."""
 
     model_type = "vit-ae"
+    summary = "vision-transformer autoencoder; score: reconstruction residual"
+    reconstructor = TokenReconstructor
+
+    def input_size_multiple(self) -> int:
+        """Inputs are cut into tokens of ``vit_patch`` voxels a side."""
+        return self.vit_patch
+
+    def build_network(self, architecture: Architecture) -> nn.Module:
+        """MONAI ``ViTAutoEnc``: 6 layers, ``16 * width`` hidden size.
+
+        Raises
+        ------
+        ValueError
+            A token side that is not a perfect square (MONAI needs one).
+        """
+        from monai.networks import nets
+
+        a, w = architecture, architecture.width
+        if math.isqrt(a.vit_patch) ** 2 != a.vit_patch:
+            raise ValueError(f"vit-ae: the token side {a.vit_patch} must be a perfect square")
+        hidden = 16 * w
+        return nets.ViTAutoEnc(in_channels=a.in_channels, img_size=a.input_shape,
+                               patch_size=a.vit_patch, out_channels=a.out_channels,
+                               deconv_chns=w, hidden_size=hidden, mlp_dim=4 * hidden,
+                               num_layers=6, num_heads=max(1, hidden // 64),
+                               spatial_dims=a.spatial_dims)
 
 
 @register
@@ -376,6 +584,17 @@ class DenoisingAutoEncoderModel(ReconstructionModel):
     """Denoising U-Net trained to remove coarse noise (Kascenas et al., MIDL 2022)."""
 
     model_type = "dae"
+    summary = "denoising U-Net trained to remove coarse noise; score: residual"
+    input_multiple = 8
+
+    def build_network(self, architecture: Architecture) -> nn.Module:
+        """MONAI ``UNet`` with three stride-2 levels."""
+        from monai.networks import nets
+
+        a, w = architecture, architecture.width
+        return nets.UNet(spatial_dims=a.spatial_dims, in_channels=a.in_channels,
+                         out_channels=a.out_channels, channels=(w, 2 * w, 4 * w, 8 * w),
+                         strides=(2, 2, 2), num_res_units=2, norm="INSTANCE")
 
     def _corrupt(self, inputs: torch.Tensor, mask: torch.Tensor,
                  generator: torch.Generator | None) -> torch.Tensor:
@@ -384,10 +603,3 @@ class DenoisingAutoEncoderModel(ReconstructionModel):
                              generator)
         channels_per_slice = inputs.shape[1] // mask.shape[1]
         return inputs + noise * mask.repeat_interleave(channels_per_slice, dim=1)
-
-
-DEEP_MODELS = {cls.model_type: cls for cls in (AutoEncoderModel, VariationalAutoEncoderModel,
-                                               VQVAEModel, ViTAutoEncoderModel,
-                                               DenoisingAutoEncoderModel)}
-"""The deep model types and their classes."""
-

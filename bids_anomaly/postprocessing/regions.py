@@ -19,14 +19,13 @@ import pandas as pd
 from nibabel.processing import resample_from_to
 from scipy import ndimage
 
+from bids_anomaly.config import RESTRICTIONS
 from bids_anomaly.errors import BadDataError, MissingInputError
 from bids_anomaly.images import load_volume
 from bids_anomaly.template import TISSUE_LABELS
 
 LOGGER = logging.getLogger(__name__)
 
-RESTRICTIONS = {"brain": "brain mask", "wm": "template white matter dilated by one voxel"}
-"""Where abnormal voxels may be flagged (:func:`restriction_mask`), with the sidecars' wording."""
 
 ATLAS_MIN_INSIDE = 0.8
 """Share of an atlas's labelled voxels that must fall inside the template's (dilated) brain.

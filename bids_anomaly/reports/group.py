@@ -7,24 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from bids_anomaly import __version__, bids
+from bids_anomaly import bids
 from bids_anomaly.evaluation.group import per_subject
-from bids_anomaly.reports.qc import _figure_html, _table_html
-
-_STYLE = """
-body { font-family: sans-serif; margin: 2em; color: #222; max-width: 1400px; }
-h2 { border-bottom: 2px solid #444; padding-bottom: 0.2em; margin-top: 2em; }
-table { border-collapse: collapse; margin: 1em 0 2em; font-size: 0.85em; display: block;
-        overflow-x: auto; max-width: 100%; }
-th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; }
-th { background: #f0f0f0; }
-figure { margin: 0.5em; display: inline-block; vertical-align: top; }
-figure img { max-width: 100%; }
-figcaption { font-size: 0.75em; color: #555; }
-.overlays figure { width: 32%; }
-.note { background: #fff6d5; border-left: 4px solid #e0b000; padding: 0.5em 1em; }
-.footer { font-size: 0.8em; color: #777; margin-top: 3em; }
-"""
+from bids_anomaly.reports.html import figure_html, table_html, write_page
 
 _BURDEN_FIGURE_MEASURES = ("abnormal_ml", "n_clusters", "mean_score", "p99_score")
 
@@ -59,12 +44,12 @@ def _evaluation_section(result, figures: Path) -> list[str]:
              "is a false positive. Means per group with 95% percentile-bootstrap intervals.</p>"]
     summary = result.summary.copy()
     summary["mean [95% CI]"] = _interval(summary, "mean", "ci_low", "ci_high")
-    parts.append(_table_html(summary[["group", "metric", "n", "mean [95% CI]", "sd"]]))
+    parts.append(table_html(summary[["group", "metric", "n", "mean [95% CI]", "sd"]]))
     if result.curves:
         path = plot_curves(result.curves, figures / f"desc-{result.desc}_curves.svg",
                            title=f"{result.desc}: voxel-wise ROC and precision-recall")
-        parts.append(_figure_html(path))
-    parts.append(_table_html(result.evaluation))
+        parts.append(figure_html(path))
+    parts.append(table_html(result.evaluation))
     return parts
 
 
@@ -89,18 +74,18 @@ def _statistics_section(result, figures: Path) -> list[str]:
     columns = ["patients", "region", "measure", "n_patients", "n_controls", "patients_mean",
                "controls_mean", "auroc [95% CI]", "hedges_g", "p_value", "p_fdr"]
     global_rows = table["region"] == "global"
-    parts.append(_table_html(table.loc[global_rows, columns]))
+    parts.append(table_html(table.loc[global_rows, columns]))
     subjects = per_subject(burden)
     measures = [m for m in _BURDEN_FIGURE_MEASURES if m in subjects.columns]
-    parts.append(_figure_html(plot_burden_by_group(
+    parts.append(figure_html(plot_burden_by_group(
         subjects, measures, figures / f"desc-{result.desc}_burden.svg",
         title=f"{result.desc}: anomaly burden per group")))
-    parts.append(_figure_html(plot_subject_roc(
+    parts.append(figure_html(plot_subject_roc(
         subjects, measures, result.control, figures / f"desc-{result.desc}_subjectroc.svg",
         title=f"{result.desc}: all patients vs {result.control}")))
     if (~global_rows).any():
         parts.append("<h3>Regional burden: patients vs controls</h3>")
-        parts.append(_table_html(table.loc[~global_rows, columns]))
+        parts.append(table_html(table.loc[~global_rows, columns]))
     return parts
 
 
@@ -112,7 +97,7 @@ def _regions_section(result) -> list[str]:
     return ["<h3>Regional burden (mean over subjects)</h3>",
             "<p>Mean anomaly score and percentage of flagged voxels per tissue class of the "
             "template and per atlas region (per-subject values in "
-            f"desc-{html.escape(result.desc)}_regions.tsv).</p>", _table_html(table)]
+            f"desc-{html.escape(result.desc)}_regions.tsv).</p>", table_html(table)]
 
 
 def write_group_report(path: Path, results: list) -> Path:
@@ -136,7 +121,7 @@ def write_group_report(path: Path, results: list) -> Path:
     other file.
     """
     path = Path(path)
-    figures = path.parent / "figures"
+    figures = bids.group_figures_dir(path.parent.parent)
     sections = []
     for result in results:
         sections.append(f"<h2>Model {html.escape(result.desc)}</h2>")
@@ -148,7 +133,7 @@ def write_group_report(path: Path, results: list) -> Path:
         if not result.regions.empty:
             sections.extend(_regions_section(result))
         sections.append("<h3>Anomaly burden per subject</h3>")
-        sections.append(_table_html(result.burden))
+        sections.append(table_html(result.burden))
         if result.overlays:
             shown, hidden = _shown_overlays(result)
             more = (f" The {len(shown)} subjects with the largest abnormal volume are shown; "
@@ -159,13 +144,6 @@ def write_group_report(path: Path, results: list) -> Path:
                             f"highest flagged score; the anomaly mask is outlined in green.{more}"
                             "</p>")
             sections.append("<div class='overlays'>" + "".join(
-                _figure_html(figure) for figure in shown) + "</div>")
-    page = (
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-        f"<title>bids_anomaly group report</title><style>{_STYLE}</style></head><body>"
-        "<h1>bids_anomaly group report</h1>" + "\n".join(sections)
-        + f"<p class='footer'>bids_anomaly {html.escape(__version__)}</p></body></html>\n"
-    )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    bids.update_text(path, page)
+                figure_html(figure) for figure in shown) + "</div>")
+    write_page(path, "bids_anomaly group report", sections)
     return path

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import json
+import html
 import logging
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
 from bids_anomaly import bids
 from bids_anomaly.config import MODALITIES
-from bids_anomaly.reports.qc import QC_THRESHOLDS, write_subject_report
+from bids_anomaly.evaluation.registration import QC_THRESHOLDS
+from bids_anomaly.reports.html import figure_html, table_html, write_page
 
 LOGGER = logging.getLogger(__name__)
 
@@ -24,6 +27,43 @@ _QC_TEXT = (
     f"reference and the template (flagged below {QC_THRESHOLDS['nmi']} for T1w references). "
     "nmi_<modality>: each coregistered modality against the reference, for information."
 )
+
+
+def write_subject_report(out_file: str | Path, title: str,
+                         sections: Sequence[Mapping[str, Any]]) -> Path:
+    """Write one subject's page: a self-contained HTML file that opens offline.
+
+    Parameters
+    ----------
+    out_file : path
+        Output HTML file; its folder is created.
+    title : str
+        Page title and first heading.
+    sections : list of dict
+        In order, each with ``heading`` (str) and optionally ``text`` (str; blank lines separate
+        paragraphs), ``table`` (pandas.DataFrame or list of dicts) and ``figures`` (paths to SVG,
+        PNG or JPEG files).
+
+    Returns
+    -------
+    Path
+        ``out_file``.
+    """
+    parts = []
+    for section in sections:
+        parts.append(f"<section><h2>{html.escape(str(section['heading']))}</h2>")
+        text = section.get("text")
+        if text:
+            for paragraph in str(text).split("\n\n"):
+                if paragraph.strip():
+                    parts.append(f"<p>{html.escape(paragraph.strip())}</p>")
+        table = section.get("table")
+        if table is not None:
+            parts.append(table_html(table))
+        for figure in section.get("figures") or []:
+            parts.append(figure_html(figure))
+        parts.append("</section>")
+    return write_page(out_file, title, parts)
 
 
 def anomaly_overlay(output_dir: Path, map_path: Path) -> Path | None:
@@ -50,8 +90,7 @@ def anomaly_overlay(output_dir: Path, map_path: Path) -> Path | None:
     mask = bids.spec_path(output_dir, subject, session, bids.anomaly_mask_spec(space, res, desc))
     name = f"sub-{subject}" + (f" ses-{session}" if session else "")
     modality = bids.parse_name(background)["suffix"]
-    sidecar = map_path.with_name(map_path.name.replace(".nii.gz", ".json"))
-    threshold = json.loads(sidecar.read_text()).get("Threshold") if sidecar.is_file() else None
+    threshold = bids.read_sidecar(map_path).get("Threshold")
     return plot_anomaly_overlay(background, map_path, mask if mask.is_file() else None,
                                 out_file, title=f"{name}: {desc} on {modality}",
                                 threshold=threshold)
@@ -61,14 +100,11 @@ def model_sections(output_dir: Path, inputs: bids.AnatInputs, space: str) -> lis
     """Report sections of every model's anomaly map of one subject/session."""
     sub, ses = inputs.subject, inputs.session
     heading = f"Session {ses}: " if ses else ""
-    anat = bids.spec_path(output_dir, sub, ses, bids.qc_spec()).parent
     sections = []
-    pattern = f"{inputs.name}_space-{space}_res-*_stat-anomaly_statmap.nii.gz"
-    for map_path in sorted(anat.glob(pattern)):
+    for map_path in bids.subject_anomaly_maps(output_dir, sub, ses, space):
         entities = bids.parse_name(map_path)
         res, desc = int(entities["res"]), entities["desc"]
-        sidecar_path = map_path.with_name(map_path.name.replace(".nii.gz", ".json"))
-        sidecar = json.loads(sidecar_path.read_text()) if sidecar_path.is_file() else {}
+        sidecar = bids.read_sidecar(map_path)
         text = [f"Model {sidecar.get('Model', desc)} ({sidecar.get('ModelType', 'n/a')}): "
                 f"{sidecar.get('ScoreDefinition', '')}"]
         if "Threshold" in sidecar:

@@ -9,11 +9,12 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from bids_anomaly import __version__, bids
-from bids_anomaly.config import Settings
-from bids_anomaly.interfaces.anomaly import FitSubjectMixture, ScoreAnomaly
+from bids_anomaly.config import RESTRICTIONS, Settings
+from bids_anomaly.interfaces.anomaly import FitSubjectModel, ScoreAnomaly
 from bids_anomaly.interfaces.ants import ApplyTransforms
-from bids_anomaly.models.base import REGISTRY, ModelCard, card_checksum
-from bids_anomaly.postprocessing.regions import RESTRICTIONS, Atlas
+from bids_anomaly.models import REGISTRY, ChannelScorer, ModelCard, build_model
+from bids_anomaly.models.base import card_checksum
+from bids_anomaly.postprocessing.regions import Atlas
 from bids_anomaly.template import Template
 from bids_anomaly.workflows.anatomical import init_anat_preproc_wf
 from bids_anomaly.workflows.outputs import init_ds_anat_wf, init_ds_anomaly_wf
@@ -25,11 +26,6 @@ def workflow_name() -> str:
     """Top workflow name; it carries major.minor so a new version never reuses a stale cache."""
     major, minor = __version__.split(".")[:2]
     return f"bids_anomaly_{major}_{minor}_wf"
-
-
-def preprocessing_settings(settings: Settings) -> dict:
-    """The preprocessing choices a model must agree with (recorded in model cards)."""
-    return {"registration": settings.registration, "normalization": settings.normalization}
 
 
 def _digest(values: dict) -> str:
@@ -57,10 +53,11 @@ def preprocessing_key(settings: Settings, inputs: bids.AnatInputs, template: Tem
         "version": __version__, "subject": inputs.name, "raw": raw,
         "template": [template.name, template.resolution], "use_gpu": use_gpu,
         "output_dir": str(settings.output_dir), "bids_dir": str(settings.bids_dir),
-        "preprocessing": {**preprocessing_settings(settings),
-                          "skull_stripped": settings.skull_stripped,
-                          "random_seed": settings.random_seed,
-                          "omp_nthreads": settings.omp_nthreads},
+        "preprocessing": {**settings.preprocessing.recorded(),
+                          "skull_stripped": settings.preprocessing.skull_stripped,
+                          "resolution": settings.preprocessing.resolution,
+                          "random_seed": settings.execution.random_seed,
+                          "omp_nthreads": settings.execution.threads},
     })
 
 
@@ -75,21 +72,21 @@ def subject_run_key(settings: Settings, inputs: bids.AnatInputs, template: Templ
     from bids_anomaly.models.base import file_checksum
 
     key = preprocessing_key(settings, inputs, template, use_gpu)
-    if model is None and not settings.single_subject:
+    single_subject = settings.model.single_subject
+    if model is None and not single_subject:
         return key
     values = {
         "preprocessing": key,
-        "postprocessing": {"fdr": settings.fdr, "min_cluster_mm3": settings.min_cluster_mm3,
-                           "restrict": settings.restrict,
+        "postprocessing": {"fdr": settings.postprocessing.fdr,
+                           "min_cluster_mm3": settings.postprocessing.min_cluster_mm3,
+                           "restrict": settings.postprocessing.restrict,
                            "atlas": file_checksum(atlas.path) if atlas is not None else None},
     }
     if model is not None:
         values["model"] = [model[1].checksum, card_checksum(model[0])]
-    if settings.single_subject:
-        from bids_anomaly.training.train import mixture_options
-
-        values["single_subject"] = [settings.single_subject, settings.fpr,
-                                    mixture_options(settings, single_subject=True)]
+    if single_subject:
+        values["single_subject"] = [single_subject, settings.model.fpr, build_model(
+            settings, single_subject=True).hyperparameters]
     return _digest(values)
 
 
@@ -129,7 +126,7 @@ def init_participant_wf(
     from bids_anomaly.device import resolve_device
 
     workflow = pe.Workflow(name=workflow_name(), base_dir=str(settings.work_dir))
-    use_gpu = resolve_device(settings.device).type == "cuda"
+    use_gpu = resolve_device(settings.execution.device).type == "cuda"
     for inputs in subjects:
         applies = scored is None or inputs.name in scored
         workflow.add_nodes([init_single_subject_wf(
@@ -185,7 +182,7 @@ def init_single_subject_wf(
     if model is not None:
         _connect_trained_model(workflow, source, prefix, settings, inputs, template, model,
                                use_gpu, atlas)
-    if settings.single_subject:
+    if settings.model.single_subject:
         _connect_single_subject(workflow, source, prefix, settings, inputs, template, use_gpu,
                                 atlas)
     return workflow
@@ -225,14 +222,17 @@ def _preprocess(workflow: pe.Workflow, settings: Settings, inputs: bids.AnatInpu
     inputnode.inputs.template_registration = str(template.registration_target)
 
     anat_preproc_wf = init_anat_preproc_wf(
-        modalities, resolution=template.resolution, registration=settings.registration,
-        normalization=settings.normalization, skull_stripped=settings.skull_stripped,
-        omp_nthreads=settings.omp_nthreads, use_gpu=use_gpu, random_seed=settings.random_seed,
+        modalities, resolution=template.resolution,
+        registration=settings.preprocessing.registration,
+        normalization=settings.preprocessing.normalization,
+        skull_stripped=settings.preprocessing.skull_stripped,
+        omp_nthreads=settings.execution.threads, use_gpu=use_gpu,
+        random_seed=settings.execution.random_seed,
         subject_name=inputs.name,
     )
     ds_anat_wf = init_ds_anat_wf(
         inputs, settings.output_dir, settings.bids_dir, template.name, template.resolution,
-        preprocessing_settings(settings),
+        settings.preprocessing.recorded(),
     )
     anat_outputs = (
         [f"preproc_{m}" for m in modalities]
@@ -253,16 +253,18 @@ def _preprocess(workflow: pe.Workflow, settings: Settings, inputs: bids.AnatInpu
 
 def _threshold_metadata(settings: Settings, fpr: float) -> dict:
     """How the anomaly mask was thresholded (sidecar fields)."""
-    if settings.fdr:
-        return {"ThresholdMethod": "Benjamini-Hochberg", "FalseDiscoveryRate": settings.fdr}
+    if settings.postprocessing.fdr:
+        return {"ThresholdMethod": "Benjamini-Hochberg",
+                "FalseDiscoveryRate": settings.postprocessing.fdr}
     return {"ThresholdMethod": "false-positive rate", "FalsePositiveRateTarget": fpr}
 
 
 def _postprocessing_inputs(settings: Settings, template: Template,
                            atlas: Atlas | None) -> dict:
     """Inputs of the model stage's post-processing (:class:`_PostprocessingInputSpec`)."""
-    options = {"tissue_file": str(template.dseg), "min_cluster_mm3": settings.min_cluster_mm3,
-               "restrict": settings.restrict}
+    options = {"tissue_file": str(template.dseg),
+               "min_cluster_mm3": settings.postprocessing.min_cluster_mm3,
+               "restrict": settings.postprocessing.restrict}
     if atlas is not None:
         options.update(atlas_file=str(atlas.path),
                        atlas_labels={str(k): v for k, v in atlas.labels.items()})
@@ -272,8 +274,8 @@ def _postprocessing_inputs(settings: Settings, template: Template,
 def _table_metadata(settings: Settings, atlas: Atlas | None) -> dict:
     """Sidecar fields of the clusters and regions tables: how the mask was post-processed."""
     return {
-        "Restriction": RESTRICTIONS[settings.restrict],
-        "MinimumClusterVolume": settings.min_cluster_mm3,
+        "Restriction": RESTRICTIONS[settings.postprocessing.restrict],
+        "MinimumClusterVolume": settings.postprocessing.min_cluster_mm3,
         "Atlas": str(atlas.source) if atlas is not None else None,
     }
 
@@ -318,7 +320,8 @@ def _connect_trained_model(workflow: pe.Workflow, source, prefix: str,
     score = pe.Node(
         ScoreAnomaly(model_dir=str(model_dir), model_checksum=card.checksum,
                      card_checksum=card_checksum(model_dir),
-                     fdr=settings.fdr or 0.0, device="cuda" if use_gpu else "cpu",
+                     fdr=settings.postprocessing.fdr or 0.0,
+                     device="cuda" if use_gpu else "cpu",
                      **_postprocessing_inputs(settings, template, atlas)),
         name="score_anomaly", mem_gb=2.0,
     )
@@ -328,9 +331,9 @@ def _connect_trained_model(workflow: pe.Workflow, source, prefix: str,
         "ScoreDefinition": card.score_definition,
         **_threshold_metadata(settings, card.fpr),
     }
-    if not settings.fdr:
+    if not settings.postprocessing.fdr:
         metadata["Threshold"] = card.threshold
-    per_channel = hasattr(REGISTRY[card.model_type], "channel_scores")
+    per_channel = issubclass(REGISTRY[card.model_type], ChannelScorer)
     ds_anomaly_wf = init_ds_anomaly_wf(inputs, settings.output_dir, template.name,
                                        template.resolution, bids.model_desc(card.name), metadata,
                                        channels=card.channels if per_channel else None,
@@ -347,31 +350,29 @@ def _connect_trained_model(workflow: pe.Workflow, source, prefix: str,
 def _connect_single_subject(workflow: pe.Workflow, source, prefix: str,
                             settings: Settings, inputs: bids.AnatInputs, template: Template,
                             use_gpu: bool, atlas: Atlas | None = None) -> None:
-    """Fit a mixture on the subject's own channels, score them and write the maps."""
-    from bids_anomaly.training.train import mixture_options
-
+    """Fit a ``--single-subject`` model on the subject's own channels, score, write the maps."""
     modalities = inputs.modalities
+    model_type = settings.model.single_subject
+    model = build_model(settings, single_subject=True)
     channels = pe.Node(niu.Merge(len(modalities)), name="subject_channels",
                        run_without_submitting=True)
     for index, channel in enumerate(modalities, start=1):
         workflow.connect(source, f"{prefix}preproc_{channel}", channels, f"in{index}")
     fit = pe.Node(
-        FitSubjectMixture(model_type=settings.single_subject,
-                          options=mixture_options(settings, single_subject=True),
-                          regions_file=str(template.dseg),
-                          fpr=settings.fpr, fdr=settings.fdr or 0.0,
-                          device="cuda" if use_gpu else "cpu",
-                          **_postprocessing_inputs(settings, template, atlas)),
-        name="fit_subject_mixture", mem_gb=2.0, n_procs=settings.omp_nthreads,
+        FitSubjectModel(model_type=model_type, hyperparameters=model.hyperparameters,
+                        regions_file=str(template.dseg), fpr=settings.model.fpr,
+                        fdr=settings.postprocessing.fdr or 0.0,
+                        device="cuda" if use_gpu else "cpu",
+                        **_postprocessing_inputs(settings, template, atlas)),
+        name="fit_subject_model", mem_gb=2.0, n_procs=settings.execution.threads,
     )
-    name = f"{settings.single_subject}-single"
+    name = f"{model_type}-single"
     metadata = {
-        "Model": name, "ModelType": settings.single_subject, "ModelChannels": modalities,
-        "ScoreDefinition": REGISTRY[settings.single_subject](
-            **mixture_options(settings, single_subject=True)).score_definition
+        "Model": name, "ModelType": model_type, "ModelChannels": modalities,
+        "ScoreDefinition": model.score_definition
         + "; the mixture is fitted on this subject's own brain",
         "Calibration": "simulated from the fitted mixture (no healthy controls)",
-        **_threshold_metadata(settings, settings.fpr),
+        **_threshold_metadata(settings, settings.model.fpr),
     }
     ds_single_wf = init_ds_anomaly_wf(inputs, settings.output_dir, template.name,
                                       template.resolution, bids.model_desc(name), metadata,

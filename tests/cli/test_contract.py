@@ -9,6 +9,7 @@ import torch
 
 from bids_anomaly import __version__
 from bids_anomaly.cli.run import main
+from bids_anomaly.models import build_model
 from tests.conftest import saved_normative_model, tree_digest
 
 
@@ -120,16 +121,16 @@ def test_model_with_other_channels_exits_65(run, tmp_path):
 
 
 def test_atlas_errors_exit_with_sysexits(run, tiny_bids, tmp_path):
-    model = tmp_path / "model"
     code, err = run("participant", "--single-subject", "gmm", "--atlas",
                     str(tmp_path / "none_dseg.nii.gz"))
-    assert code == 66 and "no such file" in err
+    assert code == 66 and "no such file" in err and "none_dseg" in err
     atlas = tmp_path / "prob_dseg.nii.gz"
     nib.Nifti1Image(np.full((4, 4, 4), 0.5, np.float32), np.eye(4)).to_filename(atlas)
     (tmp_path / "prob_dseg.tsv").write_text("index\tname\n1\tx\n")
     code, err = run("participant", "--single-subject", "gmm", "--atlas", str(atlas))
     assert code == 65 and "fractional" in err
-    assert not model.exists()
+    # the atlas is refused before any subject is processed
+    assert not list((tmp_path / "out").glob("sub-*"))
 
 
 def test_group_without_maps_exits_18(run):
@@ -162,7 +163,10 @@ def test_components_accepts_auto_or_a_positive_integer(tiny_bids, tmp_path):
     base = [str(tiny_bids), str(tmp_path / "out"), "train", "--model-type", "mmst"]
     settings = settings_from_args(parser.parse_args(base + ["--components", "auto", "--online",
                                                             "--per-tissue", "--trim", "0.02"]))
-    assert (settings.n_components, settings.online, settings.per_tissue, settings.trim) == (
+    assert settings.model.options == {"n_components": "auto", "online": True,
+                                      "per_tissue": True, "trim": 0.02}
+    model = build_model(settings)
+    assert (model.n_components, model.online, model.per_tissue, model.trim) == (
         "auto", True, True, 0.02)
     for bad in (["--components", "0"], ["--components", "many"], ["--trim", "0.6"]):
         with pytest.raises(SystemExit):
@@ -171,7 +175,6 @@ def test_components_accepts_auto_or_a_positive_integer(tiny_bids, tmp_path):
 
 def test_deep_options_reach_the_model(tiny_bids, tmp_path):
     from bids_anomaly.cli.parser import build_parser, settings_from_args
-    from bids_anomaly.training.train import build_model
 
     args = build_parser().parse_args(
         [str(tiny_bids), str(tmp_path / "out"), "train", "--model-type", "dae", "--mode", "3d",

@@ -45,7 +45,7 @@ def test_notrack_is_accepted_and_does_nothing(tiny_bids, tmp_path):
 
 def test_each_run_keeps_its_settings_and_config_file_reads_them_back(tiny_bids, tmp_path):
     from bids_anomaly.cli.parser import parse_arguments, settings_from_args
-    from bids_anomaly.participant import create_outputs
+    from bids_anomaly.levels.steps import create_outputs
 
     out = tmp_path / "out"
     (tmp_path / "filter.json").write_text(json.dumps({"t1w": {"acquisition": "mprage"}}))
@@ -62,14 +62,15 @@ def test_each_run_keeps_its_settings_and_config_file_reads_them_back(tiny_bids, 
     args, config = parse_arguments([str(tiny_bids), str(out), "participant", "--config-file",
                                     str(records[0]), "--min-cluster-size", "40"])
     again = settings_from_args(args, config)
-    assert (again.participant_label, again.fdr, again.model, again.resolution) == (
-        ["02"], 0.05, "norm", 1)
-    assert again.bids_filters == {"t1w": {"acquisition": "mprage"}}
-    assert again.min_cluster_mm3 == 40.0
+    assert (again.inputs.participant_label, again.postprocessing.fdr, again.model.model,
+            again.preprocessing.resolution) == (["02"], 0.05, "norm", 1)
+    assert again.inputs.bids_filters == {"t1w": {"acquisition": "mprage"}}
+    assert again.postprocessing.min_cluster_mm3 == 40.0
 
 
 @pytest.mark.parametrize("content", ["not toml [", "[other]\nx = 1\n",
-                                     "[bids_anomaly]\nunknown_setting = 1\n"])
+                                     "[bids_anomaly.inputs]\nunknown_setting = 1\n",
+                                     "[bids_anomaly.unknown]\nx = 1\n"])
 def test_a_bad_config_file_is_a_usage_error(tiny_bids, tmp_path, capsys, content):
     path = tmp_path / "settings.toml"
     path.write_text(content)

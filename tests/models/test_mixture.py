@@ -102,15 +102,18 @@ def test_streaming_visits_every_valid_voxel_once_per_epoch(cohort):
     assert max(len(batch) for batch in batches) == 1_000
 
 
+SUBJECT_FIT = {"n_components": 1, "per_tissue": True, "trim": 0.02}
+
+
 def test_single_subject_mode_finds_the_lesion(tmp_path):
-    from bids_anomaly.interfaces.anomaly import FitSubjectMixture
+    from bids_anomaly.interfaces.anomaly import FitSubjectModel
 
     subject = _subject(tmp_path, 7, lesion=True)
     regions = tmp_path / "dseg.nii.gz"
     nib.Nifti1Image(_regions(), np.eye(4)).to_filename(regions)
-    node = FitSubjectMixture(channel_files=[str(p) for p in subject.channels],
+    node = FitSubjectModel(channel_files=[str(p) for p in subject.channels],
                              mask_file=str(subject.mask), model_type="mmst",
-                             options={"n_components": 1, "per_tissue": True, "trim": 0.02},
+                             hyperparameters=SUBJECT_FIT,
                              regions_file=str(regions), tissue_file=str(regions), fpr=0.001)
     result = node.run(cwd=str(tmp_path))
     flagged = np.asarray(nib.load(result.outputs.anomaly_mask).dataobj) > 0
@@ -127,25 +130,25 @@ def test_single_subject_mode_finds_the_lesion(tmp_path):
     assert clusters["n_voxels"].sum() == flagged.sum()
     assert clusters.loc[0, "tissue"] in ("GM", "WM")  # it straddles the two generated regions
     # with a minimum size above every stray voxel, only the lesion's cluster is left
-    big_only = FitSubjectMixture(channel_files=[str(p) for p in subject.channels],
+    big_only = FitSubjectModel(channel_files=[str(p) for p in subject.channels],
                                  mask_file=str(subject.mask), model_type="mmst",
-                                 options={"n_components": 1, "per_tissue": True, "trim": 0.02},
+                                 hyperparameters=SUBJECT_FIT,
                                  regions_file=str(regions), tissue_file=str(regions),
                                  fpr=0.001, min_cluster_mm3=20.0).run(cwd=str(tmp_path))
     assert len(pd.read_csv(big_only.outputs.clusters, sep="\t")) == 1
     kept = np.asarray(nib.load(big_only.outputs.anomaly_mask).dataobj) > 0
     assert kept[~lesion].sum() == 0 and kept[lesion].mean() > 0.9
-    with_fdr = FitSubjectMixture(channel_files=[str(p) for p in subject.channels],
+    with_fdr = FitSubjectModel(channel_files=[str(p) for p in subject.channels],
                                  mask_file=str(subject.mask), model_type="mmst",
-                                 options={"n_components": 1, "per_tissue": True, "trim": 0.02},
+                                 hyperparameters=SUBJECT_FIT,
                                  regions_file=str(regions), fpr=0.001, fdr=0.05)
     flagged = np.asarray(nib.load(with_fdr.run(cwd=str(tmp_path)).outputs.anomaly_mask
                                   ).dataobj) > 0
     assert flagged[lesion].mean() > 0.9
     # white matter only (generated label 2, dilated by a voxel), with the regions as an atlas
-    in_wm = FitSubjectMixture(channel_files=[str(p) for p in subject.channels],
+    in_wm = FitSubjectModel(channel_files=[str(p) for p in subject.channels],
                               mask_file=str(subject.mask), model_type="mmst",
-                              options={"n_components": 1, "per_tissue": True, "trim": 0.02},
+                              hyperparameters=SUBJECT_FIT,
                               regions_file=str(regions), tissue_file=str(regions), fpr=0.001,
                               restrict="wm", atlas_file=str(regions),
                               atlas_labels={"1": "region-a", "2": "region-b"}

@@ -8,17 +8,15 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from bids_anomaly.reports.qc import (
+from bids_anomaly.evaluation.registration import (
     QC_THRESHOLDS,
-    _robust_window,
     brain_volume_ml,
     flag_failures,
     normalized_mutual_information,
-    plot_edges,
-    plot_mask_contour,
     registration_qc,
-    write_subject_report,
 )
+from bids_anomaly.reports.qc import _robust_window, plot_edges, plot_mask_contour
+from bids_anomaly.reports.subject import write_subject_report
 
 AFFINE = np.diag([2.0, 2.0, 2.0, 1.0])
 AFFINE[:3, 3] = -32.0

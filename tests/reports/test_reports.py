@@ -59,7 +59,8 @@ def _results(tmp_path) -> ModelResults:
     regions = pd.DataFrame([{"participant_id": "sub-00", "group": "healthy", "region": "WM",
                              "source": "tissue", "mean_score": 1.0, "abnormal_percent": 0.5}])
     return ModelResults("test", pd.DataFrame(burden), regions, pd.DataFrame(evaluation),
-                        curves, overlays, summary, statistics, control="healthy")
+                        curves=curves, overlays=overlays, summary=summary,
+                        statistics=statistics, control="healthy")
 
 
 def test_overlay_cuts_through_the_peak(tmp_path):

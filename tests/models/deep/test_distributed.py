@@ -10,7 +10,7 @@ import torch
 
 from tests.models.test_deep import _subject
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 @pytest.mark.slow
@@ -23,7 +23,7 @@ def test_torchrun_two_ranks_train_the_same_model(tmp_path):
     out.mkdir()
     command = (
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "tests.training.ddp_worker", str(listing), str(out)])
+         "-m", "tests.models.deep.ddp_worker", str(listing), str(out)])
     environment = {"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300,
                             env=environment)

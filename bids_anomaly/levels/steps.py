@@ -1,4 +1,4 @@
-"""Running the participant level, and the steps the other levels share with it."""
+"""The steps the levels share: indexing, outputs, preprocessing workflows."""
 
 from __future__ import annotations
 
@@ -7,15 +7,14 @@ import logging
 import os
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
 from bids_anomaly import bids
 from bids_anomaly.config import Settings
-from bids_anomaly.errors import BadDataError, MissingInputError, OutputError
+from bids_anomaly.errors import MissingInputError, OutputError
 from bids_anomaly.execution import set_nipype_console_level
 from bids_anomaly.images import check_anatomical, load_volume
-from bids_anomaly.models.base import ModelCard, check_weights, load_model
+from bids_anomaly.models.base import ModelCard
 from bids_anomaly.template import Template, get_template
 
 LOGGER = logging.getLogger(__name__)
@@ -28,9 +27,9 @@ def index_dataset(settings: Settings):
     -------
     bids.layout.BIDSLayout
     """
-    bids.check_bids_dir(settings.bids_dir, settings.skip_bids_validation)
-    return bids.load_layout(settings.bids_dir, settings.work_dir / "bids_db",
-                            validate=not settings.skip_bids_validation)
+    bids.check_bids_dir(settings.bids_dir, settings.inputs.skip_bids_validation)
+    return bids.load_layout(settings.bids_dir, bids.layout_index_dir(settings.work_dir),
+                            validate=not settings.inputs.skip_bids_validation)
 
 
 def create_outputs(settings: Settings, layout=None) -> Path:
@@ -46,14 +45,13 @@ def create_outputs(settings: Settings, layout=None) -> Path:
         ``--config-file`` reads back.
     """
     try:
-        for folder in (settings.output_dir, settings.work_dir, settings.output_dir / "logs"):
+        for folder in (settings.output_dir, settings.work_dir, bids.log_dir(settings.output_dir)):
             folder.mkdir(parents=True, exist_ok=True)
         bids.write_dataset_description(settings.output_dir, settings.bids_dir)
-        record = settings.write(bids.run_config_path(settings.output_dir,
-                                                     settings.analysis_level))
+        record = settings.write(bids.run_config_path(settings.output_dir, settings.level))
         if layout is not None:
-            bids.save_layout(layout, settings.bids_dir, settings.work_dir / "bids_db",
-                             validate=not settings.skip_bids_validation)
+            bids.save_layout(layout, settings.bids_dir, bids.layout_index_dir(settings.work_dir),
+                             validate=not settings.inputs.skip_bids_validation)
     except OSError as error:
         raise OutputError(f"cannot write the output or work folder: {error}") from error
     return record
@@ -69,7 +67,8 @@ def prepare(settings: Settings, layout=None):
     """
     layout = layout if layout is not None else index_dataset(settings)
     create_outputs(settings, layout)
-    template = get_template(settings.resolution, settings.work_dir / "templates")
+    template = get_template(settings.preprocessing.resolution,
+                            bids.template_cache_dir(settings.work_dir))
     return layout, template
 
 
@@ -83,8 +82,8 @@ def collect_subjects(settings: Settings, layout, labels: list[str]) -> list[bids
     """
     subjects = []
     for label in labels:
-        for inputs in bids.collect_anat(layout, label, settings.session_label,
-                                        settings.bids_filters):
+        for inputs in bids.collect_anat(layout, label, settings.inputs.session_label,
+                                        settings.inputs.bids_filters):
             if not inputs.images:
                 LOGGER.warning("%s: no anatomical image (T1w, FLAIR, T2w or PDw); skipped",
                                inputs.name)
@@ -98,7 +97,8 @@ def collect_subjects(settings: Settings, layout, labels: list[str]) -> list[bids
 def validate_images(subjects: list[bids.AnatInputs], record: Path) -> None:
     """Read every input image once (corrupt, 4D, bad headers fail here, naming the file).
 
-    Files already checked with the same size and modification time are not read again.
+    Files already checked with the same size and modification time are not read again
+    (``record`` lists them).
     """
     seen = json.loads(record.read_text()) if record.is_file() else {}
     for inputs in subjects:
@@ -110,61 +110,6 @@ def validate_images(subjects: list[bids.AnatInputs], record: Path) -> None:
             check_anatomical(np.asarray(load_volume(path).dataobj), path)
             seen[key] = signature
     record.write_text(json.dumps(seen, indent=1))
-
-
-def resolve_model(settings: Settings, template: Template | None = None
-                  ) -> tuple[Path, ModelCard]:
-    """Find ``--model`` as a directory or as a name under ``OUTPUT_DIR/models``, and check it.
-
-    The whole model is loaded once here, before any work: a damaged card, weights that do not
-    match the card's checksum or channels, or weights fitted on another template grid stop the
-    run with exit 65 even when every later step would come from the cache.
-    """
-    candidate = Path(settings.model)
-    if not candidate.is_dir():
-        candidate = bids.model_dir(settings.output_dir, settings.model)
-    if not candidate.is_dir():
-        available = sorted(p.name.removeprefix("model-")
-                           for p in (settings.output_dir / "models").glob("model-*"))
-        raise MissingInputError(
-            f"--model {settings.model}: no such model directory nor model name "
-            f"(models in {settings.output_dir / 'models'}: {', '.join(available) or 'none'})"
-        )
-    model, card = load_model(candidate)
-    grid = None
-    if template is not None and (card.template, card.resolution) == (template.name,
-                                                                       template.resolution):
-        grid = nib.load(template.brain_mask).shape
-    check_weights(model, card, grid)
-    return candidate.resolve(), card
-
-
-def split_compatible(subjects: list[bids.AnatInputs], card: ModelCard, strict: bool = False
-                     ) -> tuple[list[bids.AnatInputs], list[tuple[bids.AnatInputs, str]]]:
-    """The subjects that have a model's channels, and the others with the reason.
-
-    Raises
-    ------
-    BadDataError
-        No subject can be scored, or one cannot and ``strict`` (``--stop-on-first-crash``).
-    """
-    compatible, skipped = [], []
-    for inputs in subjects:
-        try:
-            card.check_channels(inputs.modalities)
-        except BadDataError as error:
-            if strict:
-                raise BadDataError(f"{inputs.name}: {error}") from error
-            skipped.append((inputs, str(error)))
-        else:
-            compatible.append(inputs)
-    if not compatible:
-        reasons = "; ".join(f"{inputs.name}: {reason}" for inputs, reason in skipped[:3])
-        raise BadDataError(f"no selected subject can be scored by model {card.name!r}: "
-                           f"{reasons}")
-    for inputs, reason in skipped:
-        LOGGER.warning("%s: not scored: %s", inputs.name, reason)
-    return compatible, skipped
 
 
 def configure_nipype(settings: Settings) -> None:
@@ -179,16 +124,16 @@ def configure_nipype(settings: Settings) -> None:
     from nipype import config
     from nipype import logging as nipype_logging
 
-    log_dir = settings.output_dir / "logs"
+    log_dir = bids.log_dir(settings.output_dir)
     # pypeline.log keeps which steps ran and which came from the cache; the console shows them
     # only with -v
-    level = "DEBUG" if settings.verbose > 1 else "INFO"
+    level = "DEBUG" if settings.execution.verbose > 1 else "INFO"
     options = {
         "execution": {
             "crashdump_dir": str(log_dir),
             "crashfile_format": "txt",
             "hash_method": "timestamp",
-            "stop_on_first_crash": str(settings.stop_on_first_crash),
+            "stop_on_first_crash": str(settings.execution.stop_on_first_crash),
             "remove_unnecessary_outputs": "false",
             "check_version": "false",
             # the default of 2 s per scheduling loop dominates runs whose steps are cached
@@ -211,7 +156,8 @@ def configure_nipype(settings: Settings) -> None:
 
 def nipype_console_level(settings: Settings) -> str:
     """The lowest level of Nipype's messages shown on the console (``-v``: INFO)."""
-    return "DEBUG" if settings.verbose > 1 else "INFO" if settings.verbose else "WARNING"
+    verbose = settings.execution.verbose
+    return "DEBUG" if verbose > 1 else "INFO" if verbose else "WARNING"
 
 
 def run_workflow(workflow, settings: Settings, progress=None) -> None:
@@ -223,8 +169,8 @@ def run_workflow(workflow, settings: Settings, progress=None) -> None:
     from bids_anomaly.execution import run_workflow as execute
 
     try:
-        execute(workflow, settings.nprocs, settings.output_dir / "logs", settings.mem_gb,
-                progress, nipype_console_level(settings))
+        execute(workflow, settings.execution.nprocs, bids.log_dir(settings.output_dir),
+                settings.execution.mem_gb, progress, nipype_console_level(settings))
     finally:
         if progress is not None:
             progress.close()
@@ -234,12 +180,12 @@ def prepare_atlas(settings: Settings, template: Template):
     """The user's ``--atlas`` checked and resampled onto the template grid (or None)."""
     from bids_anomaly.postprocessing.regions import load_atlas
 
-    if settings.atlas is None:
+    source = settings.postprocessing.atlas
+    if source is None:
         return None
-    out_file = (settings.work_dir / "atlas"
-                / f"atlas_space-{template.name}_res-{template.resolution}_dseg.nii.gz")
-    atlas = load_atlas(settings.atlas, template.brain_mask, out_file)
-    LOGGER.info("atlas %s: %d regions", settings.atlas.name, len(atlas.labels))
+    out_file = bids.atlas_cache_path(settings.work_dir, template.name, template.resolution)
+    atlas = load_atlas(source, template.brain_mask, out_file)
+    LOGGER.info("atlas %s: %d regions", source.name, len(atlas.labels))
     return atlas
 
 
@@ -263,8 +209,9 @@ def preprocess(settings: Settings, subjects: list[bids.AnatInputs], template: Te
         subject_workflow_name,
     )
 
-    atlas = prepare_atlas(settings, template) if (model or settings.single_subject) else None
-    use_gpu = resolve_device(settings.device).type == "cuda"
+    atlas = (prepare_atlas(settings, template)
+             if (model or settings.model.single_subject) else None)
+    use_gpu = resolve_device(settings.execution.device).type == "cuda"
     keys = {inputs.name: subject_run_key(
         settings, inputs, template,
         model if scored is None or inputs.name in scored else None, atlas, use_gpu)
@@ -295,33 +242,3 @@ def preprocess(settings: Settings, subjects: list[bids.AnatInputs], template: Te
         mark_complete(settings.work_dir, inputs, keys[inputs.name], settings.output_dir)
 
 
-def run_participant(settings: Settings
-                    ) -> tuple[list[bids.AnatInputs], list[tuple[bids.AnatInputs, str]]]:
-    """The participant level: preprocess the selected participants and score them with a model.
-
-    Subjects that the model cannot score (a missing channel) are preprocessed, not scored, and
-    returned with the reason; with ``--stop-on-first-crash`` they stop the run before any work.
-
-    Returns
-    -------
-    subjects : list of AnatInputs
-        The subject/sessions processed.
-    skipped : list of (AnatInputs, str)
-        Those the model did not score, and why.
-    """
-    from bids_anomaly.workflows.base import preprocessing_settings
-
-    layout = index_dataset(settings)
-    labels = bids.select_participants(layout, settings.participant_label, settings.bids_dir)
-    subjects = collect_subjects(settings, layout, labels)
-    layout, template = prepare(settings, layout)
-    validate_images(subjects, settings.work_dir / "validated-inputs.json")
-    model = None
-    scored, skipped = subjects, []
-    if settings.model:
-        model = resolve_model(settings, template)
-        model[1].check_space(template.name, template.resolution,
-                             preprocessing_settings(settings))
-        scored, skipped = split_compatible(subjects, model[1], settings.stop_on_first_crash)
-    preprocess(settings, subjects, template, model, scored={s.name for s in scored})
-    return subjects, skipped

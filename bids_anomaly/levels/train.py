@@ -10,12 +10,19 @@ from pathlib import Path
 import torch
 
 from bids_anomaly import __version__, bids
-from bids_anomaly.config import DEEP_OPTIONS, MODALITIES, SINGLE_SUBJECT_TRIM, Settings
+from bids_anomaly.config import MODALITIES, Settings
 from bids_anomaly.device import resolve_device
 from bids_anomaly.errors import BidsAnomalyError, MissingInputError
+from bids_anomaly.levels.steps import (
+    collect_subjects,
+    index_dataset,
+    prepare,
+    preprocess,
+    validate_images,
+)
+from bids_anomaly.models import build_model
 from bids_anomaly.models.base import (
     CARD_FILE,
-    REGISTRY,
     ModelCard,
     SubjectImages,
     TrainingData,
@@ -23,19 +30,9 @@ from bids_anomaly.models.base import (
     load_model,
     save_model,
 )
-from bids_anomaly.models.mixture import MixtureModel
-from bids_anomaly.models.reconstruction import ReconstructionModel
-from bids_anomaly.participant import (
-    collect_subjects,
-    index_dataset,
-    prepare,
-    preprocess,
-    validate_images,
-)
+from bids_anomaly.models.deep import distributed
 from bids_anomaly.postprocessing.thresholds import healthy_scores, tail_table, threshold_at_fpr
 from bids_anomaly.template import Template
-from bids_anomaly.training import distributed
-from bids_anomaly.training.engine import EngineOptions
 
 LOGGER = logging.getLogger(__name__)
 
@@ -73,51 +70,8 @@ def training_data(settings: Settings, subjects: list[bids.AnatInputs], channels:
         mask = bids.spec_path(settings.output_dir, inputs.subject, inputs.session,
                               bids.brain_mask_spec(template.name, template.resolution))
         images.append(SubjectImages(inputs.name, paths, mask))
-    return TrainingData(images, channels, device or resolve_device(settings.device),
+    return TrainingData(images, channels, device or resolve_device(settings.execution.device),
                         template.dseg)
-
-
-def mixture_options(settings: Settings, single_subject: bool = False) -> dict:
-    """The mixture hyperparameters the command line sets.
-
-    ``single_subject``: for a fit on one subject's own brain (another default trim).
-    """
-    trim = settings.trim
-    if trim is None:
-        trim = SINGLE_SUBJECT_TRIM if single_subject else 0.0
-    return {"n_components": settings.n_components, "online": settings.online,
-            "trim": trim, "per_tissue": settings.per_tissue,
-            "score": settings.mixture_score, "random_seed": settings.random_seed}
-
-
-def deep_options(settings: Settings) -> dict:
-    """The deep-model options the command line sets (the model's defaults for the rest).
-
-    Checkpoints go to ``WORK_DIR/train/model-<name>/`` (a rerun resumes from them) and the
-    cached preprocessed volumes to ``WORK_DIR/cache/volumes/``.
-    """
-    name = settings.model_name or settings.model_type
-    engine_keys = ("epochs", "batch_size", "learning_rate", "patience", "precision",
-                   "num_workers", "tensorboard")
-    training = EngineOptions(
-        seed=settings.random_seed,
-        checkpoint_dir=settings.work_dir / "train" / f"model-{name}",
-        **{key: getattr(settings, key) for key in engine_keys
-           if getattr(settings, key) is not None})
-    model_keys = [key for key in DEEP_OPTIONS if key not in engine_keys]
-    return {"training": training, "cache_dir": settings.work_dir / "cache" / "volumes",
-            **{key: getattr(settings, key) for key in model_keys
-               if getattr(settings, key) is not None}}
-
-
-def build_model(settings: Settings):
-    """A new, unfitted model of ``settings.model_type``."""
-    cls = REGISTRY[settings.model_type]
-    if issubclass(cls, MixtureModel):
-        return cls(normative=settings.with_normative, **mixture_options(settings))
-    if issubclass(cls, ReconstructionModel):
-        return cls(**deep_options(settings))
-    return cls()
 
 
 def training_key(settings: Settings, data: TrainingData, template: Template,
@@ -130,10 +84,11 @@ def training_key(settings: Settings, data: TrainingData, template: Template,
     digest = hashlib.sha256()
     major_minor = ".".join(__version__.split(".")[:2])
     digest.update(json.dumps({
-        "version": major_minor, "model_type": settings.model_type,
+        "version": major_minor, "model_type": settings.model.model_type,
         "hyperparameters": hyperparameters, "channels": list(data.channels),
-        "fpr": settings.fpr, "calibration_fraction": settings.calibration_fraction,
-        "seed": settings.random_seed, "template": [template.name, template.resolution],
+        "fpr": settings.model.fpr, "calibration_fraction": settings.model.calibration_fraction,
+        "seed": settings.execution.random_seed,
+        "template": [template.name, template.resolution],
         "preprocessing": preprocessing, "subjects": data.names,
     }, sort_keys=True, default=str).encode())
     for subject in data.subjects:
@@ -165,25 +120,26 @@ def fit_and_save(settings: Settings, data: TrainingData, template: Template,
     Path
         The model directory.
     """
-    name = settings.model_name or settings.model_type
+    name = settings.model.model_name or settings.model.model_type
     directory = bids.model_dir(settings.output_dir, name)
     model = build_model(settings)
     key = training_key(settings, data, template, preprocessing, model.hyperparameters)
     if up_to_date(directory, key):
         LOGGER.info("model %s is up to date (same data and settings): kept", directory)
         return directory
-    torch.manual_seed(settings.random_seed)
-    fit_data, calibration_data = data.split(settings.calibration_fraction, settings.random_seed)
+    seed = settings.execution.random_seed
+    torch.manual_seed(seed)
+    fit_data, calibration_data = data.split(settings.model.calibration_fraction, seed)
     LOGGER.info("fitting %s on %d subjects, calibrating on %d held-out subjects",
-                settings.model_type, len(fit_data), len(calibration_data))
+                model.model_type, len(fit_data), len(calibration_data))
     model.fit(fit_data)
     if not distributed.is_main():
         return directory  # rank 0 calibrates and writes the model
     calibration = healthy_scores(model, calibration_data)
-    threshold = threshold_at_fpr(calibration, settings.fpr)
+    threshold = threshold_at_fpr(calibration, settings.model.fpr)
     card = ModelCard(
         name=name,
-        model_type=settings.model_type,
+        model_type=model.model_type,
         channels=list(data.channels),
         template=template.name,
         resolution=template.resolution,
@@ -192,15 +148,15 @@ def fit_and_save(settings: Settings, data: TrainingData, template: Template,
         training_participants=fit_data.names,
         calibration_participants=calibration_data.names,
         threshold=threshold,
-        fpr=settings.fpr,
+        fpr=settings.model.fpr,
         calibration_voxels=int(calibration.size),
         score_definition=model.score_definition,
-        extra={"calibration_tail": tail_table(calibration),
-               "fit": getattr(model, "fit_report", {}), "training_key": key},
+        extra={"calibration_tail": tail_table(calibration), "fit": model.fit_report,
+               "training_key": key},
     )
     save_model(model, card, directory)
     LOGGER.info("model written to %s (threshold %.4g at FPR %g)", directory, threshold,
-                settings.fpr)
+                settings.model.fpr)
     return directory
 
 
@@ -212,21 +168,19 @@ def run_train(settings: Settings) -> Path:
     Path
         The model directory.
     """
-    from bids_anomaly.workflows.base import preprocessing_settings
-
-    device = distributed.setup(resolve_device(settings.device))
+    device = distributed.setup(resolve_device(settings.execution.device))
     try:
         layout = index_dataset(settings)
-        labels = bids.select_participants(layout, settings.participant_label,
-                                          settings.bids_dir, settings.train_filter)
+        labels = bids.select_participants(layout, settings.inputs.participant_label,
+                                          settings.bids_dir, settings.model.train_filter)
         subjects = collect_subjects(settings, layout, labels)
-        channels = choose_channels(subjects, settings.channels)
+        channels = choose_channels(subjects, settings.model.channels)
         layout, template = prepare(settings, layout)
-        validate_images(subjects, settings.work_dir / "validated-inputs.json")
+        validate_images(subjects, bids.validated_inputs_path(settings.work_dir))
         if distributed.is_main():
             preprocess(settings, subjects, template)
         distributed.barrier()  # the other ranks wait for the preprocessed images
         data = training_data(settings, subjects, channels, template, device)
-        return fit_and_save(settings, data, template, preprocessing_settings(settings))
+        return fit_and_save(settings, data, template, settings.preprocessing.recorded())
     finally:
         distributed.teardown()

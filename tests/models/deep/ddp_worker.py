@@ -1,4 +1,4 @@
-"""One rank of the DDP test: ``torchrun -m tests.training.ddp_worker SUBJECTS.json OUT``."""
+"""One rank of the DDP test: ``torchrun -m tests.models.deep.ddp_worker SUBJECTS.json OUT``."""
 
 import json
 import sys
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import torch
 
-from bids_anomaly.models import DEEP_MODELS, SubjectImages, TrainingData
-from bids_anomaly.training import distributed
-from bids_anomaly.training.engine import EngineOptions
+from bids_anomaly.models import REGISTRY, SubjectImages, TrainingData
+from bids_anomaly.models.deep import distributed
+from bids_anomaly.models.deep.engine import EngineOptions
 
 
 def main() -> None:
@@ -19,7 +19,7 @@ def main() -> None:
     data = TrainingData(subjects, ["T1w", "FLAIR"], device)
     training = EngineOptions(epochs=2, batch_size=4, num_workers=1, seed=5,
                              checkpoint_dir=out / "checkpoints")
-    model = DEEP_MODELS["ae"](mode="2d", width=4, latent=4, training=training,
+    model = REGISTRY["ae"](mode="2d", width=4, latent=4, training=training,
                               cache_dir=out / "cache")
     model.fit(data)
     rank = distributed.rank()

@@ -1,0 +1,142 @@
+"""The group level: tables for every model, evaluation against ground truth, the report."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from bids_anomaly import __version__, bids
+from bids_anomaly.config import Settings
+from bids_anomaly.errors import EmptySelectionError, MissingInputError, UsageError
+from bids_anomaly.evaluation.group import (
+    EVALUATION_METRICS,
+    evaluate_model,
+    find_anomaly_maps,
+    group_statistics,
+)
+from bids_anomaly.evaluation.statistics import resolve_control_label, summarize_by_group
+from bids_anomaly.levels.steps import create_outputs, index_dataset
+from bids_anomaly.models.base import file_checksum
+from bids_anomaly.reports.group import write_group_report
+from bids_anomaly.reports.subject import anomaly_overlay
+
+LOGGER = logging.getLogger(__name__)
+
+
+def run_group(settings: Settings) -> list[Path]:
+    """The group level: burden, regional, evaluation and statistics tables, an HTML report.
+
+    Returns
+    -------
+    list of Path
+        The tables and report written.
+    """
+    ground_truth = settings.group.ground_truth
+    if ground_truth is not None and not ground_truth.is_dir():
+        raise MissingInputError(f"--ground-truth {ground_truth} is not a folder")
+    layout = index_dataset(settings)
+    maps = find_anomaly_maps(settings.output_dir)
+    if settings.inputs.participant_label:
+        wanted = {f"sub-{label}_" for label in settings.inputs.participant_label}
+        maps = {desc: [p for p in paths if any(p.name.startswith(w) for w in wanted)]
+                for desc, paths in maps.items()}
+        maps = {desc: paths for desc, paths in maps.items() if paths}
+    if not maps:
+        raise EmptySelectionError(
+            f"no anomaly maps in {settings.output_dir}: run the participant level with --model "
+            "first"
+        )
+    create_outputs(settings, layout)
+    key = group_inputs_key(settings, maps)
+    record = bids.group_record_path(settings.work_dir)
+    previous = json.loads(record.read_text()) if record.is_file() else {}
+    if previous.get("key") == key and all(Path(p).is_file() for p in previous["written"]):
+        LOGGER.info("group outputs are up to date (same maps, ground truth and settings): kept")
+        return [Path(p) for p in previous["written"]]
+    try:
+        participants = bids.read_participants(settings.bids_dir)
+    except MissingInputError:
+        participants = None
+    control = None
+    if participants is not None and "group" in participants.columns:
+        control = resolve_control_label(participants["group"].astype(str),
+                                        settings.group.control_label)
+        if control is None and settings.group.control_label is not None:
+            raise UsageError(
+                f"--control-label {settings.group.control_label}: no such group in "
+                "participants.tsv (groups: "
+                f"{', '.join(sorted(participants['group'].astype(str).unique()))})")
+    elif settings.group.control_label is not None:
+        raise MissingInputError("--control-label needs a 'group' column in participants.tsv")
+    written, results = [], []
+    for desc, paths in sorted(maps.items()):
+        result = evaluate_model(settings, desc, paths, layout, participants)
+        result.control = control
+        for subject, map_path in result.maps.items():
+            overlay = anomaly_overlay(settings.output_dir, map_path)
+            if overlay is not None:
+                result.overlays[subject] = overlay
+        _write_table(result.burden, bids.group_table_path(settings.output_dir, desc, "subjects"),
+                     written)
+        if not result.regions.empty:
+            _write_table(result.regions,
+                         bids.group_table_path(settings.output_dir, desc, "regions"), written)
+        if not result.evaluation.empty:
+            _write_table(result.evaluation,
+                         bids.group_table_path(settings.output_dir, desc, "evaluation"), written)
+            result.summary = summarize_by_group(result.evaluation, EVALUATION_METRICS,
+                                                settings.group.bootstrap,
+                                                settings.execution.random_seed)
+            _write_table(result.summary, bids.group_table_path(
+                settings.output_dir, desc, "evaluationsummary"), written)
+            LOGGER.info("%s: mean AUPRC %.3f, mean Dice %.3f over %d subjects", desc,
+                        result.evaluation["auprc"].mean(), result.evaluation["dice"].mean(),
+                        len(result.evaluation))
+        result.statistics = group_statistics(result, control, settings.group.bootstrap,
+                                             settings.execution.random_seed)
+        if not result.statistics.empty:
+            _write_table(result.statistics,
+                         bids.group_table_path(settings.output_dir, desc, "statistics"), written)
+        results.append(result)
+    written.append(write_group_report(bids.group_report_path(settings.output_dir), results))
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"key": key, "written": [str(p) for p in written]}, indent=1))
+    return written
+
+
+def group_inputs_key(settings: Settings, maps: dict[str, list[Path]]) -> str:
+    """A digest of what the group outputs depend on: the name and content of every input.
+
+    The maps and everything written beside them (masks, regional tables, sidecars), the model
+    cards, the ground truth, participants.tsv, and the group settings.
+    """
+    files: list[Path] = []
+    for paths in maps.values():
+        for path in paths:
+            prefix = path.name.split("_space-")[0]
+            files.extend(path.parent.glob(f"{prefix}_*"))
+    files.extend(bids.model_cards(settings.output_dir))
+    ground_truth = settings.group.ground_truth
+    if ground_truth is not None:
+        files.extend(p for p in ground_truth.rglob("*") if p.is_file())
+    files.append(settings.bids_dir / "participants.tsv")
+    digest = hashlib.sha256(json.dumps({
+        "version": __version__, "ground_truth": str(ground_truth),
+        "control_label": settings.group.control_label, "bootstrap": settings.group.bootstrap,
+        "seed": settings.execution.random_seed,
+        "participants": settings.inputs.participant_label,
+    }, sort_keys=True).encode())
+    for path in sorted(set(files)):
+        if path.is_file():
+            digest.update(f"{path}\0{file_checksum(path)}\n".encode())
+    return digest.hexdigest()
+
+
+def _write_table(table: pd.DataFrame, path: Path, written: list[Path]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(path, sep="\t", index=False, na_rep="n/a", float_format="%.6g")
+    written.append(path)

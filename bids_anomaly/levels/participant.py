@@ -1,0 +1,110 @@
+"""The participant level: preprocess the selected subjects/sessions, score them with a model."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import nibabel as nib
+
+from bids_anomaly import bids
+from bids_anomaly.config import Settings
+from bids_anomaly.errors import BadDataError, MissingInputError
+from bids_anomaly.levels.steps import (
+    collect_subjects,
+    index_dataset,
+    prepare,
+    preprocess,
+    validate_images,
+)
+from bids_anomaly.models.base import ModelCard, check_weights, load_model
+from bids_anomaly.template import Template
+
+LOGGER = logging.getLogger(__name__)
+
+
+def resolve_model(settings: Settings, template: Template | None = None
+                  ) -> tuple[Path, ModelCard]:
+    """Find ``--model`` as a directory or as a name under ``OUTPUT_DIR/models``, and check it.
+
+    The whole model is loaded once here, before any work: a damaged card, weights that do not
+    match the card's checksum or channels, or weights fitted on another template grid stop the
+    run with exit 65 even when every later step would come from the cache.
+    """
+    name = settings.model.model
+    candidate = Path(name)
+    if not candidate.is_dir():
+        candidate = bids.model_dir(settings.output_dir, name)
+    if not candidate.is_dir():
+        available = bids.model_names(settings.output_dir)
+        raise MissingInputError(
+            f"--model {name}: no such model directory nor model name (models in "
+            f"{bids.models_dir(settings.output_dir)}: {', '.join(available) or 'none'})"
+        )
+    model, card = load_model(candidate)
+    grid = None
+    if template is not None and (card.template, card.resolution) == (template.name,
+                                                                       template.resolution):
+        grid = nib.load(template.brain_mask).shape
+    check_weights(model, card, grid)
+    return candidate.resolve(), card
+
+
+def split_compatible(subjects: list[bids.AnatInputs], card: ModelCard, strict: bool = False
+                     ) -> tuple[list[bids.AnatInputs], list[tuple[bids.AnatInputs, str]]]:
+    """The subjects that have a model's channels, and the others with the reason.
+
+    Raises
+    ------
+    BadDataError
+        No subject can be scored, or one cannot and ``strict`` (``--stop-on-first-crash``).
+    """
+    compatible, skipped = [], []
+    for inputs in subjects:
+        try:
+            card.check_channels(inputs.modalities)
+        except BadDataError as error:
+            if strict:
+                raise BadDataError(f"{inputs.name}: {error}") from error
+            skipped.append((inputs, str(error)))
+        else:
+            compatible.append(inputs)
+    if not compatible:
+        reasons = "; ".join(f"{inputs.name}: {reason}" for inputs, reason in skipped[:3])
+        raise BadDataError(f"no selected subject can be scored by model {card.name!r}: "
+                           f"{reasons}")
+    for inputs, reason in skipped:
+        LOGGER.warning("%s: not scored: %s", inputs.name, reason)
+    return compatible, skipped
+
+
+def run_participant(settings: Settings
+                    ) -> tuple[list[bids.AnatInputs], list[tuple[bids.AnatInputs, str]]]:
+    """The participant level: preprocess the selected participants and score them with a model.
+
+    Subjects that the model cannot score (a missing channel) are preprocessed, not scored, and
+    returned with the reason; with ``--stop-on-first-crash`` they stop the run before any work.
+
+    Returns
+    -------
+    subjects : list of AnatInputs
+        The subject/sessions processed.
+    skipped : list of (AnatInputs, str)
+        Those the model did not score, and why.
+    """
+    layout = index_dataset(settings)
+    labels = bids.select_participants(layout, settings.inputs.participant_label,
+                                      settings.bids_dir)
+    subjects = collect_subjects(settings, layout, labels)
+    layout, template = prepare(settings, layout)
+    validate_images(subjects, bids.validated_inputs_path(settings.work_dir))
+    model = None
+    scored, skipped = subjects, []
+    if settings.model.model:
+        model = resolve_model(settings, template)
+        model[1].check_space(template.name, template.resolution,
+                             settings.preprocessing.recorded())
+        scored, skipped = split_compatible(subjects, model[1],
+                                           settings.execution.stop_on_first_crash)
+    preprocess(settings, subjects, template, model, scored={s.name for s in scored})
+    return subjects, skipped

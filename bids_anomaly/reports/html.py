@@ -1,0 +1,77 @@
+"""One page shell and style for every HTML report, and the helpers that fill it.
+
+Pages are self-contained: the style is inline and figures are embedded as base64 data URIs, so a
+page references no other file and opens offline.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+from bids_anomaly import __version__, bids
+
+MIME_TYPES = {".svg": "image/svg+xml", ".png": "image/png", ".jpg": "image/jpeg",
+              ".jpeg": "image/jpeg"}
+"""Figure formats a page can embed."""
+
+STYLE = """
+body { font-family: sans-serif; margin: 2em; color: #222; max-width: 1400px; }
+h2 { border-bottom: 2px solid #444; padding-bottom: 0.2em; margin-top: 2em; }
+table { border-collapse: collapse; margin: 1em 0 2em; font-size: 0.85em; display: block;
+        overflow-x: auto; max-width: 100%; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; }
+th { background: #f0f0f0; }
+figure { margin: 0.5em; display: inline-block; vertical-align: top; }
+figure img { max-width: 100%; height: auto; background: #000; }
+figcaption { font-size: 0.75em; color: #555; }
+.overlays figure { width: 32%; }
+.note { background: #fff6d5; border-left: 4px solid #e0b000; padding: 0.5em 1em; }
+.footer { font-size: 0.8em; color: #777; margin-top: 3em; }
+"""
+"""The one style of every page."""
+
+
+def figure_html(path: str | Path) -> str:
+    """A ``<figure>`` with the image embedded as a base64 data URI."""
+    path = Path(path)
+    mime = MIME_TYPES.get(path.suffix.lower())
+    if mime is None:
+        raise ValueError(f"cannot embed {path.name}: figures must be SVG, PNG or JPEG")
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    name = html.escape(path.name)
+    return (f"<figure><img src=\"data:{mime};base64,{data}\" alt=\"{name}\">"
+            f"<figcaption>{name}</figcaption></figure>")
+
+
+def table_html(table: Any) -> str:
+    """An HTML table from a DataFrame or a list of dicts (cells escaped)."""
+    import pandas as pd
+
+    frame = table if isinstance(table, pd.DataFrame) else pd.DataFrame(list(table))
+    return frame.to_html(index=False, float_format="%.3f", na_rep="n/a", escape=True,
+                         border=0)
+
+
+def write_page(path: str | Path, title: str, parts: Iterable[str]) -> Path:
+    """Write a page: the title as first heading, the HTML ``parts``, the version at the foot.
+
+    Returns
+    -------
+    Path
+        ``path`` (rewritten only when its content changes).
+    """
+    escaped = html.escape(title)
+    page = (
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+        f"<title>{escaped}</title><style>{STYLE}</style></head><body>"
+        f"<h1>{escaped}</h1>" + "\n".join(parts)
+        + f"<p class=\"footer\">bids_anomaly {html.escape(__version__)}</p></body></html>\n"
+    )
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    bids.update_text(path, page)
+    return path

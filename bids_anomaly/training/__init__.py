@@ -1,1 +1,0 @@
-"""The train level: fitting, calibrating and saving models."""
