@@ -129,7 +129,10 @@ def fit_and_save(settings: Settings, data: TrainingData, template: Template,
         return directory
     seed = settings.execution.random_seed
     torch.manual_seed(seed)
-    fit_data, calibration_data = data.split(settings.model.calibration_fraction, seed)
+    if model.calibration_only:  # nothing is learnt from the data: calibrate on all of it
+        fit_data = calibration_data = data
+    else:
+        fit_data, calibration_data = data.split(settings.model.calibration_fraction, seed)
     LOGGER.info("fitting %s on %d subjects, calibrating on %d held-out subjects",
                 model.model_type, len(fit_data), len(calibration_data))
     model.fit(fit_data)

@@ -40,6 +40,7 @@ from bids_anomaly.models.base import (
     save_model,
 )
 from bids_anomaly.models.baseline import IntensityBaseline
+from bids_anomaly.models.ensemble import EnsembleModel
 from bids_anomaly.models.mixture import (
     GaussianMixtureModel,
     MixtureModel,
@@ -47,7 +48,8 @@ from bids_anomaly.models.mixture import (
     StudentMixtureModel,
 )
 from bids_anomaly.models.normative import NormativeModel
-from bids_anomaly.models.reconstruction import ReconstructionModel
+from bids_anomaly.models.reconstruction import DeepModel, ReconstructionModel
+from bids_anomaly.models.selfsupervised import RestoreModel, SegmentModel
 
 if TYPE_CHECKING:
     import dataclasses
@@ -59,6 +61,8 @@ __all__ = [
     "AnomalyModel",
     "BaseModel",
     "ChannelScorer",
+    "DeepModel",
+    "EnsembleModel",
     "GaussianMixtureModel",
     "IntensityBaseline",
     "MixtureModel",
@@ -66,6 +70,8 @@ __all__ = [
     "MultipleScaledMixtureModel",
     "NormativeModel",
     "ReconstructionModel",
+    "RestoreModel",
+    "SegmentModel",
     "StudentMixtureModel",
     "SubjectImages",
     "TrainingData",

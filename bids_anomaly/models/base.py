@@ -200,6 +200,9 @@ class BaseModel:
         One line for ``--help`` and the README's model table.
     single_subject : bool
         Whether ``participant --single-subject TYPE`` can fit it on one subject's own brain.
+    calibration_only : bool
+        Nothing is learnt from data (an ensemble of trained models): the train level calibrates
+        on every selected subject instead of holding some out.
     options : tuple of type
         The option dataclasses whose fields with flags are this family's command-line options
         (see :func:`bids_anomaly.config.option`).
@@ -210,6 +213,7 @@ class BaseModel:
     model_type: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     single_subject: ClassVar[bool] = False
+    calibration_only: ClassVar[bool] = False
     options: ClassVar[tuple[type, ...]] = ()
     options_scope: ClassVar[str] = ""
     score_definition: str = ""

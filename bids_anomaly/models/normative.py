@@ -2,9 +2,22 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
+from bids_anomaly.errors import UsageError
 from bids_anomaly.models.base import BaseModel, TrainingData, register
+from bids_anomaly.models.directions import (
+    DirectionOptions,
+    check_channels,
+    describe,
+    directed,
+    parse_directions,
+)
+
+if TYPE_CHECKING:
+    from bids_anomaly.config import Settings
 
 MAD_TO_SD = 1.4826
 """Median absolute deviation of a Gaussian, in standard deviations."""
@@ -14,8 +27,10 @@ MAD_TO_SD = 1.4826
 class NormativeModel(BaseModel):
     """Per-voxel median and scaled MAD of healthy subjects; scores are robust z-scores.
 
-    The anomaly score of a voxel is its largest absolute robust z-score over channels: how
-    many healthy standard deviations the most deviant channel is from the healthy median.
+    The anomaly score of a voxel is its largest robust z-score over channels, each in its
+    direction (absolute by default; ``--direction FLAIR:+ T1w:-`` keeps only brighter FLAIR and
+    darker T1w): how many healthy standard deviations the most deviant channel is from the
+    healthy median.
 
     With few training subjects a voxel's MAD is unstable (a few subjects agreeing by chance give
     a spread near 0 and huge z-scores), so the squared spread is pooled over a Gaussian
@@ -30,27 +45,65 @@ class NormativeModel(BaseModel):
         Floor of the spread, in normalised intensity units.
     spread_sigma : float
         Standard deviation, in voxels, of the Gaussian pooling of the spread (0: none).
+    direction : list of str or dict, optional
+        Per-channel directions (see :mod:`bids_anomaly.models.directions`).
+    channels : list of str, optional
+        The channels' names (set by :meth:`fit`).
     """
 
     model_type = "normative"
     summary = "voxel-wise median and MAD of healthy subjects; score: largest robust z-score"
-    score_definition = "max over channels of |x - median| / (1.4826 MAD), healthy voxel-wise"
+    options = (DirectionOptions,)
+    options_scope = "training a normative model"
 
     def __init__(self, min_fraction: float = 0.5, min_spread: float = 0.1,
-                 spread_sigma: float = 1.0) -> None:
+                 spread_sigma: float = 1.0, direction: list[str] | dict | None = None,
+                 channels: list[str] | None = None) -> None:
         super().__init__()
         self.min_fraction = min_fraction
         self.min_spread = min_spread
         self.spread_sigma = spread_sigma
+        self.direction = parse_directions(direction)
+        self.channels = list(channels) if channels else None
         self.location: torch.Tensor | None = None
         self.spread: torch.Tensor | None = None
         self.support: torch.Tensor | None = None
 
+    @classmethod
+    def from_settings(cls, settings: Settings, single_subject: bool = False) -> NormativeModel:
+        """A model with the run's ``--direction``."""
+        return cls(direction=settings.model.options.get("direction"))
+
+    @classmethod
+    def check_options(cls, given: dict, single_subject: bool = False) -> None:
+        """Directions must parse.
+
+        Raises
+        ------
+        UsageError
+            A direction that is not ``CHANNEL:SIGN``.
+        """
+        try:
+            parse_directions(given.get("direction"))
+        except ValueError as error:
+            raise UsageError(str(error)) from error
+
+    @property
+    def score_definition(self) -> str:
+        """What the score means, for the statmap sidecar."""
+        if not self.direction:
+            return "max over channels of |x - median| / (1.4826 MAD), healthy voxel-wise"
+        return (f"max over channels of the directed (x - median) / (1.4826 MAD) "
+                f"({describe(self.channels, self.direction)}), healthy voxel-wise")
+
     @property
     def hyperparameters(self) -> dict:
         """Settings needed to rebuild the model."""
-        return {"min_fraction": self.min_fraction, "min_spread": self.min_spread,
-                "spread_sigma": self.spread_sigma}
+        values = {"min_fraction": self.min_fraction, "min_spread": self.min_spread,
+                  "spread_sigma": self.spread_sigma}
+        if self.direction:  # models without directions keep their earlier card
+            values.update(direction=self.direction, channels=self.channels)
+        return values
 
     @property
     def n_channels(self) -> int | None:
@@ -63,7 +116,18 @@ class NormativeModel(BaseModel):
         return None if self.location is None else tuple(self.location.shape[1:])
 
     def fit(self, data: TrainingData) -> None:
-        """Compute the voxel-wise median and MAD over the subjects of ``data``."""
+        """Compute the voxel-wise median and MAD over the subjects of ``data``.
+
+        Raises
+        ------
+        UsageError
+            ``direction`` names a channel that ``data`` does not have.
+        """
+        try:
+            check_channels(self.direction, list(data.channels))
+        except ValueError as error:
+            raise UsageError(str(error)) from error
+        self.channels = list(data.channels)
         stack = []
         for image, mask in data:
             stack.append(torch.where(mask, image, torch.nan).cpu())
@@ -86,12 +150,12 @@ class NormativeModel(BaseModel):
         self.spread = variance.sqrt().clamp_min(self.min_spread) * support + (1 - support)
 
     def score(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Largest absolute robust z-score over channels, 0 outside mask and support."""
+        """Largest directed robust z-score over channels, 0 outside mask and support."""
         if self.location is None:
             raise RuntimeError("the model is not fitted")
         device = image.device
         z = (image - self.location.to(device)) / self.spread.to(device)
-        score = z.abs().amax(dim=0)
+        score = directed(z, self.channels, self.direction).amax(dim=0)
         return torch.where(mask & self.support.to(device), score, 0.0)
 
     def tensors(self) -> dict[str, torch.Tensor]:

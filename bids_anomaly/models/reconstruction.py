@@ -52,6 +52,12 @@ from bids_anomaly.models.deep.networks import (
     check_input_shape,
     coarse_noise,
 )
+from bids_anomaly.models.directions import (
+    describe,
+    directed,
+    direction_option,
+    parse_directions,
+)
 
 if TYPE_CHECKING:
     from bids_anomaly.config import Settings
@@ -100,6 +106,7 @@ class ReconstructionOptions:
         "both", "which residuals are anomalous: both signs, only brighter (hyper, e.g. FLAIR "
                 "lesions) or only darker (hypo) than the reconstruction (default {default})",
         flags=("--residual",), choices=RESIDUALS)
+    direction: list[str] = direction_option()
 
 
 class DeepModel(BaseModel):
@@ -133,7 +140,12 @@ class DeepModel(BaseModel):
         Standard deviation, in voxels, of the Gaussian smoothing of the residual (0: none).
     residual : str
         ``both`` (absolute residual), ``hyper`` (only voxels brighter than their
-        reconstruction, as FLAIR lesions) or ``hypo``.
+        reconstruction, as FLAIR lesions) or ``hypo``: the direction of channels that
+        ``direction`` does not name.
+    direction : list of str or dict, optional
+        Per-channel directions, ``["FLAIR:+", "T1w:-"]`` (see :mod:`.directions`).
+    channels : list of str, optional
+        The channels' names (set by :meth:`fit`; the directions refer to them).
     training : EngineOptions, optional
         How to train (epochs, batch size, learning rate, workers, checkpoints...).
     cache_dir : Path, optional
@@ -159,6 +171,8 @@ class DeepModel(BaseModel):
                  patches_per_volume: int = ReconstructionOptions.patches_per_volume,
                  smoothing: float = ReconstructionOptions.smoothing,
                  residual: str = ReconstructionOptions.residual,
+                 direction: list[str] | dict[str, str] | None = None,
+                 channels: list[str] | None = None,
                  training: engine.EngineOptions | None = None,
                  cache_dir: Path | None = None, architecture: dict | None = None,
                  image_shape: tuple[int, ...] | None = None, fit_report: dict | None = None
@@ -180,6 +194,8 @@ class DeepModel(BaseModel):
         self.patches_per_volume = patches_per_volume
         self.smoothing = smoothing
         self.residual = residual
+        self.direction = parse_directions(direction)
+        self.channels = list(channels) if channels else None
         self.training = training or engine.EngineOptions()
         self.cache_dir = cache_dir
         self.image_shape = tuple(image_shape) if image_shape else None
@@ -217,6 +233,10 @@ class DeepModel(BaseModel):
         if given.get("tensorboard") and importlib.util.find_spec("tensorboard") is None:
             raise UsageError("--tensorboard needs the tensorboard package: pip install "
                              "tensorboard")
+        try:
+            parse_directions(given.get("direction"))
+        except ValueError as error:
+            raise UsageError(str(error)) from error
 
     # ----------------------------------------------------------------- description
     @property
@@ -227,7 +247,8 @@ class DeepModel(BaseModel):
                   "kl_weight": self.kl_weight, "noise_std": self.noise_std,
                   "noise_scale": self.noise_scale,
                   "patches_per_volume": self.patches_per_volume, "smoothing": self.smoothing,
-                  "residual": self.residual, "training": self.training.describe()}
+                  "residual": self.residual, "direction": self.direction,
+                  "channels": self.channels, "training": self.training.describe()}
         if self.network is not None:
             values["architecture"] = asdict(self.network.architecture)
             values["image_shape"] = list(self.image_shape)
@@ -288,6 +309,13 @@ class DeepModel(BaseModel):
     def fit(self, data: TrainingData) -> None:
         """Train on ``data`` (healthy subjects), early-stopping on some of them held out."""
         from bids_anomaly.models.deep import distributed
+        from bids_anomaly.models.directions import check_channels
+
+        try:
+            check_channels(self.direction, list(data.channels))
+        except ValueError as error:
+            raise UsageError(str(error)) from error
+        self.channels = list(data.channels)
         device = torch.device(data.device)
         seed = self.training.seed
         if self.cache_dir is None:
@@ -446,17 +474,17 @@ class DeepModel(BaseModel):
 class ReconstructionModel(DeepModel):
     """A MONAI network trained to reconstruct healthy brains; scores are its residuals.
 
-    The residual ``x - x_hat`` of each channel counts in the direction ``residual`` says, is
-    smoothed inside the brain, and the channels' maps are averaged.
+    The residual ``x - x_hat`` of each channel counts in the channel's direction (``residual``
+    for every channel, or ``direction`` per channel), is smoothed inside the brain, and the
+    channels' maps are averaged.
     """
 
     @property
     def score_definition(self) -> str:
         """What the score means, for the statmap sidecar."""
-        sign = {"both": "|x - x_hat|", "hyper": "max(x - x_hat, 0)",
-                "hypo": "max(x_hat - x, 0)"}[self.residual]
-        return (f"{self.model_type} ({self.mode}) reconstruction residual {sign} of the "
-                f"robust-z-scored intensities, mean over channels, Gaussian-smoothed "
+        signs = describe(self.channels, self.direction, self.residual)
+        return (f"{self.model_type} ({self.mode}) reconstruction residual x - x_hat of the "
+                f"robust-z-scored intensities ({signs}), mean over channels, Gaussian-smoothed "
                 f"(sigma {self.smoothing} voxels) inside the brain")
 
     def reconstruct(self, image: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
@@ -464,16 +492,11 @@ class ReconstructionModel(DeepModel):
         return self.infer(image, batch_size=batch_size)
 
     def channel_scores(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Smoothed residual of each channel, ``(C, X, Y, Z)``, 0 outside the brain."""
+        """Smoothed directed residual of each channel, ``(C, X, Y, Z)``, 0 outside the brain."""
         valid = valid_voxels(image, mask)
         masked = torch.where(valid, image, 0.0)
-        residual = masked - self.reconstruct(masked)
-        if self.residual == "hyper":
-            residual = residual.clamp_min(0)
-        elif self.residual == "hypo":
-            residual = (-residual).clamp_min(0)
-        else:
-            residual = residual.abs()
+        residual = directed(masked - self.reconstruct(masked), self.channels, self.direction,
+                            self.residual)
         return self.smoothed(residual, valid)
 
     @staticmethod

@@ -1,0 +1,396 @@
+"""The accuracy leaderboard: every model family on the same protocols, in one run.
+
+Usage (run by hand, never in CI; needs the real dataset preprocessed in template space, i.e.
+``bids_anomaly ../shared/data/bids_real DERIV participant``, and a demo run)::
+
+    python benchmarks/bench_accuracy.py --derivatives DERIV \
+        --shapes ../shared/data/lesion_shapes --demo DEMO_DIR --out benchmarks/results/accuracy
+
+Protocols (each model is fitted on the protocol's training subjects, its threshold calibrated
+at ``--fpr`` on held-out subjects, never on a test subject; no lesion label is used anywhere
+except to score the result):
+
+- ``demo``: the demo's controls (all but one fit, one calibrates) and its patients.
+- ``ixi-ms`` / ``ixi-stroke``: healthy IXI T1w, 5 fit, 2 calibrate, 3 test subjects with real
+  MS (3 MSLUB shapes each) or stroke (1 SOOP shape of 5-100 ml) lesions inserted. The shape
+  folders are split by file (even positions train the self-supervised generator, odd ones are
+  inserted into the test subjects; MSLUB patient26 is left out of both, being sub-mslub26).
+- ``mslub26-ixi``: sub-mslub26 against its consensus mask, models trained on 8 IXI controls
+  (T1w, the only contrast they share) and calibrated on 2.
+- ``mslub26-cohort``: sub-mslub26 (T1w, FLAIR, T2w), models trained on a contaminated cohort:
+  three sessions of the MS patients mslubL01/L12 and sub-mslub26 itself (unlabelled), calibrated
+  on the fourth mslubL session (which has lesions too: the thresholds are conservative).
+- ``stroke01-cohort``: sub-stroke01 (T2w only: the IXI controls have no T2w), the same way with
+  the T2w of the mslubL sessions and sub-stroke01 itself.
+
+Families: the intensity baseline (the lesion contrast's robust z-score: FLAIR, else T2w
+bright, T1w dark), the normative model (both signs, and with the lesion contrast's directions),
+the Gaussian mixture, the denoising AE (the best reconstruction model of earlier benchmarks),
+the self-supervised ``segment`` and ``restore``, and the ensemble of directional normative,
+segment and restore (mean of -log10 p), chosen before any result was seen. Metrics: voxel AUROC,
+AUPRC, oracle Dice, Dice at the calibrated threshold, lesion-wise sensitivity and false-positive
+clusters per test subject at that threshold. Writes ``OUT.md`` and ``OUT.tsv``; the README's
+"which model to choose" table is this table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import torch
+from bench_mixture_accuracy import (
+    COHORT,
+    HEALTHY,
+    N_CALIBRATION,
+    N_FIT,
+    Case,
+    ground_truth,
+    load_tissue_maps,
+    pick_stroke_shape,
+    subject_images,
+)
+
+from bids_anomaly.evaluation.ground_truth import find_ground_truth, truth_in_template
+from bids_anomaly.evaluation.lesions import insert_lesions, lesion_shape_paths, load_lesion_shape
+from bids_anomaly.evaluation.metrics import lesion_metrics, voxel_metrics
+from bids_anomaly.models import REGISTRY, AnomalyModel, EnsembleModel, TrainingData
+from bids_anomaly.models.base import valid_voxels
+from bids_anomaly.models.deep.engine import EngineOptions
+from bids_anomaly.postprocessing.thresholds import healthy_scores, tail_table, threshold_at_fpr
+from bids_anomaly.template import TEMPLATE_NAME, Template, get_template
+
+PROTOCOLS = ("demo", "ixi", "mslub26-ixi", "mslub26-cohort", "stroke01-cohort")
+DIRECTIONS = {"ms": {"FLAIR": "+", "T2w": "+", "PDw": "+", "T1w": "-"},
+              "stroke": {"FLAIR": "+", "T2w": "+", "PDw": "+", "T1w": "-"}}
+"""The lesion contrast per kind (MS and chronic stroke: bright on FLAIR/T2w, dark on T1w)."""
+TEST_SUBJECT_SHAPE = "patient26"
+"""The MSLUB shape of sub-mslub26: never used to train or to insert."""
+STROKE_TRAIN_SHAPES = 150
+"""SOOP shapes (of the training half) given to the generator: enough variety, fast to load."""
+
+
+@dataclass
+class Protocol:
+    """Training, calibration and test data of one protocol, and the lesion kind sought."""
+
+    name: str
+    fit: TrainingData
+    calibration: TrainingData
+    tests: dict[str, list[Case]]
+    kind: str
+    note: str
+    shapes: list[Path] = field(default_factory=list)
+
+
+@dataclass
+class Row:
+    """One model on one test set."""
+
+    protocol: str
+    model: str
+    metrics: dict
+    seconds: float
+
+
+def split_shapes(folder: Path) -> dict[str, dict[str, list[Path]]]:
+    """MS and stroke shape files, split into ``train`` (even positions) and ``test`` (odd)."""
+    split = {}
+    for kind in ("ms", "stroke"):
+        paths = [p for p in lesion_shape_paths(folder, kind) if TEST_SUBJECT_SHAPE not in p.name]
+        split[kind] = {"train": paths[0::2], "test": paths[1::2]}
+    return split
+
+
+def lesioned(subjects, paths: list[Path], kind: str, template: Template, seed: int
+             ) -> list[Case]:
+    """The subjects' T1w with real lesions of ``kind`` from ``paths`` inserted."""
+    rng = np.random.default_rng(seed)
+    gm, wm = load_tissue_maps(template)
+    cases = []
+    for subject in subjects:
+        reference = nib.load(subject.mask)
+        chosen = ([paths[i] for i in rng.choice(len(paths), 3, replace=False)] if kind == "ms"
+                  else [pick_stroke_shape(paths, rng)])
+        shapes = [load_lesion_shape(path, reference) for path in chosen]
+        image, mask = subject.load()
+        changed, truth = insert_lesions({"T1w": image[0].numpy()}, mask.numpy(), gm, wm, shapes,
+                                        kind, rng)
+        cases.append(Case(subject.name, torch.from_numpy(changed["T1w"])[None], mask, truth,
+                          valid_voxels(image, mask).numpy()))
+    return cases
+
+
+def ixi(args, template: Template, shapes: dict) -> Protocol:
+    """Synthetic MS and stroke lesions in held-out IXI T1w."""
+    order = sorted(HEALTHY)
+    random.Random(args.seed).shuffle(order)
+    subjects = [subject_images(args.derivatives, s, None, ["T1w"]) for s in order]
+    test = subjects[N_FIT + N_CALIBRATION:]
+    tests = {kind: lesioned(test, shapes[kind]["test"], kind, template, args.seed)
+             for kind in ("ms", "stroke")}
+    return Protocol("ixi", TrainingData(subjects[:N_FIT], ["T1w"], regions=template.dseg),
+                    TrainingData(subjects[N_FIT:N_FIT + N_CALIBRATION], ["T1w"]), tests, "ms",
+                    f"IXI T1w, fit {N_FIT}, calibrate {N_CALIBRATION}, test 3 x (MS, stroke)",
+                    shapes["ms"]["train"] + shapes["stroke"]["train"][:STROKE_TRAIN_SHAPES])
+
+
+def patient_case(args, subject: str, channels: list[str], reference: str) -> Case:
+    """A real patient with its lesion mask in template space."""
+    images = subject_images(args.derivatives, subject, None, channels)
+    image, mask = images.load()
+    truth = ground_truth(args.bids_dir, args.derivatives, subject, reference)
+    return Case(images.name, image, mask, truth, valid_voxels(image, mask).numpy())
+
+
+def mslub26_ixi(args, template: Template, shapes: dict) -> Protocol:
+    """sub-mslub26's T1w against IXI controls."""
+    subjects = [subject_images(args.derivatives, s, None, ["T1w"]) for s in sorted(HEALTHY)]
+    return Protocol("mslub26-ixi", TrainingData(subjects[:8], ["T1w"], regions=template.dseg),
+                    TrainingData(subjects[8:], ["T1w"]),
+                    {"mslub26": [patient_case(args, "mslub26", ["T1w"], "T1w")]}, "ms",
+                    "T1w; fit 8 IXI, calibrate 2 IXI", shapes["ms"]["train"])
+
+
+def cohort(args, template: Template, shapes: dict, subject: str, channels: list[str],
+           reference: str, kind: str) -> Protocol:
+    """A patient scored by models trained on a contaminated cohort that includes it."""
+    sessions = [subject_images(args.derivatives, s, ses, channels) for s, ses in COHORT]
+    calibration = sessions[-1:]
+    patient = subject_images(args.derivatives, subject, None, channels)
+    fit = TrainingData([*sessions[:-1], patient], channels, regions=template.dseg)
+    note = (f"{', '.join(channels)}; fit {', '.join(fit.names)} (unlabelled); calibrate "
+            f"{calibration[0].name}")
+    return Protocol(f"{subject}-cohort", fit, TrainingData(calibration, channels),
+                    {subject: [patient_case(args, subject, channels, reference)]}, kind, note,
+                    shapes[kind]["train"][:STROKE_TRAIN_SHAPES])
+
+
+def demo(args, template: Template, shapes: dict) -> Protocol:
+    """The demo dataset: controls fit and calibrate, patients test."""
+    raw = args.demo / "rawdata"
+    derivatives = args.demo / "derivatives" / "bids_anomaly"
+    card = json.loads((derivatives / "models" / "model-normative" / "model.json").read_text())
+    channels = card["channels"]
+    healthy = sorted(p.name[4:] for p in raw.glob("sub-healthy*"))
+    subjects = [subject_images(derivatives, s, None, channels) for s in healthy]
+    cases = []
+    for subject in sorted(p.name[4:] for p in raw.glob("sub-patient*")):
+        images = subject_images(derivatives, subject, None, channels)
+        transform = (derivatives / f"sub-{subject}" / "anat" /
+                     f"sub-{subject}_from-T1w_to-{TEMPLATE_NAME}_mode-image_xfm.h5")
+        truth = truth_in_template(
+            find_ground_truth(raw / "derivatives" / "lesion_masks", subject, None), images.mask,
+            {"T1w": raw / f"sub-{subject}" / "anat" / f"sub-{subject}_T1w.nii.gz"},
+            {"T1w": [transform]})
+        image, mask = images.load()
+        cases.append(Case(images.name, image, mask, truth, valid_voxels(image, mask).numpy()))
+    return Protocol("demo", TrainingData(subjects[:-1], channels, regions=template.dseg),
+                    TrainingData(subjects[-1:], channels), {"demo": cases}, "ms",
+                    f"{', '.join(channels)}; fit {len(subjects) - 1} controls, calibrate 1",
+                    shapes["ms"]["train"])
+
+
+def baseline_for(channels: list[str]) -> tuple[str, AnomalyModel]:
+    """The intensity baseline of the lesion contrast: FLAIR, else T2w bright, else T1w dark."""
+    for name, direction in (("FLAIR", "hyper"), ("T2w", "hyper"), ("T1w", "hypo")):
+        if name in channels:
+            return (f"baseline {name} {direction} z",
+                    REGISTRY["intensity"](channel=channels.index(name), direction=direction))
+    raise ValueError(f"no baseline channel among {channels}")
+
+
+def models_for(protocol: Protocol, args, cache: Path) -> list[tuple[str, AnomalyModel]]:
+    """The leaderboard's models for a protocol, unfitted, in table order."""
+    channels = protocol.fit.channels
+    directions = [f"{c}:{s}" for c, s in DIRECTIONS[protocol.kind].items() if c in channels]
+    training = EngineOptions(epochs=args.epochs, batch_size=args.batch_size,
+                             patience=args.patience, num_workers=0, seed=args.seed,
+                             precision="auto")
+    deep = {"mode": "2d", "width": args.width, "training": training, "cache_dir": cache}
+    lesion_shapes = None
+    if protocol.shapes:
+        lesion_shapes = str(cache / f"shapes-{protocol.name}")
+        Path(lesion_shapes).mkdir(parents=True, exist_ok=True)
+        for path in protocol.shapes:
+            link = Path(lesion_shapes) / path.name
+            if not link.exists():
+                link.symlink_to(path.resolve())
+    synthetic = {"anomaly_contrast": protocol.kind, "direction": directions,
+                 "anomaly_shapes": ["ellipsoid", "blob"] + (["lesion"] if lesion_shapes else []),
+                 "lesion_shapes": lesion_shapes}
+    models = [baseline_for(channels),
+              ("normative", REGISTRY["normative"]()),
+              ("normative directed", REGISTRY["normative"](direction=directions)),
+              ("gmm (K by BIC)", REGISTRY["gmm"](n_components="auto", max_components=6,
+                                                 max_samples=300_000,
+                                                 random_seed=args.seed)),
+              ("dae 2d", REGISTRY["dae"](residual="both", **deep)),
+              ("segment 2d" + (f" trim {args.negative_trim}" if args.negative_trim else ""),
+               REGISTRY["segment"](**deep, **synthetic, negative_trim=args.negative_trim)),
+              ("restore 2d", REGISTRY["restore"](**deep, **synthetic))]
+    return [(label, model) for label, model in models
+            if not args.families or label.split()[0] in args.families]
+
+
+def evaluate(model: AnomalyModel, cases: list[Case], threshold: float) -> dict:
+    """Pooled voxel metrics and summed lesion-wise detection at ``threshold``."""
+    scores, truths, detection = [], [], []
+    with torch.no_grad():
+        for case in cases:
+            score = model.score(case.image, case.mask).double().numpy()
+            scores.append(score[case.evaluated])
+            truths.append(case.truth[case.evaluated])
+            predicted = (score > threshold) & case.evaluated
+            detection.append(lesion_metrics(predicted, case.truth > 0.5))
+    metrics = voxel_metrics(np.concatenate(scores), np.concatenate(truths), threshold)
+    lesions = sum(d["n_lesions"] for d in detection)
+    metrics["lesion_sensitivity"] = (sum(d["lesions_detected"] for d in detection) / lesions
+                                     if lesions else float("nan"))
+    metrics["fp_clusters_per_subject"] = (sum(d["false_positive_clusters"] for d in detection)
+                                          / len(cases))
+    return metrics
+
+
+def run_protocol(protocol: Protocol, args, cache: Path) -> list[Row]:
+    """Fit, calibrate and evaluate every model of the leaderboard on one protocol."""
+    print(f"{protocol.name}: {protocol.note}", flush=True)
+    rows: list[Row] = []
+    fitted: dict[str, tuple[AnomalyModel, dict]] = {}
+
+    def record(label: str, model: AnomalyModel, seconds: float) -> None:
+        calibration = healthy_scores(model, protocol.calibration)
+        threshold = threshold_at_fpr(calibration, args.fpr)
+        fitted[label] = (model, tail_table(calibration))
+        for test, cases in protocol.tests.items():
+            metrics = evaluate(model, cases, threshold)
+            rows.append(Row(f"{protocol.name}/{test}", label, metrics, seconds))
+            print(f"  {test} {label} ({seconds:.0f} s): AUPRC {metrics['auprc']:.3f} Dice "
+                  f"{metrics['dice']:.3f} oracle {metrics['oracle_dice']:.3f}", flush=True)
+
+    for label, model in models_for(protocol, args, cache):
+        start = time.perf_counter()
+        model.fit(protocol.fit)
+        record(label, model, time.perf_counter() - start)
+        if label.startswith("baseline") and protocol.name.endswith("-cohort"):
+            # the usual clinical practice: each patient's own z-scores, thresholded at the
+            # 1 - fpr quantile of its own brain (the reference of the acceptance figures)
+            for test, cases in protocol.tests.items():
+                own = np.concatenate([model.score(c.image, c.mask).double().numpy()[c.evaluated]
+                                      for c in cases])
+                metrics = evaluate(model, cases, threshold_at_fpr(own, args.fpr))
+                rows.append(Row(f"{protocol.name}/{test}", f"{label} (own brain)", metrics, 0))
+                print(f"  {test} {label} own brain: AUPRC {metrics['auprc']:.3f} Dice "
+                      f"{metrics['dice']:.3f}", flush=True)
+    members = [label for label in fitted
+               if label == "normative directed" or label.startswith(("segment", "restore"))
+               or (args.ensemble_baseline and label.startswith("baseline"))]
+    if len(members) >= 2:
+        ensemble = EnsembleModel(combine="mean")
+        for label in members:
+            model, tail = fitted[label]
+            ensemble.add(label, model, protocol.fit.channels, tail)
+        ensemble.fit(protocol.fit)
+        names = [m.split()[0] if not m.startswith("baseline") else " ".join(m.split()[:2])
+                 for m in members]
+        record(f"ensemble ({' + '.join(names)})", ensemble, 0.0)
+    return rows
+
+
+def format_value(value: float) -> str:
+    """Three decimals, ``n/a`` for NaN."""
+    return "n/a" if value is None or np.isnan(value) else f"{value:.3f}"
+
+
+COLUMNS = ("auroc", "auprc", "oracle_dice", "dice", "lesion_sensitivity",
+           "fp_clusters_per_subject")
+
+
+def write_tables(rows: list[Row], notes: dict[str, str], out: Path, header: str) -> None:
+    """The leaderboard as Markdown (one table per test set) and TSV (every row)."""
+    table = pd.DataFrame([{"test": r.protocol, "model": r.model, "fit_seconds": round(r.seconds),
+                           **{k: r.metrics[k] for k in (*COLUMNS, "predicted_voxels",
+                                                        "truth_voxels")}} for r in rows])
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out.with_suffix(".tsv"), sep="\t", index=False, float_format="%.4f")
+    lines = [header, ""]
+    for test, group in table.groupby("test", sort=False):
+        lines += [f"### {test}", "", notes.get(test.split("/")[0], ""), "",
+                  "| model | AUROC | AUPRC | oracle Dice | Dice@thr | lesion sens. | "
+                  "FP clusters/subj | fit s |", "|---|---|---|---|---|---|---|---|"]
+        for _, r in group.iterrows():
+            lines.append(f"| {r['model']} | " + " | ".join(format_value(r[c]) for c in COLUMNS)
+                         + f" | {r['fit_seconds']} |")
+        lines.append("")
+    out.with_suffix(".md").write_text("\n".join(lines))
+
+
+def main() -> None:
+    """Run the chosen protocols and write the leaderboard."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--derivatives", type=Path, required=True)
+    parser.add_argument("--shapes", type=Path, required=True)
+    parser.add_argument("--bids-dir", type=Path, default=Path("../shared/data/bids_real"))
+    parser.add_argument("--demo", type=Path, help="a finished 'bids_anomaly demo DIR' folder")
+    parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
+    parser.add_argument("--families", nargs="+", help="only these (first word of the label)")
+    parser.add_argument("--negative-trim", type=float, default=0.0,
+                        help="segment's --negative-trim (an ablation for contaminated cohorts)")
+    parser.add_argument("--ensemble-baseline", action="store_true",
+                        help="also put the intensity baseline into the ensemble (an ablation)")
+    parser.add_argument("--fpr", type=float, default=0.001)
+    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--patience", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--width", type=int, default=16)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy"))
+    parser.add_argument("--template-dir", type=Path,
+                        default=Path(tempfile.gettempdir()) / "bids_anomaly_bench_templates")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    start = time.perf_counter()
+    template = get_template(2, args.template_dir)
+    shapes = split_shapes(args.shapes)
+    builders = {
+        "demo": lambda: demo(args, template, shapes),
+        "ixi": lambda: ixi(args, template, shapes),
+        "mslub26-ixi": lambda: mslub26_ixi(args, template, shapes),
+        "mslub26-cohort": lambda: cohort(args, template, shapes, "mslub26",
+                                         ["T1w", "FLAIR", "T2w"], "T1w", "ms"),
+        "stroke01-cohort": lambda: cohort(args, template, shapes, "stroke01", ["T2w"], "T2w",
+                                          "stroke"),
+    }
+    rows, notes = [], {}
+    with tempfile.TemporaryDirectory(prefix="bench_accuracy_") as folder:
+        for name in args.protocols:
+            if name == "demo" and args.demo is None:
+                print("demo: skipped (no --demo folder)")
+                continue
+            protocol = builders[name]()
+            notes[protocol.name] = protocol.note
+            rows += run_protocol(protocol, args, Path(folder))
+            write_tables(rows, notes, args.out, _header(args, start))
+    write_tables(rows, notes, args.out, _header(args, start))
+    print(f"total {time.perf_counter() - start:.0f} s; tables in {args.out}.md / .tsv")
+
+
+def _header(args, start: float) -> str:
+    """What the tables were computed with."""
+    return (f"Accuracy leaderboard (voxel FPR {args.fpr} thresholds from held-out data; deep "
+            f"models 2D, width {args.width}, at most {args.epochs} epochs, patience "
+            f"{args.patience}, seed {args.seed}, CPU x{args.threads}; "
+            f"{time.perf_counter() - start:.0f} s so far)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,273 @@
+"""Ensembles: several calibrated models combined into one map on a common, calibrated scale.
+
+Scores of different families live on different scales (z-scores, residuals, logits), so they
+are first made comparable through each member's own healthy calibration: the stored upper tail
+of its scores on held-out healthy voxels (``calibration_tail`` of its card) turns a score into
+an exceedance probability ``p``, and the member's map into ``-log10 p`` (0 for typical tissue,
+about 5 where a score is beyond every one of 100,000 healthy voxels). Beyond the largest stored
+healthy score the tail is extrapolated exponentially (log p linear in the score, with the slope
+of the stored tail's top decade), so the most abnormal voxels keep their order instead of all
+sharing the floor ``1 / n``. The ensemble's score is the mean (evidence from several models
+together) or the max (any model) of the members' ``-log10 p``; the train level then calibrates
+the ensemble itself on held-out healthy subjects, like any model, under its own ``desc-``.
+
+``bids_anomaly BIDS OUT train --model-type ensemble --members normative restore`` reads the
+members from ``OUT/models/model-<name>``; the ensemble's directory holds copies of their
+weights, so it stays usable if a member is retrained or removed.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import numpy as np
+import torch
+
+from bids_anomaly.config import option
+from bids_anomaly.errors import BadDataError, UsageError
+from bids_anomaly.models.base import (
+    REGISTRY,
+    BaseModel,
+    TrainingData,
+    load_model,
+    register,
+    valid_voxels,
+)
+
+if TYPE_CHECKING:
+    from bids_anomaly.config import Settings
+
+LOGGER = logging.getLogger(__name__)
+
+COMBINATIONS = ("mean", "max")
+
+
+@dataclass
+class EnsembleOptions:
+    """Which trained models an ensemble combines, and how."""
+
+    members: list[str] = option(
+        help="names of trained models (OUTPUT_DIR/models/model-<name>) to combine",
+        factory=list, flags=("--members",), nargs="+", metavar="MODEL")
+    combine: str = option(
+        "mean", "how the members' -log10 p maps combine: mean or max (default {default})",
+        flags=("--combine",), choices=COMBINATIONS)
+
+
+def log10_exceedance(scores: torch.Tensor, tail: dict) -> torch.Tensor:
+    """``-log10 p`` of scores against a healthy tail (exponentially extrapolated beyond it).
+
+    Parameters
+    ----------
+    scores : torch.Tensor
+        Any shape.
+    tail : dict
+        ``p``, ``score`` and ``n`` as stored in a card's ``calibration_tail``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``-log10 p`` >= 0, same shape, float32.
+
+    Examples
+    --------
+    >>> tail = {"p": [0.001, 0.01, 0.1, 1.0], "score": [3.0, 2.0, 1.0, 0.0], "n": 1000}
+    >>> log10_exceedance(torch.tensor([-1.0, 0.5, 2.0, 4.0]), tail).tolist()
+    [0.0, 0.5, 2.0, 4.0]
+    """
+    levels = np.asarray(tail["score"], dtype=np.float64)[::-1]
+    minus_log_p = -np.log10(np.asarray(tail["p"], dtype=np.float64))[::-1]
+    levels, unique = np.unique(levels, return_index=True)
+    minus_log_p = minus_log_p[unique]
+    values = scores.detach().double().cpu().numpy()
+    out = np.interp(values, levels, minus_log_p, left=0.0, right=minus_log_p[-1])
+    top = levels[-1]
+    decade = minus_log_p >= minus_log_p[-1] - 1.0  # the top decade of the stored tail
+    span = levels[-1] - levels[decade][0]
+    slope = (minus_log_p[-1] - minus_log_p[decade][0]) / span if span > 0 else 1.0
+    beyond = values > top
+    out[beyond] = minus_log_p[-1] + slope * (values[beyond] - top)
+    return torch.from_numpy(np.maximum(out, 0.0)).float().to(scores.device)
+
+
+@register
+class EnsembleModel(BaseModel):
+    """Combine calibrated models: mean or max of their ``-log10 p`` maps.
+
+    Parameters
+    ----------
+    combine : str
+        ``mean`` or ``max``.
+    members : list of dict, optional
+        Stored members (name, model_type, channels, hyperparameters, tail, threshold), as
+        :attr:`hyperparameters` writes them; use :meth:`add` for models in memory.
+    channels : list of str, optional
+        The ensemble's channels (set by :meth:`fit`): each member takes its own among them.
+    """
+
+    model_type = "ensemble"
+    summary = "mean or max of calibrated models' -log10 p maps (train --members A B)"
+    options = (EnsembleOptions,)
+    options_scope = "building an ensemble"
+    calibration_only: ClassVar[bool] = True
+
+    def __init__(self, combine: str = "mean", members: list[dict] | None = None,
+                 channels: list[str] | None = None) -> None:
+        super().__init__()
+        if combine not in COMBINATIONS:
+            raise ValueError(f"combine {combine!r}: choose mean or max")
+        self.combine = combine
+        self.channels = list(channels) if channels else None
+        self.members: list[dict] = []
+        self.models: list[BaseModel] = []
+        self.cards: list = []  # the members' cards, when read from model directories
+        for member in members or []:
+            model = REGISTRY[member["model_type"]].from_hyperparameters(
+                member["hyperparameters"])
+            self.add(member["name"], model, member["channels"], member["tail"],
+                     member.get("threshold"))
+
+    def add(self, name: str, model: BaseModel, channels: list[str], tail: dict,
+            threshold: float | None = None) -> None:
+        """Add a fitted model, its channels and its healthy calibration tail."""
+        if not tail or not {"p", "score", "n"} <= set(tail):
+            raise BadDataError(f"model {name} has no healthy calibration tail")
+        self.members.append({"name": name, "model_type": model.model_type,
+                             "channels": list(channels), "tail": tail, "threshold": threshold})
+        self.models.append(model)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, single_subject: bool = False) -> EnsembleModel:
+        """An ensemble of the trained models named by ``--members``.
+
+        Raises
+        ------
+        UsageError
+            Fewer than two members, or a member that is an ensemble.
+        MissingInputError
+            A member that is not trained.
+        """
+        from bids_anomaly import bids
+
+        given = settings.model.options
+        names = list(dict.fromkeys(given.get("members", [])))
+        if len(names) < 2:
+            raise UsageError("an ensemble needs --members with at least two trained models")
+        ensemble = cls(combine=given.get("combine", "mean"))
+        for name in names:
+            model, card = load_model(bids.model_dir(settings.output_dir, name))
+            if card.model_type == cls.model_type:
+                raise UsageError(f"--members {name}: an ensemble cannot contain an ensemble")
+            first = ensemble.cards[0] if ensemble.cards else None
+            space = (card.template, card.resolution)
+            if first is not None and space != (first.template, first.resolution):
+                raise UsageError(f"--members: {name} is on {card.template} at {card.resolution}"
+                                 f" mm, {first.name} on {first.template} at {first.resolution}"
+                                 " mm")
+            ensemble.add(name, model, card.channels, card.extra.get("calibration_tail"),
+                         card.threshold)
+            ensemble.cards.append(card)
+        return ensemble
+
+    @classmethod
+    def check_options(cls, given: dict, single_subject: bool = False) -> None:
+        """At least two members.
+
+        Raises
+        ------
+        UsageError
+            Fewer than two distinct members.
+        """
+        if len(set(given.get("members", []))) < 2:
+            raise UsageError("an ensemble needs --members with at least two trained models")
+
+    @property
+    def score_definition(self) -> str:
+        """What the score means, for the statmap sidecar."""
+        names = ", ".join(f"{m['name']} ({m['model_type']})" for m in self.members)
+        return (f"{self.combine} over the models {names} of -log10 p, p the exceedance "
+                "probability of each model's score among its held-out healthy voxels")
+
+    @property
+    def hyperparameters(self) -> dict:
+        """The combination and every member (type, channels, hyperparameters, tail)."""
+        return {"combine": self.combine, "channels": self.channels,
+                "members": [{**member, "hyperparameters": model.stored_hyperparameters()}
+                            for member, model in zip(self.members, self.models, strict=True)]}
+
+    @property
+    def n_channels(self) -> int | None:
+        """The ensemble's channels (None before fitting)."""
+        return None if self.channels is None else len(self.channels)
+
+    @property
+    def grid_shape(self) -> tuple[int, ...] | None:
+        """The members' grid."""
+        shapes = {m.grid_shape for m in self.models if m.grid_shape is not None}
+        return shapes.pop() if len(shapes) == 1 else None
+
+    def fit(self, data: TrainingData) -> None:
+        """Nothing to learn: check that the data has every member's channels and grid.
+
+        Raises
+        ------
+        UsageError
+            A member channel that the data lacks, or members on different grids.
+        """
+        if len(self.models) < 2:
+            raise UsageError("an ensemble needs at least two members")
+        missing = sorted({c for m in self.members for c in m["channels"]} - set(data.channels))
+        if missing:
+            raise UsageError(f"the ensemble's members use {', '.join(missing)}, which the "
+                             "training data lacks (--channels)")
+        shapes = {m.grid_shape for m in self.models if m.grid_shape is not None}
+        if len(shapes) > 1:  # members without a grid (the intensity baseline) fit any
+            raise UsageError(f"the members are on different grids: {sorted(map(str, shapes))}")
+        self.channels = list(data.channels)
+        trained = {p for card in self.cards for p in card.training_participants}
+        overlap = sorted(trained & set(data.names))
+        if overlap:
+            LOGGER.warning("the ensemble is calibrated on %s, on which members were trained: "
+                           "its threshold will be too low (calibrate on held-out controls)",
+                           ", ".join(overlap))
+
+    def member_maps(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Each member's ``-log10 p`` map, ``(M, X, Y, Z)``, 0 outside the valid brain."""
+        if self.channels is None:
+            raise RuntimeError("the ensemble is not fitted")
+        valid = valid_voxels(image, mask)
+        maps = []
+        for member, model in zip(self.members, self.models, strict=True):
+            index = [self.channels.index(c) for c in member["channels"]]
+            score = model.score(image[index], mask)
+            maps.append(torch.where(valid, log10_exceedance(score, member["tail"]), 0.0))
+        return torch.stack(maps)
+
+    def score(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean or max of the members' ``-log10 p``; 0 outside the valid brain."""
+        maps = self.member_maps(image, mask)
+        return maps.mean(0) if self.combine == "mean" else maps.amax(0)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Every member's tensors, prefixed ``member<i>.``."""
+        return {f"member{i}.{key}": value for i, model in enumerate(self.models)
+                for key, value in model.tensors().items()}
+
+    def restore(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Give each member its tensors.
+
+        Raises
+        ------
+        BadDataError
+            Tensors that do not belong to a stored member.
+        """
+        for i, model in enumerate(self.models):
+            prefix = f"member{i}."
+            model.restore({k[len(prefix):]: v for k, v in tensors.items()
+                           if k.startswith(prefix)})
+        known = tuple(f"member{i}." for i in range(len(self.models)))
+        stray = [k for k in tensors if not k.startswith(known)]
+        if stray:
+            raise BadDataError(f"the ensemble's weights hold tensors of no member: {stray[:3]}")

@@ -1,0 +1,130 @@
+"""Ensembles of calibrated models: -log10 p scale, combination, storage, the train level."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from bids_anomaly.cli.run import main
+from bids_anomaly.errors import BadDataError, UsageError
+from bids_anomaly.models import EnsembleModel, IntensityBaseline, NormativeModel, TrainingData
+from bids_anomaly.models.ensemble import log10_exceedance
+from bids_anomaly.postprocessing.thresholds import healthy_scores, tail_table
+from tests.conftest import tree_digest
+from tests.models.test_selfsupervised import LESION, SHAPE, _subject
+
+
+def test_log10_exceedance_matches_the_empirical_tail_and_extrapolates_in_order():
+    healthy = np.random.default_rng(0).normal(size=100_000)
+    tail = tail_table(healthy)
+    scores = torch.tensor([-5.0, 0.0, 2.326, 3.09, 5.0, 6.0, 8.0])
+    values = log10_exceedance(scores, tail)
+    assert values[0] == 0 and values[1] == pytest.approx(np.log10(2), abs=0.02)
+    assert values[2] == pytest.approx(2.0, abs=0.1) and values[3] == pytest.approx(3.0, abs=0.15)
+    assert (values[4:].diff() > 0).all()  # beyond every healthy voxel: still ordered
+    assert values[4] > 5.0
+
+
+def _fitted(tmp_path):
+    single = tmp_path / "single"  # FLAIR-only subjects (the same file names)
+    single.mkdir()
+    fit = TrainingData([_subject(tmp_path, i) for i in range(5)], ["T1w", "FLAIR"])
+    held_out = TrainingData([_subject(tmp_path, i) for i in range(5, 7)], ["T1w", "FLAIR"])
+    flair = TrainingData([_subject(single, i, channels=("FLAIR",)) for i in range(5)],
+                         ["FLAIR"])
+    flair_held_out = TrainingData([_subject(single, i, channels=("FLAIR",))
+                                   for i in range(5, 7)], ["FLAIR"])
+    both, bright = NormativeModel(), NormativeModel(direction=["FLAIR:+"])
+    both.fit(fit)
+    bright.fit(flair)
+    ensemble = EnsembleModel(combine="mean")
+    ensemble.add("both", both, ["T1w", "FLAIR"], tail_table(healthy_scores(both, held_out)))
+    ensemble.add("bright", bright, ["FLAIR"],
+                 tail_table(healthy_scores(bright, flair_held_out)))
+    ensemble.fit(fit)
+    return ensemble, held_out
+
+
+def test_ensemble_combines_members_on_their_channels_and_round_trips(tmp_path):
+    ensemble, _ = _fitted(tmp_path)
+    image, mask = _subject(tmp_path, 10, lesion=True).load()
+    maps = ensemble.member_maps(image, mask)
+    assert maps.shape == (2, *SHAPE) and (maps >= 0).all()
+    score = ensemble.score(image, mask)
+    torch.testing.assert_close(score, maps.mean(0))
+    inside = torch.zeros(SHAPE, dtype=torch.bool)
+    inside[LESION] = True
+    assert score[inside].mean() > 4 and score[mask & ~inside].mean() < 1
+    assert (score[~mask] == 0).all()
+    (tmp_path / "e").mkdir()
+    ensemble.save(tmp_path / "e")
+    loaded = EnsembleModel.load(tmp_path / "e")
+    torch.testing.assert_close(loaded.score(image, mask), score)
+    assert [m["name"] for m in loaded.members] == ["both", "bright"]
+    ensemble.combine = "max"
+    torch.testing.assert_close(ensemble.score(image, mask), maps.amax(0))
+    # a member without a grid of its own (the intensity baseline) joins any ensemble
+    baseline = IntensityBaseline(channel=0, direction="hyper")
+    ensemble.add("baseline", baseline, ["FLAIR"], tail_table(np.linspace(0, 3, 1000)))
+    ensemble.fit(TrainingData([_subject(tmp_path, 0)], ["T1w", "FLAIR"]))
+    assert ensemble.member_maps(image, mask).shape == (3, *SHAPE)
+
+
+def test_ensemble_refuses_what_it_cannot_combine(tmp_path):
+    ensemble, _ = _fitted(tmp_path)
+    with pytest.raises(UsageError, match="T1w"):
+        ensemble.fit(TrainingData([_subject(tmp_path / "single", 0, channels=("FLAIR",))],
+                                  ["FLAIR"]))
+    with pytest.raises(BadDataError, match="calibration tail"):
+        EnsembleModel().add("x", NormativeModel(), ["T1w"], {})
+    with pytest.raises(UsageError, match="two"):
+        EnsembleModel.check_options({"members": ["a", "a"]})
+    with pytest.raises(UsageError, match="two"):
+        EnsembleModel().fit(TrainingData([], ["T1w"]))
+    (tmp_path / "e").mkdir()
+    ensemble.save(tmp_path / "e")
+    from bids_anomaly.models.base import read_weights, write_weights
+
+    tensors, hyperparameters = read_weights(tmp_path / "e")
+    write_weights(tmp_path / "e", {**tensors, "member7.location": torch.zeros(1)},
+                  hyperparameters)
+    with pytest.raises(BadDataError, match="no member"):
+        EnsembleModel.load(tmp_path / "e")
+
+
+@pytest.mark.slow
+def test_train_levels_build_self_supervised_models_and_an_ensemble(tiny_bids, tmp_path, capsys):
+    third = tiny_bids / "sub-03" / "anat"
+    third.mkdir(parents=True)
+    shutil.copyfile(tiny_bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz",
+                    third / "sub-03_T1w.nii.gz")
+    before = tree_digest(tiny_bids)
+    out = tmp_path / "out"
+    common = ["--nprocs", "1", "--omp-nthreads", "1", "--device", "cpu"]
+    assert main([str(tiny_bids), str(out), "train", "--model-type", "segment", "--epochs", "1",
+                 "--width", "4", "--direction", "T1w:-", *common]) == 0
+    card = json.loads((out / "models" / "model-segment" / "model.json").read_text())
+    assert card["hyperparameters"]["direction"] == {"T1w": "-"}
+    assert "segment" in card["score_definition"]
+    assert main([str(tiny_bids), str(out), "train", "--model-type", "normative",
+                 *common]) == 0
+    assert main([str(tiny_bids), str(out), "train", "--model-type", "ensemble", "--members",
+                 "normative", "segment", "--combine", "max", *common]) == 0
+    card = json.loads((out / "models" / "model-ensemble" / "model.json").read_text())
+    assert len(card["calibration_participants"]) == 3  # nothing held out: nothing is fitted
+    assert [m["name"] for m in card["hyperparameters"]["members"]] == ["normative", "segment"]
+    assert main([str(tiny_bids), str(out), "participant", "--model", "ensemble",
+                 *common]) == 0
+    assert len(list(out.glob("sub-*/anat/*_res-2_desc-ensemble_stat-anomaly_statmap.nii.gz"))) == 3
+    capsys.readouterr()
+    assert main([str(tiny_bids), str(out), "train", "--model-type", "ensemble", "--members",
+                 "normative", *common]) == 2
+    assert "at least two" in capsys.readouterr().err
+    assert main([str(tiny_bids), str(out), "train", "--model-type", "restore", "--direction",
+                 "FLAIR", *common]) == 2
+    assert "CHANNEL:SIGN" in capsys.readouterr().err
+    assert tree_digest(tiny_bids) == before
