@@ -60,8 +60,9 @@ from bench_mixture_accuracy import (
 )
 
 from bids_anomaly.evaluation.ground_truth import find_ground_truth, truth_in_template
-from bids_anomaly.evaluation.lesions import insert_lesions, lesion_shape_paths, load_lesion_shape
+from bids_anomaly.evaluation.lesions import insert_lesions, lesion_shape_paths
 from bids_anomaly.evaluation.metrics import lesion_metrics, voxel_metrics
+from bids_anomaly.images import load_lesion_shape
 from bids_anomaly.models import REGISTRY, AnomalyModel, EnsembleModel, TrainingData
 from bids_anomaly.models.base import valid_voxels
 from bids_anomaly.models.deep.engine import EngineOptions

@@ -43,8 +43,9 @@ import numpy as np
 import torch
 
 from bids_anomaly.evaluation.ground_truth import find_ground_truth, truth_in_template
-from bids_anomaly.evaluation.lesions import insert_lesions, lesion_shape_paths, load_lesion_shape
+from bids_anomaly.evaluation.lesions import insert_lesions, lesion_shape_paths
 from bids_anomaly.evaluation.metrics import voxel_metrics
+from bids_anomaly.images import load_lesion_shape
 from bids_anomaly.models import (
     REGISTRY,
     AnomalyModel,

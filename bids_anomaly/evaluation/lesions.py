@@ -16,13 +16,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
-from nibabel.filebasedimages import ImageFileError
-from nibabel.processing import resample_from_to
-from scipy import ndimage
 
-from bids_anomaly.errors import BadDataError, MissingInputError
+from bids_anomaly.errors import MissingInputError
 
 LESION_SHAPE_SETS: dict[str, tuple[str, str]] = {
     "ms": ("mslub", "*.nii*"),
@@ -81,96 +77,6 @@ def lesion_shape_paths(folder: Path, kind: str) -> list[Path]:
     if not paths:
         raise MissingInputError(f"no {kind} lesion masks ({pattern}) in {Path(folder) / subfolder}")
     return paths
-
-
-def load_lesion_shape(path: Path, target: nib.Nifti1Image) -> np.ndarray:
-    """Read a lesion mask and return its partial-volume fraction on the grid of ``target``.
-
-    Parameters
-    ----------
-    path : Path
-        NIfTI lesion mask in MNI space (any value > 0 is lesion; fractional values are kept).
-    target : nibabel.Nifti1Image
-        Image whose grid (shape and affine) the fraction is computed on.
-
-    Returns
-    -------
-    numpy.ndarray
-        float32 fraction in [0, 1], shaped like ``target``'s first three dimensions.
-
-    Raises
-    ------
-    BadDataError
-        The file cannot be read or is not a 3D volume.
-    """
-    try:
-        img = nib.load(path)
-        data = np.asarray(img.dataobj, dtype=np.float32)
-    except (OSError, EOFError, ValueError, ImageFileError) as error:
-        raise BadDataError(f"cannot read the lesion mask {path}: {error}") from error
-    if data.ndim == 4 and data.shape[3] == 1:
-        data = data[..., 0]
-    if data.ndim != 3:
-        raise BadDataError(f"the lesion mask {path} is not a 3D volume (shape {data.shape})")
-    fraction = np.clip(np.nan_to_num(data), 0.0, 1.0)
-    return partial_volume(fraction, img.affine, target.shape[:3], target.affine)
-
-
-def partial_volume(fraction: np.ndarray, affine: np.ndarray, target_shape: tuple[int, ...],
-                   target_affine: np.ndarray) -> np.ndarray:
-    """Resample a lesion fraction onto a coarser (or finer) grid, preserving its volume.
-
-    Linear interpolation alone only samples the source at the target voxel centres; when these
-    fall on source voxel centres (1 mm shapes onto the 2 mm template grid) the result is binary
-    and thin lesions are hit or missed by chance. Averaging the source over the extent of a
-    target voxel first (a box filter) gives the fraction of each target voxel that is lesion.
-
-    Parameters
-    ----------
-    fraction : numpy.ndarray
-        Source fraction in [0, 1].
-    affine : numpy.ndarray
-        Source voxel-to-world affine.
-    target_shape : tuple of int
-        Target grid shape.
-    target_affine : numpy.ndarray
-        Target voxel-to-world affine.
-
-    Returns
-    -------
-    numpy.ndarray
-        float32 fraction in [0, 1] on the target grid.
-
-    Examples
-    --------
-    >>> import numpy as np
-    >>> cube = np.zeros((12, 12, 12)); cube[3:9, 3:9, 3:9] = 1
-    >>> coarse = partial_volume(cube, np.eye(4), (6, 6, 6), np.diag([2.0, 2, 2, 1]))
-    >>> float(coarse.sum() * 8), float(coarse.max())
-    (216.0, 1.0)
-    """
-    source_axes = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
-    source_zooms = np.linalg.norm(affine[:3, :3], axis=0)
-    target_extent = np.abs(source_axes.T @ target_affine[:3, :3]).sum(axis=1)
-    smooth = np.asarray(fraction, dtype=np.float32)
-    for axis, width in enumerate(target_extent / source_zooms):
-        kernel = _box_kernel(width)
-        if kernel.size > 1:
-            smooth = ndimage.convolve1d(smooth, kernel, axis=axis, mode="constant")
-    resampled = resample_from_to(nib.Nifti1Image(smooth, affine),
-                                 (tuple(target_shape), target_affine), order=1)
-    return np.clip(np.asarray(resampled.dataobj, dtype=np.float32), 0.0, 1.0)
-
-
-def _box_kernel(width: float) -> np.ndarray:
-    """Weights of unit voxels under a box of ``width`` voxels centred on a voxel (sum 1)."""
-    if width <= 1.0:
-        return np.ones(1, dtype=np.float32)
-    half = width / 2
-    radius = int(np.ceil(half - 0.5))
-    centres = np.arange(-radius, radius + 1)
-    overlap = np.clip(np.minimum(centres + 0.5, half) - np.maximum(centres - 0.5, -half), 0, 1)
-    return (overlap / overlap.sum()).astype(np.float32)
 
 
 def tissue_means(channel: np.ndarray, brain: np.ndarray, gm: np.ndarray,

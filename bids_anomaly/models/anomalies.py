@@ -168,9 +168,9 @@ class LesionShapes:
 
     def __init__(self, folder: Path | None, target, exclude: tuple[str, ...] = (),
                  files: list[Path] | None = None, max_components: int = 2000) -> None:
-        import nibabel as nib
-        from nibabel.processing import resample_from_to
         from scipy import ndimage
+
+        from bids_anomaly.images import load_lesion_shape
 
         paths = files if files is not None else sorted(
             p for p in Path(folder).iterdir() if p.name.endswith((".nii", ".nii.gz")))
@@ -179,16 +179,8 @@ class LesionShapes:
             raise ValueError(f"no lesion masks in {folder}")
         self.components: list[torch.Tensor] = []
         for path in paths:
-            img = nib.load(str(path))
-            data = (np.asarray(img.dataobj) > 0).astype(np.float32)
-            # partial volume: the fraction of each target voxel that is lesion (a box average
-            # over the target voxel's extent, then sampled at its centre)
-            ratio = np.abs(np.linalg.inv(img.affine[:3, :3]) @ target.affine[:3, :3]).sum(0)
-            if (ratio > 1.01).any():
-                data = ndimage.uniform_filter(data, size=np.maximum(1, np.round(ratio)),
-                                              mode="constant")
-            carried = np.asarray(resample_from_to(nib.Nifti1Image(data, img.affine), target,
-                                                  order=1).dataobj)
+            # the fraction of each target voxel that is lesion (volume-preserving)
+            carried = load_lesion_shape(path, target)
             labels, count = ndimage.label(carried > 0.25)
             for index, box in enumerate(ndimage.find_objects(labels), start=1):
                 # the component and its partial-volume rim (the voxels below the cut around it)

@@ -21,6 +21,12 @@ from dataclasses import dataclass
 import torch
 
 from bids_anomaly.config import option
+from bids_anomaly.errors import UsageError
+
+
+class DirectionError(UsageError, ValueError):
+    """A direction that does not parse or names a channel the model lacks (exit 2)."""
+
 
 SIGNS = {"+": "+", "-": "-", "+-": "+-", "-+": "+-", "both": "+-", "hyper": "+", "hypo": "-"}
 """Accepted spellings of a direction, and what each means (``+``, ``-`` or ``+-``)."""
@@ -46,7 +52,7 @@ def parse_directions(values: list[str] | dict[str, str] | None) -> dict[str, str
 
     Raises
     ------
-    ValueError
+    DirectionError
         A value that is not ``CHANNEL:SIGN`` with a known sign, or a channel named twice.
     """
     if not values:
@@ -56,10 +62,10 @@ def parse_directions(values: list[str] | dict[str, str] | None) -> dict[str, str
     directions: dict[str, str] = {}
     for channel, sign in items:
         if not channel or sign not in SIGNS:
-            raise ValueError(f"direction {channel}:{sign}: write CHANNEL:SIGN with SIGN one of "
+            raise DirectionError(f"direction {channel}:{sign}: write CHANNEL:SIGN with SIGN one of "
                              "+, - or +- (e.g. FLAIR:+ T1w:-)")
         if channel in directions:
-            raise ValueError(f"direction: channel {channel} is named twice")
+            raise DirectionError(f"direction: channel {channel} is named twice")
         directions[channel] = SIGNS[sign]
     return directions
 
@@ -69,12 +75,12 @@ def check_channels(directions: dict[str, str], channels: list[str]) -> None:
 
     Raises
     ------
-    ValueError
+    DirectionError
         A named channel that is not one of ``channels``.
     """
     unknown = sorted(set(directions) - set(channels))
     if unknown:
-        raise ValueError(f"--direction names {', '.join(unknown)}, but the model's channels "
+        raise DirectionError(f"--direction names {', '.join(unknown)}, but the model's channels "
                          f"are {', '.join(channels)}")
 
 

@@ -6,7 +6,6 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from bids_anomaly.errors import UsageError
 from bids_anomaly.models.base import BaseModel, TrainingData, register
 from bids_anomaly.models.directions import (
     DirectionOptions,
@@ -83,10 +82,7 @@ class NormativeModel(BaseModel):
         UsageError
             A direction that is not ``CHANNEL:SIGN``.
         """
-        try:
-            parse_directions(given.get("direction"))
-        except ValueError as error:
-            raise UsageError(str(error)) from error
+        parse_directions(given.get("direction"))
 
     @property
     def score_definition(self) -> str:
@@ -123,10 +119,7 @@ class NormativeModel(BaseModel):
         UsageError
             ``direction`` names a channel that ``data`` does not have.
         """
-        try:
-            check_channels(self.direction, list(data.channels))
-        except ValueError as error:
-            raise UsageError(str(error)) from error
+        check_channels(self.direction, list(data.channels))
         self.channels = list(data.channels)
         stack = []
         for image, mask in data:

@@ -53,6 +53,7 @@ from bids_anomaly.models.deep.networks import (
     coarse_noise,
 )
 from bids_anomaly.models.directions import (
+    check_channels,
     describe,
     directed,
     direction_option,
@@ -233,10 +234,7 @@ class DeepModel(BaseModel):
         if given.get("tensorboard") and importlib.util.find_spec("tensorboard") is None:
             raise UsageError("--tensorboard needs the tensorboard package: pip install "
                              "tensorboard")
-        try:
-            parse_directions(given.get("direction"))
-        except ValueError as error:
-            raise UsageError(str(error)) from error
+        parse_directions(given.get("direction"))
 
     # ----------------------------------------------------------------- description
     @property
@@ -309,12 +307,7 @@ class DeepModel(BaseModel):
     def fit(self, data: TrainingData) -> None:
         """Train on ``data`` (healthy subjects), early-stopping on some of them held out."""
         from bids_anomaly.models.deep import distributed
-        from bids_anomaly.models.directions import check_channels
-
-        try:
-            check_channels(self.direction, list(data.channels))
-        except ValueError as error:
-            raise UsageError(str(error)) from error
+        check_channels(self.direction, list(data.channels))
         self.channels = list(data.channels)
         device = torch.device(data.device)
         seed = self.training.seed

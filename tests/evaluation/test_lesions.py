@@ -13,10 +13,9 @@ from bids_anomaly.evaluation.lesions import (
     LESION_CONTRAST,
     insert_lesions,
     lesion_shape_paths,
-    load_lesion_shape,
-    partial_volume,
     tissue_means,
 )
+from bids_anomaly.images import load_lesion_shape, partial_volume
 
 LESION_SHAPES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "lesion_shapes"
 SHAPE = (32, 32, 32)
