@@ -1,6 +1,6 @@
 """Running Nipype workflows: worker processes that never outlive the run, failures as one line.
 
-Nipype runs each node in a worker process (MultiProc) or in this process (Linear). Three things
+Nipype runs each node in a worker process (MultiProc) or in this process (Linear). Four things
 are added here:
 
 - **Supervised workers.** A MultiProc worker waits on its task queue forever, so a run killed
@@ -15,6 +15,9 @@ are added here:
   why. A :class:`~bids_anomaly.errors.BidsAnomalyError` raised in a node becomes the same
   error (same exit code, one line) in the main process; anything else is reported in one line
   naming the node, the subject and the crash file that holds the traceback.
+- **Dead workers.** A worker killed from outside (the kernel's OOM killer) or crashed in native
+  code leaves Nipype's scheduler waiting forever for its result; such a node now fails with a
+  crash file that says the worker died, and so does every node submitted after it.
 """
 
 from __future__ import annotations
@@ -119,10 +122,27 @@ def _initialize_worker(cwd: str, main_pid: int, console_level: str) -> None:
                      name="watch-main-process").start()
 
 
+def _lost_task(taskid: int, error: BaseException) -> dict:
+    """A Nipype task result for a node whose worker process died (it has no result of its own).
+
+    The traceback is written like Python's so that :func:`read_crash` finds the cause.
+    """
+    reason = (f"BrokenProcessPool: the worker process running this step died ({error}); it "
+              "was killed (out of memory?) or crashed. Run the same command again to resume")
+    return {"taskid": taskid, "result": None,
+            "traceback": ["Traceback (most recent call last):\n", f"{reason}\n"]}
+
+
 def supervised_multiproc(plugin_args: dict, console_level: str = "WARNING"):
-    """Nipype's MultiProc plugin whose workers stop with the main process (see module docs)."""
+    """Nipype's MultiProc plugin whose workers stop with the main process (see module docs).
+
+    A worker that dies (killed by the kernel, a crash in native code) breaks the pool: the node
+    it ran and every node submitted after fail with a crash file saying so, instead of the
+    scheduler waiting for a result that never comes.
+    """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     from nipype.pipeline.plugins import MultiProcPlugin
 
@@ -138,8 +158,25 @@ def supervised_multiproc(plugin_args: dict, console_level: str = "WARNING"):
         stopping = False
 
         def _async_callback(self, args) -> None:
-            if not self.stopping:  # a killed worker's task has no result to report
+            # a killed worker's task has no result to report; a task whose worker died is
+            # reported by _get_result (Nipype's callback would raise and lose the task)
+            if not self.stopping and args.exception() is None:
                 super()._async_callback(args)
+
+        def _get_result(self, taskid: int) -> dict | None:
+            result = super()._get_result(taskid)
+            future = self._task_obj.get(taskid)
+            if result is None and future is not None and future.done() and (
+                    future.exception() is not None):
+                return _lost_task(taskid, future.exception())
+            return result
+
+        def _submit_job(self, node, updatehash: bool = False) -> int:
+            try:
+                return super()._submit_job(node, updatehash=updatehash)
+            except BrokenProcessPool as error:  # an earlier worker died: fail, never wait
+                self._taskresult[self._taskid] = _lost_task(self._taskid, error)
+                return self._taskid
 
         def stop_workers(self) -> None:
             """Kill the workers (a node still running is abandoned) and close the pool."""

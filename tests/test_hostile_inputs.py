@@ -312,6 +312,56 @@ def test_errors_inside_nodes_keep_their_exit_code(tmp_path, nprocs):
     assert "crash-" in message and Path(message.rsplit(" ", 1)[-1]).is_file()
 
 
+def _dying_workflow(base_dir: Path):
+    """A worker that dies in the middle of a node (as under the OOM killer), a node after it."""
+    from nipype.interfaces import utility as niu
+    from nipype.pipeline import engine as pe
+
+    def die(value):
+        import os
+        os._exit(9)
+
+    def after(value):
+        return value
+
+    workflow = pe.Workflow(name="wf", base_dir=str(base_dir))
+    subject = pe.Workflow(name="sub_07_wf")
+    dying = pe.Node(niu.Function(function=die, input_names=["value"], output_names=["value"]),
+                    name="dying_step")
+    dying.inputs.value = 1
+    later = pe.Node(niu.Function(function=after, input_names=["value"], output_names=["value"]),
+                    name="later_step")
+    subject.connect(dying, "value", later, "value")
+    workflow.add_nodes([subject])
+    workflow.config["execution"] = {"crashdump_dir": str(base_dir / "logs"),
+                                    "crashfile_format": "txt", "poll_sleep_duration": 0.1}
+    return workflow
+
+
+def test_a_dead_worker_fails_the_run_instead_of_hanging_it(tmp_path):
+    import threading
+
+    from bids_anomaly.errors import BidsAnomalyError
+    from bids_anomaly.execution import run_workflow
+
+    raised: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            run_workflow(_dying_workflow(tmp_path), 2, tmp_path / "logs")
+        except BaseException as error:  # noqa: BLE001  (the test inspects it)
+            raised.append(error)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    thread.join(timeout=180)
+    assert not thread.is_alive(), "the scheduler waited for a dead worker"
+    assert len(raised) == 1 and isinstance(raised[0], BidsAnomalyError), raised
+    message = str(raised[0])
+    assert "\n" not in message and "sub-07: step dying_step failed (BrokenProcessPool" in message
+    assert "worker process running this step died" in message
+
+
 # ------------------------------------------------------------- the most common MS protocol, real
 
 @pytest.fixture(scope="module")
