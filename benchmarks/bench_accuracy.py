@@ -27,7 +27,10 @@ Families: the intensity baseline (the lesion contrast's robust z-score: FLAIR, e
 bright, T1w dark), the normative model (both signs, and with the lesion contrast's directions),
 the Gaussian mixture, the denoising AE (the best reconstruction model of earlier benchmarks),
 the self-supervised ``segment`` and ``restore``, and the ensemble of directional normative,
-segment and restore (mean of -log10 p), chosen before any result was seen. Metrics: voxel AUROC,
+segment and restore (mean of -log10 p), chosen before any result was seen; the siamese patch
+autoencoder with its latent models (voxel-wise OC-SVMs, a global OC-SVM ensemble, a
+patient-specific OC-SVM, an MMST mixture of the codes; one autoencoder per protocol, the
+variants' fit time is their latent model's alone). Metrics: voxel AUROC,
 AUPRC, oracle Dice, Dice at the calibrated threshold, lesion-wise sensitivity and false-positive
 clusters per test subject at that threshold. Writes ``OUT.md`` and ``OUT.tsv``; the README's
 "which model to choose" table is this table.
@@ -36,6 +39,7 @@ clusters per test subject at that threshold. Writes ``OUT.md`` and ``OUT.tsv``; 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import tempfile
@@ -237,7 +241,13 @@ def models_for(protocol: Protocol, args, cache: Path) -> list[tuple[str, Anomaly
               ("dae 2d", REGISTRY["dae"](residual="both", **deep)),
               ("segment 2d" + (f" trim {args.negative_trim}" if args.negative_trim else ""),
                REGISTRY["segment"](**deep, **synthetic, negative_trim=args.negative_trim)),
-              ("restore 2d", REGISTRY["restore"](**deep, **synthetic))]
+              ("restore 2d", REGISTRY["restore"](**deep, **synthetic)),
+              ("patch-ocsvm voxel", REGISTRY["patch-ocsvm"](
+                  latent_model="voxel", pairs_per_subject=args.pairs_per_subject,
+                  patch_side=args.patch_side, patch_scaling=args.patch_scaling,
+                  code_size=args.code_size,
+                  training=dataclasses.replace(training, batch_size=1000), cache_dir=cache,
+                  n_jobs=args.threads, random_seed=args.seed))]
     return [(label, model) for label, model in models
             if not args.families or label.split()[0] in args.families]
 
@@ -281,6 +291,11 @@ def run_protocol(protocol: Protocol, args, cache: Path) -> list[Row]:
         start = time.perf_counter()
         model.fit(protocol.fit)
         record(label, model, time.perf_counter() - start)
+        if label == "patch-ocsvm voxel":  # the other variants share its autoencoder
+            for variant in ("global", "patient", "mmst"):
+                start = time.perf_counter()
+                other = model.with_latent_model(variant, protocol.fit)
+                record(f"patch-ocsvm {variant}", other, time.perf_counter() - start)
         if label.startswith("baseline") and protocol.name.endswith("-cohort"):
             # the usual clinical practice: each patient's own z-scores, thresholded at the
             # 1 - fpr quantile of its own brain (the reference of the acceptance figures)
@@ -348,6 +363,11 @@ def main() -> None:
     parser.add_argument("--ensemble-baseline", action="store_true",
                         help="also put the intensity baseline into the ensemble (an ablation)")
     parser.add_argument("--fpr", type=float, default=0.001)
+    parser.add_argument("--pairs-per-subject", type=int, default=5000,
+                        help="patch-ocsvm: siamese training pairs per subject and epoch")
+    parser.add_argument("--patch-side", type=int, default=9, help="patch-ocsvm (an ablation)")
+    parser.add_argument("--patch-scaling", default="cohort", help="patch-ocsvm (an ablation)")
+    parser.add_argument("--code-size", type=int, default=16, help="patch-ocsvm (an ablation)")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--patience", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16)

@@ -1,5 +1,9 @@
 """Speed of the deep models: training samples per second, data waiting, inference per subject.
 
+Every registered deep family is timed by default: the reconstruction autoencoders and the
+self-supervised ``segment`` and ``restore`` models (their synthetic anomalies are generated
+inside the data loader workers, so the data wait includes the generator).
+
 Usage (run by hand on an idle machine, never in CI)::
 
     python benchmarks/bench_deep.py [--device cpu|cuda] [--types ae dae] [--modes 2d 3d] \
@@ -28,7 +32,7 @@ import numpy as np
 import torch
 from scipy.ndimage import gaussian_filter
 
-from bids_anomaly.models import REGISTRY, ReconstructionModel, SubjectImages, TrainingData
+from bids_anomaly.models import REGISTRY, DeepModel, SubjectImages, TrainingData
 from bids_anomaly.models.deep.engine import EngineOptions
 from bids_anomaly.models.deep.networks import Architecture
 
@@ -92,7 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--types", nargs="+", default=[
-        t for t, c in REGISTRY.items() if issubclass(c, ReconstructionModel)])
+        t for t, c in REGISTRY.items() if issubclass(c, DeepModel)])
     parser.add_argument("--modes", nargs="+", default=["2d", "3d"])
     parser.add_argument("--subjects", type=int, default=6)
     parser.add_argument("--channels", type=int, default=2)

@@ -48,6 +48,7 @@ from bids_anomaly.models.mixture import (
     StudentMixtureModel,
 )
 from bids_anomaly.models.normative import NormativeModel
+from bids_anomaly.models.patch_ocsvm import PatchOneClassModel
 from bids_anomaly.models.reconstruction import DeepModel, ReconstructionModel
 from bids_anomaly.models.selfsupervised import RestoreModel, SegmentModel
 
@@ -69,6 +70,7 @@ __all__ = [
     "ModelCard",
     "MultipleScaledMixtureModel",
     "NormativeModel",
+    "PatchOneClassModel",
     "ReconstructionModel",
     "RestoreModel",
     "SegmentModel",

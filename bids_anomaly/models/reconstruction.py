@@ -22,12 +22,10 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
-import tempfile
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -38,9 +36,11 @@ from bids_anomaly.models.deep import engine
 from bids_anomaly.models.deep.datasets import (
     PatchDataset,
     SliceDataset,
-    VolumeCache,
+    cached_volumes,
+    check_image,
     pad_to,
     padded_shape,
+    split_subjects,
     stack_slices,
 )
 from bids_anomaly.models.deep.networks import (
@@ -67,17 +67,6 @@ LOGGER = logging.getLogger(__name__)
 
 MODES = ("2d", "2.5d", "3d")
 RESIDUALS = ("both", "hyper", "hypo")
-VALIDATION_FRACTION = 0.15
-"""Fraction of the fitting subjects held out for the validation loss (early stopping)."""
-
-
-def _split(n_subjects: int, seed: int) -> tuple[list[int], list[int]]:
-    """(training, validation) subject indices; one subject validates on itself."""
-    if n_subjects < 2:
-        return [0], [0]
-    order = np.random.default_rng(seed).permutation(n_subjects)
-    n_validation = max(1, round(VALIDATION_FRACTION * n_subjects))
-    return sorted(order[n_validation:].tolist()), sorted(order[:n_validation].tolist())
 
 
 @dataclass
@@ -212,15 +201,9 @@ class DeepModel(BaseModel):
         """A model with the run's options; checkpoints go to ``WORK/train/model-<name>``."""
         from bids_anomaly import bids
 
-        given = settings.model.options
-        engine_fields = {item.name for item in fields(engine.EngineOptions)}
-        name = settings.model.model_name or settings.model.model_type
-        training = engine.EngineOptions(
-            seed=settings.execution.random_seed,
-            checkpoint_dir=bids.checkpoint_dir(settings.work_dir, name),
-            **{key: value for key, value in given.items() if key in engine_fields})
+        training, options = engine.options_from_settings(settings)
         return cls(training=training, cache_dir=bids.volume_cache_dir(settings.work_dir),
-                   **{key: value for key, value in given.items() if key not in engine_fields})
+                   **options)
 
     @classmethod
     def check_options(cls, given: dict, single_subject: bool = False) -> None:
@@ -311,16 +294,10 @@ class DeepModel(BaseModel):
         self.channels = list(data.channels)
         device = torch.device(data.device)
         seed = self.training.seed
-        if self.cache_dir is None:
-            self.cache_dir = Path(tempfile.mkdtemp(prefix="bids_anomaly_cache_"))
-        cache = VolumeCache(self.cache_dir)
-        volumes = [cache.get(subject) for subject in data.subjects]
-        shapes = {v.shape[1:] for v in volumes}
-        if len(shapes) != 1:
-            raise BadDataError(f"the training subjects are on different grids: {sorted(shapes)}")
-        self.image_shape = tuple(int(s) for s in shapes.pop())
+        volumes, self.image_shape, self.cache_dir = cached_volumes(data.subjects,
+                                                                   self.cache_dir)
         channels = len(data.channels)
-        fit_index, validation_index = _split(len(volumes), seed)
+        fit_index, validation_index = split_subjects(len(volumes), seed)
         input_shape = self._input_shape(self.image_shape)
         if self.mode == "3d":
             def dataset(index: list[int]) -> PatchDataset:
@@ -357,13 +334,7 @@ class DeepModel(BaseModel):
 
     # ----------------------------------------------------------------- inference
     def _check_input(self, image: torch.Tensor) -> None:
-        if image.shape[0] != self.n_channels:
-            raise BadDataError(f"the {self.model_type} model takes {self.n_channels} "
-                               f"channel(s), the image has {image.shape[0]}")
-        if tuple(image.shape[1:]) != tuple(self.image_shape):
-            raise BadDataError(f"the {self.model_type} model was trained on a "
-                               f"{tuple(self.image_shape)} grid, the image is "
-                               f"{tuple(image.shape[1:])}")
+        check_image(self.model_type, image, self.n_channels, self.image_shape)
 
     def infer(self, image: torch.Tensor, condition: float | None = None,
               batch_size: int | None = None) -> torch.Tensor:
@@ -440,13 +411,7 @@ class DeepModel(BaseModel):
         BadDataError
             Hyperparameters that do not describe a network of this family.
         """
-        values = dict(hyperparameters)
-        training = engine.EngineOptions(**values.pop("training", {}))
-        try:
-            return cls(training=training, **values)
-        except (KeyError, TypeError, ValueError) as error:
-            raise BadDataError(f"the stored {cls.model_type} hyperparameters do not describe "
-                               f"a network: {str(error)[:300]}") from error
+        return engine.rebuild(cls, hyperparameters, "a network")
 
     def restore(self, tensors: dict[str, torch.Tensor]) -> None:
         """Load the network's weights.

@@ -2,7 +2,9 @@
 
 Clusters are 26-connected components of the thresholded mask. Clusters smaller than a minimum
 volume can be dropped (from the mask and the table). Each cluster is described by its volume,
-peak and mean score, peak and centroid positions in the template's millimetre coordinates, and
+its rank by size and mean score (the post-processing of Alaverdyan et al. 2020, who keep the top
+clusters as detections), peak and mean score, peak and centroid positions in the template's
+millimetre coordinates, and
 the tissue class most of its voxels lie in.
 """
 
@@ -19,6 +21,10 @@ CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 
 CLUSTER_COLUMNS = {
     "cluster_id": {"Description": "1 for the largest cluster, then by decreasing volume"},
+    "rank_size_score": {"Description": "rank by size and mean score (Alaverdyan et al. 2020): "
+                                       "order of the sum of the cluster's rank by volume and "
+                                       "its rank by mean score, ties to the larger cluster; the "
+                                       "top clusters are the detections to read first"},
     "n_voxels": {"Description": "number of voxels in the cluster"},
     "volume_mm3": {"Description": "cluster volume", "Units": "mm^3"},
     "peak_score": {"Description": "highest anomaly score in the cluster"},
@@ -119,4 +125,10 @@ def cluster_table(anomaly_map: np.ndarray, anomaly_mask: np.ndarray, affine: np.
         table["atlas_label"] = _majority(labels, count, atlas, atlas_labels or {})
     table = table.sort_values(["volume_mm3", "peak_score"], ascending=False, kind="stable")
     table.insert(0, "cluster_id", np.arange(1, count + 1))
+    by_mean = table["mean_score"].rank(ascending=False, method="first").to_numpy()
+    combined = table["cluster_id"].to_numpy() + by_mean
+    order = np.lexsort((table["cluster_id"].to_numpy(), combined))
+    ranks = np.empty(count, dtype=int)
+    ranks[order] = np.arange(1, count + 1)
+    table.insert(1, "rank_size_score", ranks)
     return table[columns].reset_index(drop=True)

@@ -148,7 +148,9 @@ def test_group_without_maps_exits_18(run):
     (("group", "--min-cluster-size", "10"), "apply to the participant level"),
     (("train", "--model-type", "gmm", "--mixture-score", "outlyingness"), "needs --model-type"),
     (("train", "--model-type", "normative", "--online"), "apply to the mixture models"),
-    (("train", "--model-type", "gmm", "--epochs", "3"), "apply to training a deep model"),
+    (("train", "--model-type", "gmm", "--epochs", "3"), "and training a deep model"),
+    (("train", "--model-type", "normative", "--nu", "0.1"),
+     "apply to the patch autoencoder with one-class models (train --model-type patch-ocsvm)"),
     (("participant", "--mode", "3d"), "apply to training a deep model"),
 ])
 def test_mixture_options_that_do_not_fit_exit_2(run, args, message):

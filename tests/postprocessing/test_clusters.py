@@ -50,3 +50,19 @@ def test_small_clusters_are_removed_and_empty_masks_give_empty_tables():
     assert remove_small_clusters(mask, 0).sum() == mask.sum()
     empty = cluster_table(scores, np.zeros_like(mask), affine)
     assert len(empty) == 0 and "tissue" not in empty.columns
+
+
+def test_rank_by_size_and_mean_score():
+    shape = (30, 10, 10)
+    mask = np.zeros(shape, bool)
+    scores = np.zeros(shape)
+    mask[0:10, 1:4, 1:4] = True  # 90 voxels, mean 1: largest, weakest
+    scores[0:10, 1:4, 1:4] = 1.0
+    mask[12:17, 1:4, 1:4] = True  # 45 voxels, mean 5: second by size, first by score
+    scores[12:17, 1:4, 1:4] = 5.0
+    mask[20:21, 1:3, 1:2] = True  # 2 voxels, mean 3: smallest, middle score
+    scores[20:21, 1:3, 1:2] = 3.0
+    table = cluster_table(scores, mask, np.eye(4))
+    assert table["cluster_id"].tolist() == [1, 2, 3]
+    # ranks (volume, mean): (1, 3) -> 4, (2, 1) -> 3, (3, 2) -> 5
+    assert table["rank_size_score"].tolist() == [2, 1, 3]

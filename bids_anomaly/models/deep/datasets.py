@@ -11,16 +11,75 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from bids_anomaly.errors import BadDataError
 from bids_anomaly.models.base import SubjectImages, valid_voxels
 
 MIN_SLICE_FRACTION = 0.1
 """Training slices hold at least this fraction of the brain voxels of the subject's largest."""
+VALIDATION_FRACTION = 0.15
+"""Fraction of the fitting subjects held out for the validation loss (early stopping)."""
+
+
+def split_subjects(n_subjects: int, seed: int, fraction: float = VALIDATION_FRACTION
+                   ) -> tuple[list[int], list[int]]:
+    """(training, validation) subject indices; one subject validates on itself."""
+    if n_subjects < 2:
+        return [0], [0]
+    order = np.random.default_rng(seed).permutation(n_subjects)
+    n_validation = max(1, round(fraction * n_subjects))
+    return sorted(order[n_validation:].tolist()), sorted(order[:n_validation].tolist())
+
+
+def cached_volumes(subjects: list[SubjectImages], cache_dir: Path | None
+                   ) -> tuple[list[np.ndarray], tuple[int, ...], Path]:
+    """The subjects through a :class:`VolumeCache` (a temporary folder when ``cache_dir`` is None).
+
+    Returns
+    -------
+    volumes : list of numpy.ndarray
+        :meth:`VolumeCache.get` of each subject.
+    grid : tuple of int
+        Their common grid.
+    cache_dir : Path
+        The cache folder used.
+
+    Raises
+    ------
+    BadDataError
+        The subjects are on different grids.
+    """
+    if cache_dir is None:
+        cache_dir = Path(tempfile.mkdtemp(prefix="bids_anomaly_cache_"))
+    cache = VolumeCache(cache_dir)
+    volumes = [cache.get(subject) for subject in subjects]
+    shapes = {v.shape[1:] for v in volumes}
+    if len(shapes) != 1:
+        raise BadDataError(f"the training subjects are on different grids: {sorted(shapes)}")
+    return volumes, tuple(int(s) for s in shapes.pop()), Path(cache_dir)
+
+
+def check_image(model_type: str, image, n_channels: int | None,
+                grid: tuple[int, ...] | None) -> None:
+    """Refuse a ``(C, X, Y, Z)`` image with other channels or another grid than a model's.
+
+    Raises
+    ------
+    BadDataError
+        Another number of channels or another grid.
+    """
+    if image.shape[0] != n_channels:
+        raise BadDataError(f"the {model_type} model takes {n_channels} channel(s), the image "
+                           f"has {image.shape[0]}")
+    if tuple(image.shape[1:]) != tuple(grid):
+        raise BadDataError(f"the {model_type} model was trained on a {tuple(grid)} grid, the "
+                           f"image is {tuple(image.shape[1:])}")
 
 
 def padded_shape(shape: tuple[int, ...], multiple: int) -> tuple[int, ...]:

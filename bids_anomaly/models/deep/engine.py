@@ -109,6 +109,44 @@ class EngineOptions:
         return values
 
 
+def options_from_settings(settings, defaults: dict | None = None
+                          ) -> tuple[EngineOptions, dict]:
+    """A family's training options from a run's settings, and the family's other options.
+
+    The seed is the run's ``--random-seed``, checkpoints go to ``WORK/train/model-<name>``;
+    ``defaults`` (a family's own, e.g. the papers' epochs) yield to options given.
+    """
+    from bids_anomaly import bids
+
+    given = settings.model.options
+    names = {item.name for item in fields(EngineOptions)}
+    name = settings.model.model_name or settings.model.model_type
+    training = EngineOptions(**{
+        **(defaults or {}), "seed": settings.execution.random_seed,
+        "checkpoint_dir": bids.checkpoint_dir(settings.work_dir, name),
+        **{key: value for key, value in given.items() if key in names}})
+    return training, {key: value for key, value in given.items() if key not in names}
+
+
+def rebuild(cls: type, hyperparameters: dict, what: str):
+    """``cls(training=EngineOptions(...), **rest)`` from stored hyperparameters.
+
+    Raises
+    ------
+    BadDataError
+        Hyperparameters that ``cls`` does not take (``what`` names what they should describe).
+    """
+    from bids_anomaly.errors import BadDataError
+
+    values = dict(hyperparameters)
+    try:
+        training = EngineOptions(**values.pop("training", {}))
+        return cls(training=training, **values)
+    except (KeyError, TypeError, ValueError) as error:
+        raise BadDataError(f"the stored {cls.model_type} hyperparameters do not describe "
+                           f"{what}: {str(error)[:300]}") from error
+
+
 @dataclass
 class TrainingResult:
     """What :func:`train` reports."""
