@@ -245,7 +245,7 @@ def models_for(protocol: Protocol, args, cache: Path) -> list[tuple[str, Anomaly
               ("patch-ocsvm voxel", REGISTRY["patch-ocsvm"](
                   latent_model="voxel", pairs_per_subject=args.pairs_per_subject,
                   patch_side=args.patch_side, patch_scaling=args.patch_scaling,
-                  code_size=args.code_size,
+                  code_size=args.code_size, latent_per_tissue=args.latent_per_tissue,
                   training=dataclasses.replace(training, batch_size=1000), cache_dir=cache,
                   n_jobs=args.threads, random_seed=args.seed))]
     return [(label, model) for label, model in models
@@ -368,6 +368,8 @@ def main() -> None:
     parser.add_argument("--patch-side", type=int, default=9, help="patch-ocsvm (an ablation)")
     parser.add_argument("--patch-scaling", default="cohort", help="patch-ocsvm (an ablation)")
     parser.add_argument("--code-size", type=int, default=16, help="patch-ocsvm (an ablation)")
+    parser.add_argument("--latent-per-tissue", action="store_true",
+                        help="patch-ocsvm: latent models per template tissue (an ablation)")
     parser.add_argument("--epochs", type=int, default=12)
     parser.add_argument("--patience", type=int, default=4)
     parser.add_argument("--batch-size", type=int, default=16)

@@ -149,6 +149,10 @@ class PatchOptions:
     nu: float = option(0.03, "OC-SVM nu: the fraction of training codes allowed outside (for "
                              "--latent-model patient, the expected outlier fraction; default "
                              "{default})", flags=("--nu",), type=_fraction, metavar="NU")
+    latent_per_tissue: bool = option(
+        False, "global, patient, mmst, gmm: one latent model per template tissue class (GM, WM, "
+               "CSF), so that a code normal in one tissue is abnormal in another",
+        flags=("--latent-per-tissue",), action="store_true")
     ocsvm_neighbourhood: int = option(0, "voxel: also pool the codes of the voxels within this "
                                          "many voxels (default {default})",
                                       flags=("--ocsvm-neighbourhood",), type=int, metavar="R")
@@ -193,6 +197,7 @@ class PatchOneClassModel(BaseModel):
                  siamese_alpha: float = PatchOptions.siamese_alpha,
                  pairs_per_subject: int = PatchOptions.pairs_per_subject,
                  latent_model: str = PatchOptions.latent_model, nu: float = PatchOptions.nu,
+                 latent_per_tissue: bool = PatchOptions.latent_per_tissue,
                  ocsvm_neighbourhood: int = PatchOptions.ocsvm_neighbourhood,
                  ocsvm_samples: int = PatchOptions.ocsvm_samples,
                  global_svms: int = PatchOptions.global_svms,
@@ -224,6 +229,7 @@ class PatchOneClassModel(BaseModel):
         self.pairs_per_subject = pairs_per_subject
         self.latent_model = latent_model
         self.nu = nu
+        self.latent_per_tissue = latent_per_tissue
         self.ocsvm_neighbourhood = ocsvm_neighbourhood
         self.ocsvm_samples = ocsvm_samples
         self.global_svms = global_svms
@@ -242,7 +248,9 @@ class PatchOneClassModel(BaseModel):
                 **architecture, "filters": tuple(architecture["filters"])}))
         self.svms: OneClassSVMs | None = None
         self.support: torch.Tensor | None = None
-        self.mixture: em.Mixture | None = None
+        self.mixtures: dict[int, em.Mixture] = {}
+        self.regions: torch.Tensor | None = None
+        self.groups: list[int] = [0]
         self.bounds: np.ndarray | None = None
 
     # ------------------------------------------------------------------ building
@@ -276,6 +284,11 @@ class PatchOneClassModel(BaseModel):
     @property
     def score_definition(self) -> str:
         """What the score means, for the statmap sidecar and the model card."""
+        if self._per_tissue:
+            return self._score_definition() + ", one latent model per template tissue class"
+        return self._score_definition()
+
+    def _score_definition(self) -> str:
         code = (f"codes of {self.patch_side}x{self.patch_side}x{self.patch_slices} patches "
                 f"from a siamese autoencoder")
         if self.latent_model == "voxel":
@@ -301,6 +314,7 @@ class PatchOneClassModel(BaseModel):
                   "siamese_alpha": self.siamese_alpha,
                   "pairs_per_subject": self.pairs_per_subject,
                   "latent_model": self.latent_model, "nu": self.nu,
+                  "latent_per_tissue": self.latent_per_tissue,
                   "ocsvm_neighbourhood": self.ocsvm_neighbourhood,
                   "ocsvm_samples": self.ocsvm_samples, "global_svms": self.global_svms,
                   "global_samples": self.global_samples,
@@ -429,42 +443,65 @@ class PatchOneClassModel(BaseModel):
         other._fit_latent(data, torch.device(data.device))
         return other
 
+    @property
+    def _per_tissue(self) -> bool:
+        """Whether the latent models are per tissue (the voxel-wise SVMs are per voxel)."""
+        return self.latent_per_tissue and self.latent_model != "voxel"
+
+    def _group_of(self, coordinates: torch.Tensor) -> torch.Tensor:
+        """The latent model group (tissue label, or 0: the whole brain) of each voxel."""
+        if self.regions is None:
+            return torch.zeros(len(coordinates), dtype=torch.long, device=coordinates.device)
+        return self.regions.to(coordinates.device).long()[tuple(coordinates.T)]
+
     def _fit_latent(self, data: TrainingData, device: torch.device) -> None:
         """The latent normality model of the variant, on the training subjects' codes."""
+        from bids_anomaly.models.mixture import fill_regions
+
         rng = np.random.default_rng(self.random_seed)
+        self.svms, self.mixtures, self.regions, self.groups = None, {}, None, [0]
+        if self._per_tissue:
+            self.regions = fill_regions(data.load_regions()).to(torch.uint8).cpu()
+            self.groups = sorted(int(g) for g in torch.unique(self.regions) if g > 0)
         if self.latent_model == "patient":
             self.fit_report["latent"] = "fitted on each subject's own codes at scoring time"
             return
         if self.latent_model == "voxel":
             self._fit_voxelwise(data, device, rng)
             return
-        per_subject = {"global": self.global_svms * self.global_samples,
-                       "mmst": self.mixture_samples, "gmm": self.mixture_samples}[
-            self.latent_model]
-        per_subject = math.ceil(per_subject / len(data))
-        samples = []
+        budget = {"global": self.global_svms * self.global_samples,
+                  "mmst": self.mixture_samples, "gmm": self.mixture_samples}[self.latent_model]
+        per_subject = math.ceil(budget * len(self.groups) / len(data))
+        samples, labels = [], []
         for image, mask in data:
             valid = valid_voxels(image, mask)
             coordinates = torch.nonzero(valid)
-            pick = rng.choice(len(coordinates), min(per_subject, len(coordinates)),
-                              replace=False)
-            samples.append(self.codes(image, valid, coordinates[np.sort(pick)]).cpu())
-        codes = torch.cat(samples)
+            pick = np.sort(rng.choice(len(coordinates), min(per_subject, len(coordinates)),
+                                      replace=False))
+            samples.append(self.codes(image, valid, coordinates[pick]).cpu())
+            labels.append(self._group_of(coordinates[pick]).cpu())
+        codes, labels = torch.cat(samples), torch.cat(labels)
         if self.latent_model == "global":
-            order = rng.permutation(len(codes))
-            groups = [codes[order[i::self.global_svms]][:self.global_samples].double().numpy()
-                      for i in range(self.global_svms)]
+            groups = []
+            for group in self.groups:
+                own = codes[labels == group]
+                order = rng.permutation(len(own))
+                groups += [own[order[i::self.global_svms]][:self.global_samples].double().numpy()
+                           for i in range(self.global_svms)]
             self.svms = fit_one_class_svms(groups, self.nu, "scale", n_jobs=1)
-            self.fit_report["latent"] = {"svms": self.global_svms,
+            self.fit_report["latent"] = {"svms": len(groups),
                                          "support_vectors": int(len(self.svms.dual_coef))}
             return
-        result = em.fit_batch(codes.to(device).double(), self.mixture_components,
-                              self.latent_model.replace("gmm", "gaussian"),
-                              seed=self.random_seed)
-        self.mixture = result.mixture.to("cpu")
-        self.fit_report["latent"] = {"iterations": result.n_iter,
-                                     "converged": result.converged,
-                                     "mean_log_likelihood": round(result.log_likelihood, 4)}
+        report = {}
+        for group in self.groups:
+            result = em.fit_batch(codes[labels == group].to(device).double(),
+                                  self.mixture_components,
+                                  self.latent_model.replace("gmm", "gaussian"),
+                                  seed=self.random_seed)
+            self.mixtures[group] = result.mixture.to("cpu")
+            report[str(group)] = {"iterations": result.n_iter, "converged": result.converged,
+                                  "mean_log_likelihood": round(result.log_likelihood, 4)}
+        self.fit_report["latent"] = report if self._per_tissue else report["0"]
 
     def _fit_voxelwise(self, data: TrainingData, device: torch.device,
                        rng: np.random.Generator) -> None:
@@ -540,17 +577,28 @@ class PatchOneClassModel(BaseModel):
         if self.latent_model == "voxel":
             which = voxel_index[tuple(coordinates.T)]
             values = -self.svms.to(device).decision(codes, which)
-        elif self.latent_model == "global":
-            values = -self.svms.to(device).decision(codes).mean(dim=1)
-        elif self.latent_model == "patient":
-            rng = np.random.default_rng(self.random_seed)
-            pick = np.sort(rng.choice(len(codes), min(self.ocsvm_samples, len(codes)),
-                                      replace=False))
-            own = fit_one_class_svms([codes[pick].double().cpu().numpy()], self.nu, "scale")
-            values = -own.to(device).decision(codes)[:, 0]
-        else:
-            values = -self.mixture.to(device).log_prob(codes.double())
-        score[tuple(coordinates.T)] = values.float()
+            score[tuple(coordinates.T)] = values.float()
+            return score
+        groups = self._group_of(coordinates)
+        rng = np.random.default_rng(self.random_seed)
+        if self.latent_model == "global":
+            decisions = self.svms.to(device).decision(codes)  # (N, groups x SVMs)
+            decisions = decisions.reshape(len(codes), len(self.groups), self.global_svms)
+        for number, group in enumerate(self.groups):
+            inside = groups == group
+            if not inside.any():
+                continue
+            own = codes[inside]
+            if self.latent_model == "global":
+                values = -decisions[inside, number].mean(dim=1)
+            elif self.latent_model == "patient":
+                pick = np.sort(rng.choice(len(own), min(self.ocsvm_samples, len(own)),
+                                          replace=False))
+                svm = fit_one_class_svms([own[pick].double().cpu().numpy()], self.nu, "scale")
+                values = -svm.to(device).decision(own)[:, 0]
+            else:
+                values = -self.mixtures[group].to(device).log_prob(own.double())
+            score[tuple(coordinates[inside].T)] = values.float()
         return score
 
     # ------------------------------------------------------------------ storage
@@ -565,8 +613,10 @@ class PatchOneClassModel(BaseModel):
             values["support"] = self.support.to(torch.uint8)
         if self.bounds is not None:
             values["bounds"] = torch.from_numpy(np.asarray(self.bounds, dtype=np.float64))
-        if self.mixture is not None:
-            values.update({f"mixture.{k}": v for k, v in self.mixture.tensors().items()})
+        if self.regions is not None:
+            values["regions"] = self.regions
+        for group, mixture in self.mixtures.items():
+            values.update({f"mixture.{group}.{k}": v for k, v in mixture.tensors().items()})
         return values
 
     def stored_hyperparameters(self) -> dict:
@@ -606,11 +656,17 @@ class PatchOneClassModel(BaseModel):
                 self.support = tensors["support"].bool()
                 if int(self.support.sum()) != self.svms.n_svms:
                     raise ValueError("one SVM per support voxel is expected")
+            if self._per_tissue:
+                self.regions = tensors["regions"]
+                self.groups = sorted(int(g) for g in torch.unique(self.regions) if g > 0)
+            if self.latent_model == "global" and (
+                    self.svms.n_svms != len(self.groups) * self.global_svms):
+                raise ValueError(f"{self.global_svms} SVMs per group are expected")
             if self.latent_model in ("mmst", "gmm"):
-                self.mixture = em.Mixture.from_tensors(
-                    self.latent_model.replace("gmm", "gaussian"),
-                    {k.split(".", 1)[1]: v for k, v in tensors.items()
-                     if k.startswith("mixture.")})
+                family = self.latent_model.replace("gmm", "gaussian")
+                self.mixtures = {group: em.Mixture.from_tensors(family, {
+                    k.split(".", 2)[2]: v for k, v in tensors.items()
+                    if k.startswith(f"mixture.{group}.")}) for group in self.groups}
         except (AttributeError, KeyError, RuntimeError, ValueError) as error:
             raise BadDataError(f"the weights do not match the {self.model_type} model stored "
                                f"with them: {str(error)[:300]}") from error
