@@ -1,6 +1,6 @@
 """Running Nipype workflows: worker processes that never outlive the run, failures as one line.
 
-Nipype runs each node in a worker process (MultiProc) or in this process (Linear). Four things
+Nipype runs each node in a worker process (MultiProc) or in this process (Linear). Five things
 are added here:
 
 - **Supervised workers.** A MultiProc worker waits on its task queue forever, so a run killed
@@ -15,6 +15,8 @@ are added here:
   why. A :class:`~bids_anomaly.errors.BidsAnomalyError` raised in a node becomes the same
   error (same exit code, one line) in the main process; anything else is reported in one line
   naming the node, the subject and the crash file that holds the traceback.
+- **Stale log locks.** Nipype's log file is guarded by a lock *file*; one left by a killed run
+  is broken after :data:`STALE_LOG_LOCK_S` instead of blocking every later run forever.
 - **Dead workers.** A worker killed from outside (the kernel's OOM killer) or crashed in native
   code leaves Nipype's scheduler waiting forever for its result; such a node now fails with a
   crash file that says the worker died, and so does every node submitted after it.
@@ -94,6 +96,57 @@ def _watch_main_process(main_pid: int) -> None:
             os._exit(1)
 
 
+STALE_LOG_LOCK_S = 30.0
+"""A lock file of Nipype's log older than this was left by a killed run and is broken."""
+
+
+class _BreakableLogLock:
+    """Nipype's log lock, a lock *file* (``pypeline.log.lock``), broken when it is stale.
+
+    Nipype's ``ConcurrentRotatingFileHandler`` holds an existence-based lock while it writes a
+    line. A run killed in that instant (``kill -9``, the OOM killer, a scheduler's time limit)
+    leaves the file behind, and every later run on the same output folder used to wait for it
+    forever at its first log line. Writing a line takes milliseconds: a lock not released
+    within :data:`STALE_LOG_LOCK_S` is removed and taken again.
+    """
+
+    def __init__(self, path: str) -> None:
+        from filelock import SoftFileLock
+
+        self.path = path
+        self._lock = SoftFileLock(path, timeout=STALE_LOG_LOCK_S)
+
+    def acquire(self) -> None:
+        """Take the lock, breaking a stale one."""
+        from filelock import Timeout
+
+        try:
+            self._lock.acquire()
+        except Timeout:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)
+            self._lock.acquire()
+
+    def release(self) -> None:
+        """Release the lock."""
+        self._lock.release()
+
+
+def guard_nipype_log_lock() -> None:
+    """Give Nipype's log file handlers a lock that a killed run cannot leave held forever."""
+    import logging as logging_module
+
+    from nipype.external.cloghandler import ConcurrentRotatingFileHandler
+
+    for name in list(logging_module.root.manager.loggerDict):
+        if not name.startswith("nipype"):
+            continue
+        for handler in logging_module.getLogger(name).handlers:
+            if (isinstance(handler, ConcurrentRotatingFileHandler)
+                    and not isinstance(handler.stream_lock, _BreakableLogLock)):
+                handler.stream_lock = _BreakableLogLock(handler.lock_file)
+
+
 def set_nipype_console_level(level: str) -> None:
     """Show Nipype's messages from ``level`` on the console; its log file keeps them all.
 
@@ -109,6 +162,7 @@ def set_nipype_console_level(level: str) -> None:
     for handler in nipype_logger.handlers:
         if type(handler) is logging_module.StreamHandler:
             handler.setLevel(level)
+    guard_nipype_log_lock()
 
 
 def _initialize_worker(cwd: str, main_pid: int, console_level: str) -> None:

@@ -362,6 +362,36 @@ def test_a_dead_worker_fails_the_run_instead_of_hanging_it(tmp_path):
     assert "worker process running this step died" in message
 
 
+def test_a_log_lock_left_by_a_killed_run_does_not_block_the_next(tmp_path, monkeypatch):
+    import logging
+    import threading
+
+    from nipype.external.cloghandler import ConcurrentRotatingFileHandler
+
+    from bids_anomaly import execution
+
+    monkeypatch.setattr(execution, "STALE_LOG_LOCK_S", 0.2)
+    log = tmp_path / "pypeline.log"
+    (tmp_path / "pypeline.log.lock").write_text("")  # as a run killed mid-line leaves it
+    handler = ConcurrentRotatingFileHandler(str(log))
+    logger = logging.getLogger("nipype.stale_lock_test")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        execution.guard_nipype_log_lock()
+        thread = threading.Thread(target=logger.info, args=("after the killed run",),
+                                  daemon=True)
+        thread.start()
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "the log line waited for a lock nobody holds"
+        logger.info("and the next line")
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    assert log.read_text().splitlines() == ["after the killed run", "and the next line"]
+    assert not (tmp_path / "pypeline.log.lock").exists()
+
+
 # ------------------------------------------------------------- the most common MS protocol, real
 
 @pytest.fixture(scope="module")
