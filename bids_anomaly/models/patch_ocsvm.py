@@ -512,49 +512,56 @@ class PatchOneClassModel(BaseModel):
         self.support = count >= max(2, math.ceil(len(data) / 2))
         coordinates = torch.nonzero(self.support)
         n_voxels, n_subjects = len(coordinates), len(data)
-        store = np.lib.format.open_memmap(
-            Path(tempfile.mkdtemp(dir=self.cache_dir)) / "codes.npy", mode="w+",
-            dtype=np.float32, shape=(n_subjects, n_voxels, self.code_size))
-        for number, (image, mask) in enumerate(data):
-            valid = valid_voxels(image, mask)
-            store[number] = self.codes(image, valid, coordinates.to(image.device)).cpu().numpy()
-        # gamma from the spread of every code: a voxel's few codes vary too little for their own
-        gamma = 1.0 / (self.code_size * float(_pooled_variance(store)))
-        offsets = self._neighbour_offsets()
-        index = torch.full(self.image_shape, -1, dtype=torch.long)
-        index[tuple(coordinates.T)] = torch.arange(n_voxels)
-        grid = torch.tensor(self.image_shape)
-        neighbours = []
-        for offset in offsets:
-            shifted = coordinates + torch.tensor(offset)
-            inside = ((shifted >= 0) & (shifted < grid)).all(dim=1)
-            found = torch.full((n_voxels,), -1, dtype=torch.long)
-            found[inside] = index[tuple(shifted[inside].T)]
-            neighbours.append(torch.where(found >= 0, found, torch.arange(n_voxels)))
-        neighbours = torch.stack(neighbours, dim=1).numpy()  # (V, K): missing -> itself
-        n_samples = n_subjects * len(offsets)
-        keep = (np.sort(rng.choice(n_samples, self.ocsvm_samples, replace=False))
-                if n_samples > self.ocsvm_samples else None)
-        parts = []
-        for start in range(0, n_voxels, SVM_CHUNK):
-            block = neighbours[start:start + SVM_CHUNK]  # (M, K)
-            samples = np.asarray(store[:, block])  # (N, M, K, D)
-            samples = samples.transpose(1, 0, 2, 3).reshape(len(block), n_samples, -1)
-            if keep is not None:
-                samples = samples[:, keep]
-            parts.append(fit_one_class_svms(samples.astype(np.float64), self.nu, gamma,
-                                            n_jobs=self.n_jobs))
-        del store
+        # the training codes live in a memory-mapped file (memory does not grow with subjects)
+        with tempfile.TemporaryDirectory(dir=self.cache_dir, prefix="codes_") as folder:
+            store = np.lib.format.open_memmap(
+                Path(folder) / "codes.npy", mode="w+", dtype=np.float32,
+                shape=(n_subjects, n_voxels, self.code_size))
+            for number, (image, mask) in enumerate(data):
+                valid = valid_voxels(image, mask)
+                store[number] = self.codes(image, valid, coordinates.to(image.device)).cpu().numpy()
+            # gamma from the spread of every code: a voxel's few codes vary too little for their own
+            gamma = 1.0 / (self.code_size * float(_pooled_variance(store)))
+            neighbours = self._neighbours(coordinates)  # (V, K)
+            n_samples = n_subjects * neighbours.shape[1]
+            keep = (np.sort(rng.choice(n_samples, self.ocsvm_samples, replace=False))
+                    if n_samples > self.ocsvm_samples else None)
+            parts = []
+            for start in range(0, n_voxels, SVM_CHUNK):
+                block = neighbours[start:start + SVM_CHUNK]  # (M, K)
+                samples = np.asarray(store[:, block])  # (N, M, K, D)
+                samples = samples.transpose(1, 0, 2, 3).reshape(len(block), n_samples, -1)
+                if keep is not None:
+                    samples = samples[:, keep]
+                parts.append(fit_one_class_svms(samples.astype(np.float64), self.nu, gamma,
+                                                n_jobs=self.n_jobs))
+            del store
         self.svms = OneClassSVMs.concatenate(parts)
         self.fit_report["latent"] = {
             "svms": n_voxels, "samples_per_svm": min(n_samples, self.ocsvm_samples),
             "gamma": gamma,
             "support_vectors": int(len(self.svms.dual_coef))}
 
-    def _neighbour_offsets(self) -> list[tuple[int, int, int]]:
+    def _neighbours(self, coordinates: torch.Tensor) -> np.ndarray:
+        """``(V, K)`` support indices of each voxel's neighbours within the radius.
+
+        The voxel itself comes first; a neighbour outside the support is replaced by it.
+        """
         r = self.ocsvm_neighbourhood
-        return [(0, 0, 0)] + [(i, j, k) for i in range(-r, r + 1) for j in range(-r, r + 1)
-                              for k in range(-r, r + 1) if (i, j, k) != (0, 0, 0)]
+        offsets = [(0, 0, 0)] + [(i, j, k) for i in range(-r, r + 1) for j in range(-r, r + 1)
+                                 for k in range(-r, r + 1) if (i, j, k) != (0, 0, 0)]
+        n_voxels = len(coordinates)
+        index = torch.full(self.image_shape, -1, dtype=torch.long)
+        index[tuple(coordinates.T)] = torch.arange(n_voxels)
+        grid = torch.tensor(self.image_shape)
+        columns = []
+        for offset in offsets:
+            shifted = coordinates + torch.tensor(offset)
+            inside = ((shifted >= 0) & (shifted < grid)).all(dim=1)
+            found = torch.full((n_voxels,), -1, dtype=torch.long)
+            found[inside] = index[tuple(shifted[inside].T)]
+            columns.append(torch.where(found >= 0, found, torch.arange(n_voxels)))
+        return torch.stack(columns, dim=1).numpy()
 
     # ------------------------------------------------------------------ inference
     def score(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

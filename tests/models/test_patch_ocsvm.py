@@ -203,6 +203,7 @@ def test_voxelwise_neighbourhood_pools_codes_and_options_are_checked(tmp_path):
     model.fit(data)
     assert model.fit_report["latent"]["samples_per_svm"] == min(4 * 27, 400)
     assert model.svms.n_svms == int(model.support.sum())
+    assert not list((tmp_path / "cache").glob("codes_*"))  # the training codes' file is gone
     assert _lesion_auroc(model, _subject(tmp_path, 9, lesion=0), 0) > 0.9
     cls = REGISTRY["patch-ocsvm"]
     with pytest.raises(UsageError, match="--latent-model voxel"):
