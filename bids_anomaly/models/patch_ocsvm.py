@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import nibabel as nib
 import numpy as np
 import torch
 
@@ -506,10 +507,9 @@ class PatchOneClassModel(BaseModel):
     def _fit_voxelwise(self, data: TrainingData, device: torch.device,
                        rng: np.random.Generator) -> None:
         """One OC-SVM per voxel inside at least half of the training brains."""
-        count = None
-        for _, mask in data:
-            count = mask.long().cpu() if count is None else count + mask.long().cpu()
-        self.support = count >= max(2, math.ceil(len(data) / 2))
+        # the masks alone (every channel of every subject is read once, for its codes, below)
+        count = sum(np.asarray(nib.load(subject.mask).dataobj) > 0 for subject in data.subjects)
+        self.support = torch.from_numpy(count >= max(2, math.ceil(len(data) / 2)))
         coordinates = torch.nonzero(self.support)
         n_voxels, n_subjects = len(coordinates), len(data)
         # the training codes live in a memory-mapped file (memory does not grow with subjects)
