@@ -349,20 +349,34 @@ def write_tables(rows: list[Row], notes: dict[str, str], out: Path, header: str)
     out.with_suffix(".md").write_text("\n".join(lines))
 
 
-def main() -> None:
-    """Run the chosen protocols and write the leaderboard."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_common_arguments(parser: argparse.ArgumentParser, epochs: int = 12, patience: int = 4,
+                         batch_size: int = 16, width: int = 16) -> None:
+    """The data, the threshold and the deep models' training: what the benchmarks share."""
     parser.add_argument("--derivatives", type=Path, required=True)
     parser.add_argument("--shapes", type=Path, required=True)
     parser.add_argument("--bids-dir", type=Path, default=Path("../shared/data/bids_real"))
     parser.add_argument("--demo", type=Path, help="a finished 'bids_anomaly demo DIR' folder")
-    parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
-    parser.add_argument("--families", nargs="+", help="only these (first word of the label)")
+    parser.add_argument("--fpr", type=float, default=0.001)
     parser.add_argument("--negative-trim", type=float, default=0.0,
                         help="segment's --negative-trim (an ablation for contaminated cohorts)")
+    parser.add_argument("--epochs", type=int, default=epochs)
+    parser.add_argument("--patience", type=int, default=patience)
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--width", type=int, default=width)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--template-dir", type=Path,
+                        default=Path(tempfile.gettempdir()) / "bids_anomaly_bench_templates")
+
+
+def main() -> None:
+    """Run the chosen protocols and write the leaderboard."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_arguments(parser)
+    parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
+    parser.add_argument("--families", nargs="+", help="only these (first word of the label)")
     parser.add_argument("--ensemble-baseline", action="store_true",
                         help="also put the intensity baseline into the ensemble (an ablation)")
-    parser.add_argument("--fpr", type=float, default=0.001)
     parser.add_argument("--pairs-per-subject", type=int, default=5000,
                         help="patch-ocsvm: siamese training pairs per subject and epoch")
     parser.add_argument("--patch-side", type=int, default=9, help="patch-ocsvm (an ablation)")
@@ -370,15 +384,7 @@ def main() -> None:
     parser.add_argument("--code-size", type=int, default=16, help="patch-ocsvm (an ablation)")
     parser.add_argument("--latent-per-tissue", action="store_true",
                         help="patch-ocsvm: latent models per template tissue (an ablation)")
-    parser.add_argument("--epochs", type=int, default=12)
-    parser.add_argument("--patience", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--width", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy"))
-    parser.add_argument("--template-dir", type=Path,
-                        default=Path(tempfile.gettempdir()) / "bids_anomaly_bench_templates")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start = time.perf_counter()

@@ -691,6 +691,19 @@ def atlas_cache_path(work_dir: Path, space: str, resolution: int) -> Path:
     return Path(work_dir) / "atlas" / f"atlas_space-{space}_res-{resolution}_dseg.nii.gz"
 
 
+def annotation_paths(work_dir: Path, name: str, space: str, resolution: int
+                     ) -> tuple[Path, Path]:
+    """A subject/session's annotation carried to the template grid, and its healthy mask.
+
+    The second is the brain mask without the annotated lesions (and one voxel around them):
+    the subject's healthy tissue when annotated patients stand in for controls.
+    """
+    folder = Path(work_dir) / "annotations"
+    prefix = f"{name}_space-{space}_res-{resolution}"
+    return (folder / f"{prefix}_label-lesion_mask.nii.gz",
+            folder / f"{prefix}_desc-healthy_mask.nii.gz")
+
+
 def validated_inputs_path(work_dir: Path) -> Path:
     """The raw images already checked, with their sizes and times."""
     return Path(work_dir) / "validated-inputs.json"

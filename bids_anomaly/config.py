@@ -51,6 +51,9 @@ NORMALIZATIONS = ("robust-zscore", "whitestripe", "percentile")
 SKULL_STRIPPED = ("auto", "yes", "no")
 """``--skull-stripped`` choices: detect, declare stripped, or always run brain extraction."""
 
+TUNING_OBJECTIVES = ("dice", "lesion-f1")
+"""What the post-processing tuned on annotations maximises (``--tune-objective``)."""
+
 RESTRICTIONS = {"brain": "brain mask", "wm": "template white matter dilated by one voxel"}
 """Where abnormal voxels may be flagged, with the sidecars' wording."""
 
@@ -259,6 +262,18 @@ class ModelSettings:
         DEFAULT_FPR, "voxel false-positive rate of the calibrated threshold (train; and of "
                      "--single-subject; default: {default})", flags=("--fpr",), type=rate,
         levels=("train", "participant"))
+    annotations: Path | None = option(
+        help="derivative folder with lesion masks of some participants, named as for "
+             "--ground-truth (weak supervision): the threshold, minimum cluster size and "
+             "restriction are tuned on them by cross-validation and stored in the model; the "
+             "stacked family learns from them. Annotated participants join the selection "
+             "unless --participant-label is given; the others are the controls",
+        flags=("--annotations",), levels=("train",), type=Path, metavar="DERIV_DIR")
+    tune_objective: str = option(
+        "dice", "what the post-processing tuned on --annotations maximises: dice (mean voxel "
+                "Dice over the annotated subjects) or lesion-f1 (lesion-wise F1 of detection "
+                "sensitivity and cluster precision) (default: {default})",
+        flags=("--tune-objective",), levels=("train",), choices=TUNING_OBJECTIVES)
     calibration_fraction: float = option(
         0.2, "share of the training subjects held out to calibrate the threshold")
     single_subject: str | None = option(
@@ -383,6 +398,9 @@ class Settings:
                 raise UsageError(
                     f"{', '.join(item.metadata['flags'][0] for item in misplaced)} apply to the "
                     f"{' and '.join(levels)} level{'s' if len(levels) > 1 else ''}")
+        if self.model.tune_objective != "dice" and self.model.annotations is None:
+            raise UsageError("--tune-objective needs --annotations (the post-processing is "
+                             "tuned on annotated subjects)")
         postprocessing = self.postprocessing.given()
         if postprocessing and not (self.model.model or self.model.single_subject):
             raise UsageError(f"{', '.join(postprocessing)} need a model: --model NAME or "

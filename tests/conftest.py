@@ -59,6 +59,17 @@ def tiny_bids(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Tiny networks: one thread (several fight over a busy machine's cores, 50x slower)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def real_data() -> Path:
     """The real dataset of ../shared/data, or skip."""
     if not REAL_DATA.is_dir():

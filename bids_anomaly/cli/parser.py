@@ -215,7 +215,7 @@ def settings_from_args(args: argparse.Namespace, config: dict[str, dict] | None 
     inputs["session_label"] = list(dict.fromkeys(
         check_label(label, "session") for label in inputs.get("session_label", [])))
     for section, key in (("execution", "work_dir"), ("group", "ground_truth"),
-                         ("postprocessing", "atlas")):
+                         ("postprocessing", "atlas"), ("model", "annotations")):
         if sections[section].get(key) is not None:
             sections[section][key] = Path(sections[section][key]).resolve()
     if sections["model"].get("model_name") is not None:

@@ -35,6 +35,18 @@ def find_ground_truth(deriv_dir: Path, subject: str, session: str | None) -> Pat
     return candidates[0] if candidates else None
 
 
+def transforms_to_template(anat_dir: Path, prefix: str, space: str) -> dict[str, list[Path]]:
+    """For each modality with stored transforms, the chain from its raw grid to the template."""
+    to_template = bids.transforms_to(anat_dir, prefix, space)
+    if not to_template:
+        return {}
+    reference = bids.parse_name(to_template[0])["from"]
+    chains = {reference: [to_template[0]]}
+    for path in bids.transforms_to(anat_dir, prefix, reference, ".mat"):
+        chains[bids.parse_name(path)["from"]] = [to_template[0], path]
+    return chains
+
+
 def truth_in_template(truth_file: Path, template_grid: Path, raw_images: dict[str, Path],
                       transforms: dict[str, list[Path]]) -> np.ndarray | None:
     """Binary ground truth on the template grid.

@@ -18,7 +18,11 @@ from bids_anomaly.errors import (
     BidsAnomalyError,
     UsageError,
 )
-from bids_anomaly.evaluation.ground_truth import find_ground_truth, truth_in_template
+from bids_anomaly.evaluation.ground_truth import (
+    find_ground_truth,
+    transforms_to_template,
+    truth_in_template,
+)
 from bids_anomaly.evaluation.metrics import voxel_metrics
 from bids_anomaly.postprocessing.clusters import CONNECTIVITY
 
@@ -61,18 +65,6 @@ def find_anomaly_maps(output_dir: Path) -> dict[str, list[Path]]:
         if "res" in entities:
             maps[entities["desc"]].append(path)
     return dict(maps)
-
-
-def _transforms_to_template(anat_dir: Path, prefix: str, space: str) -> dict[str, list[Path]]:
-    """For each modality with stored transforms, the chain from its raw grid to the template."""
-    to_template = bids.transforms_to(anat_dir, prefix, space)
-    if not to_template:
-        return {}
-    reference = bids.parse_name(to_template[0])["from"]
-    chains = {reference: [to_template[0]]}
-    for path in bids.transforms_to(anat_dir, prefix, reference, ".mat"):
-        chains[bids.parse_name(path)["from"]] = [to_template[0], path]
-    return chains
 
 
 @dataclass
@@ -193,7 +185,7 @@ def evaluate_model(settings: Settings, desc: str, maps: list[Path], layout,
             continue
         raw = bids.collect_anat(layout, subject, [session] if session else None)
         raw_images = raw[0].images if raw else {}
-        chains = _transforms_to_template(map_path.parent, map_path.name.split("_space-")[0],
+        chains = transforms_to_template(map_path.parent, map_path.name.split("_space-")[0],
                                          space)
         truth = truth_in_template(truth_file, brain_path, raw_images, chains)
         if truth is None:

@@ -17,6 +17,7 @@ from bids_anomaly.levels.steps import (
     preprocess,
     validate_images,
 )
+from bids_anomaly.levels.weak import apply_tuned_postprocessing
 from bids_anomaly.models.base import ModelCard, check_weights, load_model
 from bids_anomaly.template import Template
 
@@ -102,6 +103,7 @@ def run_participant(settings: Settings
     scored, skipped = subjects, []
     if settings.model.model:
         model = resolve_model(settings, template)
+        apply_tuned_postprocessing(settings, model[1])
         model[1].check_space(template.name, template.resolution,
                              settings.preprocessing.recorded())
         scored, skipped = split_compatible(subjects, model[1],

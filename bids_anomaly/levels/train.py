@@ -12,7 +12,8 @@ import torch
 from bids_anomaly import __version__, bids
 from bids_anomaly.config import MODALITIES, Settings
 from bids_anomaly.device import resolve_device
-from bids_anomaly.errors import BidsAnomalyError, MissingInputError
+from bids_anomaly.errors import BidsAnomalyError, MissingInputError, UsageError
+from bids_anomaly.levels.annotations import annotations_in_template, check_annotations
 from bids_anomaly.levels.steps import (
     collect_subjects,
     index_dataset,
@@ -20,7 +21,8 @@ from bids_anomaly.levels.steps import (
     preprocess,
     validate_images,
 )
-from bids_anomaly.models import build_model
+from bids_anomaly.levels.weak import split_annotated, tune_on_annotations
+from bids_anomaly.models import REGISTRY, build_model
 from bids_anomaly.models.base import (
     CARD_FILE,
     ModelCard,
@@ -71,11 +73,12 @@ def training_data(settings: Settings, subjects: list[bids.AnatInputs], channels:
                               bids.brain_mask_spec(template.name, template.resolution))
         images.append(SubjectImages(inputs.name, paths, mask))
     return TrainingData(images, channels, device or resolve_device(settings.execution.device),
-                        template.dseg)
+                        template.dseg, [template.probseg[t] for t in ("GM", "WM", "CSF")])
 
 
 def training_key(settings: Settings, data: TrainingData, template: Template,
-                 preprocessing: dict, hyperparameters: dict) -> str:
+                 preprocessing: dict, hyperparameters: dict,
+                 annotations: dict[str, tuple[Path, Path]] | None = None) -> str:
     """A digest of everything a trained model depends on: the data's bytes and the settings.
 
     A model directory whose card records the same key is up to date: training it again would
@@ -90,7 +93,10 @@ def training_key(settings: Settings, data: TrainingData, template: Template,
         "seed": settings.execution.random_seed,
         "template": [template.name, template.resolution],
         "preprocessing": preprocessing, "subjects": data.names,
+        "annotated": sorted(annotations or {}), "tune_objective": settings.model.tune_objective,
     }, sort_keys=True, default=str).encode())
+    for name in sorted(annotations or {}):
+        digest.update(file_checksum(annotations[name][0]).encode())
     for subject in data.subjects:
         for path in [*subject.channels, subject.mask]:
             digest.update(file_checksum(Path(path)).encode())
@@ -110,10 +116,15 @@ def up_to_date(directory: Path, key: str) -> bool:
 
 
 def fit_and_save(settings: Settings, data: TrainingData, template: Template,
-                 preprocessing: dict) -> Path:
+                 preprocessing: dict,
+                 annotations: dict[str, tuple[Path, Path]] | None = None) -> Path:
     """Fit on part of ``data``, calibrate the threshold on the rest, write the model directory.
 
-    A model already trained on the same data with the same settings is kept as it is.
+    A model already trained on the same data with the same settings is kept as it is. With
+    ``annotations`` (lesion and healthy masks by subject name, see
+    :func:`~bids_anomaly.levels.annotations.annotations_in_template`), the annotated subjects
+    are not controls: see :func:`split_annotated`, and the post-processing is tuned on them
+    (:func:`~bids_anomaly.levels.weak.tune_on_annotations`).
 
     Returns
     -------
@@ -123,13 +134,18 @@ def fit_and_save(settings: Settings, data: TrainingData, template: Template,
     name = settings.model.model_name or settings.model.model_type
     directory = bids.model_dir(settings.output_dir, name)
     model = build_model(settings)
-    key = training_key(settings, data, template, preprocessing, model.hyperparameters)
+    key = training_key(settings, data, template, preprocessing, model.hyperparameters,
+                       annotations)
     if up_to_date(directory, key):
         LOGGER.info("model %s is up to date (same data and settings): kept", directory)
         return directory
     seed = settings.execution.random_seed
     torch.manual_seed(seed)
-    if model.calibration_only:  # nothing is learnt from the data: calibrate on all of it
+    healthy_source = "controls"
+    if annotations:
+        fit_data, calibration_data, healthy_source = split_annotated(
+            model, data, annotations, settings.model.calibration_fraction, seed)
+    elif model.calibration_only:  # nothing is learnt from the data: calibrate on all of it
         fit_data = calibration_data = data
     else:
         fit_data, calibration_data = data.split(settings.model.calibration_fraction, seed)
@@ -157,9 +173,12 @@ def fit_and_save(settings: Settings, data: TrainingData, template: Template,
         extra={"calibration_tail": tail_table(calibration), "fit": model.fit_report,
                "training_key": key},
     )
+    if annotations:
+        tune_on_annotations(card, model, fit_data, data, annotations, template, calibration,
+                            settings, healthy_source)
     save_model(model, card, directory)
-    LOGGER.info("model written to %s (threshold %.4g at FPR %g)", directory, threshold,
-                settings.model.fpr)
+    LOGGER.info("model written to %s (threshold %.4g at FPR %.3g)", directory, card.threshold,
+                card.fpr)
     return directory
 
 
@@ -176,6 +195,15 @@ def run_train(settings: Settings) -> Path:
         layout = index_dataset(settings)
         labels = bids.select_participants(layout, settings.inputs.participant_label,
                                           settings.bids_dir, settings.model.train_filter)
+        model_class = REGISTRY[settings.model.model_type]
+        annotations = settings.model.annotations
+        if model_class.supervised and annotations is None:
+            raise UsageError(f"--model-type {model_class.model_type} learns from annotated "
+                             "lesions: give --annotations DERIV_DIR")
+        if annotations is not None:
+            annotated = check_annotations(annotations, sorted(layout.get_subjects()))
+            if not settings.inputs.participant_label:  # annotated patients join the controls
+                labels = list(dict.fromkeys([*labels, *annotated]))
         subjects = collect_subjects(settings, layout, labels)
         channels = choose_channels(subjects, settings.model.channels)
         layout, template = prepare(settings, layout)
@@ -183,7 +211,10 @@ def run_train(settings: Settings) -> Path:
         if distributed.is_main():
             preprocess(settings, subjects, template)
         distributed.barrier()  # the other ranks wait for the preprocessed images
+        carried = (annotations_in_template(settings, subjects, template)
+                   if annotations is not None else None)
         data = training_data(settings, subjects, channels, template, device)
-        return fit_and_save(settings, data, template, settings.preprocessing.recorded())
+        return fit_and_save(settings, data, template, settings.preprocessing.recorded(),
+                            carried)
     finally:
         distributed.teardown()

@@ -51,6 +51,7 @@ from bids_anomaly.models.normative import NormativeModel
 from bids_anomaly.models.patch_ocsvm import PatchOneClassModel
 from bids_anomaly.models.reconstruction import DeepModel, ReconstructionModel
 from bids_anomaly.models.selfsupervised import RestoreModel, SegmentModel
+from bids_anomaly.models.stacking import StackedModel
 
 if TYPE_CHECKING:
     import dataclasses
@@ -74,6 +75,7 @@ __all__ = [
     "ReconstructionModel",
     "RestoreModel",
     "SegmentModel",
+    "StackedModel",
     "StudentMixtureModel",
     "SubjectImages",
     "TrainingData",

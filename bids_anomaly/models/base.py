@@ -53,11 +53,21 @@ class SubjectImages:
         One image per channel, in the model's channel order.
     mask : Path
         Brain mask on the same grid.
+    lesion : Path, optional
+        The subject's annotated lesions on the same grid (``train --annotations``); only the
+        families that learn from annotations (``supervised``) read it.
     """
 
     name: str
     channels: list[Path]
     mask: Path
+    lesion: Path | None = None
+
+    def load_lesion(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """The annotated lesions as an ``(X, Y, Z)`` boolean tensor (None: not annotated)."""
+        if self.lesion is None:
+            return None
+        return torch.from_numpy(np.asarray(nib.load(self.lesion).dataobj) > 0).to(device)
 
     def load(self, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """Return the ``(C, X, Y, Z)`` float32 image and the ``(X, Y, Z)`` boolean mask."""
@@ -77,13 +87,15 @@ class TrainingData:
     """Subjects to learn from, read one at a time (memory does not grow with their number).
 
     ``regions`` is an optional label image on the subjects' grid (the template's tissue
-    segmentation) for models that learn one distribution per region.
+    segmentation) for models that learn one distribution per region; ``tissues`` the template's
+    tissue probability maps (GM, WM, CSF) on that grid, for models that use them as features.
     """
 
     subjects: list[SubjectImages]
     channels: list[str]
     device: torch.device | str = "cpu"
     regions: Path | None = None
+    tissues: list[Path] | None = None
 
     def __len__(self) -> int:
         return len(self.subjects)
@@ -111,12 +123,16 @@ class TrainingData:
         n_held = min(max(1, round(fraction * len(self))), len(self) - 2)
         held = sorted(order[:n_held])
         fit = sorted(order[n_held:])
-        return (
-            TrainingData([self.subjects[i] for i in fit], self.channels, self.device,
-                         self.regions),
-            TrainingData([self.subjects[i] for i in held], self.channels, self.device,
-                         self.regions),
-        )
+        return self.subset(fit), self.subset(held)
+
+    def subset(self, index: list[int]) -> TrainingData:
+        """The subjects at ``index``, with the same channels, device and template maps."""
+        return dataclasses.replace(self, subjects=[self.subjects[i] for i in index])
+
+    @property
+    def annotated(self) -> list[int]:
+        """Indices of the subjects with annotated lesions."""
+        return [i for i, s in enumerate(self.subjects) if s.lesion is not None]
 
     def load_regions(self) -> torch.Tensor:
         """The region labels as an integer tensor on :attr:`device`.
@@ -200,6 +216,15 @@ class BaseModel:
         One line for ``--help`` and the README's model table.
     single_subject : bool
         Whether ``participant --single-subject TYPE`` can fit it on one subject's own brain.
+    supervised : bool
+        It learns from annotated lesions (``train --annotations``, which it requires): the
+        training data then holds the annotated subjects (their ``lesion`` set) beside the
+        controls, and it implements ``out_of_fold_scores(data)`` (the maps of each annotated
+        subject by a fit without it, for tuning the post-processing).
+    learns_from_annotations : bool
+        Given annotations, it trains on the annotated subjects with their lesions as well (the
+        self-supervised ``segment``: real lesions mixed into the synthetic ones); without, it
+        learns from controls alone. Supervised families learn from annotations too.
     calibration_only : bool
         Nothing is learnt from data (an ensemble of trained models): the train level calibrates
         on every selected subject instead of holding some out.
@@ -213,6 +238,8 @@ class BaseModel:
     model_type: ClassVar[str] = ""
     summary: ClassVar[str] = ""
     single_subject: ClassVar[bool] = False
+    supervised: ClassVar[bool] = False
+    learns_from_annotations: ClassVar[bool] = False
     calibration_only: ClassVar[bool] = False
     options: ClassVar[tuple[type, ...]] = ()
     options_scope: ClassVar[str] = ""

@@ -76,6 +76,7 @@ class IntensityBaseline(BaseModel):
 
     model_type = "intensity"
     summary = "robust z-score of one channel within each image's own brain (the baseline)"
+    calibration_only = True  # nothing is learnt: every training subject calibrates
     score_definition = ("sign * (x - median) / (1.4826 MAD) of one channel, median and MAD over "
                         "the image's own brain voxels; sign +1 hyper, -1 hypo, |z| both")
 

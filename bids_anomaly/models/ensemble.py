@@ -45,12 +45,19 @@ COMBINATIONS = ("mean", "max")
 
 
 @dataclass
-class EnsembleOptions:
-    """Which trained models an ensemble combines, and how."""
+class MemberOptions:
+    """Which trained models a model built on models (ensemble, stacked) uses."""
 
     members: list[str] = option(
-        help="names of trained models (OUTPUT_DIR/models/model-<name>) to combine",
+        help="names of trained models (OUTPUT_DIR/models/model-<name>) to combine (ensemble) "
+             "or whose calibrated scores are features (stacked)",
         factory=list, flags=("--members",), nargs="+", metavar="MODEL")
+
+
+@dataclass
+class EnsembleOptions:
+    """How an ensemble combines its members."""
+
     combine: str = option(
         "mean", "how the members' -log10 p maps combine: mean or max (default {default})",
         flags=("--combine",), choices=COMBINATIONS)
@@ -109,7 +116,7 @@ class EnsembleModel(BaseModel):
 
     model_type = "ensemble"
     summary = "mean or max of calibrated models' -log10 p maps (train --members A B)"
-    options = (EnsembleOptions,)
+    options = (MemberOptions, EnsembleOptions)
     options_scope = "building an ensemble"
     calibration_only: ClassVar[bool] = True
 
@@ -149,17 +156,35 @@ class EnsembleModel(BaseModel):
         MissingInputError
             A member that is not trained.
         """
+        given = settings.model.options
+        return cls.from_members(settings, given.get("members", []),
+                                combine=given.get("combine", "mean"))
+
+    @classmethod
+    def from_members(cls, settings: Settings, names: list[str], minimum: int = 2,
+                     combine: str = "mean") -> EnsembleModel:
+        """An ensemble of the trained models ``names`` (OUTPUT_DIR/models/model-<name>).
+
+        Raises
+        ------
+        UsageError
+            Fewer than ``minimum`` members, a member that is an ensemble or a stacked model, or
+            members on different templates.
+        MissingInputError
+            A member that is not trained.
+        """
         from bids_anomaly import bids
 
-        given = settings.model.options
-        names = list(dict.fromkeys(given.get("members", [])))
-        if len(names) < 2:
-            raise UsageError("an ensemble needs --members with at least two trained models")
-        ensemble = cls(combine=given.get("combine", "mean"))
+        names = list(dict.fromkeys(names))
+        if len(names) < minimum:
+            raise UsageError(f"--members: name at least {minimum} trained model"
+                             f"{'s' if minimum > 1 else ''}")
+        ensemble = cls(combine=combine)
         for name in names:
             model, card = load_model(bids.model_dir(settings.output_dir, name))
-            if card.model_type == cls.model_type:
-                raise UsageError(f"--members {name}: an ensemble cannot contain an ensemble")
+            if card.model_type in (cls.model_type, "stacked"):
+                raise UsageError(f"--members {name}: a {card.model_type} model cannot be a "
+                                 "member")
             first = ensemble.cards[0] if ensemble.cards else None
             space = (card.template, card.resolution)
             if first is not None and space != (first.template, first.resolution):
@@ -218,10 +243,20 @@ class EnsembleModel(BaseModel):
         """
         if len(self.models) < 2:
             raise UsageError("an ensemble needs at least two members")
+        self.check_data(data)
+
+    def check_data(self, data: TrainingData) -> None:
+        """Set the channels from ``data``, which must hold every member's channels and grid.
+
+        Raises
+        ------
+        UsageError
+            A member channel that the data lacks, or members on different grids.
+        """
         missing = sorted({c for m in self.members for c in m["channels"]} - set(data.channels))
         if missing:
-            raise UsageError(f"the ensemble's members use {', '.join(missing)}, which the "
-                             "training data lacks (--channels)")
+            raise UsageError(f"the members use {', '.join(missing)}, which the training data "
+                             "lacks (--channels)")
         shapes = {m.grid_shape for m in self.models if m.grid_shape is not None}
         if len(shapes) > 1:  # members without a grid (the intensity baseline) fit any
             raise UsageError(f"the members are on different grids: {sorted(map(str, shapes))}")
@@ -229,8 +264,8 @@ class EnsembleModel(BaseModel):
         trained = {p for card in self.cards for p in card.training_participants}
         overlap = sorted(trained & set(data.names))
         if overlap:
-            LOGGER.warning("the ensemble is calibrated on %s, on which members were trained: "
-                           "its threshold will be too low (calibrate on held-out controls)",
+            LOGGER.warning("calibrated or fitted on %s, on which members were trained: the "
+                           "members' scores there are lower than on new subjects",
                            ", ".join(overlap))
 
     def member_maps(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -298,6 +298,8 @@ class DeepModel(BaseModel):
                                                                    self.cache_dir)
         channels = len(data.channels)
         fit_index, validation_index = split_subjects(len(volumes), seed)
+        fit_index, validation_index, repeats = self._with_annotated(data, fit_index,
+                                                                    validation_index)
         input_shape = self._input_shape(self.image_shape)
         if self.mode == "3d":
             def dataset(index: list[int]) -> PatchDataset:
@@ -314,7 +316,11 @@ class DeepModel(BaseModel):
             vit_patch=self.vit_patch)
         torch.manual_seed(seed)
         self.network = self._new_network(architecture)
-        train_set, validation_set = dataset(fit_index), dataset(validation_index)
+        initial = self.initial_state(architecture, data)
+        if initial is not None:
+            self.network.load_state_dict(initial)
+        train_set = dataset([i for i in fit_index for _ in range(repeats.get(i, 1))])
+        validation_set = dataset(validation_index)
         LOGGER.info("training %s (%s, %d parameters) on %d samples from %d subjects, "
                     "validating on %d samples from %d", self.model_type, self.mode,
                     sum(p.numel() for p in self.network.parameters()), len(train_set),
@@ -331,6 +337,36 @@ class DeepModel(BaseModel):
                                                                     fit_index],
                            "validation_subjects": [data.names[i] for i in validation_index],
                            "parameters": sum(p.numel() for p in self.network.parameters())}
+
+    def _with_annotated(self, data: TrainingData, fit_index: list[int],
+                        validation_index: list[int]
+                        ) -> tuple[list[int], list[int], dict[int, int]]:
+        """Annotated subjects train (never only validate), repeated to half the samples.
+
+        Returns the fitting and validation indices and the repeats of each annotated subject.
+
+        Raises
+        ------
+        UsageError
+            Annotated subjects given to a family that does not learn from annotations.
+        """
+        annotated = data.annotated
+        if not annotated:
+            return fit_index, validation_index, {}
+        if not self.learns_from_annotations:
+            raise UsageError(f"the {self.model_type} family does not learn from annotated "
+                             "lesions")
+        controls = [i for i in fit_index if i not in annotated]
+        validation = [i for i in validation_index if i not in annotated] or controls[:1] or [
+            annotated[0]]
+        controls = [i for i in controls if i not in validation] or controls
+        repeats = max(1, round(len(controls) / len(annotated)))
+        return sorted(set(controls) | set(annotated)), validation, {i: repeats
+                                                                     for i in annotated}
+
+    def initial_state(self, architecture: Architecture, data: TrainingData) -> dict | None:
+        """Weights to start training from (None: a fresh initialisation)."""
+        return None
 
     # ----------------------------------------------------------------- inference
     def _check_input(self, image: torch.Tensor) -> None:

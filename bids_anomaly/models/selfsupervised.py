@@ -25,17 +25,18 @@ kind of lesion to learn) and, for ``restore``, which residuals count. Both run i
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bids_anomaly.config import option
-from bids_anomaly.errors import UsageError
+from bids_anomaly.errors import MissingInputError, UsageError
 from bids_anomaly.models.anomalies import (
     CONTRASTS,
     SHAPES,
@@ -53,6 +54,11 @@ from bids_anomaly.models.reconstruction import (
     ReconstructionModel,
     ReconstructionOptions,
 )
+
+if TYPE_CHECKING:
+    from bids_anomaly.config import Settings
+
+LOGGER = logging.getLogger(__name__)
 
 SIGN_VALUES = {"+": 1.0, "-": -1.0, "+-": 0.0}
 """A direction as the generator's contrast sign (0: drawn per anomaly)."""
@@ -98,6 +104,11 @@ class SelfSupervisedOptions:
     restore_steps: int = option(
         4, "restore: restoration steps at inference (default {default})",
         flags=("--restore-steps",), type=int, metavar="N")
+    finetune: str | None = option(
+        None, "segment: start from the weights of the trained segment model MODEL (same "
+              "channels and network options) instead of a fresh network; with --annotations, "
+              "fine-tune it on the annotated lesions mixed into the synthetic anomalies",
+        flags=("--finetune",), metavar="MODEL")
     negative_trim: float = option(
         0.0, "segment: leave the fraction F of 'normal' voxels with the largest loss out of "
              "every step, so that real lesions of a cohort with patients are not learnt as "
@@ -137,8 +148,10 @@ class SelfSupervisedModel(DeepModel):
                  anomaly_textures: list[str] | None = None, anomaly_contrast: str = "ms",
                  lesion_shapes: str | None = None, anomaly_probability: float = 0.8,
                  anomaly_radius: tuple[float, float] = (1.5, 8.0), restore_steps: int = 4,
-                 negative_trim: float = 0.0, **deep) -> None:
+                 negative_trim: float = 0.0, finetune: str | None = None, **deep) -> None:
         super().__init__(**deep)
+        self.finetune = finetune
+        self.finetune_dir: Path | None = None  # where the model to fine-tune is (training)
         self.generator_options = GeneratorOptions(
             shapes=tuple(anomaly_shapes or ("ellipsoid", "blob")),
             textures=tuple(anomaly_textures or TEXTURES), contrast=anomaly_contrast,
@@ -179,7 +192,60 @@ class SelfSupervisedModel(DeepModel):
                 "anomaly_contrast": options.contrast, "lesion_shapes": self.lesion_shapes,
                 "anomaly_probability": options.probability,
                 "anomaly_radius": list(options.radius), "restore_steps": self.restore_steps,
-                "negative_trim": self.negative_trim}
+                "negative_trim": self.negative_trim,
+                **({"finetune": self.finetune} if self.finetune else {})}
+
+    @classmethod
+    def from_settings(cls, settings: Settings, single_subject: bool = False
+                      ) -> SelfSupervisedModel:
+        """A model with the run's options; ``--finetune`` names a trained model to start from.
+
+        Raises
+        ------
+        UsageError
+            ``--finetune`` with another family than segment.
+        MissingInputError
+            ``--finetune`` names no trained model.
+        """
+        from bids_anomaly import bids
+
+        model = super().from_settings(settings, single_subject)
+        if model.finetune:
+            if not cls.learns_from_annotations:
+                raise UsageError(f"--finetune applies to segment, not {cls.model_type}")
+            model.finetune_dir = bids.model_dir(settings.output_dir, model.finetune)
+            if not (model.finetune_dir / "model.json").is_file():
+                raise MissingInputError(f"--finetune {model.finetune}: no trained model in "
+                                        f"{model.finetune_dir}")
+        return model
+
+    def initial_state(self, architecture, data: TrainingData) -> dict | None:
+        """The weights of the ``--finetune`` model, checked to fit this network.
+
+        Raises
+        ------
+        UsageError
+            The model to fine-tune is another family, or has other channels or options.
+        """
+        if self.finetune_dir is None:
+            return None
+        from bids_anomaly.models.base import load_model
+
+        trained, card = load_model(self.finetune_dir)
+        if card.model_type != self.model_type:
+            raise UsageError(f"--finetune {card.name}: a {card.model_type} model, not "
+                             f"{self.model_type}")
+        if list(card.channels) != list(data.channels):
+            raise UsageError(f"--finetune {card.name}: trained on {', '.join(card.channels)}, "
+                             f"these data have {', '.join(data.channels)} (--channels)")
+        keys = ("mode", "width", "context", "patch_size", "latent")
+        ours, theirs = self.hyperparameters, trained.hyperparameters
+        different = [k for k in keys if ours.get(k) != theirs.get(k)]
+        if different or trained.image_shape != self.image_shape:
+            raise UsageError(f"--finetune {card.name}: its network differs "
+                             f"({', '.join(different) or 'grid'}); give the same options")
+        LOGGER.info("fine-tuning the weights of model %s", card.name)
+        return trained.network.state_dict()
 
     # ----------------------------------------------------------------- training
     def _generator_for(self, data: TrainingData) -> AnomalyGenerator:
@@ -242,6 +308,7 @@ class SegmentModel(SelfSupervisedModel):
 
     model_type = "segment"
     summary = "U-Net trained to segment synthetic anomalies; score: predicted logit"
+    learns_from_annotations: ClassVar[bool] = True
 
     def output_channels(self, channels: int) -> int:
         """One logit per voxel."""
@@ -263,6 +330,8 @@ class SegmentModel(SelfSupervisedModel):
 
         inputs, _, mask = batch
         corrupted, target = self._corrupt_batch(inputs, mask, generator)
+        # annotated lesions (mask 2, train --annotations) are anomalies too
+        target = torch.maximum(target, (mask > 1.5).to(target.dtype))
         logits = module(corrupted)[0].float()
         brain = mask > 0
         bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")

@@ -251,11 +251,18 @@ def _preprocess(workflow: pe.Workflow, settings: Settings, inputs: bids.AnatInpu
     return anat_preproc_wf
 
 
-def _threshold_metadata(settings: Settings, fpr: float) -> dict:
+def _threshold_metadata(settings: Settings, fpr: float, card: ModelCard | None = None) -> dict:
     """How the anomaly mask was thresholded (sidecar fields)."""
     if settings.postprocessing.fdr:
         return {"ThresholdMethod": "Benjamini-Hochberg",
                 "FalseDiscoveryRate": settings.postprocessing.fdr}
+    tuned = card.extra.get("weak_supervision") if card is not None else None
+    if tuned:
+        return {"ThresholdMethod": "tuned on annotated subjects",
+                "TuningObjective": tuned.get("objective"),
+                "CrossValidatedObjective": tuned.get("cv_objective"),
+                "AnnotatedParticipants": tuned.get("annotated_participants"),
+                "FalsePositiveRate": fpr}
     return {"ThresholdMethod": "false-positive rate", "FalsePositiveRateTarget": fpr}
 
 
@@ -329,7 +336,7 @@ def _connect_trained_model(workflow: pe.Workflow, source, prefix: str,
         "Model": card.name, "ModelType": card.model_type, "ModelChannels": card.channels,
         "ModelVersion": card.version, "ModelChecksum": card.checksum,
         "ScoreDefinition": card.score_definition,
-        **_threshold_metadata(settings, card.fpr),
+        **_threshold_metadata(settings, card.fpr, card),
     }
     if not settings.postprocessing.fdr:
         metadata["Threshold"] = card.threshold

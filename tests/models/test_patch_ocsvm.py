@@ -21,16 +21,9 @@ from bids_anomaly.models.deep.siamese import (
     siamese_loss,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SHAPE = (26, 28, 14)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks: one thread (several fight over a busy machine's cores, 50x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 LESIONS = [(slice(8, 13), slice(9, 14), slice(5, 9)), (slice(15, 19), slice(15, 19), slice(4, 8))]
 
 

@@ -6,6 +6,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from bids_anomaly.errors import UsageError
 from bids_anomaly.models import (
@@ -16,6 +17,7 @@ from bids_anomaly.models import (
     TrainingData,
 )
 from bids_anomaly.models.deep.engine import EngineOptions
+from bids_anomaly.models.deep.networks import Architecture
 from bids_anomaly.models.directions import directed, parse_directions
 
 SHAPE = (24, 28, 20)
@@ -46,8 +48,9 @@ def _subject(folder, index: int, lesion: bool = False, channels=("T1w", "FLAIR")
 def _model(model_type: str, mode: str, tmp_path, epochs: int = 1, **kw):
     training = EngineOptions(epochs=epochs, batch_size=8, num_workers=0, seed=3,
                              learning_rate=kw.pop("learning_rate", 1e-3), patience=0)
-    return REGISTRY[model_type](mode=mode, width=8, patch_size=16, patches_per_volume=2,
-                                training=training, cache_dir=tmp_path / "cache", **kw)
+    return REGISTRY[model_type](**{"mode": mode, "width": 8, "patch_size": 16,
+                                   "patches_per_volume": 2, "training": training,
+                                   "cache_dir": tmp_path / "cache", **kw})
 
 
 @pytest.mark.parametrize("model_type, mode", [
@@ -158,3 +161,71 @@ def test_normative_direction_ignores_the_other_sign_and_is_stored(tmp_path):
     bright_t1.save(tmp_path / "n")
     assert NormativeModel.load(tmp_path / "n").direction == {"T1w": "+", "FLAIR": "-"}
     assert "T1w +" in bright_t1.score_definition
+
+
+def _annotated(tmp_path, index: int) -> SubjectImages:
+    """A subject with the FLAIR-bright, T1w-dark lesion and its annotation."""
+    subject = _subject(tmp_path, index, lesion=True)
+    truth = np.zeros(SHAPE, np.uint8)
+    truth[LESION] = 1
+    subject.lesion = tmp_path / f"s{index}_lesion.nii.gz"
+    nib.Nifti1Image(truth, np.eye(4)).to_filename(subject.lesion)
+    return subject
+
+
+def test_segment_learns_annotated_lesions_with_the_synthetic_ones(tmp_path):
+    from bids_anomaly.models.deep.datasets import VolumeCache
+
+    controls = [_subject(tmp_path, i) for i in range(4)]
+    annotated = _annotated(tmp_path, 9)
+    volume = VolumeCache(tmp_path / "cache").get(annotated)
+    assert (volume[-1][LESION] == 2).all() and set(np.unique(volume[-1])) == {0.0, 1.0, 2.0}
+    data = TrainingData([*controls, annotated], ["T1w", "FLAIR"])
+    model = _model("segment", "2d", tmp_path, anomaly_probability=0.0)
+    fit, validation, repeats = model._with_annotated(data, [0, 1, 2, 4], [3])
+    assert 4 in fit and 4 not in validation and repeats == {4: 3}
+    fit, validation, _ = model._with_annotated(data, [0, 1, 2, 3], [4])
+    assert 4 in fit and validation and 4 not in validation  # never only validating
+    with pytest.raises(UsageError, match="does not learn from annotated"):
+        REGISTRY["ae"](mode="2d")._with_annotated(data, [0, 4], [1])
+    # the annotated lesion is a target: without synthetic anomalies the loss differs only by it
+    model.anomalies = model._generator_for(data)
+    image = torch.from_numpy(np.array(volume[:-1, :, :, 10]))[None]
+    label = torch.from_numpy(np.array(volume[-1:, :, :, 10]))[None]
+    network = model._new_network(Architecture(
+        model_type="segment", spatial_dims=2, in_channels=2, out_channels=1,
+        input_shape=(24, 32), width=8))
+    pad = (0, 32 - SHAPE[1])
+    batch = [F.pad(image, pad), None, F.pad(label, pad)]
+    with_lesion = model._batch_loss(network, tuple(batch), torch.Generator().manual_seed(0))
+    batch[2] = (batch[2] > 0).float()
+    without = model._batch_loss(network, tuple(batch), torch.Generator().manual_seed(0))
+    assert with_lesion != without
+
+
+def test_segment_finetunes_a_trained_model_and_refuses_another_network(tmp_path):
+    from bids_anomaly.models.base import ModelCard, save_model
+
+    data = TrainingData([_subject(tmp_path, i) for i in range(3)], ["T1w", "FLAIR"])
+    trained = _model("segment", "2d", tmp_path)
+    trained.fit(data)
+    card = ModelCard(name="seg", model_type="segment", channels=["T1w", "FLAIR"],
+                     template="MNI152NLin2009aSym", resolution=2, preprocessing={},
+                     hyperparameters=trained.hyperparameters, training_participants=[],
+                     calibration_participants=[], threshold=1.0, fpr=0.01,
+                     calibration_voxels=1)
+    save_model(trained, card, tmp_path / "model-seg")
+    tuned = _model("segment", "2d", tmp_path, finetune="seg")
+    tuned.finetune_dir = tmp_path / "model-seg"
+    tuned.image_shape = trained.image_shape
+    state = tuned.initial_state(None, TrainingData([_annotated(tmp_path, 9)],
+                                                   ["T1w", "FLAIR"]))
+    for key, value in trained.network.state_dict().items():
+        torch.testing.assert_close(state[key], value)
+    assert tuned.hyperparameters["finetune"] == "seg"
+    wider = _model("segment", "2d", tmp_path, finetune="seg", width=16)
+    wider.finetune_dir, wider.image_shape = tmp_path / "model-seg", trained.image_shape
+    with pytest.raises(UsageError, match="width"):
+        wider.initial_state(None, data)
+    with pytest.raises(UsageError, match="trained on T1w, FLAIR"):
+        tuned.initial_state(None, TrainingData([], ["FLAIR"]))

@@ -152,18 +152,27 @@ class VolumeCache:
     def path(self, subject: SubjectImages) -> Path:
         """Cache file of ``subject``, keyed by its files' paths, sizes and times."""
         key = hashlib.sha256()
-        for path in [*subject.channels, subject.mask]:
+        for path in [*subject.channels, subject.mask, *([subject.lesion] if subject.lesion
+                                                        else [])]:
             stat = os.stat(path)
             key.update(f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode())
         return self.directory / f"{subject.name}_{key.hexdigest()[:16]}.npy"
 
     def get(self, subject: SubjectImages) -> np.ndarray:
-        """``(C + 1, X, Y, Z)`` float32 memory map: valid channels (0 elsewhere), then the mask."""
+        """``(C + 1, X, Y, Z)`` float32 memory map: valid channels (0 elsewhere), then the mask.
+
+        The mask is 1 in valid voxels, 2 in the annotated lesions of an annotated subject
+        (``subject.lesion``), 0 elsewhere.
+        """
         path = self.path(subject)
         if not path.is_file():
             image, mask = subject.load()
             valid = valid_voxels(image, mask)
-            array = torch.cat([torch.where(valid, image, 0.0), valid[None].float()]).numpy()
+            label = valid.float()
+            lesion = subject.load_lesion()
+            if lesion is not None:
+                label = label + (lesion & valid).float()
+            array = torch.cat([torch.where(valid, image, 0.0), label[None]]).numpy()
             self.directory.mkdir(parents=True, exist_ok=True)
             partial = path.with_suffix(f".{os.getpid()}.part")
             with open(partial, "wb") as stream:
