@@ -78,7 +78,7 @@ from bids_anomaly.postprocessing.tuning import (
 )
 from bids_anomaly.template import Template, get_template
 
-PROTOCOLS = ("demo", "ixi-ms", "ixi-stroke", "real-t2w")
+PROTOCOLS = ("demo", "ixi-ms", "ixi-stroke", "real-t2w", "mslub26-flair")
 
 
 @dataclass
@@ -93,6 +93,7 @@ class Pool:
     note: str
     extra: list[Case] = field(default_factory=list)
     shapes: list[Path] = field(default_factory=list)
+    loso: bool = True
 
 
 def pools(args, template: Template) -> list[Pool]:
@@ -121,6 +122,17 @@ def pools(args, template: Template) -> list[Pool]:
                         "T2w; fit 3 mslubL sessions, calibrate the 4th (unlabelled lesions)",
                         shapes=shapes["ms"]["train"] + shapes["stroke"]["train"][
                             :STROKE_TRAIN_SHAPES]))
+    if "mslub26-flair" in args.protocols and args.demo is not None:
+        channels = ["T1w", "FLAIR"]
+        sessions = [subject_images(args.derivatives, s, ses, channels) for s, ses in COHORT]
+        patients = demo(args, template, shapes).tests["demo"]
+        out.append(Pool(
+            "mslub26-flair", TrainingData(sessions[:-1], channels, regions=template.dseg),
+            TrainingData(sessions[-1:], channels), patients, "ms",
+            "T1w + FLAIR; fit 3 mslubL sessions, calibrate the 4th (unlabelled lesions); the "
+            "demo's synthetic patients annotated, the real sub-mslub26 tested",
+            [patient_case(args, "mslub26", channels, "T1w")], shapes["ms"]["train"],
+            loso=False))
     for pool in out:
         pool.fit.tissues = tissues
     return out
@@ -211,6 +223,8 @@ def run_pool(pool: Pool, args, template: Template, folder: Path) -> list[dict]:
 
     n = len(pool.cases)
     tests = list(range(len(everyone)))
+    if not pool.loso:  # the labelled subjects only annotate: only the others are tested
+        tests = list(range(n, len(everyone)))
     for held in tests:  # k = 0: label-free at the calibrated threshold; the baseline's oracle
         for label, (_, threshold, _) in calibrated.items():
             mask = apply_postprocessing(maps[label][held], brains[held], tissue, threshold)
@@ -290,7 +304,7 @@ def finetuned(pool: Pool, args, base, subjects: list[SubjectImages], everyone: l
 
     rows = []
     n = len(pool.cases)
-    for held in range(len(everyone)):
+    for held in range(0 if pool.loso else n, len(everyone)):
         others = [i for i in range(n) if i != held]
         start = time.perf_counter()
         hyperparameters = base.stored_hyperparameters()

@@ -152,6 +152,18 @@ def test_a_flair_threshold_tuned_on_annotated_patients_scores_a_new_one(tmp_path
     stacked = json.loads((out / "models" / "model-stacked" / "model.json").read_text())
     assert stacked["extra"]["weak_supervision"]["tuned_on"].startswith("out-of-fold")
     assert stacked["extra"]["weak_supervision"]["objective"] == "lesion-f1"
+    # a self-supervised network learning the annotated lesions too, then fine-tuned from it
+    deep = ["--channels", "T1w", "FLAIR", "--participant-label", "patient01", "patient02",
+            "--annotations", str(truth), "--epochs", "1", "--width", "4", *COMMON]
+    assert main([str(rawdata), str(out), "train", "--model-type", "segment", "--model-name",
+                 "seg", *deep]) == 0
+    seg = json.loads((out / "models" / "model-seg" / "model.json").read_text())
+    assert seg["extra"]["weak_supervision"]["tuned_on"].startswith("nothing: the network")
+    assert seg["extra"]["postprocessing"] == {"min_cluster_mm3": 0.0, "restrict": "brain"}
+    assert main([str(rawdata), str(out), "train", "--model-type", "segment", "--model-name",
+                 "seg2", "--finetune", "seg", *deep]) == 0
+    seg2 = json.loads((out / "models" / "model-seg2" / "model.json").read_text())
+    assert seg2["hyperparameters"]["finetune"] == "seg"
     # the new patient is scored with the tuned threshold and post-processing
     assert main([str(rawdata), str(out), "participant", "--model", "flair", *COMMON]) == 0
     sidecar = json.loads(next(out.glob(
