@@ -16,6 +16,12 @@ from bids_anomaly.spatial import apply_transforms
 LOGGER = logging.getLogger(__name__)
 
 
+def is_lesion_mask(entities: dict) -> bool:
+    """Whether a file's BIDS entities name a lesion mask (``*_label-<x>_mask`` or ``*_dseg``)."""
+    return entities.get("suffix") == "dseg" or (entities.get("suffix") == "mask"
+                                                and "label" in entities)
+
+
 def find_ground_truth(deriv_dir: Path, subject: str, session: str | None) -> Path | None:
     """The subject/session's lesion mask in ``deriv_dir``, or None.
 
@@ -28,7 +34,7 @@ def find_ground_truth(deriv_dir: Path, subject: str, session: str | None) -> Pat
         entities = bids.parse_name(path)
         if entities.get("ses") not in (None, session):
             continue
-        if entities["suffix"] == "dseg" or (entities["suffix"] == "mask" and "label" in entities):
+        if is_lesion_mask(entities):
             candidates.append(path)
     if len(candidates) > 1:
         LOGGER.warning("sub-%s: several ground-truth files, using %s", subject, candidates[0].name)

@@ -55,8 +55,9 @@ def _write_maps(results: dict, cwd: str, anomaly_map: np.ndarray, anomaly_mask: 
     ``inputs`` carries the brain mask (``mask_file``, also the output grid) and the
     post-processing options (:class:`_PostprocessingInputSpec`).
     """
-    from bids_anomaly.postprocessing.clusters import cluster_table, remove_small_clusters
-    from bids_anomaly.postprocessing.regions import regional_table, restriction_mask
+    from bids_anomaly.postprocessing.clusters import cluster_table
+    from bids_anomaly.postprocessing.regions import regional_table
+    from bids_anomaly.postprocessing.tuning import apply_postprocessing
 
     reference = nib.load(inputs.mask_file)
     brain = np.asarray(reference.dataobj) > 0
@@ -67,9 +68,9 @@ def _write_maps(results: dict, cwd: str, anomaly_map: np.ndarray, anomaly_mask: 
     atlas_labels = {int(label): name for label, name in (inputs.atlas_labels or {}).items()}
     if inputs.atlas_file:
         atlas = np.asarray(nib.load(inputs.atlas_file).dataobj).astype(np.int64)
-    anomaly_mask = (anomaly_mask > 0) & restriction_mask(inputs.restrict, brain, tissue)
     min_voxels = int(np.ceil(inputs.min_cluster_mm3 / voxel_volume))
-    anomaly_mask = remove_small_clusters(anomaly_mask, min_voxels)
+    anomaly_mask = apply_postprocessing(anomaly_mask, brain, tissue, 0.0, min_voxels,
+                                        inputs.restrict)
     for key, data, dtype in (("anomaly_map", anomaly_map, np.float32),
                              ("anomaly_mask", anomaly_mask, np.uint8)):
         results[key] = _write_image(os.path.join(cwd, f"{key}.nii.gz"), data, dtype, reference)

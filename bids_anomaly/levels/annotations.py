@@ -20,6 +20,7 @@ from bids_anomaly import bids
 from bids_anomaly.errors import BadDataError, MissingInputError
 from bids_anomaly.evaluation.ground_truth import (
     find_ground_truth,
+    is_lesion_mask,
     transforms_to_template,
     truth_in_template,
 )
@@ -38,13 +39,8 @@ def annotated_participants(folder: Path) -> list[str]:
     """
     if not Path(folder).is_dir():
         raise MissingInputError(f"--annotations {folder} is not a folder")
-    labels = set()
-    for path in Path(folder).glob("sub-*/**/sub-*.nii*"):
-        entities = bids.parse_name(path)
-        if entities.get("suffix") == "dseg" or (entities.get("suffix") == "mask"
-                                                and "label" in entities):
-            labels.add(entities["sub"])
-    return sorted(labels)
+    entities = (bids.parse_name(path) for path in Path(folder).glob("sub-*/**/sub-*.nii*"))
+    return sorted({e["sub"] for e in entities if is_lesion_mask(e)})
 
 
 def check_annotations(folder: Path, dataset: list[str]) -> list[str]:

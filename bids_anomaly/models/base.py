@@ -55,7 +55,7 @@ class SubjectImages:
         Brain mask on the same grid.
     lesion : Path, optional
         The subject's annotated lesions on the same grid (``train --annotations``); only the
-        families that learn from annotations (``supervised``) read it.
+        families that learn from annotations (``learns_from_annotations``) are given it.
     """
 
     name: str

@@ -124,6 +124,8 @@ class StackedModel(BaseModel):
         self.anatomy: torch.Tensor | None = None  # GM, WM, CSF, distance to ventricles
         self.parameters: dict[str, torch.Tensor] = {}
         self._samples: list[tuple[str, np.ndarray, np.ndarray]] = []
+        # the annotated subjects' features from fit, for the out-of-fold maps
+        self._annotated_features: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._prevalence = 0.5
 
     # --------------------------------------------------------------- building
@@ -276,6 +278,7 @@ class StackedModel(BaseModel):
         self.normative.fit(healthy)
         rng = np.random.default_rng(self.random_seed)
         self._samples = []
+        self._annotated_features = {}
         lesion_voxels = brain_voxels = 0
         for subject in data.subjects:
             image, mask = subject.load("cpu")
@@ -290,6 +293,7 @@ class StackedModel(BaseModel):
                 keep = labels | ~near  # the lesion's border is neither lesion nor healthy
                 lesion_voxels += int(labels.sum())
                 brain_voxels += int(valid.sum())
+                self._annotated_features[subject.name] = (features, valid)
             positive = np.flatnonzero(labels)
             negative = np.flatnonzero(keep & ~labels)
             chosen = [rng.choice(negative, min(self.healthy_voxels, len(negative)),
@@ -324,7 +328,8 @@ class StackedModel(BaseModel):
 
         The z-scores keep their fit (on the controls; on the annotated subjects outside their
         lesions when there are fewer than two controls). Needs two annotated subjects or more;
-        the fitted classifier is restored afterwards.
+        the fitted classifier is restored afterwards. The features computed by :meth:`fit` are
+        reused.
         """
         names = [name for name, _, _ in self._samples]
         fitted = (dict(self.parameters), self.logit_offset, dict(self.fit_report))
@@ -333,8 +338,10 @@ class StackedModel(BaseModel):
             for index in data.annotated:
                 subject = data.subjects[index]
                 self._fit_classifier([n for n in names if n != subject.name])
-                image, mask = subject.load("cpu")
-                out[subject.name] = self.score(image, mask).numpy()
+                features = self._annotated_features.get(subject.name)
+                if features is None:
+                    features = self.features(*subject.load("cpu"))
+                out[subject.name] = self._probability_map(*features)
         finally:
             self.parameters, self.logit_offset, self.fit_report = fitted
         return out
@@ -344,12 +351,15 @@ class StackedModel(BaseModel):
         """Lesion probability of every valid brain voxel, 0 elsewhere."""
         if not self.parameters:
             raise RuntimeError("the stacked model is not fitted")
-        features, valid = self.features(image, mask)
-        probability = predict_probability(self.classifier, self.parameters, features,
-                                          self.logit_offset)
+        return torch.from_numpy(self._probability_map(*self.features(image, mask))).to(
+            image.device)
+
+    def _probability_map(self, features: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """The classifier's probabilities of :meth:`features`' rows, as a float32 volume."""
         out = np.zeros(valid.shape, dtype=np.float32)
-        out[valid] = probability
-        return torch.from_numpy(out).to(image.device)
+        out[valid] = predict_probability(self.classifier, self.parameters, features,
+                                         self.logit_offset)
+        return out
 
     # --------------------------------------------------------------- storage
     def tensors(self) -> dict[str, torch.Tensor]:
@@ -371,14 +381,16 @@ class StackedModel(BaseModel):
         self.members.restore(part("members."))
 
 
+class _LesionFree(TrainingData):
+    """Training data whose brain masks leave out each subject's annotated lesions."""
+
+    def __iter__(self):
+        for subject in self.subjects:
+            image, mask = subject.load(self.device)
+            lesion = subject.load_lesion(self.device)
+            yield image, (mask if lesion is None else mask & ~lesion)
+
+
 def _lesions_removed(data: TrainingData) -> TrainingData:
     """The subjects with their annotated lesions cut out of their brain masks (in memory)."""
-
-    class _Masked(TrainingData):
-        def __iter__(self):
-            for subject in self.subjects:
-                image, mask = subject.load(self.device)
-                lesion = subject.load_lesion(self.device)
-                yield image, (mask if lesion is None else mask & ~lesion)
-
-    return _Masked(data.subjects, data.channels, data.device, data.regions, data.tissues)
+    return _LesionFree(data.subjects, data.channels, data.device, data.regions, data.tissues)

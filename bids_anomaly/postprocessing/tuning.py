@@ -19,7 +19,7 @@ import numpy as np
 from scipy import ndimage
 
 from bids_anomaly.config import TUNING_OBJECTIVES
-from bids_anomaly.postprocessing.clusters import CONNECTIVITY
+from bids_anomaly.postprocessing.clusters import CONNECTIVITY, remove_small_clusters
 from bids_anomaly.postprocessing.regions import restriction_mask
 
 OBJECTIVES = TUNING_OBJECTIVES
@@ -136,8 +136,7 @@ def subject_table(name: str, score: np.ndarray, truth: np.ndarray, brain: np.nda
             counts["tp"][r, t] = (kept * overlap[None, 1:]).sum(1)
             counts["clusters"][r, t] = kept.sum(1)
             counts["true_clusters"][r, t] = (kept & (overlap[None, 1:] > 0)).sum(1)
-            counts["detected"][r, t] = (best[None, 1:] >= min_sizes[:, None]).sum(1) * (
-                n_lesions > 0)
+            counts["detected"][r, t] = (best[None, 1:] >= min_sizes[:, None]).sum(1)
     return SubjectTable(name, int(truth.sum()), int(n_lesions), counts["tp"],
                         counts["predicted"], counts["detected"], counts["clusters"],
                         counts["true_clusters"])
@@ -273,11 +272,11 @@ def apply_postprocessing(score: np.ndarray, brain: np.ndarray, tissue: np.ndarra
                          restrict: str = "brain") -> np.ndarray:
     """The mask the participant level writes: above threshold, restricted, small clusters out.
 
+    ``score`` may be a mask already (threshold 0), e.g. the Benjamini-Hochberg discoveries.
+
     >>> score = np.zeros((5, 5, 5)); score[1, 1, 1] = score[3, 3, 2:4] = 2.0
     >>> int(apply_postprocessing(score, np.ones_like(score), None, 1.0, 2).sum())
     2
     """
-    from bids_anomaly.postprocessing.clusters import remove_small_clusters
-
     flagged = (np.asarray(score) > threshold) & restriction_mask(restrict, brain, tissue)
     return remove_small_clusters(flagged, min_cluster_voxels)
