@@ -18,7 +18,7 @@ from pathlib import Path
 import pandas as pd
 
 from bids_anomaly import __version__
-from bids_anomaly.config import MODALITIES
+from bids_anomaly.config import DIFFUSION_MAPS, MODALITIES
 from bids_anomaly.errors import (
     BadDataError,
     BIDSValidationError,
@@ -30,8 +30,8 @@ from bids_anomaly.errors import (
 LOGGER = logging.getLogger(__name__)
 
 ENTITY_ORDER = (
-    "sub", "ses", "task", "acq", "ce", "rec", "run",
-    "from", "to", "mode", "space", "res", "label", "desc", "stat",
+    "sub", "ses", "task", "acq", "ce", "rec", "dir", "run",
+    "from", "to", "mode", "space", "res", "model", "param", "label", "desc", "stat",
 )
 """Order of entities in derivative names (BIDS order; ``stat`` last as in DESIGN.md)."""
 
@@ -47,9 +47,31 @@ FILTER_ENTITIES = (
 chosen by the tool)."""
 
 
+@dataclass(frozen=True)
+class DwiRun:
+    """One diffusion-weighted run and its gradient files.
+
+    Attributes
+    ----------
+    image : Path
+        The 4D ``*_dwi.nii[.gz]``.
+    bval, bvec : Path
+        Its ``.bval`` and ``.bvec``: the run's own, or one it inherits from a higher level of
+        the dataset; the run's own names when neither exists (reading them then fails with a
+        clear message, see :func:`bids_anomaly.diffusion.read_gradients`).
+    phase_encoding : str or None
+        ``PhaseEncodingDirection`` of its sidecar (``j-``, ``j``, ...), None when not given.
+    """
+
+    image: Path
+    bval: Path
+    bvec: Path
+    phase_encoding: str | None = None
+
+
 @dataclass
 class AnatInputs:
-    """The anatomical images of one subject and session.
+    """The images of one subject and session: anatomical, and diffusion runs or maps.
 
     Attributes
     ----------
@@ -59,11 +81,33 @@ class AnatInputs:
         Label without ``ses-``, or None for datasets without sessions.
     images : dict of str to Path
         One image per modality suffix (``T1w``, ``FLAIR``, ...).
+    dwi : list of DwiRun
+        Diffusion-weighted runs, fitted together (empty when none, or when maps are given).
+    dwi_maps : dict of str to Path
+        Diffusion maps computed by another pipeline (``--dwi-derivatives``), by channel name.
+    dwi_params : tuple of str
+        The diffusion maps this subject's channels include (fitted or given).
     """
 
     subject: str
     session: str | None
     images: dict[str, Path] = field(default_factory=dict)
+    dwi: list[DwiRun] = field(default_factory=list)
+    dwi_maps: dict[str, Path] = field(default_factory=dict)
+    dwi_params: tuple[str, ...] = ()
+
+    @property
+    def channels(self) -> list[str]:
+        """Every channel this subject has: modalities (reference first), then diffusion maps."""
+        return [*self.modalities, *self.dwi_params]
+
+    @property
+    def raw_files(self) -> list[Path]:
+        """Every raw input file: images, dwi runs with their gradients, given maps."""
+        files = list(self.images.values())
+        for run in self.dwi:
+            files += [run.image, run.bval, run.bvec]
+        return files + list(self.dwi_maps.values())
 
     @property
     def reference(self) -> str:
@@ -104,6 +148,15 @@ def check_label(value: str, what: str) -> str:
     return label
 
 
+def participant_of(name: str) -> str:
+    """The participant label of a ``sub-<label>[_ses-<label>]`` name.
+
+    >>> participant_of("sub-01_ses-a")
+    '01'
+    """
+    return name.split("_")[0].removeprefix("sub-")
+
+
 def check_model_name(name: str) -> str:
     """A model name, checked before any work: it becomes a folder name and a ``desc-`` label.
 
@@ -136,7 +189,7 @@ def check_bids_filters(filters: object) -> dict[str, dict]:
     if not isinstance(filters, dict):
         raise UsageError("--bids-filter-file must hold a JSON object, e.g. "
                          '{"t1w": {"acquisition": "mprage"}}')
-    known = {m.lower(): m for m in MODALITIES}
+    known = {m.lower(): m for m in (*MODALITIES, "dwi")}
     checked = {}
     for key, query in filters.items():
         if key.lower() not in known:
@@ -311,12 +364,16 @@ def select_participants(layout, labels: list[str], bids_dir: Path,
 
 
 def collect_anat(layout, subject: str, sessions: list[str] | None = None,
-                 bids_filters: dict | None = None) -> list[AnatInputs]:
-    """Anatomical inputs of one subject, one :class:`AnatInputs` per session.
+                 bids_filters: dict | None = None, dwi_params: tuple[str, ...] = (),
+                 dwi_derivatives: Path | None = None) -> list[AnatInputs]:
+    """Inputs of one subject, one :class:`AnatInputs` per session.
 
     When several images share a suffix (runs, acquisitions, contrast agents), images without a
     ``ce-`` entity come first, then the alphabetical order of their names; the choice is logged.
-    ``bids_filters`` maps a lower-case suffix (``t1w``, ``flair``) to extra pybids entities.
+    ``bids_filters`` maps a lower-case suffix (``t1w``, ``flair``, ``dwi``) to extra pybids
+    entities. Every ``dwi`` run of a session is kept (runs and phase-encoding directions are
+    fitted together) when ``dwi_params`` asks for diffusion maps; with ``dwi_derivatives``, the
+    maps of that derivative dataset are used instead (:func:`find_dwi_maps`).
     """
     from bids.layout import Query
 
@@ -327,16 +384,12 @@ def collect_anat(layout, subject: str, sessions: list[str] | None = None,
     collected = []
     for session in subject_sessions:
         inputs = AnatInputs(subject=subject, session=session)
+        where = {"subject": subject,
+                 "session": session if session is not None else Query.NONE}
         for modality in MODALITIES:
-            query = {
-                "subject": subject,
-                "session": session if session is not None else Query.NONE,
-                "datatype": "anat",
-                "suffix": modality,
-                "extension": [".nii", ".nii.gz"],
-                **bids_filters.get(modality.lower(), {}),
-            }
-            files = layout.get(**query)
+            files = layout.get(**where, datatype="anat", suffix=modality,
+                               extension=[".nii", ".nii.gz"],
+                               **bids_filters.get(modality.lower(), {}))
             if not files:
                 continue
             files.sort(key=lambda f: ("ce" in f.get_entities(), f.filename))
@@ -344,8 +397,85 @@ def collect_anat(layout, subject: str, sessions: list[str] | None = None,
                 LOGGER.info("%s: %d %s images, using %s", inputs.name, len(files), modality,
                             files[0].filename)
             inputs.images[modality] = Path(files[0].path)
+        if dwi_params and dwi_derivatives is not None:
+            inputs.dwi_maps = find_dwi_maps(dwi_derivatives, subject, session, dwi_params)
+            inputs.dwi_params = tuple(p for p in dwi_params if p in inputs.dwi_maps)
+        elif dwi_params:
+            files = layout.get(**where, datatype="dwi", suffix="dwi",
+                               extension=[".nii", ".nii.gz"], **bids_filters.get("dwi", {}))
+            inputs.dwi = [DwiRun(Path(f.path), *_gradient_files(layout, Path(f.path)),
+                                 phase_encoding=f.get_metadata().get("PhaseEncodingDirection"))
+                          for f in sorted(files, key=lambda f: f.filename)]
+            inputs.dwi_params = tuple(dwi_params) if inputs.dwi else ()
         collected.append(inputs)
     return collected
+
+
+def group_dwi_runs(runs: list[DwiRun]) -> list[list[DwiRun]]:
+    """Runs by phase-encoding direction, in order of appearance: the runs fitted together.
+
+    Runs of one direction share their susceptibility distortions; runs of opposite directions
+    do not, and are fitted apart (runs without ``PhaseEncodingDirection`` form one group).
+    """
+    groups: dict[str, list[DwiRun]] = {}
+    for run in runs:
+        groups.setdefault(run.phase_encoding or "", []).append(run)
+    return list(groups.values())
+
+
+def _gradient_files(layout, image: Path) -> tuple[Path, Path]:
+    """The ``.bval`` and ``.bvec`` of a dwi run, by the inheritance principle.
+
+    pybids finds the nearest gradient file; one whose entities are not all the run's (the
+    file of another run or direction) is not taken. Without one, the run's own names are
+    returned, and reading them fails with a message naming them.
+    """
+    own = parse_name(image)
+    stem = image.name[: -len(own["extension"])]
+    found = []
+    for extension in (".bval", ".bvec"):
+        nearest = layout.get_nearest(str(image), suffix="dwi", extension=extension, all_=True)
+        candidates = [Path(c) for c in (nearest or [])]
+        candidates = [c for c in candidates if all(own.get(key) == value for key, value in
+                                                   parse_name(c).items()
+                                                   if key not in ("suffix", "extension"))]
+        found.append(candidates[0] if candidates else image.with_name(stem + extension))
+    return found[0], found[1]
+
+
+DWI_MAP_PATTERN = "*_param-{param}_dwimap.nii*"
+"""How diffusion maps of another pipeline are found (BEP016 names, any model and space)."""
+
+
+def find_dwi_maps(deriv_dir: Path, subject: str, session: str | None,
+                  params: tuple[str, ...]) -> dict[str, Path]:
+    """Diffusion maps of one subject/session in another pipeline's derivatives.
+
+    Maps are looked for as ``sub-<label>/[ses-<label>/]dwi/*_param-<fa|md|ad|rd>_dwimap.nii[.gz]``
+    (BEP016 names, as QSIPrep's reconstruction writes them). When several match (spaces,
+    models), names with ``model-tensor`` come first, then the alphabetical order; the choice is
+    logged. A ``*_dwiref.nii[.gz]`` in the same folder is returned as ``dwiref`` (the image the
+    maps are registered with; without it, MD or the first map is used).
+    """
+    folder = Path(deriv_dir) / f"sub-{subject}"
+    if session:
+        folder = folder / f"ses-{session}"
+    folder = folder / "dwi"
+    prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "") + "_"
+    maps = {}
+    for param in params:
+        matches = sorted(folder.glob(prefix + DWI_MAP_PATTERN.format(param=param.lower())),
+                         key=lambda p: (parse_name(p).get("model") not in ("tensor", "dti"),
+                                        p.name))
+        if matches:
+            if len(matches) > 1:
+                LOGGER.info("sub-%s: %d %s maps in %s, using %s", subject, len(matches), param,
+                            folder, matches[0].name)
+            maps[param] = matches[0]
+    references = sorted(folder.glob(prefix + "*_dwiref.nii*"))
+    if maps and references:
+        maps["dwiref"] = references[0]
+    return maps
 
 
 def derivative_name(subject: str, session: str | None, suffix: str,
@@ -421,6 +551,20 @@ def model_dir(output_dir: Path, model_name: str) -> Path:
 def model_names(output_dir: Path) -> list[str]:
     """Names of the trained models under ``OUTPUT_DIR/models``."""
     return sorted(p.name.removeprefix("model-") for p in models_dir(output_dir).glob("model-*"))
+
+
+SPLIT_MODEL = re.compile(r"^(?P<family>.+)-split(?P<index>[0-9]{2,})$")
+"""Names of the models of one ``train --splits`` run: ``<family>-split01``, ..."""
+
+
+def split_models(output_dir: Path, family: str) -> list[str]:
+    """The names of the models trained by ``train --splits`` as ``family``, in split order."""
+    names = []
+    for name in model_names(output_dir):
+        match = SPLIT_MODEL.match(name)
+        if match and match["family"] == family:
+            names.append((int(match["index"]), name))
+    return [name for _, name in sorted(names)]
 
 
 def model_cards(output_dir: Path) -> list[Path]:
@@ -509,8 +653,20 @@ def update_text(path: Path, content: str) -> Path:
 # name files through these functions, so a name is spelled in one place only.
 
 def preproc_spec(space: str, res: int, modality: str) -> dict:
-    """Naming of a preprocessed, normalised image in template space."""
+    """Naming of a channel in template space.
+
+    A preprocessed, normalised image, or a diffusion map (``dwi/*_model-tensor_param-fa_dwimap``,
+    BEP016 names).
+    """
+    if modality in DIFFUSION_MAPS:
+        return {"suffix": "dwimap", "datatype": "dwi", "space": space, "res": res,
+                "model": "tensor", "param": modality.lower()}
     return {"suffix": modality, "space": space, "res": res, "desc": "preproc"}
+
+
+def dwiref_spec(space: str, res: int) -> dict:
+    """Naming of the mean b = 0 image of the diffusion runs in template space."""
+    return {"suffix": "dwiref", "datatype": "dwi", "space": space, "res": res}
 
 
 def brain_mask_spec(space: str, res: int) -> dict:
@@ -582,8 +738,8 @@ def subject_derivatives(output_dir: Path, subject: str, session: str | None) -> 
     """Every derivative of one subject/session: its images, tables, sidecars and figures."""
     prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "") + "_"
     folder = Path(output_dir) / f"sub-{subject}"
-    anat = (folder / f"ses-{session}" if session else folder) / "anat"
-    return sorted(p for d in (anat, folder / "figures") if d.is_dir()
+    base = folder / f"ses-{session}" if session else folder
+    return sorted(p for d in (base / "anat", base / "dwi", folder / "figures") if d.is_dir()
                   for p in d.glob(prefix + "*") if p.is_file())
 
 
@@ -598,6 +754,10 @@ GROUP_TABLES = {
     "evaluation": "voxel- and lesion-wise metrics per subject against the ground truth",
     "evaluationsummary": "evaluation means per group with bootstrap confidence intervals",
     "statistics": "patients vs controls: AUROC of each burden measure, effect sizes",
+    "splits": "train --splits runs: per split, patients vs held-out controls by the share of "
+              "abnormal voxels in the brain (AUROC, best g-mean), with median and IQR",
+    "splitregions": "the same per split and region (tissues, atlas regions)",
+    "splitburden": "every subject's share of abnormal voxels per split and region",
 }
 """Tables of the group level, by suffix (``group/desc-<model>_<suffix>.tsv``)."""
 

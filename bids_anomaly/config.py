@@ -29,6 +29,13 @@ from bids_anomaly.errors import UsageError
 MODALITIES = ("T1w", "FLAIR", "T2w", "PDw")
 """Anatomical suffixes the tool reads, in order of preference for the reference image."""
 
+DIFFUSION_MAPS = ("FA", "MD", "AD", "RD")
+"""Diffusion-tensor maps a subject with ``dwi`` runs gets as channels: fractional anisotropy,
+mean, axial and radial diffusivity (mm^2/s)."""
+
+CHANNELS = MODALITIES + DIFFUSION_MAPS
+"""Everything a model may take as a channel (``--channels``)."""
+
 LEVELS = ("participant", "train", "group")
 """The analysis levels."""
 
@@ -84,6 +91,28 @@ def volume(value: str) -> float:
         raise argparse.ArgumentTypeError(f"not a volume in mm3: {value!r}") from error
     if not number >= 0:
         raise argparse.ArgumentTypeError(f"the volume must be 0 or more, not {value}")
+    return number
+
+
+def percentile(value: str) -> float:
+    """A percentile in (0, 100)."""
+    number = float(value)
+    if not 0 < number < 100:
+        raise argparse.ArgumentTypeError(f"must be in (0, 100), got {value}")
+    return number
+
+
+def count_or_fraction(value: str) -> int | float:
+    """A number of subjects (an integer of at least 1) or a fraction in (0, 1)."""
+    try:
+        number = float(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not a count or a fraction: {value!r}") from error
+    if number.is_integer() and number >= 1:
+        return int(number)
+    if not 0 < number < 1:
+        raise argparse.ArgumentTypeError(f"give a number of subjects (1 or more) or a fraction "
+                                         f"in (0, 1), not {value}")
     return number
 
 
@@ -227,10 +256,29 @@ class PreprocessingSettings:
                 "object are taken as skull-stripped and not stripped again; yes: every "
                 "reference image is skull-stripped; no: always run brain extraction (deepbet)",
         flags=("--skull-stripped",), choices=SKULL_STRIPPED)
+    dwi_maps: list[str] = option(
+        help="diffusion-tensor maps computed for subjects with dwi runs, as channels FA, MD, "
+             "AD, RD (default: FA MD; none: ignore dwi)",
+        factory=lambda: ["FA", "MD"], flags=("--dwi-maps",), nargs="+",
+        choices=(*DIFFUSION_MAPS, "none"))
+    dwi_derivatives: Path | None = option(
+        help="derivative dataset with diffusion maps computed by another pipeline (QSIPrep-like "
+             "BEP016 names, sub-<label>/dwi/*_param-fa_dwimap.nii.gz): used instead of fitting "
+             "the dwi runs", flags=("--dwi-derivatives",), type=Path, metavar="DERIV_DIR")
+    dwi_registration: str = option(
+        "Rigid", "b=0-to-reference registration of the diffusion runs: Rigid (default) or "
+                 "Affine (absorbs some of the EPI's stretching)",
+        flags=("--dwi-registration",), choices=("Rigid", "Affine"))
+
+    @property
+    def dwi_params(self) -> tuple[str, ...]:
+        """The diffusion maps asked for, in :data:`DIFFUSION_MAPS` order (none: empty)."""
+        return tuple(m for m in DIFFUSION_MAPS if m in self.dwi_maps)
 
     def recorded(self) -> dict:
         """The choices a model must agree with (recorded in model cards)."""
-        return {"registration": self.registration, "normalization": self.normalization}
+        return {"registration": self.registration, "normalization": self.normalization,
+                "dwi_registration": self.dwi_registration}
 
 
 MODEL_TYPES = "model types"
@@ -256,8 +304,9 @@ class ModelSettings:
         help="participants.tsv rows to train on, e.g. group=healthy", factory=list,
         flags=("--train-filter",), levels=("train",), nargs="+", metavar="COLUMN=VALUE")
     channels: list[str] = option(
-        help="modalities to use (default: those every subject has)", factory=list,
-        flags=("--channels",), levels=("train",), nargs="+", choices=MODALITIES)
+        help="channels to use: modalities and diffusion maps (default: the modalities every "
+             "subject has; diffusion maps only when asked for)", factory=list,
+        flags=("--channels",), levels=("train",), nargs="+", choices=CHANNELS)
     fpr: float = option(
         DEFAULT_FPR, "voxel false-positive rate of the calibrated threshold (train; and of "
                      "--single-subject; default: {default})", flags=("--fpr",), type=rate,
@@ -274,6 +323,23 @@ class ModelSettings:
                 "Dice over the annotated subjects) or lesion-f1 (lesion-wise F1 of detection "
                 "sensitivity and cluster precision) (default: {default})",
         flags=("--tune-objective",), levels=("train",), choices=TUNING_OBJECTIVES)
+    splits: int | None = option(
+        help="train N models, each on a random, age/sex-balanced (when participants.tsv has "
+             "age and sex) part of the selected controls, the others held out for testing "
+             "(models NAME-split01...); participant --model NAME scores with all of them, "
+             "group reports the subject-level protocol per split with medians and IQR",
+        flags=("--splits",), levels=("train",), type=positive_int, metavar="N")
+    split_test_size: int | float = option(
+        0.25, "controls held out per split: a number, or a fraction of the selected "
+              "(default: {default})", flags=("--split-test-size",), levels=("train",),
+        type=count_or_fraction, metavar="N|FRACTION")
+    channel_scaling: str = option(
+        "auto", "per-channel scaling learnt from the training subjects, (x - q1) / (q99 - q1) "
+                "with their 1st and 99th percentiles, stored in the model: auto (default) "
+                "scales the diffusion maps (in physical units) and leaves the anatomical "
+                "channels (normalised per subject by preprocessing); quantile scales every "
+                "channel (as Pinon et al. 2023); none",
+        flags=("--channel-scaling",), levels=("train",), choices=("auto", "quantile", "none"))
     calibration_fraction: float = option(
         0.2, "share of the training subjects held out to calibrate the threshold")
     single_subject: str | None = option(
@@ -305,8 +371,9 @@ class PostprocessingSettings:
     atlas: Path | None = option(
         help="discrete atlas in the template's (MNI) space with a BIDS label table beside it "
              "(DSEG without .nii[.gz], plus .tsv: columns index, name); adds each cluster's "
-             "region and the burden per region to the tables", flags=("--atlas",),
-        levels=("participant",), type=Path, metavar="DSEG")
+             "region and the burden per region to the tables (participant), and its regions to "
+             "the subject-level protocol of --splits models (group)", flags=("--atlas",),
+        levels=("participant", "group"), type=Path, metavar="DSEG")
 
     def given(self) -> list[str]:
         """Flags of the options set to something else than their default."""
@@ -326,6 +393,15 @@ class GroupSettings:
         help="the participants.tsv 'group' value of the controls in patients-vs-controls "
              "statistics (default: the first of healthy, control, controls, hc, cn present)",
         flags=("--control-label",), levels=("group",), metavar="GROUP")
+    burden_threshold: str = option(
+        "percentile", "subject-level protocol of --splits models: a voxel is abnormal above "
+                      "the --control-percentile of the voxel scores of the split's training "
+                      "controls (percentile, default, as in the Parkinson's disease papers) or "
+                      "above the model's calibrated threshold (calibrated)",
+        flags=("--burden-threshold",), levels=("group",), choices=("percentile", "calibrated"))
+    control_percentile: float = option(
+        98.0, "the percentile of --burden-threshold percentile (default: {default})",
+        flags=("--control-percentile",), levels=("group",), type=percentile, metavar="P")
     bootstrap: int = option(2000, "bootstrap resamples of the confidence intervals (default: "
                                   "{default})", flags=("--bootstrap",), levels=("group",),
                             type=positive_int, metavar="N")
@@ -398,10 +474,17 @@ class Settings:
                 raise UsageError(
                     f"{', '.join(item.metadata['flags'][0] for item in misplaced)} apply to the "
                     f"{' and '.join(levels)} level{'s' if len(levels) > 1 else ''}")
+        if "none" in self.preprocessing.dwi_maps and len(self.preprocessing.dwi_maps) > 1:
+            raise UsageError("--dwi-maps none cannot be combined with maps")
+        if self.model.splits and self.model.annotations is not None:
+            raise UsageError("--splits repeats training on controls; it cannot be combined "
+                             "with --annotations")
         if self.model.tune_objective != "dice" and self.model.annotations is None:
             raise UsageError("--tune-objective needs --annotations (the post-processing is "
                              "tuned on annotated subjects)")
-        postprocessing = self.postprocessing.given()
+        postprocessing = [flag for flag in self.postprocessing.given()
+                          if self.level == "participant" and flag != "--atlas"
+                          or self.level != "group" and flag == "--atlas"]
         if postprocessing and not (self.model.model or self.model.single_subject):
             raise UsageError(f"{', '.join(postprocessing)} need a model: --model NAME or "
                              "--single-subject TYPE")

@@ -483,3 +483,82 @@ def _generated_by() -> list[dict[str, str]]:
 def _write_json(path: Path, content: dict) -> None:
     """Write indented JSON with a final newline."""
     path.write_text(json.dumps(content, indent=2) + "\n")
+
+
+@dataclass(frozen=True)
+class DiffusionCohort:
+    """A generated cohort of template-space FA and MD maps (:func:`diffusion_cohort`).
+
+    Attributes
+    ----------
+    groups : dict of str to str
+        ``control`` or ``patient`` by participant label.
+    brain, tissue, nuclei : numpy.ndarray
+        The brain mask, the tissue labels (1 GM, 2 WM, 3 CSF) and the nuclei (label 1, an atlas).
+    space : str
+        The ``space-`` of the maps.
+    resolution : int
+        Their voxel size (mm).
+    """
+
+    groups: dict[str, str]
+    brain: np.ndarray
+    tissue: np.ndarray
+    nuclei: np.ndarray
+    space: str
+    resolution: int
+
+
+def diffusion_cohort(output_dir: Path, n_controls: int = 30, n_patients: int = 30,
+                     effect: float = 0.05, variation: float = 0.08,
+                     shape: tuple[int, int, int] = (22, 26, 22), seed: int = 20,
+                     space: str = "MNI152NLin2009aSym", resolution: int = 2) -> DiffusionCohort:
+    """Write FA and MD maps and brain masks of a Parkinson's-like cohort, as preprocessed.
+
+    An ellipsoid brain holds CSF (centre), white matter and a grey-matter shell, and two small
+    spheres of "deep grey nuclei" (about 60 voxels each). Every subject's maps are the tissue
+    values times 1 + a smooth random field (standard deviation ``variation`` per voxel); the
+    patients' FA is ``effect`` lower and MD ``effect`` higher inside the nuclei: a regional
+    change far below what a voxel shows. The maps are written where the participant level writes
+    diffusion maps (``sub-<label>/dwi/*_model-tensor_param-fa_dwimap.nii.gz``), with brain masks.
+
+    Returns
+    -------
+    DiffusionCohort
+    """
+    from bids_anomaly import bids
+
+    grid = np.indices(shape).astype(float)
+    centre = (np.array(shape) - 1) / 2
+    radius = np.sqrt((((grid.T - centre) / (centre - 1.5)) ** 2).T.sum(0))
+    brain = radius < 1
+    tissue = (np.where(radius < 0.3, 3, np.where(radius < 0.75, 2, 1)) * brain).astype(np.int16)
+    nuclei = np.zeros(shape, np.int16)
+    for side in (-1, 1):
+        point = centre + np.array([side * 4.5, 1.0, 0.0])
+        nuclei[((grid.T - point) ** 2).T.sum(0) <= 2.5 ** 2] = 1
+    tissue[nuclei > 0] = 1
+    fa_base = np.choose(tissue, [0.0, 0.2, 0.45, 0.05]).astype(np.float64)
+    md_base = np.choose(tissue, [0.0, 0.85e-3, 0.75e-3, 3.0e-3])
+    fa_base[nuclei > 0], md_base[nuclei > 0] = 0.3, 0.8e-3
+    affine = np.diag([resolution] * 3 + [1.0])
+    rng = np.random.default_rng(seed)
+    groups = {}
+    for index in range(n_controls + n_patients):
+        patient = index >= n_controls
+        label = f"{'pd' if patient else 'hc'}{index:02d}"
+        groups[label] = "patient" if patient else "control"
+        for name, base, sign in (("FA", fa_base, -1), ("MD", md_base, 1)):
+            noise = ndimage.gaussian_filter(rng.normal(size=shape), 0.7)
+            value = base * (1 + noise * variation / noise.std())
+            if patient:
+                value[nuclei > 0] *= 1 + sign * effect
+            path = bids.spec_path(output_dir, label, None,
+                                  bids.preproc_spec(space, resolution, name))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            nib.Nifti1Image(np.where(brain, value, 0).astype(np.float32), affine).to_filename(
+                path)
+        mask = bids.spec_path(output_dir, label, None, bids.brain_mask_spec(space, resolution))
+        mask.parent.mkdir(parents=True, exist_ok=True)
+        nib.Nifti1Image(brain.astype(np.uint8), affine).to_filename(mask)
+    return DiffusionCohort(groups, brain, tissue, nuclei, space, resolution)

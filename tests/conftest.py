@@ -21,6 +21,29 @@ def tree_digest(root: Path) -> dict[str, str]:
     }
 
 
+def check_hostile_case(case: tuple, bids_dir: Path, tmp_path: Path, capsys,
+                       extra: list[str] | None = None) -> Path:
+    """Run a hostile-input case ``(setup, exit code, words)``: its code, one line, input intact.
+
+    ``setup(bids_dir, folder)`` prepares the case and returns the command's arguments after
+    OUTPUT_DIR; ``extra`` are appended. Returns the output folder.
+    """
+    from bids_anomaly.cli.run import main
+
+    setup, code, words = case
+    work = tmp_path / "case"
+    work.mkdir()
+    args = setup(bids_dir, work)
+    before = tree_digest(bids_dir)
+    output = tmp_path / "out"
+    assert main([str(bids_dir), str(output), *args, *(extra or [])]) == code
+    err = capsys.readouterr().err.strip()
+    assert words in err, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert tree_digest(bids_dir) == before
+    return output
+
+
 def write_minimal_bids(root: Path, subjects: dict[str, dict[str, nib.Nifti1Image]],
                        groups: dict[str, str] | None = None) -> Path:
     """Write a BIDS dataset with the given images (``{label: {suffix: image}}``)."""

@@ -163,10 +163,14 @@ def compare_groups(table: pd.DataFrame, measures: Sequence[str], control: str,
     -------
     pandas.DataFrame
         Per comparison and measure: ``n_patients``, ``n_controls``, the two means, ``auroc``
-        with its stratified bootstrap interval (``auroc_ci_low``, ``auroc_ci_high``),
+        with its stratified bootstrap interval (``auroc_ci_low``, ``auroc_ci_high``), the best
+        g-mean over cut-offs with its sensitivity, specificity and cut-off (``best_gmean``,
+        ``best_sensitivity``, ``best_specificity``, ``gmean_cutoff``),
         ``hedges_g`` and the two-sided Mann-Whitney ``p_value``.
     """
     from scipy.stats import mannwhitneyu
+
+    from bids_anomaly.evaluation.splits import best_gmean
 
     controls = table[table["group"] == control]
     patients = table[table["group"] != control]
@@ -187,6 +191,8 @@ def compare_groups(table: pd.DataFrame, measures: Sequence[str], control: str,
                 "patients_mean": float(a.mean()) if a.size else float("nan"),
                 "controls_mean": float(b.mean()) if b.size else float("nan"),
                 "auroc": auroc(a, b), "auroc_ci_low": low, "auroc_ci_high": high,
+                **{f"best_{k}" if k != "cutoff" else "gmean_cutoff": v
+                   for k, v in best_gmean(a, b).items() if k != "auroc"},
                 "hedges_g": hedges_g(a, b), "p_value": p_value,
             })
     return pd.DataFrame(rows)

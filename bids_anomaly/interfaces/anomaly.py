@@ -131,13 +131,16 @@ class ScoreAnomaly(SimpleInterface):
 
         from bids_anomaly.errors import BadDataError
         from bids_anomaly.models import ChannelScorer, SubjectImages, load_model
+        from bids_anomaly.models.base import scaling_for
 
         model, card = load_model(self.inputs.model_dir)
         tail = card.extra.get("calibration_tail")
         if self.inputs.fdr and tail is None:
             raise BadDataError(f"model {card.name!r} stores no healthy score distribution "
                                "(trained by an older version): retrain it to use --fdr")
-        subject = SubjectImages("subject", list(self.inputs.channel_files), self.inputs.mask_file)
+        subject = SubjectImages("subject", list(self.inputs.channel_files), self.inputs.mask_file,
+                                scaling=scaling_for(card.channels,
+                                                    card.extra.get("channel_scaling")))
         image, mask = subject.load(self.inputs.device)
         with torch.no_grad():
             if isinstance(model, ChannelScorer):

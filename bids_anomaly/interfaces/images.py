@@ -7,7 +7,13 @@ import os
 
 import nibabel as nib
 import numpy as np
-from nipype.interfaces.base import BaseInterfaceInputSpec, File, SimpleInterface, TraitedSpec
+from nipype.interfaces.base import (
+    BaseInterfaceInputSpec,
+    File,
+    InputMultiObject,
+    SimpleInterface,
+    TraitedSpec,
+)
 
 from bids_anomaly.images import load_volume, padding_to_zero, reorient_to_ras
 
@@ -62,5 +68,42 @@ class ApplyMask(SimpleInterface):
         data = np.where(mask, img.get_fdata(dtype=np.float32), 0).astype(np.float32)
         out_file = os.path.join(runtime.cwd, "masked.nii.gz")
         nib.Nifti1Image(data, img.affine, img.header).to_filename(out_file)
+        self._results["out_file"] = out_file
+        return runtime
+
+
+class _MeanImagesInputSpec(BaseInterfaceInputSpec):
+    in_files = InputMultiObject(File(exists=True), mandatory=True,
+                                desc="images on one grid")
+
+
+class MeanImages(SimpleInterface):
+    """Voxel-wise mean of images on one grid, over those that are not 0 at each voxel.
+
+    0 marks a voxel outside an image's field of view (as after resampling): where only some
+    images cover a voxel, their mean is taken; where none does, the result is 0. One image is
+    passed on unchanged.
+    """
+
+    input_spec = _MeanImagesInputSpec
+    output_spec = _ConformImageOutputSpec
+
+    def _run_interface(self, runtime):
+        files = list(self.inputs.in_files)
+        if len(files) == 1:
+            self._results["out_file"] = files[0]
+            return runtime
+        first = nib.load(files[0])
+        total = np.zeros(first.shape, np.float64)
+        count = np.zeros(first.shape, np.int64)
+        for path in files:
+            data = nib.load(path).get_fdata(dtype=np.float32)
+            if data.shape != first.shape:
+                raise ValueError(f"{path}: grid {data.shape} differs from {first.shape}")
+            total += data
+            count += data != 0
+        mean = np.where(count > 0, total / np.maximum(count, 1), 0).astype(np.float32)
+        out_file = os.path.join(runtime.cwd, "mean.nii.gz")
+        nib.Nifti1Image(mean, first.affine, first.header).to_filename(out_file)
         self._results["out_file"] = out_file
         return runtime

@@ -52,8 +52,13 @@ def run(settings: Settings) -> str:
     if settings.level == "train":
         from bids_anomaly.levels.train import run_train
 
-        directory: Path = run_train(settings)
-        return f"model written to {directory}" if distributed.is_main() else ""
+        directories: list[Path] = run_train(settings)
+        if not distributed.is_main():
+            return ""
+        if len(directories) == 1:
+            return f"model written to {directories[0]}"
+        return (f"{len(directories)} models written to {directories[0].parent}: "
+                + ", ".join(d.name for d in directories))
     from bids_anomaly.levels.group import run_group
 
     tables = run_group(settings)

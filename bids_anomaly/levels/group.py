@@ -7,6 +7,8 @@ import json
 import logging
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pandas as pd
 
 from bids_anomaly import __version__, bids
@@ -102,10 +104,58 @@ def run_group(settings: Settings) -> list[Path]:
             _write_table(result.statistics,
                          bids.group_table_path(settings.output_dir, desc, "statistics"), written)
         results.append(result)
-    written.append(write_group_report(bids.group_report_path(settings.output_dir), results))
+    protocols = _split_protocols(settings, maps, participants, control, written)
+    written.append(write_group_report(bids.group_report_path(settings.output_dir), results,
+                                      protocols))
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"key": key, "written": [str(p) for p in written]}, indent=1))
     return written
+
+
+def _split_protocols(settings: Settings, maps: dict[str, list[Path]],
+                     participants: pd.DataFrame | None, control: str | None,
+                     written: list[Path]) -> dict[str, dict[str, pd.DataFrame]]:
+    """The subject-level protocol of every ``train --splits`` run (tables written)."""
+    from bids_anomaly.evaluation.protocol import split_families, split_protocol
+    from bids_anomaly.levels.steps import prepare_atlas
+    from bids_anomaly.template import get_template
+
+    families = split_families(settings.output_dir)
+    if not families:
+        return {}
+    if control is None or participants is None:
+        LOGGER.warning("models trained with --splits need patients and controls (a 'group' "
+                       "column in participants.tsv) for the subject-level protocol: skipped")
+        return {}
+    groups = {f"sub-{label}": str(group) for label, group in
+              zip(participants["label"], participants["group"], strict=True)}
+    first = next(p for paths in maps.values() for p in paths)
+    entities = bids.parse_name(first)
+    template = get_template(int(entities["res"]), bids.template_cache_dir(settings.work_dir))
+    tissue = atlas = labels = None
+    if template.name == entities["space"]:
+        tissue = np.asarray(nib.load(template.dseg).dataobj).astype(np.int64)
+        loaded = prepare_atlas(settings, template)
+        if loaded is not None:
+            atlas = np.asarray(nib.load(loaded.path).dataobj).astype(np.int64)
+            labels = loaded.labels
+    protocols = {}
+    for family, models in families.items():
+        tables = split_protocol(settings.output_dir, models, maps, groups, control,
+                                settings.group.burden_threshold,
+                                settings.group.control_percentile, tissue, atlas, labels)
+        if not tables:
+            continue
+        desc = bids.model_desc(family)
+        for suffix, table in tables.items():
+            _write_table(table, bids.group_table_path(settings.output_dir, desc, suffix),
+                         written)
+        summary = tables["splits"].set_index("split")
+        LOGGER.info("%s: %d splits, whole-brain burden: median AUROC %.3f, median g-mean %.3f "
+                    "(IQR %.3f)", family, len(models), summary.loc["median", "auroc"],
+                    summary.loc["median", "gmean"], summary.loc["iqr", "gmean"])
+        protocols[family] = tables
+    return protocols
 
 
 def group_inputs_key(settings: Settings, maps: dict[str, list[Path]]) -> str:
@@ -127,6 +177,9 @@ def group_inputs_key(settings: Settings, maps: dict[str, list[Path]]) -> str:
     digest = hashlib.sha256(json.dumps({
         "version": __version__, "ground_truth": str(ground_truth),
         "control_label": settings.group.control_label, "bootstrap": settings.group.bootstrap,
+        "burden_threshold": settings.group.burden_threshold,
+        "control_percentile": settings.group.control_percentile,
+        "atlas": str(settings.postprocessing.atlas),
         "seed": settings.execution.random_seed,
         "participants": settings.inputs.participant_label,
     }, sort_keys=True).encode())

@@ -9,7 +9,7 @@ import nibabel as nib
 
 from bids_anomaly import bids
 from bids_anomaly.config import Settings
-from bids_anomaly.errors import BadDataError, MissingInputError
+from bids_anomaly.errors import BadDataError, MissingInputError, UsageError
 from bids_anomaly.levels.steps import (
     collect_subjects,
     index_dataset,
@@ -63,7 +63,7 @@ def split_compatible(subjects: list[bids.AnatInputs], card: ModelCard, strict: b
     compatible, skipped = [], []
     for inputs in subjects:
         try:
-            card.check_channels(inputs.modalities)
+            card.check_channels(inputs.channels)
         except BadDataError as error:
             if strict:
                 raise BadDataError(f"{inputs.name}: {error}") from error
@@ -79,12 +79,31 @@ def split_compatible(subjects: list[bids.AnatInputs], card: ModelCard, strict: b
     return compatible, skipped
 
 
+def models_to_apply(settings: Settings) -> list[str]:
+    """``--model`` as the models to apply: itself, or every split of a ``train --splits`` run.
+
+    ``--model NAME`` names the models ``NAME-split01``, ``NAME-split02``, ... when no model
+    ``NAME`` exists and those do (see :func:`~bids_anomaly.levels.train.train_splits`).
+    """
+    name = settings.model.model
+    if not name:
+        return []
+    try:
+        if Path(name).is_dir() or bids.model_dir(settings.output_dir, name).is_dir():
+            return [name]
+    except UsageError:  # not a model name: resolve_model says so
+        return [name]
+    return bids.split_models(settings.output_dir, name) or [name]
+
+
 def run_participant(settings: Settings
                     ) -> tuple[list[bids.AnatInputs], list[tuple[bids.AnatInputs, str]]]:
     """The participant level: preprocess the selected participants and score them with a model.
 
     Subjects that the model cannot score (a missing channel) are preprocessed, not scored, and
     returned with the reason; with ``--stop-on-first-crash`` they stop the run before any work.
+    The models of a ``train --splits`` run are applied one after the other (preprocessing is
+    done once).
 
     Returns
     -------
@@ -93,20 +112,32 @@ def run_participant(settings: Settings
     skipped : list of (AnatInputs, str)
         Those the model did not score, and why.
     """
+    import copy
+
     layout = index_dataset(settings)
     labels = bids.select_participants(layout, settings.inputs.participant_label,
                                       settings.bids_dir)
     subjects = collect_subjects(settings, layout, labels)
     layout, template = prepare(settings, layout)
     validate_images(subjects, bids.validated_inputs_path(settings.work_dir))
-    model = None
-    scored, skipped = subjects, []
-    if settings.model.model:
-        model = resolve_model(settings, template)
-        apply_tuned_postprocessing(settings, model[1])
+    names = models_to_apply(settings)
+    if not names:
+        preprocess(settings, subjects, template)
+        return subjects, []
+    applied = []
+    for name in names:  # every model is checked before any work
+        model_settings = copy.deepcopy(settings)
+        model_settings.model.model = name
+        model = resolve_model(model_settings, template)
+        apply_tuned_postprocessing(model_settings, model[1])
         model[1].check_space(template.name, template.resolution,
                              settings.preprocessing.recorded())
         scored, skipped = split_compatible(subjects, model[1],
                                            settings.execution.stop_on_first_crash)
-    preprocess(settings, subjects, template, model, scored={s.name for s in scored})
-    return subjects, skipped
+        applied.append((model_settings, model, scored, skipped))
+    if len(names) > 1:
+        LOGGER.info("--model %s: applying the %d models of its splits", settings.model.model,
+                    len(names))
+    for model_settings, model, scored, _ in applied:
+        preprocess(model_settings, subjects, template, model, scored={s.name for s in scored})
+    return subjects, applied[-1][3]

@@ -80,10 +80,15 @@ def collect_subjects(settings: Settings, layout, labels: list[str]) -> list[bids
     MissingInputError
         No selected subject/session has a usable anatomical image.
     """
+    deriv = settings.preprocessing.dwi_derivatives
+    if deriv is not None and not deriv.is_dir():
+        raise MissingInputError(f"--dwi-derivatives {deriv}: no such folder")
     subjects = []
     for label in labels:
         for inputs in bids.collect_anat(layout, label, settings.inputs.session_label,
-                                        settings.inputs.bids_filters):
+                                        settings.inputs.bids_filters,
+                                        settings.preprocessing.dwi_params,
+                                        settings.preprocessing.dwi_derivatives):
             if not inputs.images:
                 LOGGER.warning("%s: no anatomical image (T1w, FLAIR, T2w or PDw); skipped",
                                inputs.name)
@@ -97,19 +102,44 @@ def collect_subjects(settings: Settings, layout, labels: list[str]) -> list[bids
 def validate_images(subjects: list[bids.AnatInputs], record: Path) -> None:
     """Read every input image once (corrupt, 4D, bad headers fail here, naming the file).
 
+    Diffusion runs are read with their gradients, as they will be fitted: a missing or
+    inconsistent bval/bvec, a 3D dwi, no b = 0 or only b = 0 volumes stop the run here, before
+    any work (:func:`~bids_anomaly.diffusion.load_dwi_runs`).
+
     Files already checked with the same size and modification time are not read again
     (``record`` lists them).
     """
+    from bids_anomaly.diffusion import check_maps, load_dwi_runs
+
     seen = json.loads(record.read_text()) if record.is_file() else {}
+
+    def signature(paths: list[Path]) -> tuple[str, list]:
+        stats = [os.stat(p) if os.path.exists(p) else None for p in paths]
+        return "|".join(map(str, paths)), [[s.st_size, s.st_mtime_ns] if s else None
+                                           for s in stats]
+
     for inputs in subjects:
         for path in inputs.images.values():
-            stat = os.stat(path)
-            key, signature = str(path), [stat.st_size, stat.st_mtime_ns]
-            if seen.get(key) == signature:
-                continue
-            check_anatomical(np.asarray(load_volume(path).dataobj), path)
-            seen[key] = signature
+            key, stamp = signature([path])
+            if seen.get(key) != stamp[0]:
+                check_anatomical(np.asarray(load_volume(path).dataobj), path)
+                seen[key] = stamp[0]
+        if inputs.dwi_maps:
+            maps = {p: inputs.dwi_maps[p] for p in inputs.dwi_params}
+            key, stamp = signature(list(inputs.dwi_maps.values()))
+            if seen.get(key) != stamp:
+                check_maps(maps)
+                if "dwiref" in inputs.dwi_maps:
+                    load_volume(inputs.dwi_maps["dwiref"])
+                seen[key] = stamp
+        for runs in bids.group_dwi_runs(inputs.dwi):  # the runs fitted together, with gradients
+            key, stamp = signature([f for run in runs for f in (run.image, run.bval, run.bvec)])
+            if seen.get(key) != stamp:
+                load_dwi_runs([r.image for r in runs], [r.bval for r in runs],
+                              [r.bvec for r in runs])
+                seen[key] = stamp
     record.write_text(json.dumps(seen, indent=1))
+
 
 
 def configure_nipype(settings: Settings) -> None:

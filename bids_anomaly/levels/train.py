@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from bids_anomaly import __version__, bids
-from bids_anomaly.config import MODALITIES, Settings
+from bids_anomaly.config import CHANNELS, MODALITIES, Settings
 from bids_anomaly.device import resolve_device
 from bids_anomaly.errors import BidsAnomalyError, MissingInputError, UsageError
 from bids_anomaly.levels.annotations import annotations_in_template, check_annotations
@@ -29,6 +29,7 @@ from bids_anomaly.models.base import (
     SubjectImages,
     TrainingData,
     file_checksum,
+    fit_channel_scaling,
     load_model,
     save_model,
 )
@@ -40,7 +41,10 @@ LOGGER = logging.getLogger(__name__)
 
 
 def choose_channels(subjects: list[bids.AnatInputs], requested: list[str]) -> list[str]:
-    """The requested channels, or every modality all subjects have (in MODALITIES order).
+    """The requested channels, or every modality all subjects have (in CHANNELS order).
+
+    Diffusion maps are channels only when asked for: a T1w model stays a T1w model when some
+    subjects have dwi runs.
 
     Raises
     ------
@@ -49,11 +53,13 @@ def choose_channels(subjects: list[bids.AnatInputs], requested: list[str]) -> li
     """
     if requested:
         for inputs in subjects:
-            missing = [c for c in requested if c not in inputs.images]
+            missing = [c for c in requested if c not in inputs.channels]
             if missing:
                 raise MissingInputError(f"{inputs.name} has no {', '.join(missing)} image; drop "
-                                        "it from the selection or from --channels")
-        return [m for m in MODALITIES if m in requested]
+                                        "it from the selection or from --channels (diffusion "
+                                        "maps need dwi runs, or --dwi-derivatives, and "
+                                        "--dwi-maps naming them)")
+        return [m for m in CHANNELS if m in requested]
     common = [m for m in MODALITIES if all(m in inputs.images for inputs in subjects)]
     if not common:
         raise MissingInputError("the training subjects share no modality; use --channels and "
@@ -78,7 +84,8 @@ def training_data(settings: Settings, subjects: list[bids.AnatInputs], channels:
 
 def training_key(settings: Settings, data: TrainingData, template: Template,
                  preprocessing: dict, hyperparameters: dict,
-                 annotations: dict[str, tuple[Path, Path]] | None = None) -> str:
+                 annotations: dict[str, tuple[Path, Path]] | None = None,
+                 extra: dict | None = None) -> str:
     """A digest of everything a trained model depends on: the data's bytes and the settings.
 
     A model directory whose card records the same key is up to date: training it again would
@@ -94,6 +101,7 @@ def training_key(settings: Settings, data: TrainingData, template: Template,
         "template": [template.name, template.resolution],
         "preprocessing": preprocessing, "subjects": data.names,
         "annotated": sorted(annotations or {}), "tune_objective": settings.model.tune_objective,
+        "channel_scaling": settings.model.channel_scaling, "extra": extra or {},
     }, sort_keys=True, default=str).encode())
     for name in sorted(annotations or {}):
         digest.update(file_checksum(annotations[name][0]).encode())
@@ -117,14 +125,16 @@ def up_to_date(directory: Path, key: str) -> bool:
 
 def fit_and_save(settings: Settings, data: TrainingData, template: Template,
                  preprocessing: dict,
-                 annotations: dict[str, tuple[Path, Path]] | None = None) -> Path:
+                 annotations: dict[str, tuple[Path, Path]] | None = None,
+                 extra: dict | None = None) -> Path:
     """Fit on part of ``data``, calibrate the threshold on the rest, write the model directory.
 
     A model already trained on the same data with the same settings is kept as it is. With
     ``annotations`` (lesion and healthy masks by subject name, see
     :func:`~bids_anomaly.levels.annotations.annotations_in_template`), the annotated subjects
     are not controls: see :func:`split_annotated`, and the post-processing is tuned on them
-    (:func:`~bids_anomaly.levels.weak.tune_on_annotations`).
+    (:func:`~bids_anomaly.levels.weak.tune_on_annotations`). ``extra`` is recorded in the
+    card (``extra``) and in the training key.
 
     Returns
     -------
@@ -135,7 +145,7 @@ def fit_and_save(settings: Settings, data: TrainingData, template: Template,
     directory = bids.model_dir(settings.output_dir, name)
     model = build_model(settings)
     key = training_key(settings, data, template, preprocessing, model.hyperparameters,
-                       annotations)
+                       annotations, extra)
     if up_to_date(directory, key):
         LOGGER.info("model %s is up to date (same data and settings): kept", directory)
         return directory
@@ -149,6 +159,12 @@ def fit_and_save(settings: Settings, data: TrainingData, template: Template,
         fit_data = calibration_data = data
     else:
         fit_data, calibration_data = data.split(settings.model.calibration_fraction, seed)
+    scaling = fit_channel_scaling(fit_data, settings.model.channel_scaling)
+    if scaling:
+        LOGGER.info("channels scaled by the 1st-99th percentiles of the fitted subjects: %s",
+                    ", ".join(f"{c} [{lo:.4g}, {hi:.4g}]" for c, (lo, hi) in scaling.items()))
+        fit_data, calibration_data, data = (d.scaled(scaling)
+                                            for d in (fit_data, calibration_data, data))
     LOGGER.info("fitting %s on %d subjects, calibrating on %d held-out subjects",
                 model.model_type, len(fit_data), len(calibration_data))
     model.fit(fit_data)
@@ -171,7 +187,7 @@ def fit_and_save(settings: Settings, data: TrainingData, template: Template,
         calibration_voxels=int(calibration.size),
         score_definition=model.score_definition,
         extra={"calibration_tail": tail_table(calibration), "fit": model.fit_report,
-               "training_key": key},
+               "training_key": key, "channel_scaling": scaling, **(extra or {})},
     )
     if annotations:
         tune_on_annotations(card, model, fit_data, data, annotations, template, calibration,
@@ -182,13 +198,70 @@ def fit_and_save(settings: Settings, data: TrainingData, template: Template,
     return directory
 
 
-def run_train(settings: Settings) -> Path:
+def train_splits(settings: Settings, data: TrainingData, template: Template) -> list[Path]:
+    """Train one model per split of the controls (``--splits N``), the rest held out.
+
+    The participants of ``data`` (all controls) are split ``N`` times into training and test
+    sets (:func:`~bids_anomaly.evaluation.splits.split_controls`: age/sex-balanced when
+    participants.tsv has complete ``age`` and ``sex`` columns); model ``NAME-splitKK`` is
+    fitted and calibrated on the training part only, and its card records the split
+    (``extra.split``: family, index, training and test controls, strata, balance). The
+    preprocessed images are read as they are: nothing is preprocessed again.
+
+    Returns
+    -------
+    list of Path
+        The model directories, in split order.
+    """
+    import dataclasses
+
+    import pandas as pd
+
+    from bids_anomaly.evaluation.splits import (
+        describe_split,
+        split_controls,
+        split_strata,
+    )
+
+    name = settings.model.model_name or settings.model.model_type
+    count, test_size = settings.model.splits, settings.model.split_test_size
+    labels = sorted({bids.participant_of(s.name) for s in data.subjects})
+    try:
+        table = bids.read_participants(settings.bids_dir)
+        table = table[table["label"].isin(labels)]
+    except MissingInputError:
+        table = pd.DataFrame({"label": labels})
+    seed = settings.execution.random_seed
+    splits = split_controls(table, count, test_size, seed)
+    strata = split_strata(table, None, test_size)
+    directories = []
+    for index, (train, test) in enumerate(splits, start=1):
+        split_name = bids.check_model_name(f"{name}-split{index:02d}")
+        LOGGER.info("split %d of %d: %d training controls, %d held out (%s)", index, count,
+                    len(train), len(test), ", ".join(test))
+        kept = [i for i, s in enumerate(data.subjects)
+                if bids.participant_of(s.name) in train]
+        split_settings = dataclasses.replace(
+            settings, model=dataclasses.replace(settings.model, model_name=split_name))
+        record = {"split": {"family": name, "index": index, "splits": count,
+                            "train_controls": [f"sub-{x}" for x in train],
+                            "test_controls": [f"sub-{x}" for x in test],
+                            "strata": strata, "seed": seed,
+                            "balance": {key: None if value != value else value  # NaN: none
+                                        for key, value in describe_split(table, train,
+                                                                         test).items()}}}
+        directories.append(fit_and_save(split_settings, data.subset(kept), template,
+                                        settings.preprocessing.recorded(), extra=record))
+    return directories
+
+
+def run_train(settings: Settings) -> list[Path]:
     """The train level: select, preprocess what is missing, fit, calibrate and save.
 
     Returns
     -------
-    Path
-        The model directory.
+    list of Path
+        The model directory (one per split with ``--splits``).
     """
     device = distributed.setup(resolve_device(settings.execution.device))
     try:
@@ -214,7 +287,9 @@ def run_train(settings: Settings) -> Path:
         carried = (annotations_in_template(settings, subjects, template)
                    if annotations is not None else None)
         data = training_data(settings, subjects, channels, template, device)
-        return fit_and_save(settings, data, template, settings.preprocessing.recorded(),
-                            carried)
+        if settings.model.splits:
+            return train_splits(settings, data, template)
+        return [fit_and_save(settings, data, template, settings.preprocessing.recorded(),
+                             carried)]
     finally:
         distributed.teardown()

@@ -56,12 +56,16 @@ class SubjectImages:
     lesion : Path, optional
         The subject's annotated lesions on the same grid (``train --annotations``); only the
         families that learn from annotations (``learns_from_annotations``) are given it.
+    scaling : tuple, optional
+        Per channel, ``(q1, q99)`` to map to 0 and 1 (:func:`scale_channel`), or None to
+        leave it as it is (see :func:`fit_channel_scaling`).
     """
 
     name: str
     channels: list[Path]
     mask: Path
     lesion: Path | None = None
+    scaling: tuple[tuple[float, float] | None, ...] | None = None
 
     def load_lesion(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
         """The annotated lesions as an ``(X, Y, Z)`` boolean tensor (None: not annotated)."""
@@ -79,7 +83,90 @@ class SubjectImages:
             if img.shape != mask_img.shape:
                 raise BadDataError(f"{path}: grid {img.shape} differs from its mask {mask.shape}")
             channels.append(torch.from_numpy(img.get_fdata(dtype=np.float32)))
+        for index, bounds in enumerate(self.scaling or ()):
+            if bounds is not None:
+                channels[index] = scale_channel(channels[index], *bounds)
         return torch.stack(channels).to(device), mask.to(device)
+
+
+SCALING_CHOICES = ("auto", "quantile", "none")
+"""``--channel-scaling``: quantile scaling of the diffusion maps only (auto), of every channel,
+or of none."""
+
+SCALING_QUANTILES = (0.01, 0.99)
+"""The quantiles mapped to 0 and 1 (Pinon et al., ISBI 2023: (X - q1) / (q99 - q1))."""
+
+SCALING_VOXELS = 100_000
+"""Most voxels per subject and channel read for the quantiles (an even stride over the brain):
+the quantiles of a thousand subjects need no more memory than those of a few."""
+
+
+def scale_channel(values: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """``(values - low) / (high - low)``, keeping 0 (a voxel outside the field of view) 0.
+
+    A measured value that lands exactly on 0 is moved to the smallest positive float32, so
+    that it is not taken for a missing voxel (:func:`valid_voxels`).
+    """
+    scaled = (values - low) / (high - low)
+    scaled = torch.where((scaled == 0) & (values != 0),
+                         torch.tensor(np.finfo(np.float32).tiny), scaled)
+    return torch.where(values != 0, scaled, torch.zeros_like(scaled))
+
+
+def fit_channel_scaling(data: TrainingData, mode: str) -> dict[str, list[float]]:
+    """The q1/q99 of each scaled channel over the brain voxels of ``data`` (training controls).
+
+    Parameters
+    ----------
+    data : TrainingData
+        The subjects the model is fitted on (never those it is calibrated or tested on).
+    mode : str
+        One of :data:`SCALING_CHOICES`: ``auto`` scales the diffusion maps (physical units:
+        FA in 0-1, MD about 1e-3 mm^2/s) and leaves the anatomical channels, already
+        normalised by preprocessing; ``quantile`` scales every channel; ``none`` nothing.
+
+    Returns
+    -------
+    dict
+        Channel name to ``[q1, q99]``, for the channels scaled.
+    """
+    from bids_anomaly.config import DIFFUSION_MAPS
+
+    if mode not in SCALING_CHOICES:
+        raise ValueError(f"unknown channel scaling {mode!r}")
+    scaled = [c for c in data.channels
+              if mode == "quantile" or (mode == "auto" and c in DIFFUSION_MAPS)]
+    if not scaled:
+        return {}
+    samples: dict[str, list[np.ndarray]] = {c: [] for c in scaled}
+    for subject in data.subjects:
+        plain = dataclasses.replace(subject, scaling=None)
+        image, mask = plain.load("cpu")
+        valid = valid_voxels(image, mask)
+        for index, channel in enumerate(data.channels):
+            if channel in samples:
+                values = image[index][valid].numpy()
+                step = max(1, values.size // SCALING_VOXELS)
+                samples[channel].append(values[::step])
+    bounds = {}
+    for channel, values in samples.items():
+        pooled = np.concatenate(values) if values else np.zeros(0, np.float32)
+        if pooled.size < 2:
+            raise MissingInputError(f"channel {channel}: no brain voxel to scale by")
+        low, high = (float(q) for q in np.quantile(pooled, SCALING_QUANTILES))
+        if not high > low:
+            raise BadDataError(f"channel {channel}: its 1st and 99th percentiles are equal "
+                               f"({low:g}) in the training subjects; it cannot be scaled")
+        bounds[channel] = [low, high]
+    return bounds
+
+
+def scaling_for(channels: list[str], bounds: dict[str, list[float]] | None
+                ) -> tuple[tuple[float, float] | None, ...] | None:
+    """The per-channel scaling of :class:`SubjectImages` from a card's ``channel_scaling``."""
+    if not bounds:
+        return None
+    return tuple(tuple(bounds[c]) if c in bounds else None for c in channels)
 
 
 @dataclass
@@ -128,6 +215,15 @@ class TrainingData:
     def subset(self, index: list[int]) -> TrainingData:
         """The subjects at ``index``, with the same channels, device and template maps."""
         return dataclasses.replace(self, subjects=[self.subjects[i] for i in index])
+
+    def scaled(self, bounds: dict[str, list[float]] | None) -> TrainingData:
+        """The same subjects, their channels scaled by ``bounds`` when read.
+
+        See :func:`fit_channel_scaling`.
+        """
+        scaling = scaling_for(self.channels, bounds)
+        return dataclasses.replace(self, subjects=[dataclasses.replace(s, scaling=scaling)
+                                                   for s in self.subjects])
 
     @property
     def annotated(self) -> list[int]:
@@ -413,7 +509,7 @@ def save_model(model: AnomalyModel, card: ModelCard, directory: Path) -> Path:
 
 def _card_problem(card: ModelCard) -> str | None:
     """What is wrong with a card's fields (None: nothing)."""
-    from bids_anomaly.config import MODALITIES
+    from bids_anomaly.config import CHANNELS
 
     def number(value: object) -> bool:
         return (isinstance(value, (int, float)) and not isinstance(value, bool)
@@ -427,9 +523,9 @@ def _card_problem(card: ModelCard) -> str | None:
                 f"{', '.join(sorted(REGISTRY))})")
     if (not names(card.channels) or not card.channels
             or len(set(card.channels)) != len(card.channels)
-            or not set(card.channels) <= set(MODALITIES)):
-        return (f"channels {card.channels!r} must be a non-empty list of distinct modalities "
-                f"among {', '.join(MODALITIES)}")
+            or not set(card.channels) <= set(CHANNELS)):
+        return (f"channels {card.channels!r} must be a non-empty list of distinct channels "
+                f"among {', '.join(CHANNELS)}")
     if not number(card.threshold):
         return f"threshold {card.threshold!r} is not a finite number"
     if not number(card.fpr) or not 0 < card.fpr < 1:

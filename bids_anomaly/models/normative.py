@@ -22,6 +22,36 @@ MAD_TO_SD = 1.4826
 """Median absolute deviation of a Gaussian, in standard deviations."""
 
 
+IQR_SAMPLES = 1_000_000
+"""Most voxel values per channel read for its interquartile range (an even stride)."""
+
+
+def channel_iqr(values: torch.Tensor) -> torch.Tensor:
+    """Interquartile range of each channel over subjects and voxels (NaN: outside the brain).
+
+    Parameters
+    ----------
+    values : torch.Tensor
+        ``(subjects, channels, X, Y, Z)``.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(channels,)``; 1 for a channel without spread (so that the floor stays finite).
+    """
+    ranges = []
+    for channel in range(values.shape[1]):
+        flat = values[:, channel].reshape(-1)
+        flat = flat[~flat.isnan()]
+        flat = flat[:: max(1, flat.numel() // IQR_SAMPLES)].double()
+        if flat.numel() < 2:
+            ranges.append(1.0)
+            continue
+        low, high = torch.quantile(flat, torch.tensor([0.25, 0.75], dtype=flat.dtype))
+        ranges.append(float(high - low) if high > low else 1.0)
+    return torch.tensor(ranges, dtype=values.dtype)
+
+
 @register
 class NormativeModel(BaseModel):
     """Per-voxel median and scaled MAD of healthy subjects; scores are robust z-scores.
@@ -41,7 +71,10 @@ class NormativeModel(BaseModel):
         Voxels inside fewer than this fraction of the training brain masks (and fewer than 2)
         get no score (0): the brain's edge, where subjects disagree on what is brain.
     min_spread : float
-        Floor of the spread, in normalised intensity units.
+        Floor of the spread, as a fraction of the channel's interquartile range over the
+        training brains: about 0.1 normalised units for the anatomical channels (robust
+        z-scores, IQR 1 per subject), and the same share of the range of a diffusion map
+        whatever its units or scaling.
     spread_sigma : float
         Standard deviation, in voxels, of the Gaussian pooling of the spread (0: none).
     direction : list of str or dict, optional
@@ -139,8 +172,9 @@ class NormativeModel(BaseModel):
                 pooled = smooth(variance[:, None])[:, 0]
                 weight = smooth(support[None, None])[0, 0]
             variance = pooled / weight.clamp_min(1e-6)
+        floor = self.min_spread * channel_iqr(values)[:, None, None, None]
         self.location = torch.nan_to_num(location) * support
-        self.spread = variance.sqrt().clamp_min(self.min_spread) * support + (1 - support)
+        self.spread = torch.maximum(variance.sqrt(), floor) * support + (1 - support)
 
     def score(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Largest directed robust z-score over channels, 0 outside mask and support."""

@@ -100,7 +100,29 @@ def _regions_section(result) -> list[str]:
             f"desc-{html.escape(result.desc)}_regions.tsv).</p>", table_html(table)]
 
 
-def write_group_report(path: Path, results: list) -> Path:
+def _protocol_section(family: str, tables: dict[str, pd.DataFrame]) -> list[str]:
+    """The subject-level protocol of a ``train --splits`` run: splits, then regions."""
+    splits = tables["splits"]
+    regions = tables["splitregions"]
+    count = int(splits["split"].map(str).str.isdigit().sum())
+    summary = regions[regions["split"].isin(["median", "iqr"])].pivot(
+        index="region", columns="split", values="gmean").reset_index()
+    summary.columns = ["region", "iqr g-mean", "median g-mean"]
+    summary = summary.sort_values("median g-mean", ascending=False)
+    return [
+        f"<h2>Subject-level protocol: {html.escape(family)} ({count} splits)</h2>",
+        "<p>Per split, the share of abnormal voxels of each subject separates the patients "
+        "from that split's held-out controls: AUROC, and the best g-mean "
+        "sqrt(sensitivity x specificity) over cut-offs with its sensitivity and specificity; "
+        "then the median, quartiles and IQR over splits.</p>",
+        table_html(splits),
+        "<h3>Best g-mean per region (median and IQR over splits)</h3>",
+        table_html(summary),
+    ]
+
+
+def write_group_report(path: Path, results: list,
+                       protocols: dict[str, dict[str, pd.DataFrame]] | None = None) -> Path:
     """Write ``report.html``: per model the evaluation, statistics, tables and overlays.
 
     Parameters
@@ -109,6 +131,9 @@ def write_group_report(path: Path, results: list) -> Path:
         Output file; figures are written to ``figures/`` beside it and embedded in the page.
     results : list of ModelResults
         One per model (:class:`bids_anomaly.evaluation.group.ModelResults`).
+    protocols : dict, optional
+        The subject-level protocol tables of each ``train --splits`` run
+        (:func:`~bids_anomaly.evaluation.protocol.split_protocol`), shown first.
 
     Returns
     -------
@@ -123,6 +148,8 @@ def write_group_report(path: Path, results: list) -> Path:
     path = Path(path)
     figures = bids.group_figures_dir(path.parent.parent)
     sections = []
+    for family, tables in (protocols or {}).items():
+        sections.extend(_protocol_section(family, tables))
     for result in results:
         sections.append(f"<h2>Model {html.escape(result.desc)}</h2>")
         sections.append(f"<p>{len(result.burden)} subject/session(s) scored.</p>")

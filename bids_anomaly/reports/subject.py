@@ -146,6 +146,9 @@ def session_sections(output_dir: Path, inputs: bids.AnatInputs, space: str) -> l
          bids.figure_spec("registration", reference, space)),
     ] + [(f"{m} in template space with the {reference}'s contours",
           bids.figure_spec("coregistration", m, space)) for m in others]
+    if inputs.dwi_params:
+        figures.append((f"diffusion b=0 image in template space with the {reference}'s contours",
+                        bids.figure_spec("coregistration", "b0", space)))
     for caption, spec in figures:
         path = bids.spec_path(output_dir, sub, ses, spec)
         if path.is_file():
@@ -182,7 +185,9 @@ def write_subject_reports(output_dir: Path, subjects: list[bids.AnatInputs],
             sections.extend(model_sections(output_dir, inputs, space))
         if not sections:
             continue
-        images = sorted({f"{m}: {p.name}" for i in sessions for m, p in i.images.items()})
+        images = sorted({f"{m}: {p.name}" for i in sessions for m, p in i.images.items()}
+                        | {f"dwi: {r.image.name}" for i in sessions for r in i.dwi}
+                        | {f"{m}: {p.name}" for i in sessions for m, p in i.dwi_maps.items()})
         sections.insert(0, {"heading": "Inputs", "text": "\n\n".join(images)})
         path = bids.subject_report_path(output_dir, subject)
         pages.append(write_subject_report(path, f"sub-{subject}", sections))

@@ -15,6 +15,7 @@ from bids_anomaly.interfaces.deepbet import BrainExtraction
 from bids_anomaly.interfaces.images import ApplyMask, ConformImage
 from bids_anomaly.interfaces.normalization import NormalizeIntensity
 from bids_anomaly.interfaces.qc import QCFigures, RegistrationQC
+from bids_anomaly.workflows.diffusion import DwiInputs, init_dwi_wf
 
 N4_FIT_SPACING_MM = 8
 """Voxel size (mm) of N4's fit: the shrink factor is this over the template resolution.
@@ -34,9 +35,11 @@ def init_anat_preproc_wf(
     use_gpu: bool = False,
     random_seed: int = 0,
     subject_name: str = "",
+    dwi: DwiInputs | None = None,
+    dwi_registration: str = "Rigid",
     name: str = "anat_preproc_wf",
 ) -> pe.Workflow:
-    """Preprocess the anatomical images of one subject/session.
+    """Preprocess the images of one subject/session: anatomical, and diffusion when given.
 
     The first modality is the reference. It is reoriented to RAS+ and brain-extracted (deepbet,
     or its own background when it is already skull-stripped). Its brain, resampled to the
@@ -46,6 +49,11 @@ def init_anat_preproc_wf(
     transform), is bias-corrected there by N4 inside the warped brain mask, and normalised
     inside it. For the other modalities, the mask is the part of the brain inside that image's
     field of view (thick clinical stacks may miss the top of the brain); outside it they are 0.
+
+    With ``dwi``, the diffusion maps are computed and carried to the template grid by
+    :func:`~bids_anomaly.workflows.diffusion.init_dwi_wf` (a sub-workflow), registered to the
+    reference's brain; their b = 0 image is checked like a coregistered modality (``b0`` in
+    the QC table and figures).
 
     Registration, coregistration and N4 all run at the template resolution: the transforms are
     in world coordinates, and the outputs are at that resolution anyway. Measured by
@@ -72,6 +80,11 @@ def init_anat_preproc_wf(
         Seed of the registrations' metric sampling.
     subject_name : str
         ``sub-<label>[_ses-<label>]``, for log messages.
+    dwi : DwiInputs, optional
+        The diffusion inputs (none: no diffusion branch).
+    dwi_registration : str
+        How the b = 0 image is registered (see
+        :func:`~bids_anomaly.workflows.diffusion.init_dwi_wf`).
     name : str
         Workflow name.
 
@@ -94,12 +107,17 @@ def init_anat_preproc_wf(
         ITK composite transforms between the reference image and the template.
     <modality>_to_ref
         Rigid transform of each non-reference modality to the reference (ITK .mat).
+    preproc_<param>, dwiref, dwi_to_ref
+        Diffusion maps and b = 0 image in template space, b = 0-to-reference transforms (with
+        ``dwi``).
     qc_tsv
         One row of registration QC metrics.
     fig_brain_mask, fig_registration, fig_coregistration
         QC figures (SVG); the last is a list, one per non-reference modality.
     """
     reference, others = modalities[0], modalities[1:]
+    dwi_params = dwi.params if dwi is not None else ()
+    checked = others + (["b0"] if dwi_params else [])  # coregistration QC
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(
         niu.IdentityInterface(fields=[f"in_{m}" for m in modalities]
@@ -108,10 +126,11 @@ def init_anat_preproc_wf(
     )
     outputnode = pe.Node(
         niu.IdentityInterface(
-            fields=[f"preproc_{m}" for m in modalities]
+            fields=[f"preproc_{m}" for m in (*modalities, *dwi_params)]
             + ["std_mask", "ref_brain_mask", "ref_to_template", "template_to_ref", "qc_tsv",
                "fig_brain_mask", "fig_registration", "fig_coregistration"]
             + [f"{m}_to_ref" for m in others]
+            + (["dwiref", "dwi_to_ref"] if dwi_params else [])
         ),
         name="outputnode",
     )
@@ -153,12 +172,12 @@ def init_anat_preproc_wf(
     ])
 
     qc = pe.Node(RegistrationQC(subject_name=subject_name, reference=reference,
-                                modalities=others), name="registration_qc", mem_gb=0.5)
-    figures = pe.Node(QCFigures(reference=reference, modalities=others), name="qc_figures",
+                                modalities=checked), name="registration_qc", mem_gb=0.5)
+    figures = pe.Node(QCFigures(reference=reference, modalities=checked), name="qc_figures",
                       mem_gb=1.0)
-    std_others = pe.Node(niu.Merge(max(1, len(others))), name="std_others",
+    std_others = pe.Node(niu.Merge(max(1, len(checked))), name="std_others",
                          run_without_submitting=True)
-    coverage = pe.Node(niu.Merge(max(1, len(others))), name="covered_masks",
+    coverage = pe.Node(niu.Merge(max(1, len(checked))), name="covered_masks",
                        run_without_submitting=True)
     workflow.connect([
         (brain_extraction, qc, [("out_mask", "native_mask"), ("method", "skull_stripping")]),
@@ -172,7 +191,7 @@ def init_anat_preproc_wf(
                                ("registration", "fig_registration"),
                                ("coregistration", "fig_coregistration")]),
     ])
-    if others:
+    if checked:
         workflow.connect([(std_others, qc, [("out", "std_images")]),
                           (coverage, qc, [("out", "covered_masks")]),
                           (std_others, figures, [("out", "std_images")])])
@@ -232,5 +251,19 @@ def init_anat_preproc_wf(
             (chain, to_template, [("out", "transforms")]),
             (n4, std_others, [("out_file", f"in{index}")]),
             (coregister, outputnode, [("forward_transform", f"{modality}_to_ref")]),
+        ])
+    if dwi is not None:
+        dwi_wf = init_dwi_wf(dwi, dwi_registration, random_seed, omp_nthreads)
+        index = len(checked)
+        workflow.connect([
+            (inputnode, dwi_wf, [("template_t1w", "inputnode.template_t1w")]),
+            (ref_brain_lowres, dwi_wf, [("out_file", "inputnode.ref_brain_lowres")]),
+            (register_ref, dwi_wf, [("forward_transform", "inputnode.ref_to_template")]),
+            (std_mask, dwi_wf, [("out_file", "inputnode.std_mask")]),
+            (dwi_wf, outputnode, [(f"outputnode.preproc_{p}", f"preproc_{p}")
+                                  for p in dwi_params]
+             + [("outputnode.dwiref", "dwiref"), ("outputnode.dwi_to_ref", "dwi_to_ref")]),
+            (dwi_wf, std_others, [("outputnode.dwiref", f"in{index}")]),
+            (dwi_wf, coverage, [("outputnode.covered_mask", f"in{index}")]),
         ])
     return workflow

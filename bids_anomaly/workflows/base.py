@@ -17,6 +17,7 @@ from bids_anomaly.models.base import card_checksum
 from bids_anomaly.postprocessing.regions import Atlas
 from bids_anomaly.template import Template
 from bids_anomaly.workflows.anatomical import init_anat_preproc_wf
+from bids_anomaly.workflows.diffusion import dwi_inputs
 from bids_anomaly.workflows.outputs import init_ds_anat_wf, init_ds_anomaly_wf
 
 LOGGER = logging.getLogger(__name__)
@@ -46,15 +47,16 @@ def preprocessing_key(settings: Settings, inputs: bids.AnatInputs, template: Tem
     import os
 
     raw = {}
-    for modality, path in inputs.images.items():
-        stat = os.stat(path)
-        raw[modality] = [str(path), stat.st_size, stat.st_mtime_ns]
+    for path in inputs.raw_files:
+        stat = os.stat(path) if os.path.exists(path) else None
+        raw[str(path)] = [stat.st_size, stat.st_mtime_ns] if stat else None
     return _digest({
         "version": __version__, "subject": inputs.name, "raw": raw,
         "template": [template.name, template.resolution], "use_gpu": use_gpu,
         "output_dir": str(settings.output_dir), "bids_dir": str(settings.bids_dir),
         "preprocessing": {**settings.preprocessing.recorded(),
                           "skull_stripped": settings.preprocessing.skull_stripped,
+                          "dwi_params": inputs.dwi_params,
                           "resolution": settings.preprocessing.resolution,
                           "random_seed": settings.execution.random_seed,
                           "omp_nthreads": settings.execution.threads},
@@ -191,7 +193,7 @@ def init_single_subject_wf(
 def _preprocessed_derivatives(settings: Settings, inputs: bids.AnatInputs,
                               template: Template) -> pe.Node:
     """A node holding the preprocessed derivatives the model stage reads."""
-    modalities = inputs.modalities
+    modalities = inputs.channels
     fields = [f"preproc_{m}" for m in modalities] + ["std_mask", "template_to_ref"]
     node = pe.Node(niu.IdentityInterface(fields=fields), name="preprocessed")
 
@@ -210,6 +212,7 @@ def _preprocess(workflow: pe.Workflow, settings: Settings, inputs: bids.AnatInpu
                 template: Template, use_gpu: bool) -> pe.Workflow:
     """Add preprocessing and its derivatives to ``workflow``; return the preprocessing."""
     modalities = inputs.modalities
+    dwi = dwi_inputs(inputs, str(template.t1w))
     inputnode = pe.Node(
         niu.IdentityInterface(fields=[f"in_{m}" for m in modalities]
                               + ["template_t1w", "template_mask", "template_registration"]),
@@ -229,22 +232,25 @@ def _preprocess(workflow: pe.Workflow, settings: Settings, inputs: bids.AnatInpu
         omp_nthreads=settings.execution.threads, use_gpu=use_gpu,
         random_seed=settings.execution.random_seed,
         subject_name=inputs.name,
+        dwi=dwi, dwi_registration=settings.preprocessing.dwi_registration,
     )
     ds_anat_wf = init_ds_anat_wf(
         inputs, settings.output_dir, settings.bids_dir, template.name, template.resolution,
-        settings.preprocessing.recorded(),
+        settings.preprocessing.recorded(), dwi=dwi,
     )
     anat_outputs = (
-        [f"preproc_{m}" for m in modalities]
+        [f"preproc_{m}" for m in inputs.channels]
         + ["std_mask", "ref_to_template", "template_to_ref", "qc_tsv", "fig_brain_mask",
            "fig_registration", "fig_coregistration"]
         + [f"{m}_to_ref" for m in modalities[1:]]
+        + (["dwiref", "dwi_to_ref"] if dwi is not None else [])
     )
     workflow.connect([
         (inputnode, anat_preproc_wf, [(f"in_{m}", f"inputnode.in_{m}") for m in modalities]
          + [("template_t1w", "inputnode.template_t1w"),
             ("template_mask", "inputnode.template_mask"),
-            ("template_registration", "inputnode.template_registration")]),
+            ("template_registration", "inputnode.template_registration")]
+        ),
         (anat_preproc_wf, ds_anat_wf, [(f"outputnode.{field}", f"inputnode.{field}")
                                        for field in anat_outputs]),
     ])
@@ -358,7 +364,7 @@ def _connect_single_subject(workflow: pe.Workflow, source, prefix: str,
                             settings: Settings, inputs: bids.AnatInputs, template: Template,
                             use_gpu: bool, atlas: Atlas | None = None) -> None:
     """Fit a ``--single-subject`` model on the subject's own channels, score, write the maps."""
-    modalities = inputs.modalities
+    modalities = inputs.modalities  # anatomical only: the mixture models intensities
     model_type = settings.model.single_subject
     model = build_model(settings, single_subject=True)
     channels = pe.Node(niu.Merge(len(modalities)), name="subject_channels",

@@ -11,6 +11,7 @@ from bids_anomaly import bids
 from bids_anomaly.interfaces.bids import DerivativesDataSink
 from bids_anomaly.postprocessing.clusters import CLUSTER_COLUMNS
 from bids_anomaly.postprocessing.regions import REGION_COLUMNS
+from bids_anomaly.workflows.diffusion import DwiInputs
 
 
 def _sink(name: str, output_dir: Path, subject: str, session: str | None, spec: dict,
@@ -36,8 +37,13 @@ def init_ds_anat_wf(
     resolution: int,
     settings: dict,
     name: str = "ds_anat_wf",
+    dwi: DwiInputs | None = None,
 ) -> pe.Workflow:
     """Write the preprocessing derivatives of one subject/session.
+
+    Diffusion maps (with ``dwi``) are written under ``dwi/`` with BEP016 names
+    (``*_model-tensor_param-fa_dwimap``), with the b = 0 image (``*_dwiref``) and the
+    b = 0-to-reference transform of each phase-encoding group (``*_dir-<label>_from-dwi_...``).
 
     Parameters
     ----------
@@ -53,6 +59,8 @@ def init_ds_anat_wf(
         Preprocessing settings recorded in the sidecars.
     name : str
         Workflow name.
+    dwi : DwiInputs, optional
+        The diffusion inputs (:func:`~bids_anomaly.workflows.diffusion.dwi_inputs`).
 
     Inputs
     ------
@@ -63,12 +71,13 @@ def init_ds_anat_wf(
     modalities = inputs.modalities
     reference = modalities[0]
     others = modalities[1:]
+    params = dwi.params if dwi is not None else ()
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(
         niu.IdentityInterface(
-            fields=[f"preproc_{m}" for m in modalities]
+            fields=[f"preproc_{m}" for m in inputs.channels]
             + ["std_mask", "ref_to_template", "template_to_ref", "qc_tsv", "fig_brain_mask",
-               "fig_registration", "fig_coregistration"]
+               "fig_registration", "fig_coregistration", "dwiref", "dwi_to_ref"]
             + [f"{m}_to_ref" for m in others]
         ),
         name="inputnode",
@@ -117,8 +126,11 @@ def init_ds_anat_wf(
         (inputnode, ds_fig_mask, [("fig_brain_mask", "in_file")]),
         (inputnode, ds_fig_reg, [("fig_registration", "in_file")]),
     ])
+    if dwi is not None:
+        _connect_ds_dwi(workflow, inputnode, inputs, dwi, output_dir, bids_dir, space,
+                        resolution, settings, sources[reference])
     # Nipype hands a one-element list on as a plain string: Select takes both
-    for index, modality in enumerate(others):
+    for index, modality in enumerate([*others, *(["b0"] if params else [])]):
         pick = pe.Node(niu.Select(index=index), name=f"select_coregistration_{modality}",
                        run_without_submitting=True)
         node = _sink(f"ds_fig_coregistration_{modality}", output_dir, sub, ses,
@@ -126,6 +138,59 @@ def init_ds_anat_wf(
         workflow.connect([(inputnode, pick, [("fig_coregistration", "inlist")]),
                           (pick, node, [("out", "in_file")])])
     return workflow
+
+
+def _connect_ds_dwi(workflow: pe.Workflow, inputnode: pe.Node, inputs: bids.AnatInputs,
+                    dwi: DwiInputs, output_dir: Path, bids_dir: Path, space: str,
+                    resolution: int, settings: dict, reference_uri: str) -> None:
+    """Sinks of the diffusion maps, their b = 0 image and transform."""
+    import dipy
+
+    sub, ses = inputs.subject, inputs.session
+    if inputs.dwi:
+        sources = [bids.bids_uri(bids_dir, run.image) for run in inputs.dwi]
+        origin = (f"diffusion tensor fitted by weighted least squares (dipy {dipy.__version__}) "
+                  f"to {len(inputs.dwi)} dwi run(s), runs of one phase-encoding direction "
+                  f"together ({len(dwi.groups)} direction(s), maps averaged in template "
+                  "space), without susceptibility-distortion correction")
+    else:
+        sources = [str(path) for key, path in inputs.dwi_maps.items() if key != "dwiref"]
+        origin = "computed by another pipeline (--dwi-derivatives)"
+    carried = ("already on the template grid: masked only" if dwi.source == "template" else
+               f"b=0 image registered ({settings.get('dwi_registration')}, antspyx) to the "
+               f"{inputs.reference}'s brain, then carried to {space} with the {inputs.reference}'s "
+               "transform in one linear interpolation")
+    units = {"FA": "arbitrary", "MD": "mm^2/s", "AD": "mm^2/s", "RD": "mm^2/s"}
+    names = {"FA": "fractional anisotropy", "MD": "mean diffusivity", "AD": "axial diffusivity",
+             "RD": "radial diffusivity"}
+    for param in inputs.dwi_params:
+        metadata = {
+            "Model": {"Name": "tensor", "FitMethod": "WLS" if inputs.dwi else None},
+            "Parameter": param, "Units": units[param],
+            "Description": f"{names[param]}, {origin}; {carried}; 0 outside the brain",
+            "Resolution": f"{resolution} mm isotropic, template {space}",
+            "SkullStripped": True,
+        }
+        node = _sink(f"ds_{param}", output_dir, sub, ses,
+                     bids.preproc_spec(space, resolution, param), metadata,
+                     sources + [reference_uri])
+        workflow.connect(inputnode, f"preproc_{param}", node, "in_file")
+    ds_ref = _sink("ds_dwiref", output_dir, sub, ses, bids.dwiref_spec(space, resolution),
+                   {"Description": "mean b=0 image (or the given maps' reference) on the "
+                                   f"template grid; {carried}"}, sources)
+    workflow.connect(inputnode, "dwiref", ds_ref, "in_file")
+    if dwi.source == "template":
+        return
+    for index, label in enumerate(sorted(dwi.groups)):
+        pick = pe.Node(niu.Select(index=index), name=f"select_dwi_to_ref_{label}",
+                       run_without_submitting=True)
+        ds_xfm = _sink(f"ds_dwi_to_ref_{label}", output_dir, sub, ses,
+                       {**bids.transform_spec("dwi", inputs.reference, ".mat"),
+                        "datatype": "dwi", "dir": label if dwi.source == "runs" else None},
+                       {"Registration": settings.get("dwi_registration"),
+                        "Software": "antspyx"})
+        workflow.connect([(inputnode, pick, [("dwi_to_ref", "inlist")]),
+                          (pick, ds_xfm, [("out", "in_file")])])
 
 
 def init_ds_anomaly_wf(

@@ -141,7 +141,11 @@ def test_group_without_maps_exits_18(run):
 @pytest.mark.parametrize("args, message", [
     (("participant", "--fdr", "0.05"), "--fdr need a model"),
     (("participant", "--restrict", "wm"), "--restrict need a model"),
-    (("group", "--atlas", "x_dseg.nii.gz"), "apply to the participant level"),
+    (("train", "--atlas", "x_dseg.nii.gz"), "apply to the group and participant levels"),
+    (("participant", "--atlas", "x_dseg.nii.gz"), "--atlas need a model"),
+    (("participant", "--burden-threshold", "calibrated"), "apply to the group level"),
+    (("participant", "--splits", "3"), "apply to the train level"),
+    (("train", "--splits", "2", "--annotations", "."), "cannot be combined"),
     (("participant", "--control-label", "HC"), "apply to the group level"),
     (("train", "--ground-truth", "."), "apply to the group level"),
     (("train", "--single-subject", "mmst"), "apply to the participant level"),
@@ -156,6 +160,24 @@ def test_group_without_maps_exits_18(run):
 def test_mixture_options_that_do_not_fit_exit_2(run, args, message):
     code, err = run(*args)
     assert code == 2 and message in err
+
+
+@pytest.mark.parametrize("args, message", [
+    (("group", "--control-percentile", "100"), "must be in (0, 100)"),
+    (("train", "--split-test-size", "0"), "or a fraction in (0, 1)"),
+    (("train", "--splits", "0"), "must be at least 1"),
+])
+def test_protocol_values_are_checked_by_the_parser(run, capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        run(*args)
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_split_test_size_is_a_count_or_a_fraction():
+    from bids_anomaly.config import count_or_fraction
+
+    assert count_or_fraction("15") == 15 and isinstance(count_or_fraction("15"), int)
+    assert count_or_fraction("0.25") == 0.25
 
 
 def test_components_accepts_auto_or_a_positive_integer(tiny_bids, tmp_path):
