@@ -166,7 +166,7 @@ def test_splits_end_to_end_with_given_diffusion_maps(tmp_path):
     brain = nib.load(template.brain_mask).get_fdata() > 0
     rng = np.random.default_rng(0)
     groups = {"hc1": "control", "hc2": "control", "hc3": "control", "hc4": "control",
-              "pd1": "pd", "pd2": "pd"}
+              "pd1": "pd"}
     subjects = {}
     for label in groups:
         noisy = np.where(brain, t1w.get_fdata() * (1 + 0.02 * rng.normal(size=brain.shape)), 0)
@@ -197,11 +197,11 @@ def test_splits_end_to_end_with_given_diffusion_maps(tmp_path):
     for name in ("pd-split01", "pd-split02"):
         desc = bids.model_desc(name)
         assert len(list(out.glob(f"sub-*/anat/*_res-2_desc-{desc}_stat-anomaly_statmap.nii.gz"))
-                   ) == 6
+                   ) == 5
     assert main([str(raw), str(out), "group", *common]) == 0
     splits = pd.read_csv(out / "group" / "desc-pd_splits.tsv", sep="\t")
     assert list(splits["split"].astype(str)) == ["1", "2", "median", "q1", "q3", "iqr"]
     assert (splits.loc[:1, "n_test_controls"] == 1).all() and (
-        splits.loc[:1, "n_patients"] == 2).all()
+        splits.loc[:1, "n_patients"] == 1).all()
     assert (out / "group" / "desc-pd_splitregions.tsv").is_file()
     assert "Subject-level protocol: pd (2 splits)" in (out / "group" / "report.html").read_text()
