@@ -140,7 +140,7 @@ def split_burden(output_dir: Path, model: SplitModel, maps: list[Path], groups: 
             roles[path] = "test"
         elif participant in model.train:
             roles[path] = "training"
-        elif group is not None and group != control:
+        elif group not in (None, "", "n/a") and group != control:
             roles[path] = "patient"
     if threshold_mode == "percentile":
         training = [p for p, role in roles.items() if role == "training"]

@@ -102,8 +102,7 @@ def run_participant(settings: Settings
 
     Subjects that the model cannot score (a missing channel) are preprocessed, not scored, and
     returned with the reason; with ``--stop-on-first-crash`` they stop the run before any work.
-    The models of a ``train --splits`` run are applied one after the other (preprocessing is
-    done once).
+    The models of a ``train --splits`` run are all applied in one workflow.
 
     Returns
     -------
@@ -114,6 +113,8 @@ def run_participant(settings: Settings
     """
     import copy
 
+    from bids_anomaly.workflows.base import AppliedModel
+
     layout = index_dataset(settings)
     labels = bids.select_participants(layout, settings.inputs.participant_label,
                                       settings.bids_dir)
@@ -121,23 +122,21 @@ def run_participant(settings: Settings
     layout, template = prepare(settings, layout)
     validate_images(subjects, bids.validated_inputs_path(settings.work_dir))
     names = models_to_apply(settings)
-    if not names:
-        preprocess(settings, subjects, template)
-        return subjects, []
-    applied = []
+    applied, skipped = [], []
     for name in names:  # every model is checked before any work
         model_settings = copy.deepcopy(settings)
         model_settings.model.model = name
-        model = resolve_model(model_settings, template)
-        apply_tuned_postprocessing(model_settings, model[1])
-        model[1].check_space(template.name, template.resolution,
-                             settings.preprocessing.recorded())
-        scored, skipped = split_compatible(subjects, model[1],
+        directory, card = resolve_model(model_settings, template)
+        apply_tuned_postprocessing(model_settings, card)
+        card.check_space(template.name, template.resolution, settings.preprocessing.recorded())
+        scored, skipped = split_compatible(subjects, card,
                                            settings.execution.stop_on_first_crash)
-        applied.append((model_settings, model, scored, skipped))
+        applied.append(AppliedModel(directory, card, model_settings,
+                                    frozenset(s.name for s in scored)))
     if len(names) > 1:
         LOGGER.info("--model %s: applying the %d models of its splits", settings.model.model,
                     len(names))
-    for model_settings, model, scored, _ in applied:
-        preprocess(model_settings, subjects, template, model, scored={s.name for s in scored})
-    return subjects, applied[-1][3]
+    # one model: its settings are the run's (its tuned post-processing included)
+    preprocess(applied[0].settings if len(applied) == 1 else settings, subjects, template,
+               applied)
+    return subjects, skipped

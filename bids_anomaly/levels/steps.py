@@ -6,6 +6,7 @@ import json
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -14,8 +15,10 @@ from bids_anomaly.config import Settings
 from bids_anomaly.errors import MissingInputError, OutputError
 from bids_anomaly.execution import set_nipype_console_level
 from bids_anomaly.images import check_anatomical, load_volume
-from bids_anomaly.models.base import ModelCard
 from bids_anomaly.template import Template, get_template
+
+if TYPE_CHECKING:
+    from bids_anomaly.workflows.base import AppliedModel
 
 LOGGER = logging.getLogger(__name__)
 
@@ -141,7 +144,6 @@ def validate_images(subjects: list[bids.AnatInputs], record: Path) -> None:
     record.write_text(json.dumps(seen, indent=1))
 
 
-
 def configure_nipype(settings: Settings) -> None:
     """Set Nipype's execution and logging options; workflows copy them when built.
 
@@ -220,11 +222,11 @@ def prepare_atlas(settings: Settings, template: Template):
 
 
 def preprocess(settings: Settings, subjects: list[bids.AnatInputs], template: Template,
-               model: tuple[Path, ModelCard] | None = None,
-               scored: set[str] | None = None) -> None:
-    """Build and run the participant workflow (preprocessing, then the model if given).
+               models: list[AppliedModel] | None = None) -> None:
+    """Build and run the participant workflow (preprocessing, then the models if given).
 
-    ``scored`` names the subject/sessions the model applies to (default: all). Subjects that
+    Every model is applied to the subject/sessions it scores
+    (:class:`~bids_anomaly.workflows.base.AppliedModel`), all in one workflow. Subjects that
     finished the same run before, with their derivatives untouched, are skipped
     (:mod:`bids_anomaly.completion`).
     """
@@ -239,13 +241,13 @@ def preprocess(settings: Settings, subjects: list[bids.AnatInputs], template: Te
         subject_workflow_name,
     )
 
+    models = models or []
     atlas = (prepare_atlas(settings, template)
-             if (model or settings.model.single_subject) else None)
+             if (models or settings.model.single_subject) else None)
     use_gpu = resolve_device(settings.execution.device).type == "cuda"
     keys = {inputs.name: subject_run_key(
-        settings, inputs, template,
-        model if scored is None or inputs.name in scored else None, atlas, use_gpu)
-        for inputs in subjects}
+        settings, inputs, template, [m for m in models if m.applies_to(inputs)], atlas,
+        use_gpu) for inputs in subjects}
     pending = [s for s in subjects if not is_complete(settings.work_dir, s, keys[s.name])]
     done = len(subjects) - len(pending)
     if done:
@@ -257,7 +259,7 @@ def preprocess(settings: Settings, subjects: list[bids.AnatInputs], template: Te
                                    preprocessing_key(settings, s, template, use_gpu))}
     if pending:
         configure_nipype(settings)
-        workflow = init_participant_wf(settings, pending, template, model, atlas, scored,
+        workflow = init_participant_wf(settings, pending, template, models, atlas,
                                        preprocessed)
         LOGGER.info("processing %d subject/session(s): %s", len(pending),
                     ", ".join(s.name for s in pending))

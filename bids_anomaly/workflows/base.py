@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 from nipype.interfaces import utility as niu
@@ -21,6 +22,33 @@ from bids_anomaly.workflows.diffusion import dwi_inputs
 from bids_anomaly.workflows.outputs import init_ds_anat_wf, init_ds_anomaly_wf
 
 LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class AppliedModel:
+    """A trained model applied at the participant level.
+
+    Attributes
+    ----------
+    directory : Path
+        The model directory.
+    card : ModelCard
+        Its card.
+    settings : Settings
+        The run's settings with this model's post-processing (tuned on annotations, when it
+        was; see :func:`~bids_anomaly.levels.weak.apply_tuned_postprocessing`).
+    scored : frozenset of str, optional
+        The subject/sessions it scores (those with its channels); None: all.
+    """
+
+    directory: Path
+    card: ModelCard
+    settings: Settings
+    scored: frozenset[str] | None = None
+
+    def applies_to(self, inputs: bids.AnatInputs) -> bool:
+        """Whether the model scores this subject/session."""
+        return self.scored is None or inputs.name in self.scored
 
 
 def workflow_name() -> str:
@@ -63,29 +91,33 @@ def preprocessing_key(settings: Settings, inputs: bids.AnatInputs, template: Tem
     })
 
 
+def _postprocessing_key(settings: Settings, atlas: Atlas | None) -> dict:
+    from bids_anomaly.models.base import file_checksum
+
+    return {"fdr": settings.postprocessing.fdr,
+            "min_cluster_mm3": settings.postprocessing.min_cluster_mm3,
+            "restrict": settings.postprocessing.restrict,
+            "atlas": file_checksum(atlas.path) if atlas is not None else None}
+
+
 def subject_run_key(settings: Settings, inputs: bids.AnatInputs, template: Template,
-                    model: tuple[Path, ModelCard] | None, atlas: Atlas | None,
-                    use_gpu: bool) -> str:
+                    models: list[AppliedModel], atlas: Atlas | None, use_gpu: bool) -> str:
     """A digest of everything one subject's workflow reads (its completion record's key).
 
     Without a model or ``--single-subject`` it is the :func:`preprocessing_key`; otherwise
-    that key with the model's card and weights, the post-processing options and the atlas.
+    that key with the models' cards and weights, the post-processing options and the atlas.
+    ``models`` are those that apply to this subject/session.
     """
-    from bids_anomaly.models.base import file_checksum
-
     key = preprocessing_key(settings, inputs, template, use_gpu)
     single_subject = settings.model.single_subject
-    if model is None and not single_subject:
+    if not models and not single_subject:
         return key
-    values = {
-        "preprocessing": key,
-        "postprocessing": {"fdr": settings.postprocessing.fdr,
-                           "min_cluster_mm3": settings.postprocessing.min_cluster_mm3,
-                           "restrict": settings.postprocessing.restrict,
-                           "atlas": file_checksum(atlas.path) if atlas is not None else None},
-    }
-    if model is not None:
-        values["model"] = [model[1].checksum, card_checksum(model[0])]
+    values = {"preprocessing": key, "postprocessing": _postprocessing_key(settings, atlas)}
+    if len(models) == 1:
+        values["model"] = [models[0].card.checksum, card_checksum(models[0].directory)]
+    elif models:
+        values["models"] = [[m.card.checksum, card_checksum(m.directory),
+                             _postprocessing_key(m.settings, atlas)] for m in models]
     if single_subject:
         values["single_subject"] = [single_subject, settings.model.fpr, build_model(
             settings, single_subject=True).hyperparameters]
@@ -96,9 +128,8 @@ def init_participant_wf(
     settings: Settings,
     subjects: list[bids.AnatInputs],
     template: Template,
-    model: tuple[Path, ModelCard] | None = None,
+    models: list[AppliedModel] | None = None,
     atlas: Atlas | None = None,
-    scored: set[str] | None = None,
     preprocessed: set[str] | None = None,
 ) -> pe.Workflow:
     """Build the participant-level workflow for every subject/session.
@@ -111,12 +142,10 @@ def init_participant_wf(
         One entry per subject/session, each with at least one image.
     template : Template
         Template files.
-    model : (Path, ModelCard), optional
-        Trained model to apply after preprocessing.
+    models : list of AppliedModel, optional
+        Trained models to apply after preprocessing (each to the subjects it scores).
     atlas : Atlas, optional
         User atlas on the template grid, for the clusters and regional tables.
-    scored : set of str, optional
-        Names of the subject/sessions the model applies to (default: all).
     preprocessed : set of str, optional
         Names of the subject/sessions whose preprocessing finished (their derivatives feed the
         model stage directly).
@@ -130,10 +159,9 @@ def init_participant_wf(
     workflow = pe.Workflow(name=workflow_name(), base_dir=str(settings.work_dir))
     use_gpu = resolve_device(settings.execution.device).type == "cuda"
     for inputs in subjects:
-        applies = scored is None or inputs.name in scored
         workflow.add_nodes([init_single_subject_wf(
-            settings, inputs, template, model if applies else None, use_gpu, atlas,
-            preprocessed=inputs.name in (preprocessed or ()))])
+            settings, inputs, template, [m for m in models or [] if m.applies_to(inputs)],
+            use_gpu, atlas, preprocessed=inputs.name in (preprocessed or ()))])
     return workflow
 
 
@@ -146,12 +174,12 @@ def init_single_subject_wf(
     settings: Settings,
     inputs: bids.AnatInputs,
     template: Template,
-    model: tuple[Path, ModelCard] | None = None,
+    models: list[AppliedModel] | None = None,
     use_gpu: bool = False,
     atlas: Atlas | None = None,
     preprocessed: bool = False,
 ) -> pe.Workflow:
-    """Preprocess one subject/session, write its derivatives, and apply a model if given.
+    """Preprocess one subject/session, write its derivatives, and apply the models given.
 
     With ``preprocessed`` (its preprocessing finished in an earlier run), the model stage reads
     the preprocessed derivatives instead: the preprocessing steps are not even checked against
@@ -165,8 +193,9 @@ def init_single_subject_wf(
         The subject/session's raw images.
     template : Template
         Template files.
-    model : (Path, ModelCard), optional
-        Trained model to apply.
+    models : list of AppliedModel, optional
+        Trained models to apply; with several, each one's nodes are named after it
+        (``score_anomaly_<desc>``, ...).
     use_gpu : bool
         Run the networks (deepbet, the model) on CUDA.
     atlas : Atlas, optional
@@ -181,9 +210,10 @@ def init_single_subject_wf(
     else:
         source = _preprocess(workflow, settings, inputs, template, use_gpu)
         prefix = "outputnode."
-    if model is not None:
-        _connect_trained_model(workflow, source, prefix, settings, inputs, template, model,
-                               use_gpu, atlas)
+    for model in models or []:
+        suffix = f"_{bids.model_desc(model.card.name)}" if len(models) > 1 else ""
+        _connect_trained_model(workflow, source, prefix, model.settings, inputs, template,
+                               (model.directory, model.card), use_gpu, atlas, suffix)
     if settings.model.single_subject:
         _connect_single_subject(workflow, source, prefix, settings, inputs, template, use_gpu,
                                 atlas)
@@ -319,14 +349,15 @@ def _connect_outputs(workflow: pe.Workflow, source, prefix: str, score: pe.Node,
 def _connect_trained_model(workflow: pe.Workflow, source, prefix: str,
                            settings: Settings, inputs: bids.AnatInputs, template: Template,
                            model: tuple[Path, ModelCard], use_gpu: bool,
-                           atlas: Atlas | None = None) -> None:
+                           atlas: Atlas | None = None, suffix: str = "") -> None:
     """Score the preprocessed channels with a trained model and write the maps.
 
     ``source`` gives the preprocessed images as fields ``<prefix>preproc_<modality>``,
-    ``<prefix>std_mask`` and ``<prefix>template_to_ref``.
+    ``<prefix>std_mask`` and ``<prefix>template_to_ref``; ``suffix`` ends the names of this
+    model's nodes.
     """
     model_dir, card = model
-    channels = pe.Node(niu.Merge(len(card.channels)), name="model_channels",
+    channels = pe.Node(niu.Merge(len(card.channels)), name=f"model_channels{suffix}",
                        run_without_submitting=True)
     for index, channel in enumerate(card.channels, start=1):
         workflow.connect(source, f"{prefix}preproc_{channel}", channels, f"in{index}")
@@ -336,7 +367,7 @@ def _connect_trained_model(workflow: pe.Workflow, source, prefix: str,
                      fdr=settings.postprocessing.fdr or 0.0,
                      device="cuda" if use_gpu else "cpu",
                      **_postprocessing_inputs(settings, template, atlas)),
-        name="score_anomaly", mem_gb=2.0,
+        name=f"score_anomaly{suffix}", mem_gb=2.0,
     )
     metadata = {
         "Model": card.name, "ModelType": card.model_type, "ModelChannels": card.channels,
@@ -349,6 +380,7 @@ def _connect_trained_model(workflow: pe.Workflow, source, prefix: str,
     per_channel = issubclass(REGISTRY[card.model_type], ChannelScorer)
     ds_anomaly_wf = init_ds_anomaly_wf(inputs, settings.output_dir, template.name,
                                        template.resolution, bids.model_desc(card.name), metadata,
+                                       name=f"ds_anomaly_wf{suffix}",
                                        channels=card.channels if per_channel else None,
                                        table_metadata=_table_metadata(settings, atlas))
     workflow.connect([

@@ -15,7 +15,7 @@ from bids_anomaly.config import (
     Settings,
 )
 from bids_anomaly.postprocessing.regions import Atlas
-from bids_anomaly.workflows.base import init_participant_wf
+from bids_anomaly.workflows.base import AppliedModel, init_participant_wf
 from tests.conftest import saved_normative_model
 
 
@@ -83,7 +83,7 @@ def test_trained_model_with_fdr_atlas_and_wm(raw, tmp_path, template):
                                                                atlas=atlas_file))
     atlas = Atlas(atlas_file, {1: "brain"}, atlas_file)
     workflow = init_participant_wf(settings, [_inputs(raw, ["T1w", "FLAIR", "T2w"])], template,
-                                   (directory, card), atlas)
+                                   [AppliedModel(directory, card, settings)], atlas)
     score = workflow.get_node("sub_01_wf").get_node("score_anomaly")
     assert (score.inputs.fdr, score.inputs.restrict) == (0.05, "wm")
     assert score.inputs.atlas_labels == {"1": "brain"}
@@ -101,7 +101,8 @@ def test_model_stage_reads_finished_preprocessing(raw, tmp_path, template):
     _, card = load_model(directory)
     settings = _settings(tmp_path, model=ModelSettings(model=str(directory)))
     inputs = _inputs(raw, ["T1w", "FLAIR"])
-    workflow = init_participant_wf(settings, [inputs], template, (directory, card),
+    workflow = init_participant_wf(settings, [inputs], template,
+                                   [AppliedModel(directory, card, settings)],
                                    preprocessed={inputs.name})
     nodes = _nodes(workflow)
     assert not any(n.startswith("anat_preproc_wf") or n.startswith("ds_anat_wf")
@@ -142,7 +143,26 @@ def test_scored_subjects_only_get_the_model(raw, tmp_path, template):
     settings = _settings(tmp_path, model=ModelSettings(model=str(directory)))
     with_flair, without = _inputs(raw, ["T1w", "FLAIR"], "a"), _inputs(raw, ["T1w"], "b")
     workflow = init_participant_wf(settings, [with_flair, without], template,
-                                   (directory, card), scored={with_flair.name})
+                                   [AppliedModel(directory, card, settings,
+                                                 frozenset({with_flair.name}))])
     names = workflow.list_node_names()
     assert any(n.startswith("sub_01_ses_a_wf.score_anomaly") for n in names)
     assert not any(n.startswith("sub_01_ses_b_wf.score_anomaly") for n in names)
+
+
+def test_several_models_are_applied_in_one_workflow(raw, tmp_path, template):
+    """The models of a --splits run: one model stage per model, named after it."""
+    from bids_anomaly.models import load_model
+
+    applied = []
+    for name in ("pd-split01", "pd-split02"):
+        directory = saved_normative_model(tmp_path / f"model-{name}", ["T1w"])
+        _, card = load_model(directory)
+        applied.append(AppliedModel(directory, card, _settings(tmp_path)))
+    inputs = _inputs(raw, ["T1w"])
+    workflow = init_participant_wf(_settings(tmp_path), [inputs], template, applied,
+                                   preprocessed={inputs.name})
+    nodes = _nodes(workflow)
+    for desc in ("pdsplit01", "pdsplit02"):
+        assert {f"score_anomaly_{desc}", f"ds_anomaly_wf_{desc}.ds_anomaly_map"} <= nodes
+    assert "score_anomaly" not in nodes
