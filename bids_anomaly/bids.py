@@ -87,11 +87,15 @@ class AnatInputs:
         Diffusion maps computed by another pipeline (``--dwi-derivatives``), by channel name.
     dwi_params : tuple of str
         The diffusion maps this subject's channels include (fitted or given).
+    echoes : dict of str to list of Path
+        The echoes of a multi-echo image (``MEGRE``), shortest first; ``images`` holds the
+        first.
     """
 
     subject: str
     session: str | None
     images: dict[str, Path] = field(default_factory=dict)
+    echoes: dict[str, list[Path]] = field(default_factory=dict)
     dwi: list[DwiRun] = field(default_factory=list)
     dwi_maps: dict[str, Path] = field(default_factory=dict)
     dwi_params: tuple[str, ...] = ()
@@ -105,6 +109,7 @@ class AnatInputs:
     def raw_files(self) -> list[Path]:
         """Every raw input file: images, dwi runs with their gradients, given maps."""
         files = list(self.images.values())
+        files += [p for paths in self.echoes.values() for p in paths[1:]]
         for run in self.dwi:
             files += [run.image, run.bval, run.bvec]
         return files + list(self.dwi_maps.values())
@@ -237,13 +242,18 @@ def check_bids_dir(bids_dir: Path, skip_validation: bool = False) -> None:
         raise BIDSValidationError(f"{bids_dir} is not a BIDS dataset: it has no sub-* folder")
 
 
+UNRELEASED_SUFFIXES = re.compile(r"^/sub-[^/]+/(ses-[^/]+/)?anat/[^/]+_swi\.(nii|nii\.gz|json)$")
+"""Files indexed although the released BIDS schema does not know their suffix: SWI images
+(``*_swi``, BEP004), which the schema-based validation of pybids would drop."""
+
+
 def dataset_signature(bids_dir: Path, validate: bool = True) -> str:
     """A digest of the dataset's file names, sizes and times (and how it is indexed).
 
     The pybids index cached under this name is reused only while the dataset is unchanged: a
     subject added, removed or rewritten gives a new index.
     """
-    digest = hashlib.sha256(f"pybids {validate}".encode())
+    digest = hashlib.sha256(f"pybids {validate} {UNRELEASED_SUFFIXES.pattern}".encode())
     for folder, subfolders, files in os.walk(bids_dir):
         subfolders[:] = sorted(d for d in subfolders
                                if d not in ("derivatives", "code", "sourcedata", ".git"))
@@ -282,7 +292,8 @@ def load_layout(bids_dir: Path, database_dir: Path, validate: bool = True):
     cached = database_dir / dataset_signature(bids_dir, validate)
     indexer = BIDSLayoutIndexer(validate=validate, ignore=[re.compile(r"^/derivatives/"),
                                                           re.compile(r"^/code/"),
-                                                          re.compile(r"^/sourcedata/")])
+                                                          re.compile(r"^/sourcedata/")],
+                                force_index=[UNRELEASED_SUFFIXES])
     try:
         layout = BIDSLayout(str(bids_dir), validate=validate, indexer=indexer,
                             database_path=str(cached) if cached.is_dir() else None)
@@ -390,10 +401,16 @@ def collect_anat(layout, subject: str, sessions: list[str] | None = None,
             files = layout.get(**where, datatype="anat", suffix=modality,
                                extension=[".nii", ".nii.gz"],
                                **bids_filters.get(modality.lower(), {}))
+            # the magnitude of complex-valued acquisitions (part-mag), never the phase
+            files = [f for f in files if f.get_entities().get("part", "mag") == "mag"]
             if not files:
                 continue
             files.sort(key=lambda f: ("ce" in f.get_entities(), f.filename))
-            if len(files) > 1:
+            if modality == "MEGRE":
+                echoes = _echoes_of(files)
+                inputs.echoes[modality] = [Path(f.path) for f in echoes]
+                files = echoes + [f for f in files if f not in echoes]
+            elif len(files) > 1:
                 LOGGER.info("%s: %d %s images, using %s", inputs.name, len(files), modality,
                             files[0].filename)
             inputs.images[modality] = Path(files[0].path)
@@ -409,6 +426,24 @@ def collect_anat(layout, subject: str, sessions: list[str] | None = None,
             inputs.dwi_params = tuple(dwi_params) if inputs.dwi else ()
         collected.append(inputs)
     return collected
+
+
+def _echoes_of(files: list) -> list:
+    """The echoes of the first multi-echo acquisition among ``files`` (pybids files).
+
+    They are the files that differ from the first only by their ``echo`` entity, in echo order.
+    """
+
+    def others(f) -> dict:
+        return {k: v for k, v in f.get_entities().items() if k not in ("echo", "extension")}
+
+    first = others(files[0])
+    echoes = [f for f in files if others(f) == first]
+    echoes.sort(key=lambda f: int(f.get_entities().get("echo", 0)))
+    if len(echoes) < len(files):
+        LOGGER.info("%d MEGRE images; using the %d echoes of %s", len(files), len(echoes),
+                    echoes[0].filename)
+    return echoes
 
 
 def group_dwi_runs(runs: list[DwiRun]) -> list[list[DwiRun]]:
@@ -609,7 +644,7 @@ def write_dataset_description(output_dir: Path, bids_dir: Path | None) -> Path:
     path = output_dir / "dataset_description.json"
     update_text(path, json.dumps(description, indent=2) + "\n")
     ignored = ["logs/", "work/", "models/", "group/", "figures/", "*.html", "*_clusters.tsv",
-               "*_regions.tsv", "*_qc.tsv"]
+               "*_regions.tsv", "*_qc.tsv", "*_microbleeds.tsv"]
     update_text(output_dir / ".bidsignore", "\n".join(ignored) + "\n")
     return path
 
@@ -723,6 +758,17 @@ def regions_spec(space: str, res: int, desc: str) -> dict:
             "desc": desc}
 
 
+def microbleeds_spec(space: str, res: int, desc: str) -> dict:
+    """Entities of a model's microbleed candidates table (``desc-<model>_microbleeds.tsv``)."""
+    return {"suffix": "microbleeds", "extension": ".tsv", "space": space, "res": res,
+            "desc": desc}
+
+
+def microbleed_mask_spec(space: str, res: int | None, desc: str) -> dict:
+    """Naming of a model's microbleed candidates mask, one label per candidate kept."""
+    return {"suffix": "mask", "space": space, "res": res, "label": "microbleed", "desc": desc}
+
+
 def residual_map_spec(space: str, res: int, desc: str, channel: str) -> dict:
     """Entities of a model's residual map of one channel (``desc-<model><channel>``)."""
     return {"suffix": "statmap", "space": space, "res": res, "desc": f"{desc}{channel}",
@@ -754,6 +800,9 @@ GROUP_TABLES = {
     "evaluation": "voxel- and lesion-wise metrics per subject against the ground truth",
     "evaluationsummary": "evaluation means per group with bootstrap confidence intervals",
     "statistics": "patients vs controls: AUROC of each burden measure, effect sizes",
+    "microbleeds": "microbleed detection per subject against the ground truth: sensitivity, "
+                   "false positives, F1, count difference at the calibrated threshold",
+    "froc": "microbleed FROC curve: sensitivity against false positives per subject",
     "splits": "train --splits runs: per split, patients vs held-out controls by the share of "
               "abnormal voxels in the brain (AUROC, best g-mean), with median and IQR",
     "splitregions": "the same per split and region (tissues, atlas regions)",

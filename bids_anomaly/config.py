@@ -26,8 +26,15 @@ import tomli_w
 from bids_anomaly import __version__
 from bids_anomaly.errors import UsageError
 
-MODALITIES = ("T1w", "FLAIR", "T2w", "PDw")
+MODALITIES = ("T1w", "FLAIR", "T2w", "PDw", "T2starw", "swi", "MEGRE")
 """Anatomical suffixes the tool reads, in order of preference for the reference image."""
+
+SUSCEPTIBILITY = ("T2starw", "swi", "MEGRE")
+"""Susceptibility-weighted suffixes: T2*-weighted GRE, SWI (BEP004, the magnitude part) and
+multi-echo GRE (its echoes combined into one image, ``--echo-combination``)."""
+
+ECHO_COMBINATIONS = ("rss", "mean", "first")
+"""How the echoes of a multi-echo GRE become one image: root-sum-of-squares, mean, first."""
 
 DIFFUSION_MAPS = ("FA", "MD", "AD", "RD")
 """Diffusion-tensor maps a subject with ``dwi`` runs gets as channels: fractional anisotropy,
@@ -256,6 +263,10 @@ class PreprocessingSettings:
                 "object are taken as skull-stripped and not stripped again; yes: every "
                 "reference image is skull-stripped; no: always run brain extraction (deepbet)",
         flags=("--skull-stripped",), choices=SKULL_STRIPPED)
+    echo_combination: str = option(
+        "rss", "how the echoes of a multi-echo GRE (MEGRE) become one channel: rss "
+               "(root-sum-of-squares, default), mean, or first (the shortest echo)",
+        flags=("--echo-combination",), choices=ECHO_COMBINATIONS)
     dwi_maps: list[str] = option(
         help="diffusion-tensor maps computed for subjects with dwi runs, as channels FA, MD, "
              "AD, RD (default: FA MD; none: ignore dwi)",
@@ -278,7 +289,8 @@ class PreprocessingSettings:
     def recorded(self) -> dict:
         """The choices a model must agree with (recorded in model cards)."""
         return {"registration": self.registration, "normalization": self.normalization,
-                "dwi_registration": self.dwi_registration}
+                "dwi_registration": self.dwi_registration,
+                "echo_combination": self.echo_combination}
 
 
 MODEL_TYPES = "model types"
@@ -333,6 +345,16 @@ class ModelSettings:
         0.25, "controls held out per split: a number, or a fraction of the selected "
               "(default: {default})", flags=("--split-test-size",), levels=("train",),
         type=count_or_fraction, metavar="N|FRACTION")
+    microbleeds: str | None = option(
+        help="also detect cerebral microbleeds on this susceptibility-weighted channel (one of "
+             "--channels: T2starw, swi or MEGRE): dark round blobs of 2-10 mm, vessel-like "
+             "ones rejected, scored by the model's map and thresholded at --fp-per-subject "
+             "false positives per held-out control",
+        flags=("--microbleeds",), levels=("train",), choices=SUSCEPTIBILITY, metavar="CHANNEL")
+    fp_per_subject: float = option(
+        3.0, "microbleed candidates kept per healthy control on average (--microbleeds; "
+             "default: {default})", flags=("--fp-per-subject",), levels=("train",), type=float,
+        metavar="F")
     channel_scaling: str = option(
         "auto", "per-channel scaling learnt from the training subjects, (x - q1) / (q99 - q1) "
                 "with their 1st and 99th percentiles, stored in the model: auto (default) "
@@ -385,9 +407,11 @@ class PostprocessingSettings:
 class GroupSettings:
     """Group tables, evaluation and statistics."""
 
-    ground_truth: Path | None = option(
-        help="derivative folder with lesion masks (*_label-<x>_mask.nii.gz or *_dseg.nii.gz) to "
-             "evaluate against", flags=("--ground-truth",), levels=("group",), type=Path,
+    ground_truth: list[Path] = option(
+        help="derivative folder(s) with lesion masks (*_label-<x>_mask.nii.gz or *_dseg.nii.gz) "
+             "and microbleeds (*_label-microbleed_points.tsv or _mask.nii.gz) to evaluate "
+             "against; the first folder holding a subject's file is used",
+        flags=("--ground-truth",), levels=("group",), type=Path, nargs="+", factory=list,
         metavar="DERIV_DIR")
     control_label: str | None = option(
         help="the participants.tsv 'group' value of the controls in patients-vs-controls "
@@ -479,6 +503,14 @@ class Settings:
         if self.model.splits and self.model.annotations is not None:
             raise UsageError("--splits repeats training on controls; it cannot be combined "
                              "with --annotations")
+        if self.model.microbleeds and self.model.channels and (
+                self.model.microbleeds not in self.model.channels):
+            raise UsageError(f"--microbleeds {self.model.microbleeds} must be one of --channels "
+                             f"({' '.join(self.model.channels)})")
+        if self.model.fp_per_subject != 3.0 and not self.model.microbleeds:
+            raise UsageError("--fp-per-subject needs --microbleeds CHANNEL")
+        if not self.model.fp_per_subject > 0:
+            raise UsageError("--fp-per-subject must be above 0")
         if self.model.tune_objective != "dice" and self.model.annotations is None:
             raise UsageError("--tune-objective needs --annotations (the post-processing is "
                              "tuned on annotated subjects)")

@@ -13,8 +13,12 @@ from bids_anomaly.synthetic import generate_demo_dataset
 
 LOGGER = logging.getLogger(__name__)
 
-DEMO_MODELS = (("normative", "normative"), ("gmm", "gmm"))
-"""(model type, model name) pairs trained and evaluated by the demo."""
+DEMO_MODELS = (("normative", "normative", {"channels": ["T1w", "FLAIR"]}),
+               ("gmm", "gmm", {"channels": ["T1w", "FLAIR"]}),
+               ("normative", "microbleeds", {"channels": ["T2starw"],
+                                             "microbleeds": "T2starw"}))
+"""(model type, model name, model settings) trained and evaluated by the demo: two lesion
+models on T1w + FLAIR, and microbleed detection on the T2*-weighted image."""
 
 DEMO_HEALTHY = 4
 """Healthy controls of the default demo: 3 to fit the models, 1 to calibrate their threshold."""
@@ -22,8 +26,9 @@ DEMO_HEALTHY = 4
 DEMO_PATIENTS = 2
 """Patients of the default demo (one with a thick-slice FLAIR)."""
 
-DEMO_MODALITIES = ("T1w", "FLAIR")
-"""Contrasts of the default demo: the most common MS / white-matter-lesion protocol."""
+DEMO_MODALITIES = ("T1w", "FLAIR", "T2starw")
+"""Contrasts of the default demo: the most common MS / white-matter-lesion protocol, and a
+T2*-weighted GRE for microbleeds (the patients have 1 to 20)."""
 
 
 def run_demo(output_dir: Path, n_healthy: int = DEMO_HEALTHY, n_patients: int = DEMO_PATIENTS,
@@ -32,8 +37,10 @@ def run_demo(output_dir: Path, n_healthy: int = DEMO_HEALTHY, n_patients: int = 
     """Run the whole tool on generated data and print where the results are.
 
     ``output_dir`` receives ``rawdata/`` (the generated BIDS dataset with ground truth in
-    ``rawdata/derivatives/lesion_masks``), ``derivatives/bids_anomaly/`` (the results) and
-    ``work/``. Running it again with the same folder redoes nothing that finished.
+    ``rawdata/derivatives/lesion_masks`` and, with a T2starw image, ``.../microbleeds``),
+    ``derivatives/bids_anomaly/`` (the results) and ``work/``. Models whose channels are not
+    all among ``modalities`` are left out. Running it again with the same folder redoes nothing
+    that finished.
 
     Returns
     -------
@@ -53,14 +60,18 @@ def run_demo(output_dir: Path, n_healthy: int = DEMO_HEALTHY, n_patients: int = 
     output_dir = Path(output_dir).resolve()
     rawdata = output_dir / "rawdata"
     results = output_dir / "derivatives" / "bids_anomaly"
-    truth = rawdata / "derivatives" / "lesion_masks"
+    truth = [rawdata / "derivatives" / "lesion_masks"]
+    with_bleeds = "T2starw" in modalities
+    if with_bleeds:
+        truth.append(rawdata / "derivatives" / "microbleeds")
+    models = [(t, n, o) for t, n, o in DEMO_MODELS if set(o["channels"]) <= set(modalities)]
     start = time.monotonic()
     if not (rawdata / "dataset_description.json").is_file():
         print(f"[demo] generating a synthetic BIDS dataset in {rawdata}: {n_healthy} healthy "
               f"controls and {n_patients} patients with lesions ({', '.join(modalities)})",
               flush=True)
         generate_demo_dataset(rawdata, n_healthy=n_healthy, n_patients=n_patients,
-                              seed=random_seed, modalities=modalities)
+                              seed=random_seed, modalities=modalities, microbleeds=with_bleeds)
     # one thread per step and one step per core: the subjects run side by side (ITK's
     # threads scale poorly), and the results are reproducible to the bit
     execution = ExecutionSettings(work_dir=output_dir / "work", nprocs=nprocs, omp_nthreads=1,
@@ -72,11 +83,12 @@ def run_demo(output_dir: Path, n_healthy: int = DEMO_HEALTHY, n_patients: int = 
                         execution=execution, **sections)
 
     steps = [("preprocessing every participant", settings("participant"))]
-    for model_type, name in DEMO_MODELS:
-        steps.append((f"training a {model_type} model on the healthy controls", settings(
-            "train", model=ModelSettings(model_type=model_type, model_name=name,
-                                         train_filter=["group=healthy"]))))
-    for _, name in DEMO_MODELS:
+    for model_type, name, options in models:
+        steps.append((f"training a {model_type} model ({name}) on the healthy controls",
+                      settings("train", model=ModelSettings(
+                          model_type=model_type, model_name=name,
+                          train_filter=["group=healthy"], **options))))
+    for _, name, _ in models:
         steps.append((f"scoring every participant with {name}",
                       settings("participant", model=ModelSettings(model=name))))
     steps.append(("group tables and evaluation",
@@ -85,7 +97,12 @@ def run_demo(output_dir: Path, n_healthy: int = DEMO_HEALTHY, n_patients: int = 
         print(f"[demo] step {number}/{len(steps)}: {message} (elapsed "
               f"{_duration(time.monotonic() - start)})", flush=True)
         print(levels.run(step), flush=True)
-    for _, name in DEMO_MODELS:
+    for _, name, options in models:
+        if options.get("microbleeds"):
+            table = pd.read_csv(bids.group_table_path(results, name, "microbleeds"), sep="\t")
+            print(f"[demo] {name}: {int(table['tp'].sum())} of {int(table['n_true'].sum())} "
+                  f"microbleeds found, {table['fp'].mean():.1f} false positives per patient")
+            continue
         table = bids.group_table_path(results, name, "evaluation")
         evaluation = pd.read_csv(table, sep="\t")
         print(f"[demo] {name}: patients' mean AUROC {evaluation['auroc'].mean():.3f}, AUPRC "

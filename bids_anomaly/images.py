@@ -273,3 +273,19 @@ def _box_kernel(width: float) -> np.ndarray:
     centres = np.arange(-radius, radius + 1)
     overlap = np.clip(np.minimum(centres + 0.5, half) - np.maximum(centres - 0.5, -half), 0, 1)
     return (overlap / overlap.sum()).astype(np.float32)
+
+
+def check_same_grid(paths: list[Path], what: str) -> None:
+    """Refuse images that should share a grid but do not (headers only are read).
+
+    Raises
+    ------
+    BadDataError
+        Another shape or an affine more than 0.001 mm away from the first image's.
+    """
+    first = nib.load(str(paths[0]))
+    for path in paths[1:]:
+        img = nib.load(str(path))
+        if img.shape != first.shape or not np.allclose(img.affine, first.affine, atol=1e-3):
+            raise BadDataError(f"{path}: not on the grid of {paths[0]}; {what} must share a "
+                               "grid")

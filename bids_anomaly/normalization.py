@@ -30,7 +30,7 @@ LOGGER = logging.getLogger(__name__)
 
 METHODS = NORMALIZATIONS  # declared with the settings (--normalization)
 #: Contrasts understood by :func:`whitestripe` (BIDS suffixes).
-WHITESTRIPE_MODALITIES = ("T1w", "T2w", "FLAIR", "PDw")
+WHITESTRIPE_MODALITIES = ("T1w", "T2w", "FLAIR", "PDw", "T2starw", "swi", "MEGRE")
 
 _N_BINS = 1024  # histogram bins across the brain's 0.5..99.5 percentile range
 _PROMINENCE = 0.05  # a peak must stand out by 5 % of the tallest density to count
@@ -118,7 +118,9 @@ def _white_matter_mode(values: np.ndarray, modality: str) -> float:
 
     T1w: the highest-intensity prominent peak at least 1/5 as tall as the tallest one (WM is the
     brightest tissue; as ``get.last.mode`` of the R WhiteStripe package, the top 0.5 % tail is
-    outside the grid). T2w, FLAIR and PDw: the tallest prominent peak below the brain median
+    outside the grid). T2w, FLAIR, PDw and the susceptibility-weighted contrasts (T2starw, swi,
+    MEGRE: white matter darker than grey matter too): the tallest prominent peak below the brain
+    median
     (WM is the most frequent tissue and is darker than GM there; the median bound keeps a large
     GM or, on T2w/PDw, CSF peak from winning), else the tallest prominent peak. Without any peak
     the global histogram mode is used and a warning is logged.

@@ -47,3 +47,34 @@ def apply_transforms(in_file: str | Path, reference_file: str | Path,
         result = result.astype("uint8")
     ants.image_write(result, str(out_file))
     return Path(out_file)
+
+
+def map_points(points_mm: np.ndarray, transforms: list[str | Path]) -> np.ndarray:
+    """Carry world points (RAS millimetres, as nibabel gives them) through ANTs transforms.
+
+    ANTs maps points in the opposite direction to images: the transforms that resample a
+    native image onto the template grid carry template points to native ones. antspyx works in
+    LPS physical coordinates; the sign flips are done here.
+
+    Parameters
+    ----------
+    points_mm : numpy.ndarray
+        ``(N, 3)`` RAS millimetres.
+    transforms : list of path
+        As given to :func:`apply_transforms` for the opposite direction (last applied first).
+
+    Returns
+    -------
+    numpy.ndarray
+        ``(N, 3)`` RAS millimetres.
+    """
+    import ants
+    import pandas as pd
+
+    points = np.asarray(points_mm, dtype=np.float64).reshape(-1, 3)
+    if not len(points):
+        return points.copy()
+    lps = pd.DataFrame({"x": -points[:, 0], "y": -points[:, 1], "z": points[:, 2]})
+    moved = ants.apply_transforms_to_points(3, lps, [str(t) for t in transforms])
+    return np.column_stack([-moved["x"].to_numpy(), -moved["y"].to_numpy(),
+                            moved["z"].to_numpy()])

@@ -33,7 +33,7 @@ def test_demo_runs_and_finds_the_lesions(tmp_path):
     assert normative.loc[0, "dice"] > 0.3
     report = (results / "group" / "report.html").read_text()
     assert report.count("<table") >= 4
-    assert "Patients vs controls" in report and report.count("data:image/png") == 10  # 2 x 5
+    assert "Patients vs controls" in report and report.count("data:image/png") == 15  # 3 x 5
     assert "model normative: clusters" in (results / "sub-patient01.html").read_text()
     assert "lesion_sensitivity" in evaluation.columns
     statistics = pd.read_csv(results / "group" / "desc-normative_statistics.tsv", sep="\t")
@@ -50,7 +50,20 @@ def test_demo_runs_and_finds_the_lesions(tmp_path):
     assert set(np.unique(np.asarray(native.dataobj))) == {0, 1}
     assert "Warning" not in result.stderr and "Traceback" not in result.stderr
     assert "[Node] Finished" in (results / "logs" / "pypeline.log").read_text()
-    assert len(list((results / "logs").glob("*_participant/bids_anomaly.toml"))) == 3
+    assert len(list((results / "logs").glob("*_participant/bids_anomaly.toml"))) == 4
+    # microbleeds on the T2*-weighted image: candidates per subject, evaluated per lesion
+    bleeds = pd.read_csv(results / "group" / "desc-microbleeds_microbleeds.tsv", sep="\t")
+    assert bleeds["participant_id"].tolist() == ["sub-patient01"]
+    assert bleeds.loc[0, "sensitivity"] >= 0.6 and bleeds.loc[0, "fp"] <= 5
+    assert "microbleed FROC" in report or "Microbleeds: lesion-wise detection" in report
+    candidates = pd.read_csv(next(results.glob(
+        "sub-patient01/anat/*_desc-microbleeds_microbleeds.tsv")), sep="\t")
+    assert {"x", "x_native", "radius_mm", "score", "region", "kept"} <= set(candidates.columns)
+    assert set(candidates["region"]) <= {"lobar", "deep", "infratentorial", "outside"}
+    sidecar = json.loads(next(results.glob(
+        "sub-patient01/anat/*_desc-microbleeds_microbleeds.json")).read_text())
+    assert sidecar["Channel"] == "T2starw" and "Units" in sidecar["radius_mm"]
+    assert "FalsePositivesPerControl" in sidecar and "kept" in sidecar
 
     # a second run with the same folder redoes nothing: no model refitted, no map rescored,
     # no derivative, table or report rewritten
@@ -63,7 +76,7 @@ def test_demo_runs_and_finds_the_lesions(tmp_path):
                             "1", "--nprocs", "2"], capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert times() == before
-    assert again.stderr.count("up to date") == 8  # 3 participant, 2 x (train + its check), group
+    assert again.stderr.count("up to date") == 11  # 4 participant, 3 x (train + check), group
     assert (pd.read_csv(results / "group" / "desc-normative_evaluation.tsv", sep="\t")
             .equals(normative))
 

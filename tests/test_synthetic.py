@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 from pathlib import Path
 
@@ -10,11 +11,34 @@ import pytest
 from nibabel.processing import resample_from_to
 from scipy import ndimage
 
-from bids_anomaly.synthetic import MODALITIES, generate_demo_dataset, synthetic_subject
+from bids_anomaly.synthetic import (
+    DEFAULT_MODALITIES,
+    MODALITIES,
+    generate_demo_dataset,
+    synthetic_subject,
+)
 from bids_anomaly.template import template_images
 
 N_HEALTHY = 3
 N_PATIENTS = 2
+# SHA-256 of the arrays of synthetic_subject(3, lesions=...) computed before T2starw, veins and
+# microbleeds were added: those additions draw from new random streams only.
+DIGESTS_BEFORE_T2STARW = {
+    False: {
+        "T1w": "ec66111311e3d2e315d1f79ce980a6a192d437d39bff9ce48f6012716a4fabbc",
+        "T2w": "fc8298546096c3f5f3fceb3f99ae33ab46ac6107fe4d87a0362619d91294da63",
+        "FLAIR": "91d4bad304cc0d4dadc26177d803925c08e878fcac66b21e00273192b47937d0",
+        "lesion_mask": "4471da4ac39510f5f7d9b9522231b6c39ef17deec7be59fd9fffb20b1e5c60cc",
+        "brain_mask": "354bae11a0422fe178f1064bcd01ad7cd0a5b66f69cbd36e8e925cdf599459a7",
+    },
+    True: {
+        "T1w": "e3b18944bc1b2bdb2796d6db486bb77cc388de8ae447d91ea10210d5ea2a8fdb",
+        "T2w": "9f49fe86dace0096b9405dc22a8b504135706ecf815f6144d235dc29bb529c04",
+        "FLAIR": "c98d50f81a08f7c8da0ebdb75d758a537ec193e141cadf7f0b96fa74b631f823",
+        "lesion_mask": "28cf53eef29ced7a6a02817d67bdb6920f6b0935853f7cdca441f84d72af9ac2",
+        "brain_mask": "354bae11a0422fe178f1064bcd01ad7cd0a5b66f69cbd36e8e925cdf599459a7",
+    },
+}
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +51,12 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def template() -> dict[str, nib.Nifti1Image]:
     return template_images(2)
+
+
+@pytest.fixture(scope="module")
+def subject() -> dict[str, nib.Nifti1Image]:
+    """Seed 3 without lesions, stored in RAS."""
+    return synthetic_subject(3)
 
 
 def _labels() -> list[str]:
@@ -74,10 +104,13 @@ def test_dataset_files_and_descriptions(dataset: Path) -> None:
     assert subjects == sorted(f"sub-{label}" for label in _labels())
     for label in _labels():
         anat = dataset / f"sub-{label}" / "anat"
-        for modality in MODALITIES:
+        for modality in DEFAULT_MODALITIES:
             assert (anat / f"sub-{label}_{modality}.nii.gz").is_file()
             sidecar = json.loads((anat / f"sub-{label}_{modality}.json").read_text())
             assert isinstance(sidecar, dict) and sidecar
+        # T2starw and microbleeds only when asked for.
+        assert not (anat / f"sub-{label}_T2starw.nii.gz").exists()
+    assert not (dataset / "derivatives" / "microbleeds").exists()
 
 
 def test_participants_tsv(dataset: Path) -> None:
@@ -148,10 +181,94 @@ def test_same_seed_gives_identical_images() -> None:
     first = synthetic_subject(3, lesions=True)
     second = synthetic_subject(3, lesions=True)
     other = synthetic_subject(4, lesions=True)
+    assert set(MODALITIES) <= first.keys()
     for key in first:
+        if key == "microbleed_points":
+            assert first[key].equals(second[key])
+            continue
         np.testing.assert_array_equal(_data(first[key]), _data(second[key]))
         np.testing.assert_array_equal(first[key].affine, second[key].affine)
     assert not np.array_equal(_data(first["T1w"]), _data(other["T1w"]))
+
+
+@pytest.mark.parametrize("lesions", [False, True])
+def test_t2starw_leaves_the_other_contrasts_as_they_were(
+    lesions: bool, subject: dict[str, nib.Nifti1Image]
+) -> None:
+    images = subject if not lesions else synthetic_subject(3, lesions=True)
+    for key, digest in DIGESTS_BEFORE_T2STARW[lesions].items():
+        assert hashlib.sha256(_data(images[key]).tobytes()).hexdigest() == digest, key
+
+
+def _tissues(images: dict[str, nib.Nifti1Image]) -> dict[str, np.ndarray]:
+    """CSF, GM and WM classified on T1w alone, inside the brain away from its border."""
+    brain = ndimage.binary_erosion(_data(images["brain_mask"]) > 0, iterations=1)
+    t1 = _data(images["T1w"]).astype(float)
+    reference = np.percentile(t1[brain], 90)
+    return {
+        "brain": brain,
+        "CSF": brain & (t1 < 0.3 * reference),
+        "GM": brain & (t1 > 0.55 * reference) & (t1 < 0.72 * reference),
+        "WM": brain & (t1 > 0.85 * reference),
+        # Deep grey nuclei are partly white on the template's maps: greyish on T1w.
+        "greyish": brain & (t1 > 0.45 * reference) & (t1 < 0.8 * reference),
+    }
+
+
+def test_t2starw_is_brightest_in_csf_then_grey_then_white_matter(
+    subject: dict[str, nib.Nifti1Image],
+) -> None:
+    tissues = _tissues(subject)
+    t2star = _data(subject["T2starw"]).astype(float)
+    csf, gm, wm = (np.median(t2star[tissues[name]]) for name in ("CSF", "GM", "WM"))
+    assert csf > 1.2 * gm and gm > 1.1 * wm
+
+
+def _elongated_dark_components(image: np.ndarray, tissues: dict[str, np.ndarray]) -> int:
+    """Connected groups of voxels under 60 % of white matter, three times longer than wide."""
+    dark = tissues["brain"] & (image < 0.6 * np.median(image[tissues["WM"]]))
+    labels, _ = ndimage.label(dark, structure=np.ones((3, 3, 3)))
+    count = 0
+    for index, box in enumerate(ndimage.find_objects(labels), start=1):
+        points = np.argwhere(labels[box] == index)
+        if len(points) >= 4:
+            spread = np.sort(np.linalg.eigvalsh(np.cov(points.T)))
+            count += spread[-1] > 9 * max(spread[-2], 0.05)
+    return count
+
+
+def test_t2starw_has_dark_elongated_veins_that_t2w_lacks(
+    subject: dict[str, nib.Nifti1Image],
+) -> None:
+    tissues = _tissues(subject)
+    assert _elongated_dark_components(_data(subject["T2starw"]).astype(float), tissues) >= 5
+    assert _elongated_dark_components(_data(subject["T2w"]).astype(float), tissues) == 0
+
+
+def test_t2starw_deep_grey_nuclei_are_iron_dark(subject: dict[str, nib.Nifti1Image]) -> None:
+    # The subject is the template moved by a few mm: the basal ganglia lie in a central box
+    # (mm from the centre of the brain mask) deep under the surface.
+    tissues = _tissues(subject)
+    affine = subject["T1w"].affine
+    brain = _data(subject["brain_mask"]) > 0
+    voxels = np.argwhere(brain)
+    centre = nib.affines.apply_affine(affine, (voxels.min(0) + voxels.max(0)) / 2)
+    offset = nib.affines.apply_affine(affine, np.moveaxis(np.indices(brain.shape), 0, -1)) - centre
+    depth = ndimage.distance_transform_edt(brain, sampling=2.0)
+    deep = (
+        tissues["greyish"] & (depth >= 22) & (np.abs(offset[..., 0]) >= 8)
+        & (np.abs(offset[..., 0]) <= 26) & (offset[..., 1] >= -10) & (offset[..., 1] <= 30)
+        & (offset[..., 2] >= -6) & (offset[..., 2] <= 10)
+    )
+    cortex = tissues["GM"] & (depth <= 6)
+    assert deep.sum() > 100 and cortex.sum() > 1000
+
+    def deep_to_cortex(modality: str) -> float:
+        image = _data(subject[modality]).astype(float)
+        return np.median(image[deep]) / np.median(image[cortex])
+
+    # T2w has the same tissue contrast without iron: the nuclei are far darker on T2starw only.
+    assert deep_to_cortex("T2starw") < 0.8 * deep_to_cortex("T2w")
 
 
 def test_lesions_change_nothing_but_the_lesions() -> None:

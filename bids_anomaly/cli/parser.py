@@ -115,7 +115,7 @@ def build_demo_parser() -> argparse.ArgumentParser:
     parser.add_argument("--patients", type=positive_int, default=DEMO_PATIENTS,
                         help=f"patients with synthetic lesions to generate (default: "
                              f"{DEMO_PATIENTS})")
-    parser.add_argument("--modalities", nargs="+", choices=("T1w", "T2w", "FLAIR"),
+    parser.add_argument("--modalities", nargs="+", choices=("T1w", "T2w", "FLAIR", "T2starw"),
                         default=list(DEMO_MODALITIES),
                         help=f"contrasts to generate (default: {' '.join(DEMO_MODALITIES)})")
     execution = {item.name: item for item in declared_options(SECTIONS["execution"])}
@@ -214,10 +214,12 @@ def settings_from_args(args: argparse.Namespace, config: dict[str, dict] | None 
         check_label(label, "participant") for label in inputs.get("participant_label", [])))
     inputs["session_label"] = list(dict.fromkeys(
         check_label(label, "session") for label in inputs.get("session_label", [])))
-    for section, key in (("execution", "work_dir"), ("group", "ground_truth"),
-                         ("postprocessing", "atlas"), ("model", "annotations")):
+    for section, key in (("execution", "work_dir"), ("postprocessing", "atlas"),
+                         ("model", "annotations"), ("preprocessing", "dwi_derivatives")):
         if sections[section].get(key) is not None:
             sections[section][key] = Path(sections[section][key]).resolve()
+    sections["group"]["ground_truth"] = [Path(p).resolve() for p in
+                                         sections["group"].get("ground_truth") or []]
     if sections["model"].get("model_name") is not None:
         check_model_name(sections["model"]["model_name"])
     if sections["model"]["options"].get("tensorboard") is not None:

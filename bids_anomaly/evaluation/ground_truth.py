@@ -16,10 +16,42 @@ from bids_anomaly.spatial import apply_transforms
 LOGGER = logging.getLogger(__name__)
 
 
+MICROBLEED_LABEL = "microbleed"
+"""The ``label-`` of microbleed ground truth (``*_label-microbleed_mask.nii[.gz]`` or
+``*_label-microbleed_points.tsv``); such masks are points to count, not lesions to segment."""
+
+
 def is_lesion_mask(entities: dict) -> bool:
-    """Whether a file's BIDS entities name a lesion mask (``*_label-<x>_mask`` or ``*_dseg``)."""
+    """Whether a file's BIDS entities name a lesion mask (``*_label-<x>_mask`` or ``*_dseg``).
+
+    Microbleed masks (:data:`MICROBLEED_LABEL`) are not: they are evaluated per lesion
+    (:func:`find_microbleed_truth`).
+    """
+    if entities.get("label") == MICROBLEED_LABEL:
+        return False
     return entities.get("suffix") == "dseg" or (entities.get("suffix") == "mask"
                                                 and "label" in entities)
+
+
+def find_microbleed_truth(deriv_dir: Path, subject: str, session: str | None) -> Path | None:
+    """The subject/session's microbleed ground truth in ``deriv_dir``, or None.
+
+    A table of points (``*_label-microbleed_points.tsv``: columns ``x``, ``y``, ``z`` in the
+    raw images' world millimetres, optional ``radius_mm``) is preferred to a mask
+    (``*_label-microbleed_mask.nii[.gz]``, on one of the subject's raw grids: one microbleed
+    per label, or per connected component of a binary mask). A file without ``ses-`` applies
+    to every session.
+    """
+    found = []
+    for path in sorted(Path(deriv_dir).glob(f"sub-{subject}/**/sub-{subject}_*")):
+        entities = bids.parse_name(path)
+        if (entities.get("ses") in (None, session)
+                and entities.get("label") == MICROBLEED_LABEL
+                and (entities["suffix"], entities["extension"]) in (
+                    ("points", ".tsv"), ("mask", ".nii.gz"), ("mask", ".nii"))):
+            found.append(path)
+    found.sort(key=lambda p: bids.parse_name(p)["suffix"] != "points")
+    return found[0] if found else None
 
 
 def find_ground_truth(deriv_dir: Path, subject: str, session: str | None) -> Path | None:
@@ -39,6 +71,15 @@ def find_ground_truth(deriv_dir: Path, subject: str, session: str | None) -> Pat
     if len(candidates) > 1:
         LOGGER.warning("sub-%s: several ground-truth files, using %s", subject, candidates[0].name)
     return candidates[0] if candidates else None
+
+
+def first_found(finder, folders: list[Path], subject: str, session: str | None) -> Path | None:
+    """The first of ``folders`` where ``finder(folder, subject, session)`` finds a file."""
+    for folder in folders:
+        found = finder(folder, subject, session)
+        if found is not None:
+            return found
+    return None
 
 
 def transforms_to_template(anat_dir: Path, prefix: str, space: str) -> dict[str, list[Path]]:

@@ -20,6 +20,7 @@ from bids_anomaly.errors import (
 )
 from bids_anomaly.evaluation.ground_truth import (
     find_ground_truth,
+    first_found,
     transforms_to_template,
     truth_in_template,
 )
@@ -81,6 +82,9 @@ class ModelResults:
     summary: pd.DataFrame = field(default_factory=pd.DataFrame)
     statistics: pd.DataFrame = field(default_factory=pd.DataFrame)
     control: str | None = None
+    microbleeds: pd.DataFrame = field(default_factory=pd.DataFrame)
+    froc: pd.DataFrame = field(default_factory=pd.DataFrame)
+    froc_summary: dict = field(default_factory=dict)
 
 
 GLOBAL_MEASURES = ("abnormal_ml", "abnormal_fraction", "n_clusters", "mean_score", "p99_score")
@@ -178,9 +182,10 @@ def evaluate_model(settings: Settings, desc: str, maps: list[Path], layout,
                 table.insert(0, column, value)
             region_tables.append(table)
         map_paths[row["participant_id"], row["session_id"]] = map_path
-        if settings.group.ground_truth is None:
+        if not settings.group.ground_truth:
             continue
-        truth_file = find_ground_truth(settings.group.ground_truth, subject, session)
+        truth_file = first_found(find_ground_truth, settings.group.ground_truth, subject,
+                                 session)
         if truth_file is None:
             continue
         raw = bids.collect_anat(layout, subject, [session] if session else None)

@@ -37,9 +37,9 @@ def run_group(settings: Settings) -> list[Path]:
     list of Path
         The tables and report written.
     """
-    ground_truth = settings.group.ground_truth
-    if ground_truth is not None and not ground_truth.is_dir():
-        raise MissingInputError(f"--ground-truth {ground_truth} is not a folder")
+    for folder in settings.group.ground_truth:
+        if not folder.is_dir():
+            raise MissingInputError(f"--ground-truth {folder} is not a folder")
     layout = index_dataset(settings)
     maps = find_anomaly_maps(settings.output_dir)
     if settings.inputs.participant_label:
@@ -98,6 +98,8 @@ def run_group(settings: Settings) -> list[Path]:
             LOGGER.info("%s: mean AUPRC %.3f, mean Dice %.3f over %d subjects", desc,
                         result.evaluation["auprc"].mean(), result.evaluation["dice"].mean(),
                         len(result.evaluation))
+        if settings.group.ground_truth:
+            _evaluate_microbleeds(settings, result, paths, written)
         result.statistics = group_statistics(result, control, settings.group.bootstrap,
                                              settings.execution.random_seed)
         if not result.statistics.empty:
@@ -110,6 +112,39 @@ def run_group(settings: Settings) -> list[Path]:
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"key": key, "written": [str(p) for p in written]}, indent=1))
     return written
+
+
+def _evaluate_microbleeds(settings: Settings, result, maps: list[Path],
+                          written: list[Path]) -> None:
+    """Lesion-wise microbleed metrics and FROC of one model (tables written, kept in result)."""
+    from bids_anomaly.evaluation.microbleeds import evaluate_microbleeds
+
+    tables = []
+    for path in maps:
+        entities = bids.parse_name(path)
+        table = bids.spec_path(settings.output_dir, entities["sub"], entities.get("ses"),
+                               bids.microbleeds_spec(entities["space"], int(entities["res"]),
+                                                     result.desc))
+        if table.is_file():
+            tables.append(table)
+    if not tables:
+        return
+    per_subject, curve, summary = evaluate_microbleeds(tables, settings.group.ground_truth)
+    if per_subject.empty:
+        LOGGER.warning("%s: microbleed candidates but no microbleed ground truth "
+                       "(*_label-microbleed_points.tsv or _mask) in %s", result.desc,
+                       ", ".join(map(str, settings.group.ground_truth)))
+        return
+    result.microbleeds, result.froc, result.froc_summary = per_subject, curve, summary
+    _write_table(per_subject, bids.group_table_path(settings.output_dir, result.desc,
+                                                    "microbleeds"), written)
+    if not curve.empty:
+        _write_table(curve, bids.group_table_path(settings.output_dir, result.desc, "froc"),
+                     written)
+    LOGGER.info("%s: microbleeds: sensitivity %.2f at %.2f false positives per subject "
+                "(calibrated threshold); FROC: %.2f at 3 FP/subject", result.desc,
+                per_subject["tp"].sum() / max(1, per_subject["n_true"].sum()),
+                per_subject["fp"].mean(), summary.get("sensitivity_at_3", float("nan")))
 
 
 def _split_protocols(settings: Settings, maps: dict[str, list[Path]],
@@ -171,11 +206,11 @@ def group_inputs_key(settings: Settings, maps: dict[str, list[Path]]) -> str:
             files.extend(path.parent.glob(f"{prefix}_*"))
     files.extend(bids.model_cards(settings.output_dir))
     ground_truth = settings.group.ground_truth
-    if ground_truth is not None:
-        files.extend(p for p in ground_truth.rglob("*") if p.is_file())
+    for folder in ground_truth:
+        files.extend(p for p in folder.rglob("*") if p.is_file())
     files.append(settings.bids_dir / "participants.tsv")
     digest = hashlib.sha256(json.dumps({
-        "version": __version__, "ground_truth": str(ground_truth),
+        "version": __version__, "ground_truth": [str(f) for f in ground_truth],
         "control_label": settings.group.control_label, "bootstrap": settings.group.bootstrap,
         "burden_threshold": settings.group.burden_threshold,
         "control_percentile": settings.group.control_percentile,

@@ -14,7 +14,7 @@ from bids_anomaly import bids
 from bids_anomaly.config import Settings
 from bids_anomaly.errors import MissingInputError, OutputError
 from bids_anomaly.execution import set_nipype_console_level
-from bids_anomaly.images import check_anatomical, load_volume
+from bids_anomaly.images import check_anatomical, check_same_grid, load_volume
 from bids_anomaly.template import Template, get_template
 
 if TYPE_CHECKING:
@@ -122,11 +122,14 @@ def validate_images(subjects: list[bids.AnatInputs], record: Path) -> None:
                                            for s in stats]
 
     for inputs in subjects:
-        for path in inputs.images.values():
+        echoes = [p for paths in inputs.echoes.values() for p in paths[1:]]
+        for path in [*inputs.images.values(), *echoes]:
             key, stamp = signature([path])
             if seen.get(key) != stamp[0]:
                 check_anatomical(np.asarray(load_volume(path).dataobj), path)
                 seen[key] = stamp[0]
+        for paths in inputs.echoes.values():
+            check_same_grid(paths, "the echoes of one MEGRE")
         if inputs.dwi_maps:
             maps = {p: inputs.dwi_maps[p] for p in inputs.dwi_params}
             key, stamp = signature(list(inputs.dwi_maps.values()))

@@ -34,6 +34,7 @@ from bids_anomaly.models.base import (
     save_model,
 )
 from bids_anomaly.models.deep import distributed
+from bids_anomaly.postprocessing.microbleeds import calibrate_microbleeds
 from bids_anomaly.postprocessing.thresholds import healthy_scores, tail_table, threshold_at_fpr
 from bids_anomaly.template import Template
 
@@ -102,6 +103,7 @@ def training_key(settings: Settings, data: TrainingData, template: Template,
         "preprocessing": preprocessing, "subjects": data.names,
         "annotated": sorted(annotations or {}), "tune_objective": settings.model.tune_objective,
         "channel_scaling": settings.model.channel_scaling, "extra": extra or {},
+        "microbleeds": [settings.model.microbleeds, settings.model.fp_per_subject],
     }, sort_keys=True, default=str).encode())
     for name in sorted(annotations or {}):
         digest.update(file_checksum(annotations[name][0]).encode())
@@ -192,6 +194,12 @@ def fit_and_save(settings: Settings, data: TrainingData, template: Template,
     if annotations:
         tune_on_annotations(card, model, fit_data, data, annotations, template, calibration,
                             settings, healthy_source)
+    if settings.model.microbleeds:
+        card.extra["microbleeds"] = calibrate_microbleeds(
+            model, calibration_data, settings.model.microbleeds, settings.model.fp_per_subject)
+        LOGGER.info("microbleeds on %s: candidate score threshold %s for %.2f false positives "
+                    "per held-out control", settings.model.microbleeds,
+                    card.extra["microbleeds"]["threshold"], settings.model.fp_per_subject)
     save_model(model, card, directory)
     LOGGER.info("model written to %s (threshold %.4g at FPR %.3g)", directory, card.threshold,
                 card.fpr)
@@ -279,6 +287,10 @@ def run_train(settings: Settings) -> list[Path]:
                 labels = list(dict.fromkeys([*labels, *annotated]))
         subjects = collect_subjects(settings, layout, labels)
         channels = choose_channels(subjects, settings.model.channels)
+        if settings.model.microbleeds and settings.model.microbleeds not in channels:
+            raise MissingInputError(f"--microbleeds {settings.model.microbleeds}: not among the "
+                                    f"model's channels ({', '.join(channels)}); add it to "
+                                    "--channels, or select subjects that have it")
         layout, template = prepare(settings, layout)
         validate_images(subjects, bids.validated_inputs_path(settings.work_dir))
         if distributed.is_main():

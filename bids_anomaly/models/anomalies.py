@@ -4,9 +4,11 @@
 volume, any number of channels) with one or more anomalies and says where, and how strongly:
 
 - **Shapes** (:data:`SHAPES`): ellipsoids of random size and orientation; smooth random blobs
-  (thresholded low-frequency noise inside an ellipsoidal envelope); and real lesion masks
+  (thresholded low-frequency noise inside an ellipsoidal envelope); real lesion masks
   (:class:`LesionShapes`: e.g. MS or stroke lesions from a folder of masks in MNI space, carried
-  onto the template grid with partial volume). Borders are soft (a partial-volume rim).
+  onto the template grid with partial volume); and microbleeds, small magnetised spheres whose
+  dipole field darkens the susceptibility-weighted channels beyond the sphere ("blooming",
+  longer along B0; :func:`microbleed_loss`). Borders are soft (a partial-volume rim).
 - **Textures** (:data:`TEXTURES`): an intensity shift whose sign and size per channel come from
   a contrast model (:data:`CONTRASTS`: MS-like lesions are bright on FLAIR and T2w and dark on
   T1w); the same with smooth noise; a foreign patch from another image blended in (FPI, Tan et
@@ -30,8 +32,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SHAPES = ("ellipsoid", "blob", "lesion")
-"""Shape kinds; ``lesion`` needs a :class:`LesionShapes` library."""
+from bids_anomaly.synthetic import blooming_extent, blooming_signal, dephasing_for_bloom
+
+SHAPES = ("ellipsoid", "blob", "lesion", "microbleed")
+"""Shape kinds; ``lesion`` needs a :class:`LesionShapes` library, ``microbleed`` a channel of
+:data:`SUSCEPTIBILITY`."""
 
 TEXTURES = ("shift", "noise", "foreign", "poisson")
 """Texture kinds: intensity shift, shift with noise, foreign patch, Poisson-blended patch."""
@@ -49,6 +54,19 @@ chronic infarcts, the same signs (on FLAIR the cavity is dark while the gliotic 
 bright sign is the one a FLAIR lesion search needs). ``tumour``: bright on FLAIR/T2w, either on
 T1w. ``free``: every channel drawn independently.
 """
+
+SUSCEPTIBILITY = {"T2starw": 1.0, "swi": 1.0, "MEGRE": 1.0, "T2w": 0.05}
+"""Fraction of a microbleed's signal loss each channel shows (other channels: none).
+
+Gradient-echo images (T2*-weighted, SWI magnitude, multi-echo GRE) show all of it; on T2w a
+microbleed is a few per cent darker; T1w, FLAIR and PDw do not show it.
+"""
+
+MICROBLEED_BLOOM = (2.0, 3.0)
+"""Smallest and largest visible over true radius of a microbleed."""
+
+MICROBLEED_TAIL = 0.05
+"""Signal losses below this are left out, so that a microbleed has a finite extent."""
 
 
 @dataclass
@@ -72,6 +90,10 @@ class GeneratorOptions:
         Width of the soft border, in voxels.
     probability : float
         Chance that an image gets any anomaly (the others teach what is normal).
+    microbleed_radius : (float, float)
+        Smallest and largest visible radius of a microbleed's dark focus (the sphere that holds
+        as much volume as the part losing at least half its signal), in voxels; the default is
+        1 to 5 mm (2 to 10 mm across) at 2 mm voxels.
     """
 
     shapes: tuple[str, ...] = ("ellipsoid", "blob")
@@ -82,6 +104,7 @@ class GeneratorOptions:
     strength: tuple[float, float] = (0.5, 3.0)
     border: float = 1.0
     probability: float = 0.8
+    microbleed_radius: tuple[float, float] = (0.5, 2.5)
 
     def __post_init__(self) -> None:
         unknown = sorted(set(self.shapes) - set(SHAPES)) + sorted(
@@ -146,6 +169,70 @@ def blob(shape: tuple[int, ...], center: torch.Tensor, radius: float,
     envelope = ellipsoid(shape, center, torch.full((dims,), radius * 1.3), generator, border)
     field_ = (smooth - smooth[envelope > 0.5].mean() if (envelope > 0.5).any() else smooth)
     return torch.clamp(envelope * (0.5 + field_ / max(border, 0.5)), 0.0, 1.0) * (envelope > 0)
+
+
+def microbleed_loss(shape: tuple[int, ...], center: torch.Tensor, radius: float,
+                    generator: torch.Generator, slices: int = 1) -> torch.Tensor:
+    """Signal loss (0..1) of a microbleed whose dark focus has a visible radius ``radius``.
+
+    The source is a sphere a third to a half as wide as the focus (the ratio is drawn from
+    :data:`MICROBLEED_BLOOM`), placed a random fraction of a voxel off ``center``; its dipole
+    field dephases the signal around it (:func:`~bids_anomaly.synthetic.dipole_signal`, the
+    physics of the synthetic microbleeds of the demo data), computed at several points per
+    voxel and averaged (partial volume). Losses under :data:`MICROBLEED_TAIL` are left out.
+
+    B0 runs along z: in 3D the last axis, along which the focus is longest (by 2^(1/3)). A 2D
+    ``shape`` is an axial slice, as the 2D and 2.5D models cut volumes: B0 crosses the plane,
+    so the focus is round in the slice through the centre; ``slices`` adjacent slices centred
+    on that one are computed (the centre a random fraction of a slice off the middle one).
+
+    Parameters
+    ----------
+    shape : tuple of int
+        Spatial shape of the image (2D or 3D), voxels taken as isotropic.
+    center : torch.Tensor
+        The voxel the microbleed is centred in.
+    radius : float
+        Visible radius, in voxels (the sphere with the volume that loses at least half its
+        signal).
+    generator : torch.Generator
+        Source of the random sizes and position.
+    slices : int
+        In 2D, the number of adjacent slices (odd); ignored in 3D.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(slices, *shape)`` in 2D (the middle one is the image's slice), ``(1, *shape)`` in
+        3D.
+    """
+    bloom = _uniform(generator, *MICROBLEED_BLOOM)
+    jitter = torch.rand(3, generator=generator, dtype=torch.float64) - 0.5
+    source = radius / bloom
+    dephasing = dephasing_for_bloom(bloom)
+    # The loss along B0 falls under the tail at this distance; one voxel more for partial volume.
+    reach = blooming_extent(source, dephasing) * (math.log(2) / -math.log(1 - MICROBLEED_TAIL)
+                                                  ) ** (1 / 3)
+    half = math.ceil(reach) + 1
+    dims = len(shape)
+    voxel = [int(round(float(c))) for c in center]
+    low = [max(0, c - half) for c in voxel]
+    high = [min(n, c + half + 1) for c, n in zip(voxel, shape, strict=True)]
+    local = [c - a + float(j) for c, a, j in zip(voxel, low, jitter[:dims], strict=True)]
+    box_shape = [b - a for a, b in zip(low, high, strict=True)]
+    if dims == 2:
+        box_shape.append(slices)
+        local.append(slices // 2 + float(jitter[2]))
+    signal = blooming_signal(tuple(box_shape), np.asarray(local), source, dephasing)
+    loss = torch.from_numpy(1.0 - signal)
+    loss = torch.where(loss < MICROBLEED_TAIL, 0.0, loss)
+    box = tuple(slice(a, b) for a, b in zip(low, high, strict=True))
+    out = torch.zeros((1 if dims == 3 else slices, *shape))
+    if dims == 3:
+        out[0][box] = loss
+    else:
+        out[(slice(None), *box)] = loss.permute(2, 0, 1)
+    return out
 
 
 class LesionShapes:
@@ -300,16 +387,35 @@ class AnomalyGenerator:
         Real lesion shapes (needed when ``options.shapes`` holds ``lesion``).
     signs : dict, optional
         ``{channel: +1 | -1 | 0}`` overriding the contrast model for those channels (0: drawn).
+    window : int
+        2.5D: the channels are ``window`` adjacent axial slices of each modality, channel
+        ``c * window + offset`` (:func:`~bids_anomaly.models.deep.datasets.window_channels`),
+        so that a microbleed darkens each slice by its own cut through the focus; the other
+        shapes are the same in every slice. 1 for 2D and 3D images.
+
+    Microbleeds darken each channel by its :data:`SUSCEPTIBILITY` share of the signal loss,
+    whatever the contrast model says: the signal above the channel's darkest in-brain level
+    (its 0.5th percentile, where no signal is left) is multiplied by 1 - share * loss. Their
+    mask is 1 where the image's slice loses at least half its signal, with a soft rim down to
+    :data:`MICROBLEED_TAIL`.
     """
 
     def __init__(self, options: GeneratorOptions, channels: list[str],
                  lesions: LesionShapes | None = None,
-                 signs: dict[str, float] | None = None) -> None:
+                 signs: dict[str, float] | None = None, window: int = 1) -> None:
         if "lesion" in options.shapes and lesions is None:
             raise ValueError("the lesion shape needs a folder of lesion masks")
+        if window < 1 or window % 2 == 0 or len(channels) % window:
+            raise ValueError(f"window {window}: give an odd number of slices that divides the "
+                             f"{len(channels)} channels")
         self.options, self.channels, self.lesions = options, list(channels), lesions
+        self.window = window
         contrast = {**CONTRASTS[options.contrast], **(signs or {})}
         self.signs = [contrast.get(channel, 0.0) for channel in self.channels]
+        self.susceptibility = [SUSCEPTIBILITY.get(channel, 0.0) for channel in self.channels]
+        if "microbleed" in options.shapes and max(self.susceptibility, default=0.0) < 1.0:
+            raise ValueError("the microbleed shape needs a susceptibility-weighted channel: "
+                             + ", ".join(k for k, v in SUSCEPTIBILITY.items() if v == 1.0))
 
     def _shape(self, kind: str, shape: tuple[int, ...], center: torch.Tensor,
                generator: torch.Generator) -> torch.Tensor:
@@ -345,6 +451,14 @@ class AnomalyGenerator:
         # gradient-domain blending keeps the border intensities, so it carries no offset itself
         blended = poisson_blend(image, donor, alpha)
         return (1 - alpha) * image + alpha * (blended + shift), signs
+
+    def _darken(self, image: torch.Tensor, loss: torch.Tensor, dark: torch.Tensor
+                ) -> torch.Tensor:
+        """Take ``loss`` (``(slices, *spatial)``) of each channel's signal above ``dark``."""
+        if loss.shape[0] > 1:  # 2.5D: one cut per slice of each modality's window
+            loss = loss.repeat(image.shape[0] // loss.shape[0], *[1] * (loss.ndim - 1))
+        share = torch.tensor(self.susceptibility).view(-1, *[1] * (image.ndim - 1))
+        return image - share * loss * (image - dark).clamp_min(0)
 
     def __call__(self, image: torch.Tensor, brain: torch.Tensor, generator: torch.Generator,
                  donor: torch.Tensor | None = None, severity: float | None = None
@@ -382,9 +496,22 @@ class AnomalyGenerator:
                                dims=tuple(range(1, image.ndim)))
         inside = image[:, brain]
         scale = inside.std(dim=1).clamp_min(1e-3).view(-1, *[1] * len(shape))
+        # where a microbleed leaves no signal: each channel's darkest in-brain level
+        dark = inside.kthvalue(max(1, int(0.005 * inside.shape[1])), dim=1).values.view(
+            -1, *[1] * len(shape)) if "microbleed" in self.options.shapes else None
         for _ in range(_randint(generator, *self.options.count)):
             center = candidates[_randint(generator, 0, len(candidates) - 1)].float()
             kind = self.options.shapes[_randint(generator, 0, len(self.options.shapes) - 1)]
+            if kind == "microbleed":
+                radius = _uniform(generator, *self.options.microbleed_radius)
+                loss = microbleed_loss(shape, center, radius, generator, self.window) * brain
+                if not (loss > 0).any():
+                    continue
+                corrupted = self._darken(corrupted, loss * (1.0 if severity is None else
+                                                            severity), dark)
+                signs_used.append([-1.0 if share > 0 else 0.0 for share in self.susceptibility])
+                mask = torch.maximum(mask, torch.clamp(2 * loss[loss.shape[0] // 2], 0, 1))
+                continue
             alpha = self._shape(kind, shape, center, generator) * brain
             if severity is not None:
                 alpha = alpha * severity

@@ -259,7 +259,11 @@ class SelfSupervisedModel(DeepModel):
         window = 2 * self.context + 1
         channels = [name for name in data.channels for _ in range(window)]
         signs = {channel: SIGN_VALUES[sign] for channel, sign in self.direction.items()}
-        return AnomalyGenerator(self.generator_options, channels, lesions, signs=signs)
+        try:
+            return AnomalyGenerator(self.generator_options, channels, lesions, signs=signs,
+                                    window=window)
+        except ValueError as error:  # e.g. microbleeds without a T2*-weighted channel
+            raise UsageError(f"--anomaly-shapes: {error}") from error
 
     def fit(self, data: TrainingData) -> None:
         """Train on ``data`` (controls, or a cohort with patients: the labels are synthetic)."""

@@ -182,3 +182,37 @@ def plot_subject_roc(table: pd.DataFrame, measures: Sequence[str], control: str,
     axis.legend(fontsize=7, loc="lower right")
     axis.grid(alpha=0.3)
     return _save(figure, Path(out_file))
+
+
+def plot_froc(curve: pd.DataFrame, out_file: str | Path, title: str = "",
+              operating_point: tuple[float, float] | None = None) -> Path:
+    """FROC curve: lesion-wise sensitivity against false positives per subject.
+
+    Parameters
+    ----------
+    curve : pandas.DataFrame
+        ``fp_per_subject`` and ``sensitivity`` (:func:`~bids_anomaly.evaluation.detection.froc`).
+    out_file : path
+        SVG or PNG file.
+    operating_point : (float, float), optional
+        False positives per subject and sensitivity at the calibrated threshold, marked.
+    """
+    _use_agg()
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(5.5, 4.2))
+    axis.step(curve["fp_per_subject"], curve["sensitivity"], where="post", color=_COLOURS[0],
+              lw=1.5, label="FROC")
+    if operating_point is not None:
+        axis.plot(*operating_point, "o", color=_COLOURS[1],
+                  label=f"calibrated threshold ({operating_point[0]:.1f} FP, "
+                        f"{operating_point[1]:.2f})")
+    for level in (1, 3):
+        axis.axvline(level, color="#999", lw=0.8, ls="--")
+    axis.set(xlabel="false positives per subject", ylabel="lesion-wise sensitivity",
+             ylim=(0, 1.02), xlim=(0, 8.0))
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="lower right")
+    if title:
+        axis.set_title(title)
+    return _save(figure, Path(out_file))

@@ -53,6 +53,32 @@ def _evaluation_section(result, figures: Path) -> list[str]:
     return parts
 
 
+def _microbleed_section(result, figures: Path) -> list[str]:
+    """Lesion-wise microbleed detection: the FROC curve, its summary, the per-subject table."""
+    from bids_anomaly.reports.figures import plot_froc
+
+    table = result.microbleeds
+    sensitivity = table["tp"].sum() / max(1, table["n_true"].sum())
+    parts = ["<h3>Microbleeds: lesion-wise detection</h3>",
+             f"<p>{len(table)} subject/session(s) with microbleed ground truth, "
+             f"{int(table['n_true'].sum())} microbleeds. At the calibrated threshold: "
+             f"sensitivity {sensitivity:.2f}, {table['fp'].mean():.2f} false positives per "
+             f"subject, F1 {table['f1'].mean():.2f} (mean over subjects), mean |count "
+             f"difference| {table['abs_count_difference'].mean():.2f}. A candidate detects a "
+             "microbleed when its centre lies within the microbleed's radius (+1 mm).</p>"]
+    if not result.froc.empty:
+        summary = ", ".join(f"{key.removeprefix('sensitivity_at_')} FP: {value:.2f}"
+                            for key, value in result.froc_summary.items() if key != "cpm")
+        parts.append(f"<p>FROC sensitivity at {summary}; mean (CPM) "
+                     f"{result.froc_summary.get('cpm', float('nan')):.2f}.</p>")
+        path = plot_froc(result.froc, figures / f"desc-{result.desc}_froc.svg",
+                         title=f"{result.desc}: microbleed FROC",
+                         operating_point=(float(table["fp"].mean()), float(sensitivity)))
+        parts.append(figure_html(path))
+    parts.append(table_html(table))
+    return parts
+
+
 def _statistics_section(result, figures: Path) -> list[str]:
     from bids_anomaly.reports.figures import plot_burden_by_group, plot_subject_roc
 
@@ -155,6 +181,8 @@ def write_group_report(path: Path, results: list,
         sections.append(f"<p>{len(result.burden)} subject/session(s) scored.</p>")
         if not result.evaluation.empty:
             sections.extend(_evaluation_section(result, figures))
+        if not result.microbleeds.empty:
+            sections.extend(_microbleed_section(result, figures))
         if not result.statistics.empty:
             sections.extend(_statistics_section(result, figures))
         if not result.regions.empty:

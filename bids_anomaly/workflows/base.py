@@ -13,6 +13,7 @@ from bids_anomaly import __version__, bids
 from bids_anomaly.config import RESTRICTIONS, Settings
 from bids_anomaly.interfaces.anomaly import FitSubjectModel, ScoreAnomaly
 from bids_anomaly.interfaces.ants import ApplyTransforms
+from bids_anomaly.interfaces.images import CombineEchoes
 from bids_anomaly.models import REGISTRY, ChannelScorer, ModelCard, build_model
 from bids_anomaly.models.base import card_checksum
 from bids_anomaly.postprocessing.regions import Atlas
@@ -224,7 +225,8 @@ def _preprocessed_derivatives(settings: Settings, inputs: bids.AnatInputs,
                               template: Template) -> pe.Node:
     """A node holding the preprocessed derivatives the model stage reads."""
     modalities = inputs.channels
-    fields = [f"preproc_{m}" for m in modalities] + ["std_mask", "template_to_ref"]
+    fields = [f"preproc_{m}" for m in modalities] + ["std_mask", "template_to_ref",
+                                                     "ref_to_template"]
     node = pe.Node(niu.IdentityInterface(fields=fields), name="preprocessed")
 
     def path(spec: dict) -> str:
@@ -235,6 +237,7 @@ def _preprocessed_derivatives(settings: Settings, inputs: bids.AnatInputs,
                 path(bids.preproc_spec(template.name, template.resolution, modality)))
     node.inputs.std_mask = path(bids.brain_mask_spec(template.name, template.resolution))
     node.inputs.template_to_ref = path(bids.transform_spec(template.name, inputs.reference))
+    node.inputs.ref_to_template = path(bids.transform_spec(inputs.reference, template.name))
     return node
 
 
@@ -248,8 +251,16 @@ def _preprocess(workflow: pe.Workflow, settings: Settings, inputs: bids.AnatInpu
                               + ["template_t1w", "template_mask", "template_registration"]),
         name="inputnode",
     )
+    combined = {}
     for modality in modalities:
-        setattr(inputnode.inputs, f"in_{modality}", str(inputs.images[modality]))
+        echoes = inputs.echoes.get(modality, [])
+        if len(echoes) > 1:  # a multi-echo image: its echoes combined first
+            combined[modality] = pe.Node(
+                CombineEchoes(in_files=[str(p) for p in echoes],
+                              method=settings.preprocessing.echo_combination),
+                name=f"combine_{modality}_echoes", mem_gb=0.5)
+        else:
+            setattr(inputnode.inputs, f"in_{modality}", str(inputs.images[modality]))
     inputnode.inputs.template_t1w = str(template.t1w)
     inputnode.inputs.template_mask = str(template.brain_mask)
     inputnode.inputs.template_registration = str(template.registration_target)
@@ -275,6 +286,8 @@ def _preprocess(workflow: pe.Workflow, settings: Settings, inputs: bids.AnatInpu
         + [f"{m}_to_ref" for m in modalities[1:]]
         + (["dwiref", "dwi_to_ref"] if dwi is not None else [])
     )
+    for modality, node in combined.items():
+        workflow.connect(node, "out_file", inputnode, f"in_{modality}")
     workflow.connect([
         (inputnode, anat_preproc_wf, [(f"in_{m}", f"inputnode.in_{m}") for m in modalities]
          + [("template_t1w", "inputnode.template_t1w"),
@@ -378,11 +391,13 @@ def _connect_trained_model(workflow: pe.Workflow, source, prefix: str,
     if not settings.postprocessing.fdr:
         metadata["Threshold"] = card.threshold
     per_channel = issubclass(REGISTRY[card.model_type], ChannelScorer)
+    microbleeds = card.extra.get("microbleeds")
     ds_anomaly_wf = init_ds_anomaly_wf(inputs, settings.output_dir, template.name,
                                        template.resolution, bids.model_desc(card.name), metadata,
                                        name=f"ds_anomaly_wf{suffix}",
                                        channels=card.channels if per_channel else None,
-                                       table_metadata=_table_metadata(settings, atlas))
+                                       table_metadata=_table_metadata(settings, atlas),
+                                       microbleeds=microbleeds)
     workflow.connect([
         (channels, score, [("out", "channel_files")]),
         (source, score, [(f"{prefix}std_mask", "mask_file")]),
@@ -390,6 +405,35 @@ def _connect_trained_model(workflow: pe.Workflow, source, prefix: str,
     _connect_outputs(workflow, source, prefix, score, ds_anomaly_wf, inputs)
     if per_channel:
         workflow.connect(score, "channel_maps", ds_anomaly_wf, "inputnode.channel_maps")
+    if microbleeds:
+        _connect_microbleeds(workflow, source, prefix, score, ds_anomaly_wf, inputs, template,
+                             microbleeds)
+
+
+def _connect_microbleeds(workflow: pe.Workflow, source, prefix: str, score: pe.Node,
+                         ds_wf: pe.Workflow, inputs: bids.AnatInputs, template: Template,
+                         microbleeds: dict) -> None:
+    """Microbleed candidates of a model trained with ``--microbleeds``, and their sinks."""
+    from bids_anomaly.interfaces.microbleeds import DetectMicrobleeds
+
+    suffix = score.name.removeprefix("score_anomaly")
+    detect = pe.Node(DetectMicrobleeds(threshold=microbleeds["threshold"],
+                                       regions_brain=str(template.dseg)),
+                     name=f"detect_microbleeds{suffix}", mem_gb=1.0)
+    native = pe.Node(ApplyTransforms(reference_file=str(inputs.images[inputs.reference]),
+                                     interpolation="genericLabel"),
+                     name=f"detect_microbleeds{suffix}_native_mask", mem_gb=1.0)
+    workflow.connect([
+        (source, detect, [(f"{prefix}preproc_{microbleeds['channel']}", "channel_file"),
+                          (f"{prefix}std_mask", "mask_file"),
+                          (f"{prefix}ref_to_template", "ref_to_template")]),
+        (score, detect, [("anomaly_map", "anomaly_map")]),
+        (source, native, [(f"{prefix}template_to_ref", "transforms")]),
+        (detect, native, [("candidate_mask", "in_file")]),
+        (detect, ds_wf, [("candidates", "inputnode.microbleeds"),
+                         ("candidate_mask", "inputnode.microbleed_mask")]),
+        (native, ds_wf, [("out_file", "inputnode.native_microbleed_mask")]),
+    ])
 
 
 def _connect_single_subject(workflow: pe.Workflow, source, prefix: str,

@@ -29,6 +29,15 @@ def _sink(name: str, output_dir: Path, subject: str, session: str | None, spec: 
     return node
 
 
+NATIVE_COLUMNS = {
+    f"{axis}_native": {"Description": f"{axis} of the candidate's centre in the raw reference "
+                                      "image's world coordinates (RAS)", "Units": "mm"}
+    for axis in "xyz"}
+"""Sidecar entries of the microbleed table's native-space centre."""
+NATIVE_COLUMNS["kept"] = {"Description": "score above the model's calibrated threshold (in "
+                                         "the mask)"}
+
+
 def init_ds_anat_wf(
     inputs: bids.AnatInputs,
     output_dir: Path,
@@ -92,7 +101,11 @@ def init_ds_anat_wf(
             "Description": f"{modality} bias-corrected, registered to {space} through the "
                            f"{reference}, normalised inside the brain",
         }
-        srcs = [sources[modality]] + ([sources[reference]] if modality != reference else [])
+        if len(inputs.echoes.get(modality, [])) > 1:
+            metadata["EchoCombination"] = settings.get("echo_combination")
+        srcs = ([sources[modality]]
+                + [bids.bids_uri(bids_dir, p) for p in inputs.echoes.get(modality, [])[1:]]
+                + ([sources[reference]] if modality != reference else []))
         node = _sink(f"ds_preproc_{modality}", output_dir, sub, ses,
                      bids.preproc_spec(space, resolution, modality), metadata, srcs)
         workflow.connect(inputnode, f"preproc_{modality}", node, "in_file")
@@ -203,6 +216,7 @@ def init_ds_anomaly_wf(
     name: str = "ds_anomaly_wf",
     channels: list[str] | None = None,
     table_metadata: dict | None = None,
+    microbleeds: dict | None = None,
 ) -> pe.Workflow:
     """Write a model's maps and tables for one subject/session.
 
@@ -215,6 +229,10 @@ def init_ds_anomaly_wf(
     ----------
     table_metadata : dict, optional
         Extra sidecar fields of the clusters and regions tables (restriction, atlas).
+    microbleeds : dict, optional
+        The model's microbleed calibration (card ``extra.microbleeds``): the candidates table
+        (``desc-<model>_microbleeds.tsv``) and masks (``label-microbleed_desc-<model>_mask``,
+        template and native) are written too.
 
     Inputs
     ------
@@ -226,7 +244,9 @@ def init_ds_anomaly_wf(
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["anomaly_map", "anomaly_mask",
                                                       "channel_maps", "clusters", "regions",
-                                                      "native_map", "native_mask"]),
+                                                      "native_map", "native_mask",
+                                                      "microbleeds", "microbleed_mask",
+                                                      "native_microbleed_mask"]),
                         name="inputnode")
     sub, ses = inputs.subject, inputs.session
     ds_map = _sink("ds_anomaly_map", output_dir, sub, ses,
@@ -260,6 +280,27 @@ def init_ds_anomaly_wf(
         (inputnode, ds_native_map, [("native_map", "in_file")]),
         (inputnode, ds_native_mask, [("native_mask", "in_file")]),
     ])
+    if microbleeds:
+        from bids_anomaly.postprocessing.microbleeds import CANDIDATE_COLUMNS
+
+        about = {"Model": card_metadata.get("Model"), "Channel": microbleeds["channel"],
+                 "ScoreThreshold": microbleeds["threshold"],
+                 "FalsePositivesPerControl": microbleeds["fp_per_subject"]}
+        sinks = (
+            ("ds_microbleeds", bids.microbleeds_spec(space, resolution, model_desc),
+             {**CANDIDATE_COLUMNS, **NATIVE_COLUMNS, **about}, "microbleeds"),
+            ("ds_microbleed_mask", bids.microbleed_mask_spec(space, resolution, model_desc),
+             {**about, "Description": "kept microbleed candidates, labelled by candidate_id"},
+             "microbleed_mask"),
+            ("ds_native_microbleed_mask", bids.microbleed_mask_spec(inputs.reference, None,
+                                                                    model_desc),
+             {**about, "Description": "kept microbleed candidates on the raw "
+                                      f"{inputs.reference} image's grid"},
+             "native_microbleed_mask"),
+        )
+        for name, spec, metadata, field in sinks:
+            node = _sink(name, output_dir, sub, ses, spec, metadata)
+            workflow.connect(inputnode, field, node, "in_file")
     for index, channel in enumerate(channels or []):
         select = pe.Node(niu.Select(index=index), name=f"select_{channel}_map",
                          run_without_submitting=True)

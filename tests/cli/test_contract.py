@@ -96,7 +96,7 @@ def test_no_usable_anatomical_exits_66(run, tiny_bids):
     anat = tiny_bids / "sub-03" / "anat"
     anat.mkdir(parents=True)
     nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)).to_filename(
-        anat / "sub-03_T2starw.nii.gz")
+        anat / "sub-03_T1map.nii.gz")
     code, err = run("participant", "--participant-label", "03")
     assert code == 66 and "usable anatomical image" in err
 

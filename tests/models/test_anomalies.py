@@ -6,11 +6,13 @@ import pytest
 import torch
 
 from bids_anomaly.models.anomalies import (
+    MICROBLEED_TAIL,
     AnomalyGenerator,
     GeneratorOptions,
     LesionShapes,
     blob,
     ellipsoid,
+    microbleed_loss,
     poisson_blend,
 )
 
@@ -161,3 +163,85 @@ def test_bad_options_are_refused():
         GeneratorOptions(shapes=("cube",))
     with pytest.raises(ValueError, match="contrast"):
         GeneratorOptions(contrast="bright")
+
+
+def test_existing_shapes_draw_what_they_drew_before_microbleeds():
+    # mask volume and total change of two calls, computed before the microbleed shape existed
+    before = {(40, 44): (118.3675, -41.6704), (24, 28, 20): (1251.1577, -2278.4658)}
+    for shape, (volume, change) in before.items():
+        image = torch.randn((2, *shape), generator=_generator(0)) * 0.1
+        brain = torch.zeros(shape, dtype=torch.bool)
+        brain[(slice(4, -4),) * len(shape)] = True
+        image = torch.where(brain, image + 1.0, 0.0)
+        result = AnomalyGenerator(GeneratorOptions(probability=1.0, count=(3, 3)),
+                                  ["FLAIR", "T1w"])(image, brain, _generator(7))
+        assert float(result.mask.sum()) == pytest.approx(volume, rel=1e-3)
+        assert float((result.image - image).sum()) == pytest.approx(change, rel=1e-3)
+
+
+def _contrasted_image(shape, seed=0):
+    """Two channels (T2starw, T1w) with a wide in-brain range, so that 'no signal' is far down."""
+    generator = _generator(seed)
+    brain = torch.zeros(shape, dtype=torch.bool)
+    brain[(slice(4, -4),) * len(shape)] = True
+    image = 1.0 + 0.3 * torch.rand((2, *shape), generator=generator)
+    image[:, 4:6] = 0.1  # a dark slab: the darkest in-brain level, where no signal is left
+    return torch.where(brain, image, 0.0), brain
+
+
+@pytest.mark.parametrize("shape", [(48, 48), (32, 32, 32)])
+def test_microbleed_darkens_a_small_round_spot_of_the_t2starw_channel_only(shape):
+    image, brain = _contrasted_image(shape)
+    options = GeneratorOptions(shapes=("microbleed",), probability=1.0, count=(1, 1),
+                               microbleed_radius=(2.5, 2.5))
+    result = AnomalyGenerator(options, ["T2starw", "T1w"])(image, brain, _generator(3))
+    change = result.image - image
+    assert torch.equal(result.image[1], image[1])  # T1w does not show microbleeds
+    changed = change[0].abs() > 1e-6
+    assert changed.any() and float(change[0].max()) <= 0  # darker, never brighter
+    assert not changed[result.mask == 0].any() and not changed[~brain].any()
+    assert result.signs == [[-1.0, 0.0]]
+    # a compact spot: a few times the visible radius across at most
+    spot = torch.nonzero(changed).float()
+    assert float((spot.max(0).values - spot.min(0).values).max()) <= 4 * 2.5 * 1.26 * 2
+    core = result.mask > 0.99  # where at least half the signal is lost
+    # the visible volume of a sphere of radius 2.5 voxels, give or take partial volume
+    volume = np.pi * 2.5**2 if len(shape) == 2 else 4 / 3 * np.pi * 2.5**3
+    assert float(core.sum()) == pytest.approx(volume, rel=0.5)
+    # taken halfway or more from the signal towards the darkest level (0.1)
+    assert bool((image[0][core] - result.image[0][core] >= 0.5 * (image[0][core] - 0.1)).all())
+    extents = torch.nonzero(core).max(0).values - torch.nonzero(core).min(0).values
+    assert extents[0] == pytest.approx(float(extents[1]), abs=1)  # round across B0
+
+
+def test_microbleed_blooms_along_the_last_axis():
+    shape = (48, 48, 48)
+    extents = torch.zeros(3)
+    for seed in range(5):
+        loss = microbleed_loss(shape, torch.tensor([24.0, 24.0, 24.0]), 4.0, _generator(seed))
+        assert loss.shape == (1, *shape)
+        focus = torch.nonzero(loss[0] >= 0.5)
+        extents += focus.max(0).values - focus.min(0).values + 1
+        assert float(loss[loss > 0].min()) >= MICROBLEED_TAIL
+    assert extents[2] > extents[0] and extents[2] > extents[1]
+
+
+def test_microbleed_in_a_2_5d_window_cuts_each_slice_apart():
+    image, brain = _contrasted_image((48, 48))
+    image = image.repeat_interleave(3, dim=0)  # T2starw x 3 slices, T1w x 3 slices
+    options = GeneratorOptions(shapes=("microbleed",), probability=1.0, count=(1, 1),
+                               microbleed_radius=(2.5, 2.5))
+    channels = ["T2starw"] * 3 + ["T1w"] * 3
+    result = AnomalyGenerator(options, channels, window=3)(image, brain, _generator(1))
+    change = (result.image - image).abs()
+    assert torch.equal(result.image[3:], image[3:])
+    assert all(bool((change[c] > 1e-6).any()) for c in range(3))
+    assert not torch.equal(change[0], change[1])  # the neighbouring slices cut elsewhere
+
+
+def test_microbleed_needs_a_susceptibility_channel_and_a_fitting_window():
+    options = GeneratorOptions(shapes=("microbleed",))
+    with pytest.raises(ValueError, match="susceptibility"):
+        AnomalyGenerator(options, ["T1w", "FLAIR"])
+    with pytest.raises(ValueError, match="window"):
+        AnomalyGenerator(options, ["T2starw", "T1w"], window=3)
