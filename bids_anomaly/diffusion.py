@@ -464,15 +464,12 @@ def check_maps(paths: dict[str, str | Path]) -> tuple[dict[str, np.ndarray], nib
     BadDataError
         Any of the above.
     """
-    from bids_anomaly.images import load_volume
+    from bids_anomaly.images import check_same_grid, load_volume
 
     images = {name: load_volume(path) for name, path in paths.items()}
+    check_same_grid(list(paths.values()), "the maps of one subject")
     names = list(images)
     first = images[names[0]]
-    for name, img in images.items():
-        if img.shape != first.shape or not np.allclose(img.affine, first.affine, atol=1e-3):
-            raise BadDataError(f"{paths[name]}: not on the grid of {paths[names[0]]}; the maps "
-                               "of one subject must share a grid")
     data = {name: np.asarray(img.dataobj, dtype=np.float32) for name, img in images.items()}
     support = np.any([d != 0 for d in data.values()], axis=0)
     if not support.any():

@@ -62,8 +62,9 @@ class DetectMicrobleeds(SimpleInterface):
                                            self.inputs.threshold)
         native = map_points(table[["x", "y", "z"]].to_numpy(np.float64),
                             [self.inputs.ref_to_template])
+        after = table.columns.get_loc("z") + 1  # the native centre beside the template one
         for axis, column in enumerate(("x_native", "y_native", "z_native")):
-            table.insert(4 + axis, column, native[:, axis] if len(table) else [])
+            table.insert(after + axis, column, native[:, axis])
         self._results["candidates"] = os.path.join(runtime.cwd, "microbleeds.tsv")
         table.to_csv(self._results["candidates"], sep="\t", index=False, na_rep="n/a",
                      float_format="%.6g")

@@ -407,16 +407,15 @@ def _connect_trained_model(workflow: pe.Workflow, source, prefix: str,
         workflow.connect(score, "channel_maps", ds_anomaly_wf, "inputnode.channel_maps")
     if microbleeds:
         _connect_microbleeds(workflow, source, prefix, score, ds_anomaly_wf, inputs, template,
-                             microbleeds)
+                             microbleeds, suffix)
 
 
 def _connect_microbleeds(workflow: pe.Workflow, source, prefix: str, score: pe.Node,
                          ds_wf: pe.Workflow, inputs: bids.AnatInputs, template: Template,
-                         microbleeds: dict) -> None:
+                         microbleeds: dict, suffix: str = "") -> None:
     """Microbleed candidates of a model trained with ``--microbleeds``, and their sinks."""
     from bids_anomaly.interfaces.microbleeds import DetectMicrobleeds
 
-    suffix = score.name.removeprefix("score_anomaly")
     detect = pe.Node(DetectMicrobleeds(threshold=microbleeds["threshold"],
                                        regions_brain=str(template.dseg)),
                      name=f"detect_microbleeds{suffix}", mem_gb=1.0)

@@ -30,12 +30,12 @@ def _sink(name: str, output_dir: Path, subject: str, session: str | None, spec: 
 
 
 NATIVE_COLUMNS = {
-    f"{axis}_native": {"Description": f"{axis} of the candidate's centre in the raw reference "
-                                      "image's world coordinates (RAS)", "Units": "mm"}
-    for axis in "xyz"}
-"""Sidecar entries of the microbleed table's native-space centre."""
-NATIVE_COLUMNS["kept"] = {"Description": "score above the model's calibrated threshold (in "
-                                         "the mask)"}
+    **{f"{axis}_native": {"Description": f"{axis} of the candidate's centre in the raw "
+                                         "reference image's world coordinates (RAS)",
+                          "Units": "mm"} for axis in "xyz"},
+    "kept": {"Description": "score above the model's calibrated threshold (in the mask)"},
+}
+"""Sidecar entries of the microbleed table's native-space centre and ``kept`` column."""
 
 
 def init_ds_anat_wf(
