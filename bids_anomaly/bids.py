@@ -332,6 +332,17 @@ def read_participants(bids_dir: Path) -> pd.DataFrame:
     return table
 
 
+def participant_rows(bids_dir: Path) -> dict[str, dict[str, str]]:
+    """Each participant's participants.tsv row (column to value), by label; {} without one."""
+    try:
+        table = read_participants(bids_dir)
+    except MissingInputError:
+        return {}
+    columns = [c for c in table.columns if c != "label"]
+    return {row["label"]: {c: row[c] for c in columns}
+            for row in table.drop_duplicates("label").to_dict("records")}
+
+
 def filter_participants(table: pd.DataFrame, filters: list[str]) -> list[str]:
     """Labels of the rows of participants.tsv matching every ``column=value`` filter."""
     selected = pd.Series(True, index=table.index)
@@ -775,6 +786,20 @@ def residual_map_spec(space: str, res: int, desc: str, channel: str) -> dict:
             "stat": "residual"}
 
 
+def normative_map_spec(space: str, res: int, desc: str, channel: str, stat: str) -> dict:
+    """Entities of a covariate model's per-channel ``z`` or ``centile`` map.
+
+    ``desc-<model><channel>_stat-<stat>_statmap``.
+    """
+    return {"suffix": "statmap", "space": space, "res": res, "desc": f"{desc}{channel}",
+            "stat": stat}
+
+
+def norms_spec(space: str, res: int, desc: str) -> dict:
+    """Entities of a covariate model's regional norms table (``desc-<model>_norms.tsv``)."""
+    return {"suffix": "norms", "extension": ".tsv", "space": space, "res": res, "desc": desc}
+
+
 def anomaly_mask_spec(space: str, res: int | None, desc: str) -> dict:
     """Naming of a model's thresholded anomaly mask (``res`` None: native space)."""
     return {"suffix": "mask", "space": space, "res": res, "label": "anomaly", "desc": desc}
@@ -803,6 +828,8 @@ GROUP_TABLES = {
     "microbleeds": "microbleed detection per subject against the ground truth: sensitivity, "
                    "false positives, F1, count difference at the calibrated threshold",
     "froc": "microbleed FROC curve: sensitivity against false positives per subject",
+    "norms": "models with covariates: every subject's regional values against its norms "
+             "(expected value, z-score, centile) with its participants.tsv columns",
     "splits": "train --splits runs: per split, patients vs held-out controls by the share of "
               "abnormal voxels in the brain (AUROC, best g-mean), with median and IQR",
     "splitregions": "the same per split and region (tissues, atlas regions)",

@@ -362,6 +362,17 @@ class ModelSettings:
                 "channels (normalised per subject by preprocessing); quantile scales every "
                 "channel (as Pinon et al. 2023); none",
         flags=("--channel-scaling",), levels=("train",), choices=("auto", "quantile", "none"))
+    transfer: str | None = option(
+        help="adapt this trained normative model (a name under OUTPUT_DIR/models/ or a model "
+             "directory, trained with --site-column) to a new site from the selected controls "
+             "of that site: only the site's random effects are estimated, without the original "
+             "data; the threshold stays the original calibration's (model --model-name)",
+        flags=("--transfer",), levels=("train",), metavar="NAME|PATH")
+    extrapolate: bool = option(
+        False, "score participants whose covariates (e.g. age) lie outside the training range "
+               "of a model with --covariates, extrapolating its norms; without it they are "
+               "refused", flags=("--extrapolate",), levels=("participant",),
+        action="store_true")
     calibration_fraction: float = option(
         0.2, "share of the training subjects held out to calibrate the threshold")
     single_subject: str | None = option(
@@ -500,6 +511,10 @@ class Settings:
                     f"{' and '.join(levels)} level{'s' if len(levels) > 1 else ''}")
         if "none" in self.preprocessing.dwi_maps and len(self.preprocessing.dwi_maps) > 1:
             raise UsageError("--dwi-maps none cannot be combined with maps")
+        if self.model.transfer and (self.model.splits or self.model.annotations is not None
+                                    or self.model.options):
+            raise UsageError("--transfer adapts a trained model as it is: it cannot be combined "
+                             "with --splits, --annotations or the family's options")
         if self.model.splits and self.model.annotations is not None:
             raise UsageError("--splits repeats training on controls; it cannot be combined "
                              "with --annotations")

@@ -85,6 +85,9 @@ class ModelResults:
     microbleeds: pd.DataFrame = field(default_factory=pd.DataFrame)
     froc: pd.DataFrame = field(default_factory=pd.DataFrame)
     froc_summary: dict = field(default_factory=dict)
+    norms: pd.DataFrame = field(default_factory=pd.DataFrame)
+    centiles: pd.DataFrame = field(default_factory=pd.DataFrame)
+    centile_column: str | None = None
 
 
 GLOBAL_MEASURES = ("abnormal_ml", "abnormal_fraction", "n_clusters", "mean_score", "p99_score")

@@ -28,6 +28,11 @@ class _AnomalyOutputSpec(TraitedSpec):
     threshold = traits.Float(desc="the score threshold used")
     clusters = File(exists=True, desc="table of the mask's connected clusters (TSV)")
     regions = File(exists=True, desc="anomaly burden per tissue class and atlas region (TSV)")
+    z_maps = OutputMultiObject(File(exists=True),
+                               desc="per-channel z-scores against the participant's norms")
+    centile_maps = OutputMultiObject(File(exists=True),
+                                     desc="per-channel centiles of the participant's norms")
+    norms = File(exists=True, desc="regional values against the participant's norms (TSV)")
 
 
 class _PostprocessingInputSpec(BaseInterfaceInputSpec):
@@ -94,6 +99,24 @@ def _write_channel_maps(cwd: str, reference_file: str, maps: np.ndarray,
             for data, channel in zip(maps, channels, strict=True)]
 
 
+def _write_norms(results: dict, cwd: str, reference_file: str, z: np.ndarray,
+                 table, channels: list[str]) -> None:
+    """Write the per-channel z-score and centile maps and the regional norms table."""
+    from scipy.special import ndtr
+
+    reference = nib.load(reference_file)
+    inside = np.asarray(reference.dataobj) > 0
+    results["z_maps"], results["centile_maps"] = [], []
+    for data, channel in zip(z, channels, strict=True):
+        results["z_maps"].append(_write_image(os.path.join(cwd, f"z_{channel}.nii.gz"), data,
+                                              np.float32, reference))
+        centile = np.where(inside & (data != 0), 100 * ndtr(data), 0)
+        results["centile_maps"].append(_write_image(
+            os.path.join(cwd, f"centile_{channel}.nii.gz"), centile, np.float32, reference))
+    results["norms"] = os.path.join(cwd, "norms.tsv")
+    table.to_csv(results["norms"], sep="\t", index=False, na_rep="n/a", float_format="%.6g")
+
+
 def _threshold_maps(anomaly_map: np.ndarray, mask: np.ndarray, threshold: float,
                     fdr: float, tail: dict | None) -> tuple[np.ndarray, float]:
     """The mask at ``threshold``, or by Benjamini-Hochberg at ``fdr`` when it is set."""
@@ -118,6 +141,11 @@ class _ScoreAnomalyInputSpec(_PostprocessingInputSpec):
                        desc="false-discovery rate for Benjamini-Hochberg (0: use the "
                             "calibrated false-positive-rate threshold)")
     device = traits.Str("cpu", usedefault=True, nohash=True, desc="torch device")
+    covariates = traits.Dict(traits.Str, traits.Str,
+                             desc="the participant's covariates, for a model with norms "
+                                  "that depend on them")
+    extrapolate = traits.Bool(False, usedefault=True,
+                              desc="accept covariates outside the model's training range")
 
 
 class ScoreAnomaly(SimpleInterface):
@@ -131,7 +159,7 @@ class ScoreAnomaly(SimpleInterface):
 
         from bids_anomaly.errors import BadDataError
         from bids_anomaly.models import ChannelScorer, SubjectImages, load_model
-        from bids_anomaly.models.base import scaling_for
+        from bids_anomaly.models.base import needs_covariates, scaling_for
 
         model, card = load_model(self.inputs.model_dir)
         tail = card.extra.get("calibration_tail")
@@ -142,6 +170,13 @@ class ScoreAnomaly(SimpleInterface):
                                 scaling=scaling_for(card.channels,
                                                     card.extra.get("channel_scaling")))
         image, mask = subject.load(self.inputs.device)
+        if needs_covariates(model):
+            covariates = dict(self.inputs.covariates) or None
+            extrapolate = bool(self.inputs.extrapolate)
+            z, table = model.normative_outputs(image, mask, covariates, extrapolate)
+            _write_norms(self._results, runtime.cwd, self.inputs.mask_file, z.cpu().numpy(),
+                         table, card.channels)
+            model = model.given(covariates, extrapolate)
         with torch.no_grad():
             if isinstance(model, ChannelScorer):
                 per_channel = model.channel_scores(image, mask)

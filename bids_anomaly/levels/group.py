@@ -100,6 +100,7 @@ def run_group(settings: Settings) -> list[Path]:
                         len(result.evaluation))
         if settings.group.ground_truth:
             _evaluate_microbleeds(settings, result, paths, written)
+        _gather_norms(settings, result, paths, participants, written)
         result.statistics = group_statistics(result, control, settings.group.bootstrap,
                                              settings.execution.random_seed)
         if not result.statistics.empty:
@@ -145,6 +146,28 @@ def _evaluate_microbleeds(settings: Settings, result, maps: list[Path],
                 "(calibrated threshold); FROC: %.2f at 3 FP/subject", result.desc,
                 per_subject["tp"].sum() / max(1, per_subject["n_true"].sum()),
                 per_subject["fp"].mean(), summary.get("sensitivity_at_3", float("nan")))
+
+
+def _gather_norms(settings: Settings, result, maps: list[Path],
+                  participants: pd.DataFrame | None, written: list[Path]) -> None:
+    """The regional norms of a model with covariates: the group table and centile curves."""
+    from bids_anomaly.evaluation.norms import (
+        centile_curves,
+        curve_levels,
+        gather_norms,
+        model_name_of,
+    )
+
+    norms = gather_norms(settings.output_dir, result.desc, maps, participants)
+    if norms.empty:
+        return
+    result.norms = norms
+    _write_table(norms, bids.group_table_path(settings.output_dir, result.desc, "norms"),
+                 written)
+    column, curves, level_columns = centile_curves(settings.output_dir,
+                                                   model_name_of(maps[0]))
+    result.centile_column, result.centiles = column, curves
+    result.norms = norms.assign(level=curve_levels(norms, level_columns))
 
 
 def _split_protocols(settings: Settings, maps: dict[str, list[Path]],

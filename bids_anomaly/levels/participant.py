@@ -79,6 +79,41 @@ def split_compatible(subjects: list[bids.AnatInputs], card: ModelCard, strict: b
     return compatible, skipped
 
 
+def participant_covariates(settings: Settings, directory: Path, card: ModelCard,
+                           subjects: list[bids.AnatInputs]) -> dict[str, dict[str, str]] | None:
+    """Each scored participant's covariates, for a model whose norms depend on them.
+
+    Every participant is checked before any work: a missing row or value, an impossible
+    value, an unknown site, or an age outside the training range (unless ``--extrapolate``)
+    stops the run (exit 65) naming the participant and the column.
+
+    Returns
+    -------
+    dict or None
+        The values of the columns the model needs (and ``participant_id``) by participant
+        label; None for a model without covariates.
+    """
+    import pandas as pd
+
+    from bids_anomaly.models.covariates import CovariateError
+
+    model, _ = load_model(directory)
+    if not getattr(model, "needs_covariates", False):
+        return None
+    needed = model.norms.encoder.needed
+    rows = bids.participant_rows(settings.bids_dir)
+    values = {}
+    for label in sorted({inputs.subject for inputs in subjects}):
+        row = rows.get(label)
+        if row is None:
+            raise CovariateError(f"sub-{label}: model {card.name!r} scores against norms of "
+                                 f"{', '.join(needed)}, but participants.tsv has no row for it")
+        row = {**row, "participant_id": f"sub-{label}"}
+        model.norms.design(pd.DataFrame([row]), settings.model.extrapolate)
+        values[label] = {column: row[column] for column in ["participant_id", *needed]}
+    return values
+
+
 def models_to_apply(settings: Settings) -> list[str]:
     """``--model`` as the models to apply: itself, or every split of a ``train --splits`` run.
 
@@ -132,7 +167,8 @@ def run_participant(settings: Settings
         scored, skipped = split_compatible(subjects, card,
                                            settings.execution.stop_on_first_crash)
         applied.append(AppliedModel(directory, card, model_settings,
-                                    frozenset(s.name for s in scored)))
+                                    frozenset(s.name for s in scored),
+                                    participant_covariates(settings, directory, card, scored)))
     if len(names) > 1:
         LOGGER.info("--model %s: applying the %d models of its splits", settings.model.model,
                     len(names))

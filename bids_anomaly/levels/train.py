@@ -31,6 +31,7 @@ from bids_anomaly.models.base import (
     file_checksum,
     fit_channel_scaling,
     load_model,
+    needs_covariates,
     save_model,
 )
 from bids_anomaly.models.deep import distributed
@@ -70,7 +71,12 @@ def choose_channels(subjects: list[bids.AnatInputs], requested: list[str]) -> li
 
 def training_data(settings: Settings, subjects: list[bids.AnatInputs], channels: list[str],
                   template: Template, device: torch.device | None = None) -> TrainingData:
-    """Preprocessed images of the subjects, named as the participant level wrote them."""
+    """Preprocessed images of the subjects, named as the participant level wrote them.
+
+    Each subject carries its participants.tsv row (``covariates``; None without a row or a
+    participants.tsv), for the models whose norms depend on covariates.
+    """
+    rows = bids.participant_rows(settings.bids_dir)
     images = []
     for inputs in subjects:
         paths = [bids.spec_path(settings.output_dir, inputs.subject, inputs.session,
@@ -78,7 +84,8 @@ def training_data(settings: Settings, subjects: list[bids.AnatInputs], channels:
                  for c in channels]
         mask = bids.spec_path(settings.output_dir, inputs.subject, inputs.session,
                               bids.brain_mask_spec(template.name, template.resolution))
-        images.append(SubjectImages(inputs.name, paths, mask))
+        images.append(SubjectImages(inputs.name, paths, mask,
+                                    covariates=rows.get(inputs.subject)))
     return TrainingData(images, channels, device or resolve_device(settings.execution.device),
                         template.dseg, [template.probseg[t] for t in ("GM", "WM", "CSF")])
 
@@ -170,6 +177,8 @@ def fit_and_save(settings: Settings, data: TrainingData, template: Template,
     LOGGER.info("fitting %s on %d subjects, calibrating on %d held-out subjects",
                 model.model_type, len(fit_data), len(calibration_data))
     model.fit(fit_data)
+    if needs_covariates(model):  # the calibration controls' ages are the model's too
+        model.accept(calibration_data)
     if not distributed.is_main():
         return directory  # rank 0 calibrates and writes the model
     calibration = healthy_scores(model, calibration_data)
@@ -204,6 +213,69 @@ def fit_and_save(settings: Settings, data: TrainingData, template: Template,
     LOGGER.info("model written to %s (threshold %.4g at FPR %.3g)", directory, card.threshold,
                 card.fpr)
     return directory
+
+
+def transfer_and_save(settings: Settings, data: TrainingData, template: Template,
+                      source: tuple[Path, ModelCard]) -> Path:
+    """Adapt a trained normative model to the new site(s) of ``data`` (``train --transfer``).
+
+    The population norms stay as they are; each new site's random effects (location and
+    scale) are estimated from its controls, shrunk as in the original fit. The threshold and
+    calibration are the original model's (its z-scores keep their meaning at the new site, which
+    is what the transfer is for). The new model is written under ``--model-name`` (default:
+    ``<source>-transfer``), never over the source.
+
+    Returns
+    -------
+    Path
+        The model directory.
+    """
+    import dataclasses
+
+    model_dir, card = source
+    model, _ = load_model(model_dir)
+    name = settings.model.model_name or f"{card.name}-transfer"
+    if name == card.name:
+        raise UsageError(f"--transfer {card.name}: give the adapted model another --model-name "
+                         "than the model it comes from")
+    directory = bids.model_dir(settings.output_dir, name)
+    key = training_key(settings, data, template, settings.preprocessing.recorded(),
+                       {"transfer": card.checksum})
+    if up_to_date(directory, key):
+        LOGGER.info("model %s is up to date (same data and settings): kept", directory)
+        return directory
+    added = model.transfer(data.scaled(card.extra.get("channel_scaling")))
+    LOGGER.info("model %s adapted to site(s) %s from %d controls", card.name,
+                ", ".join(added), len(data))
+    adapted = dataclasses.replace(
+        card, name=name, hyperparameters=model.hyperparameters,
+        training_participants=[*card.training_participants, *data.names],
+        extra={**card.extra, "fit": model.fit_report, "training_key": key,
+               "transfer": {"from": card.name, "from_checksum": card.checksum,
+                            "sites": added, "controls": data.names}})
+    save_model(model, adapted, directory)
+    LOGGER.info("model written to %s (threshold %.4g at FPR %.3g, from %s)", directory,
+                adapted.threshold, adapted.fpr, card.name)
+    return directory
+
+
+def transfer_source(settings: Settings) -> tuple[Path, ModelCard]:
+    """The model ``--transfer`` names, checked to be a normative model with sites.
+
+    Raises
+    ------
+    UsageError
+        It is not a normative model trained with ``--site-column``.
+    """
+    source = settings.model.transfer
+    directory = Path(source) if Path(source).is_dir() else bids.model_dir(settings.output_dir,
+                                                                        source)
+    model, card = load_model(directory)
+    if not getattr(model, "site_column", None):
+        raise UsageError(f"--transfer {source}: only a normative model trained with "
+                         f"--site-column can be adapted to a new site ({card.name} is a "
+                         f"{card.model_type} model without sites)")
+    return directory, card
 
 
 def train_splits(settings: Settings, data: TrainingData, template: Template) -> list[Path]:
@@ -286,11 +358,17 @@ def run_train(settings: Settings) -> list[Path]:
             if not settings.inputs.participant_label:  # annotated patients join the controls
                 labels = list(dict.fromkeys([*labels, *annotated]))
         subjects = collect_subjects(settings, layout, labels)
-        channels = choose_channels(subjects, settings.model.channels)
+        source = transfer_source(settings) if settings.model.transfer else None
+        channels = choose_channels(subjects, source[1].channels if source
+                                   else settings.model.channels)
         if settings.model.microbleeds and settings.model.microbleeds not in channels:
             raise MissingInputError(f"--microbleeds {settings.model.microbleeds}: not among the "
                                     f"model's channels ({', '.join(channels)}); add it to "
                                     "--channels, or select subjects that have it")
+        if source is None and needs_covariates(build_model(settings)):
+            rows = bids.participant_rows(settings.bids_dir)
+            build_model(settings).check_covariates([rows.get(s.subject) for s in subjects],
+                                                   [s.name for s in subjects])
         layout, template = prepare(settings, layout)
         validate_images(subjects, bids.validated_inputs_path(settings.work_dir))
         if distributed.is_main():
@@ -299,6 +377,10 @@ def run_train(settings: Settings) -> list[Path]:
         carried = (annotations_in_template(settings, subjects, template)
                    if annotations is not None else None)
         data = training_data(settings, subjects, channels, template, device)
+        if source is not None:
+            source[1].check_space(template.name, template.resolution,
+                                  settings.preprocessing.recorded())
+            return [transfer_and_save(settings, data, template, source)]
         if settings.model.splits:
             return train_splits(settings, data, template)
         return [fit_and_save(settings, data, template, settings.preprocessing.recorded(),

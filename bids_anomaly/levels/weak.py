@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from bids_anomaly.config import Settings
-from bids_anomaly.models.base import BaseModel, ModelCard, TrainingData
+from bids_anomaly.models.base import BaseModel, ModelCard, TrainingData, scorer_for
 from bids_anomaly.postprocessing.tuning import tune_postprocessing
 from bids_anomaly.template import Template
 
@@ -121,7 +121,7 @@ def tune_on_annotations(card: ModelCard, model: BaseModel, fit: TrainingData,
         with torch.no_grad():
             for subject in annotated:
                 image, mask = subject.load("cpu")
-                maps[subject.name] = model.score(image, mask).cpu().numpy()
+                maps[subject.name] = scorer_for(model, subject).score(image, mask).cpu().numpy()
         report["tuned_on"] = "the model's maps of the annotated subjects"
     postprocessing = {"min_cluster_mm3": 0.0, "restrict": "brain"}
     if maps is not None:

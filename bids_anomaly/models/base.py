@@ -59,6 +59,9 @@ class SubjectImages:
     scaling : tuple, optional
         Per channel, ``(q1, q99)`` to map to 0 and 1 (:func:`scale_channel`), or None to
         leave it as it is (see :func:`fit_channel_scaling`).
+    covariates : dict, optional
+        The participant's participants.tsv row (column to value, as written), for models whose
+        norms depend on covariates (:func:`scorer_for`); None: no row.
     """
 
     name: str
@@ -66,6 +69,7 @@ class SubjectImages:
     mask: Path
     lesion: Path | None = None
     scaling: tuple[tuple[float, float] | None, ...] | None = None
+    covariates: dict[str, str] | None = None
 
     def load_lesion(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
         """The annotated lesions as an ``(X, Y, Z)`` boolean tensor (None: not annotated)."""
@@ -87,6 +91,27 @@ class SubjectImages:
             if bounds is not None:
                 channels[index] = scale_channel(channels[index], *bounds)
         return torch.stack(channels).to(device), mask.to(device)
+
+
+def needs_covariates(model: object) -> bool:
+    """Whether ``model`` scores a participant against norms of its covariates.
+
+    Such a model implements ``given(covariates, extrapolate)``, returning the model that scores
+    that participant (see :class:`~bids_anomaly.models.normative.NormativeModel`).
+    """
+    return bool(getattr(model, "needs_covariates", False))
+
+
+def scorer_for(model: AnomalyModel, subject: SubjectImages,
+               extrapolate: bool = True) -> AnomalyModel:
+    """The model that scores ``subject``: itself, or its norms for the subject's covariates.
+
+    Healthy subjects held out at training time are scored with ``extrapolate`` (a held-out
+    control may be a little older than every fitted one).
+    """
+    if needs_covariates(model):
+        return model.given(subject.covariates, extrapolate)
+    return model
 
 
 SCALING_CHOICES = ("auto", "quantile", "none")

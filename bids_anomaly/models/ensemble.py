@@ -168,8 +168,8 @@ class EnsembleModel(BaseModel):
         Raises
         ------
         UsageError
-            Fewer than ``minimum`` members, a member that is an ensemble or a stacked model, or
-            members on different templates.
+            Fewer than ``minimum`` members, a member that is an ensemble or a stacked model, a
+            member with covariates, or members on different templates.
         MissingInputError
             A member that is not trained.
         """
@@ -185,6 +185,10 @@ class EnsembleModel(BaseModel):
             if card.model_type in (cls.model_type, "stacked"):
                 raise UsageError(f"--members {name}: a {card.model_type} model cannot be a "
                                  "member")
+            if getattr(model, "needs_covariates", False):
+                raise UsageError(f"--members {name}: a model whose norms depend on covariates "
+                                 "cannot be a member yet (an ensemble scores without "
+                                 "participants.tsv)")
             first = ensemble.cards[0] if ensemble.cards else None
             space = (card.template, card.resolution)
             if first is not None and space != (first.template, first.resolution):

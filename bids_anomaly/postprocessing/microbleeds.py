@@ -788,6 +788,8 @@ def calibrate_microbleeds(model, controls, channel: str, fp_per_subject: float) 
     """
     import torch
 
+    from bids_anomaly.models.base import scorer_for
+
     index = list(controls.channels).index(channel)
     affine = None
     scores = []
@@ -796,7 +798,7 @@ def calibrate_microbleeds(model, controls, channel: str, fp_per_subject: float) 
         if affine is None:
             affine = nib.load(subject.mask).affine
         with torch.no_grad():
-            anomaly_map = model.score(image, mask).cpu().numpy()
+            anomaly_map = scorer_for(model, subject).score(image, mask).cpu().numpy()
         voxel_size = float(np.sqrt((affine[:3, :3] ** 2).sum(axis=0)).mean())
         candidates = blob_candidates(image[index].numpy(), mask.numpy(), voxel_size)
         scores.append(score_candidates(candidates, anomaly_map, voxel_size).to_numpy())

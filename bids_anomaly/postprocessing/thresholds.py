@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bids_anomaly.models.base import AnomalyModel, TrainingData, valid_voxels
+from bids_anomaly.models.base import AnomalyModel, TrainingData, scorer_for, valid_voxels
 
 TAIL_POINTS = 200
 """Points of the stored upper tail of the healthy score distribution."""
@@ -15,9 +15,11 @@ def healthy_scores(model: AnomalyModel, data: TrainingData) -> np.ndarray:
     """Scores of the valid brain voxels of held-out healthy subjects (1D float64)."""
     scores = []
     with torch.no_grad():
-        for image, mask in data:
+        for subject in data.subjects:
+            image, mask = subject.load(data.device)
             valid = valid_voxels(image, mask)
-            scores.append(model.score(image, mask)[valid].double().cpu().numpy())
+            scorer = scorer_for(model, subject)
+            scores.append(scorer.score(image, mask)[valid].double().cpu().numpy())
     return np.concatenate(scores)
 
 

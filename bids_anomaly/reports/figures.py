@@ -216,3 +216,88 @@ def plot_froc(curve: pd.DataFrame, out_file: str | Path, title: str = "",
     if title:
         axis.set_title(title)
     return _save(figure, Path(out_file))
+
+
+def plot_centiles(curves: pd.DataFrame, points: pd.DataFrame, column: str,
+                  out_file: str | Path, title: str = "", control: str | None = None) -> Path:
+    """Regional measures against a covariate: fitted centile curves, participants on top.
+
+    One panel per channel (rows) and region (columns).
+
+    Parameters
+    ----------
+    curves : pandas.DataFrame
+        ``region``, ``channel``, ``level`` (categorical covariates' levels, or "all"),
+        ``column`` and ``p5``, ``p25``, ``p50``, ``p75``, ``p95``
+        (:func:`~bids_anomaly.evaluation.norms.centile_curves`).
+    points : pandas.DataFrame
+        The participants' ``region``, ``channel``, ``z``, ``column``, ``level`` (as in
+        ``curves``) and optionally ``group``; each is drawn at ``p50 + z * sd`` of the curves
+        at its covariate value, i.e. at its own centile (its site effect removed)
+        (:func:`~bids_anomaly.evaluation.norms.gather_norms`).
+    column : str
+        The covariate on the x axis (e.g. age).
+    control : str, optional
+        The controls' group: drawn as circles, every other group as crosses.
+    """
+    _use_agg()
+    import matplotlib.pyplot as plt
+
+    channels = list(dict.fromkeys(curves["channel"]))
+    regions = list(dict.fromkeys(curves["region"]))
+    levels = list(dict.fromkeys(curves["level"]))
+    figure, axes = plt.subplots(len(channels), len(regions), squeeze=False,
+                                figsize=(2.9 * len(regions), 2.5 * len(channels) + 0.6))
+    points = points.assign(**{column: pd.to_numeric(points[column], errors="coerce")})
+    for i, channel in enumerate(channels):
+        for j, region in enumerate(regions):
+            axis = axes[i][j]
+            for k, level in enumerate(levels):
+                colour = _COLOURS[k % len(_COLOURS)]
+                part = curves[(curves["channel"] == channel) & (curves["region"] == region)
+                              & (curves["level"] == level)]
+                x = part[column].to_numpy()
+                axis.fill_between(x, part["p5"], part["p95"], color=colour, alpha=0.12, lw=0)
+                axis.fill_between(x, part["p25"], part["p75"], color=colour, alpha=0.2, lw=0)
+                axis.plot(x, part["p50"], color=colour, lw=1.3,
+                          label=f"{level}: median, 25-75, 5-95th centiles"
+                          if i == 0 and j == 0 else None)
+            shown = points[(points["channel"] == channel) & (points["region"] == region)]
+            for k, level in enumerate(levels):
+                colour = _COLOURS[k % len(_COLOURS)]
+                subset = shown[shown["level"].astype(str) == level] if "level" in shown else shown
+                subset = _on_curves(subset, curves[
+                    (curves["channel"] == channel) & (curves["region"] == region)
+                    & (curves["level"] == level)], column)
+                is_control = (subset["group"].astype(str) == control
+                              if control and "group" in subset.columns
+                              else pd.Series(True, index=subset.index))
+                axis.scatter(subset.loc[is_control, column], subset.loc[is_control, "shown"],
+                             s=14, color=colour, edgecolor="white", lw=0.4, zorder=3)
+                axis.scatter(subset.loc[~is_control, column], subset.loc[~is_control, "shown"],
+                             s=22, color=colour, marker="x", lw=1.2, zorder=3)
+            axis.set_title(f"{channel}, {region}", fontsize=9)
+            axis.set_xlabel(column, fontsize=8)
+            axis.set_ylabel(f"mean {channel} (normalised)", fontsize=8)
+            axis.tick_params(labelsize=7)
+            axis.grid(alpha=0.3)
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    note = ("each participant at its own z-score against its norms (site-adjusted); "
+            + ("dots: controls, crosses: other groups" if control else "dots: participants"))
+    figure.legend(handles, labels, loc="lower center", ncol=max(1, len(levels)), fontsize=7,
+                  title=note, title_fontsize=7, frameon=False)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    figure.tight_layout(rect=(0, 0.08, 1, 0.97))
+    return _save(figure, Path(out_file))
+
+
+
+def _on_curves(points: pd.DataFrame, curve: pd.DataFrame, column: str) -> pd.DataFrame:
+    """``points`` with ``shown``: the curve's median plus ``z`` of its spread at their value."""
+    if curve.empty or points.empty:
+        return points.assign(shown=np.nan)
+    x = curve[column].to_numpy()
+    median = np.interp(points[column], x, curve["p50"])
+    spread = np.interp(points[column], x, (curve["p95"] - curve["p5"]) / (2 * 1.6448536))
+    return points.assign(shown=median + pd.to_numeric(points["z"], errors="coerce") * spread)

@@ -115,6 +115,32 @@ def _statistics_section(result, figures: Path) -> list[str]:
     return parts
 
 
+def _norms_section(result, figures: Path) -> list[str]:
+    """Regional norms: the centile curves with the participants, the most unusual regions."""
+    from bids_anomaly.reports.figures import plot_centiles
+
+    norms = result.norms
+    parts = ["<h3>Regional norms</h3>",
+             "<p>Each region's mean value against the healthy norms for the participant's own "
+             "covariates and site: z-score and centile (per subject in "
+             f"desc-{html.escape(result.desc)}_norms.tsv).</p>"]
+    column = result.centile_column
+    if column and not result.centiles.empty and column in norms.columns:
+        path = plot_centiles(result.centiles, norms, column,
+                             figures / f"desc-{result.desc}_centiles.svg",
+                             title=f"{result.desc}: regional means against {column}, with the "
+                                   "fitted centiles (population, no site effect)",
+                             control=result.control)
+        parts.append(figure_html(path))
+    shown = norms.reindex(norms["z"].abs().sort_values(ascending=False).index).head(20)
+    columns = [c for c in ("participant_id", "session_id", "group", column, "region",
+                           "channel", "value", "expected", "z", "centile")
+               if c and c in shown.columns]
+    parts.append("<p>The 20 most unusual regional values (largest |z|):</p>")
+    parts.append(table_html(shown[columns]))
+    return parts
+
+
 def _regions_section(result) -> list[str]:
     regions = result.regions
     keys = ["source", "region"] + (["group"] if "group" in regions.columns else [])
@@ -185,6 +211,8 @@ def write_group_report(path: Path, results: list,
             sections.extend(_microbleed_section(result, figures))
         if not result.statistics.empty:
             sections.extend(_statistics_section(result, figures))
+        if not result.norms.empty:
+            sections.extend(_norms_section(result, figures))
         if not result.regions.empty:
             sections.extend(_regions_section(result))
         sections.append("<h3>Anomaly burden per subject</h3>")

@@ -40,12 +40,16 @@ class AppliedModel:
         was; see :func:`~bids_anomaly.levels.weak.apply_tuned_postprocessing`).
     scored : frozenset of str, optional
         The subject/sessions it scores (those with its channels); None: all.
+    covariates : dict, optional
+        For a model whose norms depend on covariates: each participant's values of the
+        participants.tsv columns it needs, by participant label.
     """
 
     directory: Path
     card: ModelCard
     settings: Settings
     scored: frozenset[str] | None = None
+    covariates: dict[str, dict[str, str]] | None = None
 
     def applies_to(self, inputs: bids.AnatInputs) -> bool:
         """Whether the model scores this subject/session."""
@@ -106,7 +110,8 @@ def subject_run_key(settings: Settings, inputs: bids.AnatInputs, template: Templ
     """A digest of everything one subject's workflow reads (its completion record's key).
 
     Without a model or ``--single-subject`` it is the :func:`preprocessing_key`; otherwise
-    that key with the models' cards and weights, the post-processing options and the atlas.
+    that key with the models' cards and weights, the post-processing options and the atlas
+    (and, for models with covariates, the participant's values and ``--extrapolate``).
     ``models`` are those that apply to this subject/session.
     """
     key = preprocessing_key(settings, inputs, template, use_gpu)
@@ -119,6 +124,9 @@ def subject_run_key(settings: Settings, inputs: bids.AnatInputs, template: Templ
     elif models:
         values["models"] = [[m.card.checksum, card_checksum(m.directory),
                              _postprocessing_key(m.settings, atlas)] for m in models]
+    covariates = [(m.covariates or {}).get(inputs.subject) for m in models]
+    if any(covariates):  # norms that depend on the participant's covariates
+        values["covariates"] = [covariates, settings.model.extrapolate]
     if single_subject:
         values["single_subject"] = [single_subject, settings.model.fpr, build_model(
             settings, single_subject=True).hyperparameters]
@@ -213,8 +221,10 @@ def init_single_subject_wf(
         prefix = "outputnode."
     for model in models or []:
         suffix = f"_{bids.model_desc(model.card.name)}" if len(models) > 1 else ""
+        covariates = (model.covariates or {}).get(inputs.subject)
         _connect_trained_model(workflow, source, prefix, model.settings, inputs, template,
-                               (model.directory, model.card), use_gpu, atlas, suffix)
+                               (model.directory, model.card), use_gpu, atlas, suffix,
+                               covariates)
     if settings.model.single_subject:
         _connect_single_subject(workflow, source, prefix, settings, inputs, template, use_gpu,
                                 atlas)
@@ -362,12 +372,14 @@ def _connect_outputs(workflow: pe.Workflow, source, prefix: str, score: pe.Node,
 def _connect_trained_model(workflow: pe.Workflow, source, prefix: str,
                            settings: Settings, inputs: bids.AnatInputs, template: Template,
                            model: tuple[Path, ModelCard], use_gpu: bool,
-                           atlas: Atlas | None = None, suffix: str = "") -> None:
+                           atlas: Atlas | None = None, suffix: str = "",
+                           covariates: dict[str, str] | None = None) -> None:
     """Score the preprocessed channels with a trained model and write the maps.
 
     ``source`` gives the preprocessed images as fields ``<prefix>preproc_<modality>``,
     ``<prefix>std_mask`` and ``<prefix>template_to_ref``; ``suffix`` ends the names of this
-    model's nodes.
+    model's nodes. ``covariates``: the participant's values for a model whose norms depend on
+    them; its z-score and centile maps per channel and its regional norms are written too.
     """
     model_dir, card = model
     channels = pe.Node(niu.Merge(len(card.channels)), name=f"model_channels{suffix}",
@@ -379,6 +391,7 @@ def _connect_trained_model(workflow: pe.Workflow, source, prefix: str,
                      card_checksum=card_checksum(model_dir),
                      fdr=settings.postprocessing.fdr or 0.0,
                      device="cuda" if use_gpu else "cpu",
+                     covariates=covariates or {}, extrapolate=settings.model.extrapolate,
                      **_postprocessing_inputs(settings, template, atlas)),
         name=f"score_anomaly{suffix}", mem_gb=2.0,
     )
@@ -397,7 +410,8 @@ def _connect_trained_model(workflow: pe.Workflow, source, prefix: str,
                                        name=f"ds_anomaly_wf{suffix}",
                                        channels=card.channels if per_channel else None,
                                        table_metadata=_table_metadata(settings, atlas),
-                                       microbleeds=microbleeds)
+                                       microbleeds=microbleeds,
+                                       norms=card.channels if covariates else None)
     workflow.connect([
         (channels, score, [("out", "channel_files")]),
         (source, score, [(f"{prefix}std_mask", "mask_file")]),
@@ -405,6 +419,10 @@ def _connect_trained_model(workflow: pe.Workflow, source, prefix: str,
     _connect_outputs(workflow, source, prefix, score, ds_anomaly_wf, inputs)
     if per_channel:
         workflow.connect(score, "channel_maps", ds_anomaly_wf, "inputnode.channel_maps")
+    if covariates:
+        workflow.connect([(score, ds_anomaly_wf, [("z_maps", "inputnode.z_maps"),
+                                                  ("centile_maps", "inputnode.centile_maps"),
+                                                  ("norms", "inputnode.norms")])])
     if microbleeds:
         _connect_microbleeds(workflow, source, prefix, score, ds_anomaly_wf, inputs, template,
                              microbleeds, suffix)

@@ -217,6 +217,7 @@ def init_ds_anomaly_wf(
     channels: list[str] | None = None,
     table_metadata: dict | None = None,
     microbleeds: dict | None = None,
+    norms: list[str] | None = None,
 ) -> pe.Workflow:
     """Write a model's maps and tables for one subject/session.
 
@@ -233,6 +234,10 @@ def init_ds_anomaly_wf(
         The model's microbleed calibration (card ``extra.microbleeds``): the candidates table
         (``desc-<model>_microbleeds.tsv``) and masks (``label-microbleed_desc-<model>_mask``,
         template and native) are written too.
+    norms : list of str, optional
+        The channels of a model whose norms depend on covariates: its z-score and centile maps
+        per channel (``desc-<model><channel>_stat-z|centile_statmap``) and its regional norms
+        (``desc-<model>_norms.tsv``) are written too.
 
     Inputs
     ------
@@ -246,7 +251,8 @@ def init_ds_anomaly_wf(
                                                       "channel_maps", "clusters", "regions",
                                                       "native_map", "native_mask",
                                                       "microbleeds", "microbleed_mask",
-                                                      "native_microbleed_mask"]),
+                                                      "native_microbleed_mask", "z_maps",
+                                                      "centile_maps", "norms"]),
                         name="inputnode")
     sub, ses = inputs.subject, inputs.session
     ds_map = _sink("ds_anomaly_map", output_dir, sub, ses,
@@ -301,6 +307,27 @@ def init_ds_anomaly_wf(
         for name, spec, metadata, field in sinks:
             node = _sink(name, output_dir, sub, ses, spec, metadata)
             workflow.connect(inputnode, field, node, "in_file")
+    if norms:
+        from bids_anomaly.models.norms import NORMS_COLUMNS
+
+        ds_norms = _sink("ds_norms", output_dir, sub, ses,
+                         bids.norms_spec(space, resolution, model_desc),
+                         {**NORMS_COLUMNS, **table_metadata})
+        workflow.connect(inputnode, "norms", ds_norms, "in_file")
+        about = {"z": "z-score against the healthy norms of the participant's covariates and "
+                      "site: (x - expected) / predictive sd",
+                 "centile": "healthy centile of the value for the participant's covariates and "
+                            "site, 100 * Phi(z) (0 outside the norms)"}
+        for index, channel in enumerate(norms):
+            for stat, description in about.items():
+                select = pe.Node(niu.Select(index=index), name=f"select_{channel}_{stat}",
+                                 run_without_submitting=True)
+                ds_stat = _sink(f"ds_{channel}_{stat}", output_dir, sub, ses,
+                                bids.normative_map_spec(space, resolution, model_desc, channel,
+                                                        stat),
+                                {**card_metadata, "Description": f"{channel}: {description}"})
+                workflow.connect([(inputnode, select, [(f"{stat}_maps", "inlist")]),
+                                  (select, ds_stat, [("out", "in_file")])])
     for index, channel in enumerate(channels or []):
         select = pe.Node(niu.Select(index=index), name=f"select_{channel}_map",
                          run_without_submitting=True)
