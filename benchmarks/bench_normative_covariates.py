@@ -103,7 +103,7 @@ def generated(root: Path) -> list[str]:
             z = []
             for subject in chosen:
                 image, mask = subject.load()
-                maps, _ = model.normative_outputs(image, mask, subject.covariates, True)
+                maps, _, _ = model.normative_outputs(image, mask, subject.covariates, True)
                 z.append(maps[:, model.norms.support & mask].reshape(-1))
             z = torch.cat(z)
             lines.append(f"| {band} | {site_name} | {len(chosen)} | {z.mean():.3f} | "

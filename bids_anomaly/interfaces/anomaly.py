@@ -173,10 +173,9 @@ class ScoreAnomaly(SimpleInterface):
         if needs_covariates(model):
             covariates = dict(self.inputs.covariates) or None
             extrapolate = bool(self.inputs.extrapolate)
-            z, table = model.normative_outputs(image, mask, covariates, extrapolate)
+            z, table, model = model.normative_outputs(image, mask, covariates, extrapolate)
             _write_norms(self._results, runtime.cwd, self.inputs.mask_file, z.cpu().numpy(),
                          table, card.channels)
-            model = model.given(covariates, extrapolate)
         with torch.no_grad():
             if isinstance(model, ChannelScorer):
                 per_channel = model.channel_scores(image, mask)

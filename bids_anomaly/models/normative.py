@@ -381,6 +381,8 @@ class NormativeModel(BaseModel):
             ``(C, X, Y, Z)``, 0 outside the mask and the support.
         table : pandas.DataFrame
             :meth:`CovariateNorms.regional_table`.
+        scorer : NormativeModel
+            :meth:`given`'s model of the participant, whose score is the anomaly map.
         """
         from bids_anomaly.models.base import valid_voxels
 
@@ -390,7 +392,7 @@ class NormativeModel(BaseModel):
         z = torch.where(mask & scorer.support.to(device), z, 0.0)
         table = self.norms.regional_table(image, valid_voxels(image, mask), self.channels,
                                           covariates, extrapolate)
-        return z, table
+        return z, table, scorer
 
     def accept(self, data: TrainingData) -> None:
         """Accept the covariates of ``data`` (the calibration controls) without extrapolating."""

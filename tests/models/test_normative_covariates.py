@@ -63,7 +63,7 @@ def test_held_out_controls_have_standard_normal_z_across_ages_and_sites(cohort):
         if subject.name == lesioned:
             continue
         image, mask = subject.load()
-        z, table = model.normative_outputs(image, mask, subject.covariates)
+        z, table, _ = model.normative_outputs(image, mask, subject.covariates)
         age = float(subject.covariates["age"])
         key = ("old" if age > 50 else "young", subject.covariates["site"])
         by_group.setdefault(key, []).append(z[:, model.norms.support & mask].reshape(-1))
@@ -119,7 +119,7 @@ def test_transfer_to_a_new_site_from_five_controls_is_calibrated(tmp_path):
     z = []
     for subject in held_out.subjects:
         image, mask = subject.load()
-        maps, _ = model.normative_outputs(image, mask, subject.covariates)
+        maps, _, _ = model.normative_outputs(image, mask, subject.covariates)
         z.append(maps[:, model.norms.support & mask].reshape(-1))
     z = torch.cat(z)
     # five controls: the site's offset is known to about sd/sqrt(5), which the z-scores absorb
