@@ -26,6 +26,7 @@ from bids_anomaly.errors import (
     MissingInputError,
     UsageError,
 )
+from bids_anomaly.validation import validate_dataset
 
 LOGGER = logging.getLogger(__name__)
 
@@ -215,14 +216,37 @@ def check_bids_filters(filters: object) -> dict[str, dict]:
     return checked
 
 
-def check_bids_dir(bids_dir: Path, skip_validation: bool = False) -> None:
-    """Refuse a folder that is not a BIDS dataset.
+def check_bids_dir(bids_dir: Path, skip_validation: bool = False, *,
+                   cache_dir: Path | None = None, report_path: Path | None = None,
+                   timeout: float | None = None) -> None:
+    """Refuse a folder that is not a valid BIDS dataset, before any work.
+
+    Cheap checks first (the folder, ``dataset_description.json``, a ``sub-*`` folder), then the
+    official BIDS validator (:func:`bids_anomaly.validation.validate_dataset`): its errors
+    refuse the dataset, its warnings are logged. When the validator is not installed or fails
+    to run, a warning says so and the cheap checks stand alone. The validator's result is
+    cached by :func:`dataset_signature` outside the dataset, which is never written to.
+
+    Parameters
+    ----------
+    bids_dir : Path
+        The dataset.
+    skip_validation : bool
+        Only refuse a missing folder (``--skip-bids-validation``).
+    cache_dir : Path, optional
+        Folder of cached validation results (default
+        :func:`bids_anomaly.validation.default_cache_dir`).
+    report_path : Path, optional
+        Where to write the validator's full report when it runs.
+    timeout : float, optional
+        Seconds the validator may take.
 
     Raises
     ------
     BIDSValidationError
-        The folder is missing, or has no ``dataset_description.json`` or no ``sub-*`` folder
-        (unless ``skip_validation``, in which case only a missing folder is refused).
+        The folder is missing, or has no ``dataset_description.json`` or no ``sub-*`` folder,
+        or the validator found errors (unless ``skip_validation``, in which case only a
+        missing folder is refused).
     """
     if not bids_dir.is_dir():
         raise BIDSValidationError(f"BIDS_DIR {bids_dir} does not exist or is not a folder")
@@ -240,6 +264,8 @@ def check_bids_dir(bids_dir: Path, skip_validation: bool = False) -> None:
         raise BIDSValidationError(f"{description} is not valid JSON: {error}") from error
     if not any(bids_dir.glob("sub-*")):
         raise BIDSValidationError(f"{bids_dir} is not a BIDS dataset: it has no sub-* folder")
+    validate_dataset(bids_dir, dataset_signature(bids_dir), exempt=UNRELEASED_SUFFIXES,
+                     cache_dir=cache_dir, report_path=report_path, timeout=timeout)
 
 
 UNRELEASED_SUFFIXES = re.compile(r"^/sub-[^/]+/(ses-[^/]+/)?anat/[^/]+_swi\.(nii|nii\.gz|json)$")
@@ -741,6 +767,12 @@ def anomaly_figure_spec(space: str, res: int, desc: str) -> dict:
     """Naming of a model's anomaly overlay figure (three planes through the peak)."""
     return {"suffix": "statmap", "extension": ".png", "datatype": "figures", "space": space,
             "res": res, "desc": desc, "stat": "anomaly"}
+
+
+def lightbox_figure_spec(space: str, res: int, desc: str) -> dict:
+    """Naming of a model's lightbox figure (axial slices through every cluster)."""
+    return {"suffix": "lightbox", "extension": ".png", "datatype": "figures", "space": space,
+            "res": res, "desc": desc}
 
 
 def subject_report_path(output_dir: Path, subject: str) -> Path:

@@ -407,6 +407,11 @@ class PostprocessingSettings:
              "region and the burden per region to the tables (participant), and its regions to "
              "the subject-level protocol of --splits models (group)", flags=("--atlas",),
         levels=("participant", "group"), type=Path, metavar="DSEG")
+    report_modality: str | None = option(
+        help="the image the participant pages draw the results on (default: FLAIR when the "
+             "subject has one, else another lesion contrast, else the reference); group "
+             "--ground-truth redraws them with the ground truth outlined",
+        flags=("--report-modality",), levels=("participant", "group"), choices=MODALITIES)
 
     def given(self) -> list[str]:
         """Flags of the options set to something else than their default."""
@@ -530,7 +535,8 @@ class Settings:
             raise UsageError("--tune-objective needs --annotations (the post-processing is "
                              "tuned on annotated subjects)")
         postprocessing = [flag for flag in self.postprocessing.given()
-                          if self.level == "participant" and flag != "--atlas"
+                          if self.level == "participant"
+                          and flag not in ("--atlas", "--report-modality")
                           or self.level != "group" and flag == "--atlas"]
         if postprocessing and not (self.model.model or self.model.single_subject):
             raise UsageError(f"{', '.join(postprocessing)} need a model: --model NAME or "

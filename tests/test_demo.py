@@ -8,7 +8,40 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from tests.reports.test_viewer import FLAGS, _chromium
+
 pytestmark = pytest.mark.slow
+
+
+def _pages_in_a_browser(results, tmp_path):
+    """The patient's page and the group page in headless Chromium, the network blocked.
+
+    The patient's viewers all start (WebGL on SwiftShader), the page requests nothing, and
+    the screenshots are kept beside the test's output (``demo/*.png``) for a look.
+    """
+    if _chromium() is None:
+        return
+    from PIL import Image
+
+    for page, height in ((results / "sub-patient01.html", 3000),
+                         (results / "group" / "report.html", 2400)):
+        shot = tmp_path / f"{page.stem}.png"
+        netlog = tmp_path / f"{page.stem}.netlog.json"
+        dom = subprocess.run(
+            [_chromium(), *FLAGS, f"--window-size=1300,{height}", f"--screenshot={shot}",
+             f"--log-net-log={netlog}", "--dump-dom", "--virtual-time-budget=5000",
+             page.as_uri()], capture_output=True, text=True, timeout=300, check=True).stdout
+        log = json.loads(netlog.read_text())
+        start = log["constants"]["logEventTypes"]["URL_REQUEST_START_JOB"]
+        assert not [e for e in log["events"] if e["type"] == start
+                    and e.get("params", {}).get("initiator") not in (None, "not an origin")]
+        image = np.asarray(Image.open(shot).convert("L"), dtype=float)
+        assert image.std() > 30  # text, tables, the lightbox and the viewers
+        if page.name == "report.html":
+            assert "Models compared" in dom and 'href="../sub-patient01.html"' in dom
+        else:
+            assert dom.count('data-ready="true"') == 3  # one viewer per model, all started
+            assert (image[:1500] < 40).mean() > 0.1  # the lightbox's black background on top
 
 
 def test_demo_runs_and_finds_the_lesions(tmp_path):
@@ -34,7 +67,9 @@ def test_demo_runs_and_finds_the_lesions(tmp_path):
     report = (results / "group" / "report.html").read_text()
     assert report.count("<table") >= 4
     assert "Patients vs controls" in report and report.count("data:image/png") == 15  # 3 x 5
-    assert "model normative: clusters" in (results / "sub-patient01.html").read_text()
+    page = (results / "sub-patient01.html").read_text()
+    assert "model normative: result" in page and "clusters: all of them." in page
+    _pages_in_a_browser(results, tmp_path)
     assert "lesion_sensitivity" in evaluation.columns
     statistics = pd.read_csv(results / "group" / "desc-normative_statistics.tsv", sep="\t")
     assert {"auroc", "hedges_g", "p_value"} <= set(statistics.columns)

@@ -104,9 +104,11 @@ def _filter_not_json(bids, tmp):
 
 
 def _participants(content: bytes) -> Callable:
+    # the BIDS validator refuses these first (exit 16, tests/test_bids_validator.py): past it,
+    # the tool's own reading of participants.tsv still names what is wrong
     def setup(bids, tmp):
         (bids / "participants.tsv").write_bytes(content)
-        return ["train", "--train-filter", "group=healthy"]
+        return ["train", "--train-filter", "group=healthy", "--skip-bids-validation"]
     return setup
 
 

@@ -86,6 +86,9 @@ def _echoes_on_two_grids(bids_dir: Path, folder: Path) -> list[str]:
     _write(anat, "sub-01_echo-1_MEGRE", np.random.default_rng(0).random((20, 20, 20)) + 1)
     _write(anat, "sub-01_echo-2_MEGRE", np.random.default_rng(1).random((20, 20, 20)) + 1,
            np.diag([3.0, 3, 3, 1]))
+    for echo in (1, 2):  # valid BIDS: each echo gives its EchoTime (the validator requires it)
+        (anat / f"sub-01_echo-{echo}_MEGRE.json").write_text(json.dumps({"EchoTime":
+                                                                         0.005 * echo}))
     return ["participant"]
 
 

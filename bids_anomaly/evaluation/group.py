@@ -85,6 +85,7 @@ class ModelResults:
     microbleeds: pd.DataFrame = field(default_factory=pd.DataFrame)
     froc: pd.DataFrame = field(default_factory=pd.DataFrame)
     froc_summary: dict = field(default_factory=dict)
+    truths: dict[tuple[str, str | None], Path] = field(default_factory=dict)
     norms: pd.DataFrame = field(default_factory=pd.DataFrame)
     centiles: pd.DataFrame = field(default_factory=pd.DataFrame)
     centile_column: str | None = None
@@ -146,6 +147,7 @@ def evaluate_model(settings: Settings, desc: str, maps: list[Path], layout,
     from bids_anomaly.progress import ItemProgress
 
     burden_rows, region_tables, evaluation_rows = [], [], []
+    truths: dict[tuple[str, str | None], Path] = {}
     curves, map_paths = {}, {}
     roles: dict[str, dict[str, str]] = {}
     progress = ItemProgress(len(maps), f"group {desc}")
@@ -198,6 +200,7 @@ def evaluate_model(settings: Settings, desc: str, maps: list[Path], layout,
         truth = truth_in_template(truth_file, brain_path, raw_images, chains)
         if truth is None:
             continue
+        truths[subject, session] = _keep_truth(settings, name, truth, map_img)
         region = brain | truth
         metrics = voxel_metrics(anomaly_map[region], truth[region],
                                 predicted=anomaly_mask[region])
@@ -209,8 +212,21 @@ def evaluate_model(settings: Settings, desc: str, maps: list[Path], layout,
                             "auroc": metrics["auroc"], "auprc": metrics["auprc"]}
     progress.close()
     regions = pd.concat(region_tables, ignore_index=True) if region_tables else pd.DataFrame()
-    return ModelResults(desc, pd.DataFrame(burden_rows), regions,
-                        pd.DataFrame(evaluation_rows), curves, map_paths)
+    result = ModelResults(desc, pd.DataFrame(burden_rows), regions,
+                          pd.DataFrame(evaluation_rows), curves, map_paths)
+    result.truths = truths
+    return result
+
+
+def _keep_truth(settings: Settings, name: str, truth: np.ndarray,
+                reference: nib.Nifti1Image) -> Path:
+    """Write a subject's ground truth on the template grid to the work folder (for its page)."""
+    path = settings.work_dir / "group" / "truth" / f"{name}_truth.nii.gz"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image = nib.Nifti1Image(truth.astype(np.uint8), reference.affine)
+    image.set_data_dtype(np.uint8)
+    image.to_filename(path)
+    return path
 
 
 def per_subject(table: pd.DataFrame) -> pd.DataFrame:

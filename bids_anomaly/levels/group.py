@@ -107,6 +107,7 @@ def run_group(settings: Settings) -> list[Path]:
             _write_table(result.statistics,
                          bids.group_table_path(settings.output_dir, desc, "statistics"), written)
         results.append(result)
+    _pages_with_truth(settings, layout, results, maps)
     protocols = _split_protocols(settings, maps, participants, control, written)
     written.append(write_group_report(bids.group_report_path(settings.output_dir), results,
                                       protocols))
@@ -146,6 +147,25 @@ def _evaluate_microbleeds(settings: Settings, result, maps: list[Path],
                 "(calibrated threshold); FROC: %.2f at 3 FP/subject", result.desc,
                 per_subject["tp"].sum() / max(1, per_subject["n_true"].sum()),
                 per_subject["fp"].mean(), summary.get("sensitivity_at_3", float("nan")))
+
+
+def _pages_with_truth(settings: Settings, layout, results: list, maps: dict[str, list[Path]]
+                      ) -> None:
+    """Draw the participant pages again with the ground truth outlined (``--ground-truth``)."""
+    from bids_anomaly.levels.steps import collect_subjects
+    from bids_anomaly.reports.subject import write_subject_reports
+
+    truths = {key: path for result in results for key, path in result.truths.items()}
+    if not truths:
+        return
+    labels = sorted({subject for subject, _ in truths})
+    subjects = [inputs for inputs in collect_subjects(settings, layout, labels)
+                if (inputs.subject, inputs.session) in truths]
+    space = bids.parse_name(next(p for paths in maps.values() for p in paths))["space"]
+    write_subject_reports(settings.output_dir, subjects, space,
+                          settings.postprocessing.report_modality, truths)
+    LOGGER.info("participant pages of %d subject/session(s) drawn with their ground truth",
+                len(subjects))
 
 
 def _gather_norms(settings: Settings, result, maps: list[Path],

@@ -35,7 +35,9 @@ def peak_coordinates(map_file, mask_file=None) -> list[float]:
 
 def plot_anomaly_overlay(background_file: str | Path, map_file: str | Path,
                          mask_file: str | Path | None, out_file: str | Path,
-                         title: str = "", threshold: float | None = None) -> Path:
+                         title: str = "", threshold: float | None = None,
+                         cut_coords: Sequence[float] | None = None,
+                         score_name: str = "anomaly score") -> Path:
     """Anomaly map over an anatomical image in three planes through its strongest abnormality.
 
     Parameters
@@ -50,6 +52,11 @@ def plot_anomaly_overlay(background_file: str | Path, map_file: str | Path,
         PNG or SVG file; its folder is created.
     title : str
         Drawn on the figure.
+    cut_coords : sequence of float, optional
+        Where to cut (template millimetres), e.g. the peak of the largest cluster; default the
+        highest score inside the mask.
+    score_name : str
+        The colour bar's label (with the threshold).
 
     Returns
     -------
@@ -69,15 +76,16 @@ def plot_anomaly_overlay(background_file: str | Path, map_file: str | Path,
         threshold = float(np.percentile(inside, 95)) if inside.size else 0.0
     vmax = float(np.percentile(inside, 99.9)) if inside.size else 1.0
     if not (scores > threshold).any():
-        title = f"{title} (no voxel above the threshold)".strip()
+        title = f"{title}: nothing above the threshold".strip(": ")
     with warnings.catch_warnings():
         # nilearn warns "empty mask" when nothing is above the threshold: said in the title
         warnings.filterwarnings("ignore", message="empty mask")
         display = plotting.plot_stat_map(
             map_img, bg_img=str(background_file), display_mode="ortho",
-            cut_coords=peak_coordinates(map_img, mask_img), threshold=threshold,
+            cut_coords=cut_coords or peak_coordinates(map_img, mask_img), threshold=threshold,
             vmax=max(vmax, threshold * 1.01, 1e-6), cmap="hot", title=title or None,
             black_bg=True, draw_cross=True, annotate=True, colorbar=True)
+        label_colorbar(display, f"{score_name} (shown above {threshold:.3g})")
         if mask_img is not None and np.asarray(mask_img.dataobj).any():
             display.add_contours(mask_img, levels=[0.5], colors="lime", linewidths=0.8)
         try:
@@ -85,6 +93,187 @@ def plot_anomaly_overlay(background_file: str | Path, map_file: str | Path,
         finally:
             display.close()
     return out_file
+
+
+def label_colorbar(display, label: str) -> None:
+    """Name a nilearn display's colour bar (nothing when it has none)."""
+    colorbar = getattr(display, "_cbar", None)
+    if colorbar is not None:
+        colorbar.set_label(label, color="w", fontsize=8)
+
+
+LIGHTBOX_COLUMNS = 6
+"""Axial slices per row of the lightbox."""
+
+LIGHTBOX_PANELS = 48
+"""Most slices of a lightbox; clusters beyond them are named in its caption."""
+
+
+def lightbox_slices(clusters: np.ndarray, brain: np.ndarray | None = None,
+                    panels: int = LIGHTBOX_PANELS) -> tuple[list[int], list[int]]:
+    """Axial slice indices that cut through every cluster (as few as possible, largest first).
+
+    Parameters
+    ----------
+    clusters : numpy.ndarray
+        Labels by cluster id (:func:`~bids_anomaly.postprocessing.clusters.numbered_clusters`).
+    brain : numpy.ndarray, optional
+        Brain mask: without clusters, six slices evenly spread over it.
+    panels : int
+        Most slices.
+
+    Returns
+    -------
+    slices : list of int
+        Increasing slice indices (last axis).
+    missing : list of int
+        Cluster ids that no chosen slice cuts (only when there are more than ``panels``).
+    """
+    count = int(clusters.max())
+    if count == 0:
+        extent = np.flatnonzero((brain if brain is not None else np.ones_like(clusters))
+                                .any(axis=(0, 1)))
+        if extent.size == 0:
+            return [clusters.shape[2] // 2], []
+        return sorted({int(v) for v in np.linspace(extent[0], extent[-1], 8)[1:-1].round()}), []
+    from scipy import ndimage
+
+    spans = [(s[2].start, s[2].stop - 1) for s in ndimage.find_objects(clusters)]
+    centres = [c[2] for c in ndimage.center_of_mass(np.ones(clusters.shape), clusters,
+                                                    np.arange(1, count + 1))]
+    # fewest slices cutting every cluster: stab the z-intervals at their ends (optimal), then
+    # move each slice, within the clusters it cuts, to the centre of the largest of them
+    groups: list[list[int]] = []
+    point = None
+    for k in sorted(range(count), key=lambda k: spans[k][1]):
+        if point is None or spans[k][0] > point:
+            point = spans[k][1]
+            groups.append([])
+        groups[-1].append(k)
+    groups.sort(key=min)  # the slices of the largest clusters first
+    chosen, missing = [], []
+    for group in groups:
+        if len(chosen) >= panels:
+            missing.extend(k + 1 for k in group)
+            continue
+        low = max(spans[k][0] for k in group)
+        high = min(spans[k][1] for k in group)
+        chosen.append(int(np.clip(round(centres[min(group)]), low, high)))
+    return sorted(chosen), sorted(missing)
+
+
+def plot_lightbox(background_file: str | Path, map_file: str | Path, clusters: np.ndarray,
+                  out_file: str | Path, threshold: float, title: str = "",
+                  score_name: str = "anomaly score", truth: np.ndarray | None = None,
+                  brain: np.ndarray | None = None) -> tuple[Path, list[int]]:
+    """Axial lightbox through every cluster: map above the threshold, mask and truth outlined.
+
+    Slices are chosen by :func:`lightbox_slices`; each cluster is numbered (its ``cluster_id``)
+    on the slice that cuts it, next to its voxels nearest its centre.
+
+    Parameters
+    ----------
+    background_file : path
+        Anatomical image on the map's grid (FLAIR when there is one).
+    map_file : path
+        Anomaly map.
+    clusters : numpy.ndarray
+        The mask's clusters labelled by cluster id (their outline is drawn in green).
+    out_file : path
+        PNG file.
+    threshold : float
+        Scores above it are coloured; the colour bar says so.
+    truth : numpy.ndarray, optional
+        Ground-truth lesions on the same grid, outlined in cyan.
+    brain : numpy.ndarray, optional
+        Brain mask, for the slices when nothing is flagged.
+
+    Returns
+    -------
+    out_file : Path
+    missing : list of int
+        Clusters not shown (more than :data:`LIGHTBOX_PANELS` slices would be needed).
+    """
+    _use_agg()
+    import matplotlib.pyplot as plt
+    from nilearn import plotting
+
+    out_file = Path(out_file)
+    out_file.parent.mkdir(parents=True, exist_ok=True)
+    map_img = nib.load(str(map_file))
+    affine = map_img.affine
+    scores = np.asarray(map_img.dataobj, dtype=np.float32)
+    inside = scores[scores > threshold]
+    vmax = float(np.percentile(inside, 99)) if inside.size else threshold * 1.5 + 1e-6
+    slices, missing = lightbox_slices(clusters, brain)
+    rows = [slices[i:i + LIGHTBOX_COLUMNS] for i in range(0, len(slices), LIGHTBOX_COLUMNS)]
+    width = 2.1 * max(len(r) for r in rows) + 0.9
+    figure = plt.figure(figsize=(width, 2.5 * len(rows) + 0.5), facecolor="k")
+    count = int(clusters.max())
+    if count == 0:
+        title = f"{title}: nothing above the threshold".strip(": ")
+    figure.suptitle(title, color="w", fontsize=10)
+    height = (1 - 0.08) / len(rows)
+    mask_img = nib.Nifti1Image((clusters > 0).astype(np.uint8), affine)
+    truth_img = (nib.Nifti1Image(truth.astype(np.uint8), affine)
+                 if truth is not None and truth.any() else None)
+    centres = {}
+    if count:
+        from scipy import ndimage
+
+        for cluster_id in range(1, count + 1):
+            centres[cluster_id] = ndimage.center_of_mass(clusters == cluster_id)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="empty mask")
+        for row_index, row in enumerate(rows):
+            z_world = [float(nib.affines.apply_affine(affine, (0, 0, z))[2]) for z in row]
+            last = row_index == len(rows) - 1
+            frac = len(row) / max(len(r) for r in rows)
+            display = plotting.plot_stat_map(
+                map_img, bg_img=str(background_file), display_mode="z", cut_coords=z_world,
+                threshold=threshold, vmax=max(vmax, threshold * 1.01, 1e-6), cmap="hot",
+                black_bg=True, annotate=True, colorbar=last, figure=figure,
+                axes=(0, 1 - 0.06 - height * (row_index + 1), frac, height))
+            if clusters.any():
+                display.add_contours(mask_img, levels=[0.5], colors="lime", linewidths=0.7)
+            if truth_img is not None:
+                display.add_contours(truth_img, levels=[0.5], colors="cyan", linewidths=0.7)
+            for z, z_mm in zip(row, z_world, strict=True):
+                axis = _cut_axis(display, z_mm)
+                if axis is None:
+                    continue
+                for cluster_id in np.unique(clusters[..., z]):
+                    if cluster_id == 0:
+                        continue
+                    points = np.argwhere(clusters[..., z] == cluster_id)
+                    centre = np.asarray(centres[cluster_id][:2])
+                    x, y = points[np.argmin(((points - centre) ** 2).sum(axis=1))]
+                    x_mm, y_mm, _ = nib.affines.apply_affine(affine, (x, y, z))
+                    axis.text(x_mm + 4, y_mm + 4, str(cluster_id), color="w", fontsize=7,
+                              fontweight="bold", bbox={"boxstyle": "round,pad=0.1",
+                                                       "fc": "#0a0", "ec": "none",
+                                                       "alpha": 0.8})
+    legend = (f"colour: {score_name} above the threshold {threshold:.3g}; green: anomaly mask "
+              "(clusters numbered as in the table)")
+    if truth_img is not None:
+        legend += "; cyan: ground truth"
+    if missing:
+        legend += f"; clusters {', '.join(map(str, missing[:10]))} not shown"
+    figure.text(0.01, 0.005, legend, color="w", fontsize=7)
+    try:
+        save_figure(figure, out_file, dpi=80, facecolor="k")
+    finally:
+        plt.close(figure)
+    return out_file, missing
+
+
+def _cut_axis(display, z_mm: float):
+    """The matplotlib axis of a nilearn z display's cut nearest ``z_mm``."""
+    axes = getattr(display, "axes", {})
+    if not axes:
+        return None
+    key = min(axes, key=lambda k: abs(float(k) - z_mm))
+    return axes[key].ax
 
 
 def _save(figure, out_file: Path) -> Path:
@@ -132,6 +321,17 @@ def plot_curves(curves: Mapping[str, Mapping[str, np.ndarray]], out_file: str | 
     return _save(figure, Path(out_file))
 
 
+MEASURE_UNITS = {
+    "abnormal_ml": "abnormal volume (ml)",
+    "abnormal_fraction": "abnormal fraction of the brain",
+    "n_clusters": "clusters (count)",
+    "mean_score": "mean anomaly score (model units)",
+    "p99_score": "99th percentile of the score (model units)",
+    "abnormal_percent": "abnormal share of the region (%)",
+}
+"""Axis labels, with units, of the burden measures."""
+
+
 def plot_burden_by_group(table: pd.DataFrame, measures: Sequence[str], out_file: str | Path,
                          title: str = "") -> Path:
     """Box plots of burden measures per participants.tsv group, every subject drawn as a dot."""
@@ -152,6 +352,8 @@ def plot_burden_by_group(table: pd.DataFrame, measures: Sequence[str], out_file:
             axis.scatter(position + rng.uniform(-0.12, 0.12, len(points)), points, s=14,
                          color=_COLOURS[(position - 1) % len(_COLOURS)], zorder=3)
         axis.set_title(measure, fontsize=10)
+        axis.set_ylabel(MEASURE_UNITS.get(measure, measure), fontsize=8)
+        axis.set_xlabel("participants.tsv group", fontsize=8)
         axis.grid(alpha=0.3, axis="y")
     if title:
         figure.suptitle(title)

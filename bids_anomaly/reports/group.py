@@ -19,14 +19,69 @@ abnormal volume are shown, every subject's overlay is in its own page."""
 
 
 def _shown_overlays(result) -> tuple[list, int]:
-    """The overlays to embed (largest abnormal volume first when there are too many)."""
+    """The overlays to embed, and how many are left out.
+
+    As ``((participant_id, session_id), figure)``, the largest abnormal volumes first when
+    there are more than :data:`MAX_OVERLAYS`.
+    """
     overlays = result.overlays
     if len(overlays) <= MAX_OVERLAYS:
-        return list(overlays.values()), 0
+        return list(overlays.items()), 0
     burden = result.burden.sort_values("abnormal_ml", ascending=False)
     keys = zip(burden["participant_id"], burden["session_id"], strict=True)
-    chosen = [overlays[key] for key in keys if key in overlays][:MAX_OVERLAYS]
+    chosen = [(key, overlays[key]) for key in keys if key in overlays][:MAX_OVERLAYS]
     return chosen, len(overlays) - len(chosen)
+
+
+def model_comparison(results: list) -> pd.DataFrame:
+    """One row per model, best first: what a reader compares models by.
+
+    Columns: subjects scored, mean voxel AUROC / AUPRC / Dice and lesion sensitivity over the
+    subjects with ground truth, microbleed sensitivity and false positives per subject, and the
+    AUROC of the abnormal volume separating all patients from the controls. Models are ranked by
+    mean AUPRC when there is ground truth, else by that patients-vs-controls AUROC.
+    """
+    rows = []
+    for result in results:
+        row = {"model": result.desc, "subjects": len(result.burden)}
+        evaluation = result.evaluation
+        for column in ("auroc", "auprc", "dice", "lesion_sensitivity"):
+            if not evaluation.empty and column in evaluation:
+                row[f"mean {column}"] = pd.to_numeric(evaluation[column],
+                                                      errors="coerce").mean()
+        if not result.microbleeds.empty:
+            table = result.microbleeds
+            row["microbleed sensitivity"] = table["tp"].sum() / max(1, table["n_true"].sum())
+            row["microbleed FP/subject"] = table["fp"].mean()
+        statistics = result.statistics
+        if not statistics.empty:
+            chosen = statistics[(statistics["region"] == "global")
+                                & (statistics["measure"] == "abnormal_ml")]
+            overall = chosen[chosen["patients"].astype(str) == "all patients"]
+            pick = overall if len(overall) else chosen
+            if len(pick):
+                row["patients vs controls AUROC (abnormal ml)"] = float(pick["auroc"].iloc[0])
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    for key in ("mean auprc", "patients vs controls AUROC (abnormal ml)"):
+        if key in table and table[key].notna().any():
+            return table.sort_values(key, ascending=False, na_position="last",
+                                     kind="stable").reset_index(drop=True)
+    return table
+
+
+def _overlay_caption(result, key: tuple[str, str]) -> str:
+    """``sub-x [ses-y] (group): N ml abnormal`` for a group overlay."""
+    subject, session = key[0], str(key[1])
+    burden = result.burden
+    row = burden[(burden["participant_id"] == subject)
+                 & (burden["session_id"].astype(str) == session)]
+    text = subject + (f" ses-{session}" if session != "n/a" else "")
+    if len(row):
+        if "group" in row:
+            text += f" ({row['group'].iloc[0]})"
+        text += f": {float(row['abnormal_ml'].iloc[0]):.2f} ml abnormal"
+    return text
 
 
 def _interval(table: pd.DataFrame, value: str, low: str, high: str) -> pd.Series:
@@ -200,9 +255,17 @@ def write_group_report(path: Path, results: list,
     path = Path(path)
     figures = bids.group_figures_dir(path.parent.parent)
     sections = []
+    comparison = model_comparison(results)
+    if len(results) > 1:
+        sections += ["<h2>Models compared</h2>",
+                     "<p>Best first (by mean AUPRC against the ground truth when there is one, "
+                     "else by how well the abnormal volume separates patients from controls); "
+                     "each model's section follows in this order. Click a column to sort.</p>",
+                     table_html(comparison)]
     for family, tables in (protocols or {}).items():
         sections.extend(_protocol_section(family, tables))
-    for result in results:
+    order = {desc: rank for rank, desc in enumerate(comparison["model"])}
+    for result in sorted(results, key=lambda r: order.get(r.desc, len(order))):
         sections.append(f"<h2>Model {html.escape(result.desc)}</h2>")
         sections.append(f"<p>{len(result.burden)} subject/session(s) scored.</p>")
         if not result.evaluation.empty:
@@ -223,10 +286,13 @@ def write_group_report(path: Path, results: list,
                     f"the other {hidden} are in their own pages (sub-&lt;label&gt;.html)."
                     if hidden else "")
             sections.append("<h3>Anomaly maps</h3><p>Scores above the model's calibrated "
-                            "threshold over the preprocessed reference image, cut through the "
-                            f"highest flagged score; the anomaly mask is outlined in green.{more}"
-                            "</p>")
+                            "threshold over the preprocessed FLAIR (else the reference image), "
+                            "cut through the peak of the largest cluster; the anomaly mask is "
+                            "outlined in green. Click a subject for its page (all its clusters, "
+                            f"numbered, and its quality control).{more}</p>")
             sections.append("<div class='overlays'>" + "".join(
-                figure_html(figure) for figure in shown) + "</div>")
+                figure_html(figure, link=f"../{key[0]}.html",
+                            caption=_overlay_caption(result, key))
+                for key, figure in shown) + "</div>")
     write_page(path, "bids_anomaly group report", sections)
     return path

@@ -1,7 +1,7 @@
 """One page shell and style for every HTML report, and the helpers that fill it.
 
-Pages are self-contained: the style is inline and figures are embedded as base64 data URIs, so a
-page references no other file and opens offline.
+Pages are self-contained: the style and the one script (sortable tables) are inline and figures
+are embedded as base64 data URIs, so a page references no other file and opens offline.
 """
 
 from __future__ import annotations
@@ -22,9 +22,12 @@ STYLE = """
 body { font-family: sans-serif; margin: 2em; color: #222; max-width: 1400px; }
 h2 { border-bottom: 2px solid #444; padding-bottom: 0.2em; margin-top: 2em; }
 table { border-collapse: collapse; margin: 1em 0 2em; font-size: 0.85em; display: block;
-        overflow-x: auto; max-width: 100%; }
+        overflow: auto; max-width: 100%; max-height: 36em; }
 th, td { border: 1px solid #ccc; padding: 0.25em 0.5em; text-align: right; }
-th { background: #f0f0f0; }
+th { background: #f0f0f0; position: sticky; top: 0; cursor: pointer; user-select: none; }
+th:hover { background: #e0e8f0; }
+.summary { font-size: 1.1em; font-weight: bold; }
+a figure img { outline: 1px solid #ccc; }
 figure { margin: 0.5em; display: inline-block; vertical-align: top; }
 figure img { max-width: 100%; height: auto; background: #000; }
 figcaption { font-size: 0.75em; color: #555; }
@@ -34,17 +37,49 @@ figcaption { font-size: 0.75em; color: #555; }
 """
 """The one style of every page."""
 
+SORT_SCRIPT = """
+document.querySelectorAll("table").forEach(function (table) {
+  table.querySelectorAll("thead th").forEach(function (header, column) {
+    header.title = "click to sort";
+    header.addEventListener("click", function () {
+      var body = table.tBodies[0];
+      var rows = Array.prototype.slice.call(body.rows);
+      var up = header.dataset.order !== "up";
+      var value = function (row) {
+        var text = row.cells[column] ? row.cells[column].textContent.trim() : "";
+        var number = parseFloat(text);
+        return isNaN(number) || !/^[-+.\\d]/.test(text) ? text.toLowerCase() : number;
+      };
+      rows.sort(function (a, b) {
+        var x = value(a), y = value(b);
+        if (typeof x !== typeof y) { x = String(x); y = String(y); }
+        return (x < y ? -1 : x > y ? 1 : 0) * (up ? 1 : -1);
+      });
+      rows.forEach(function (row) { body.appendChild(row); });
+      table.querySelectorAll("thead th").forEach(function (h) { delete h.dataset.order; });
+      header.dataset.order = up ? "up" : "down";
+    });
+  });
+});
+"""
+"""Inline script of every page: a click on a column header sorts the table by it."""
 
-def figure_html(path: str | Path) -> str:
-    """A ``<figure>`` with the image embedded as a base64 data URI."""
+
+def figure_html(path: str | Path, link: str | None = None, caption: str | None = None) -> str:
+    """A ``<figure>`` with the image embedded as a base64 data URI.
+
+    ``link``: a relative address the figure leads to (another page of the derivatives);
+    ``caption``: shown under it (default: the file name).
+    """
     path = Path(path)
     mime = MIME_TYPES.get(path.suffix.lower())
     if mime is None:
         raise ValueError(f"cannot embed {path.name}: figures must be SVG, PNG or JPEG")
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     name = html.escape(path.name)
-    return (f"<figure><img src=\"data:{mime};base64,{data}\" alt=\"{name}\">"
-            f"<figcaption>{name}</figcaption></figure>")
+    figure = (f"<figure><img src=\"data:{mime};base64,{data}\" alt=\"{name}\">"
+              f"<figcaption>{html.escape(caption) if caption else name}</figcaption></figure>")
+    return f"<a href=\"{html.escape(link)}\">{figure}</a>" if link else figure
 
 
 def table_html(table: Any) -> str:
@@ -69,7 +104,8 @@ def write_page(path: str | Path, title: str, parts: Iterable[str]) -> Path:
         "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
         f"<title>{escaped}</title><style>{STYLE}</style></head><body>"
         f"<h1>{escaped}</h1>" + "\n".join(parts)
-        + f"<p class=\"footer\">bids_anomaly {html.escape(__version__)}</p></body></html>\n"
+        + f"<p class=\"footer\">bids_anomaly {html.escape(__version__)}</p>"
+        f"<script>{SORT_SCRIPT}</script></body></html>\n"
     )
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -41,8 +41,9 @@ def write_subject_report(out_file: str | Path, title: str,
         Page title and first heading.
     sections : list of dict
         In order, each with ``heading`` (str) and optionally ``text`` (str; blank lines separate
-        paragraphs), ``table`` (pandas.DataFrame or list of dicts) and ``figures`` (paths to SVG,
-        PNG or JPEG files).
+        paragraphs), ``table`` (pandas.DataFrame or list of dicts), ``figures`` (paths to SVG,
+        PNG or JPEG files), ``html`` (a fragment built by the package, not user text) and
+        ``viewer`` (True when that fragment is a viewer: the library is then included once).
 
     Returns
     -------
@@ -50,6 +51,10 @@ def write_subject_report(out_file: str | Path, title: str,
         ``out_file``.
     """
     parts = []
+    if any(section.get("viewer") for section in sections):
+        from bids_anomaly.reports.viewer import library_html
+
+        parts.append(library_html())
     for section in sections:
         parts.append(f"<section><h2>{html.escape(str(section['heading']))}</h2>")
         text = section.get("text")
@@ -57,21 +62,57 @@ def write_subject_report(out_file: str | Path, title: str,
             for paragraph in str(text).split("\n\n"):
                 if paragraph.strip():
                     parts.append(f"<p>{html.escape(paragraph.strip())}</p>")
+        for figure in section.get("figures") or []:
+            parts.append(figure_html(figure))
+        if section.get("html"):  # a fragment built here (the viewer), not user text
+            parts.append(section["html"])
         table = section.get("table")
         if table is not None:
             parts.append(table_html(table))
-        for figure in section.get("figures") or []:
-            parts.append(figure_html(figure))
         parts.append("</section>")
     return write_page(out_file, title, parts)
+
+
+LESION_MODALITIES = ("FLAIR", "T2w", "T2starw", "swi", "MEGRE")
+"""Where lesions show, in order of preference, for the result figures (then the reference)."""
+
+
+def result_background(output_dir: Path, subject: str, session: str | None, space: str,
+                      res: int, preferred: str | None = None) -> Path | None:
+    """The preprocessed image the result figures are drawn on.
+
+    ``preferred`` (``--report-modality``) when the subject has it, else FLAIR (or another
+    lesion-showing contrast), else the first modality it has (its reference).
+    """
+    order = [*([preferred] if preferred else []), *LESION_MODALITIES, *MODALITIES]
+    for modality in dict.fromkeys(order):
+        path = bids.spec_path(output_dir, subject, session, bids.preproc_spec(space, res,
+                                                                               modality))
+        if path.is_file():
+            return path
+    return None
+
+
+def _largest_cluster_peak(output_dir: Path, subject: str, session: str | None, space: str,
+                          res: int, desc: str) -> list[float] | None:
+    """Template coordinates of the largest cluster's peak (None: no cluster table or cluster)."""
+    path = bids.spec_path(output_dir, subject, session, bids.clusters_spec(space, res, desc))
+    if not path.is_file():
+        return None
+    table = pd.read_csv(path, sep="\t", na_values="n/a")
+    if table.empty:
+        return None
+    first = table.sort_values("cluster_id").iloc[0]
+    return [float(first[f"peak_{axis}"]) for axis in "xyz"]
 
 
 def anomaly_overlay(output_dir: Path, map_path: Path) -> Path | None:
     """The three-plane overlay figure of an anomaly map, drawn when missing or out of date.
 
-    The background is the subject's preprocessed reference image in template space, the cuts
-    go through the highest score inside the anomaly mask, and scores are shown from the
-    model's calibrated threshold up (from the 95th percentile without one, as with FDR).
+    The background is the subject's preprocessed image where lesions show (FLAIR when there is
+    one), the cuts go through the peak of the largest cluster (the highest score inside the mask
+    without a clusters table), and scores are shown from the model's calibrated threshold up
+    (from the 95th percentile without one, as with FDR).
     """
     from bids_anomaly.reports.figures import plot_anomaly_overlay
 
@@ -82,50 +123,168 @@ def anomaly_overlay(output_dir: Path, map_path: Path) -> Path | None:
                               bids.anomaly_figure_spec(space, res, desc))
     if out_file.is_file() and out_file.stat().st_mtime >= map_path.stat().st_mtime:
         return out_file
-    backgrounds = [bids.spec_path(output_dir, subject, session, bids.preproc_spec(space, res, m))
-                   for m in MODALITIES]
-    background = next((path for path in backgrounds if path.is_file()), None)
+    background = result_background(output_dir, subject, session, space, res)
     if background is None:
         return None
     mask = bids.spec_path(output_dir, subject, session, bids.anomaly_mask_spec(space, res, desc))
     name = f"sub-{subject}" + (f" ses-{session}" if session else "")
     modality = bids.parse_name(background)["suffix"]
-    threshold = bids.read_sidecar(map_path).get("Threshold")
+    sidecar = bids.read_sidecar(map_path)
     return plot_anomaly_overlay(background, map_path, mask if mask.is_file() else None,
                                 out_file, title=f"{name}: {desc} on {modality}",
-                                threshold=threshold)
+                                threshold=sidecar.get("Threshold"),
+                                cut_coords=_largest_cluster_peak(output_dir, subject, session,
+                                                                 space, res, desc),
+                                score_name=_score_name(sidecar))
 
 
-def model_sections(output_dir: Path, inputs: bids.AnatInputs, space: str) -> list[dict]:
-    """Report sections of every model's anomaly map of one subject/session."""
+def _score_name(sidecar: dict) -> str:
+    """A short name of a model's score for colour bars."""
+    definition = str(sidecar.get("ScoreDefinition") or "anomaly score")
+    return definition if len(definition) <= 60 else definition[:57] + "..."
+
+
+def anomaly_lightbox(output_dir: Path, map_path: Path, preferred: str | None = None,
+                     truth: Path | None = None) -> tuple[Path | None, list[int]]:
+    """The lightbox of an anomaly map through every cluster (drawn each time a page is written).
+
+    Parameters
+    ----------
+    preferred : str, optional
+        The modality to draw on (``--report-modality``; default FLAIR, else the reference).
+    truth : Path, optional
+        Ground-truth lesions on the template grid (group ``--ground-truth``), outlined.
+
+    Returns
+    -------
+    figure : Path or None
+        None when the subject has no preprocessed image or no anomaly mask.
+    missing : list of int
+        Clusters the figure could not show.
+    """
+    from bids_anomaly.postprocessing.clusters import numbered_clusters
+    from bids_anomaly.reports.figures import plot_lightbox
+
+    entities = bids.parse_name(map_path)
+    subject, session = entities["sub"], entities.get("ses")
+    space, res, desc = entities["space"], int(entities["res"]), entities["desc"]
+    out_file = bids.spec_path(output_dir, subject, session,
+                              bids.lightbox_figure_spec(space, res, desc))
+    mask_path = bids.spec_path(output_dir, subject, session,
+                               bids.anomaly_mask_spec(space, res, desc))
+    background = result_background(output_dir, subject, session, space, res, preferred)
+    if background is None or not mask_path.is_file():
+        return None, []
+    import nibabel as nib
+    import numpy as np
+
+    scores = nib.load(map_path).get_fdata(dtype=np.float32)
+    clusters = numbered_clusters(scores, np.asarray(nib.load(mask_path).dataobj) > 0)
+    brain_path = bids.spec_path(output_dir, subject, session, bids.brain_mask_spec(space, res))
+    brain = np.asarray(nib.load(brain_path).dataobj) > 0 if brain_path.is_file() else None
+    truth_data = np.asarray(nib.load(truth).dataobj) > 0 if truth is not None else None
+    sidecar = bids.read_sidecar(map_path)
+    threshold = sidecar.get("Threshold")
+    if threshold is None:  # FDR: the smallest flagged score
+        flagged = scores[clusters > 0]
+        threshold = float(flagged.min()) if flagged.size else float(np.percentile(scores, 99))
+    name = f"sub-{subject}" + (f" ses-{session}" if session else "")
+    modality = bids.parse_name(background)["suffix"]
+    return plot_lightbox(background, map_path, clusters, out_file, float(threshold),
+                         title=f"{name}: model {desc} on {modality}",
+                         score_name=_score_name(sidecar), truth=truth_data, brain=brain)
+
+
+def _viewer(output_dir: Path, map_path: Path, preferred: str | None = None) -> str | None:
+    """The interactive viewer of a model's map and mask over the subject's images.
+
+    Backgrounds: the image the results are drawn on and the reference (when another), to keep
+    the page small (each 2 mm volume adds about 0.3 MB).
+    """
+    from bids_anomaly.reports.viewer import Overlay, viewer_html
+
+    entities = bids.parse_name(map_path)
+    subject, session = entities["sub"], entities.get("ses")
+    space, res, desc = entities["space"], int(entities["res"]), entities["desc"]
+    first = result_background(output_dir, subject, session, space, res, preferred)
+    reference = result_background(output_dir, subject, session, space, res, "T1w")
+    if first is None:
+        return None
+    backgrounds = {bids.parse_name(p)["suffix"]: p for p in (first, reference) if p is not None}
+    overlays = [Overlay(map_path, f"{desc} score")]
+    mask = bids.spec_path(output_dir, subject, session, bids.anomaly_mask_spec(space, res, desc))
+    if mask.is_file():
+        overlays.append(Overlay(mask, "anomaly mask", kind="mask"))
+    threshold = bids.read_sidecar(map_path).get("Threshold")
+    name = "-".join(filter(None, [subject, session, desc]))
+    return viewer_html(backgrounds, overlays, threshold,
+                       f"Interactive view: model {desc} (scroll through slices, move the "
+                       "threshold; nothing is loaded from the network)",
+                       element_id=f"viewer-{name}")
+
+
+def result_summary(clusters: pd.DataFrame | None) -> str:
+    """One line: abnormal volume, number of clusters, the largest and where it is."""
+    if clusters is None:
+        return "No clusters table."
+    if clusters.empty:
+        return "Nothing above the threshold: no abnormal voxel."
+    total = clusters["volume_mm3"].sum() / 1000
+    first = clusters.sort_values("cluster_id").iloc[0]
+    where = next((str(first[c]) for c in ("atlas_label", "tissue")
+                  if c in clusters.columns and str(first[c]) not in ("none", "nan")), None)
+    return (f"{total:.2f} ml abnormal in {len(clusters)} cluster"
+            f"{'s' if len(clusters) > 1 else ''}; the largest, cluster 1: "
+            f"{first['volume_mm3'] / 1000:.2f} ml" + (f" in {where}" if where else "")
+            + f", peak score {first['peak_score']:.3g} at ({first['peak_x']:.0f}, "
+            f"{first['peak_y']:.0f}, {first['peak_z']:.0f}) mm.")
+
+
+def model_sections(output_dir: Path, inputs: bids.AnatInputs, space: str,
+                   preferred: str | None = None,
+                   truth: Mapping[tuple[str, str | None], Path] | None = None) -> list[dict]:
+    """Report sections of every model's result for one subject/session, result first.
+
+    Per model: a one-line summary (abnormal volume, clusters, the largest and where it is),
+    the lightbox through every cluster with the clusters numbered, the clusters table (same
+    numbers), then the regional burden. ``truth`` maps ``(subject, session)`` to its ground
+    truth on the template grid (group ``--ground-truth``).
+    """
     sub, ses = inputs.subject, inputs.session
     heading = f"Session {ses}: " if ses else ""
     sections = []
+    truth_file = (truth or {}).get((sub, ses))
     for map_path in bids.subject_anomaly_maps(output_dir, sub, ses, space):
         entities = bids.parse_name(map_path)
         res, desc = int(entities["res"]), entities["desc"]
         sidecar = bids.read_sidecar(map_path)
-        text = [f"Model {sidecar.get('Model', desc)} ({sidecar.get('ModelType', 'n/a')}): "
+        path = bids.spec_path(output_dir, sub, ses, bids.clusters_spec(space, res, desc))
+        clusters = pd.read_csv(path, sep="\t", na_values="n/a") if path.is_file() else None
+        text = [result_summary(clusters),
+                f"Model {sidecar.get('Model', desc)} ({sidecar.get('ModelType', 'n/a')}): "
                 f"{sidecar.get('ScoreDefinition', '')}"]
         if "Threshold" in sidecar:
             text.append(f"Mask: scores above {sidecar['Threshold']:.4g} "
                         f"({sidecar.get('ThresholdMethod', '')}).")
-        figure = anomaly_overlay(output_dir, map_path)
-        sections.append({"heading": f"{heading}model {desc}: anomaly map",
-                         "text": "\n\n".join(text), "figures": [figure] if figure else []})
-        for kind, spec, caption in (
-                ("clusters", bids.clusters_spec(space, res, desc),
-                 f"clusters (largest {MAX_CLUSTER_ROWS}; all in the TSV)"),
-                ("regions", bids.regions_spec(space, res, desc), "burden per region")):
-            path = bids.spec_path(output_dir, sub, ses, spec)
-            if path.is_file():
-                table = pd.read_csv(path, sep="\t", na_values="n/a")
-                if kind == "clusters":
-                    table = table.head(MAX_CLUSTER_ROWS)
-                sections.append({"heading": f"{heading}model {desc}: {caption}",
-                                 "text": "No cluster: no voxel above the threshold."
-                                 if table.empty else None,
-                                 "table": table})
+        figure, missing = anomaly_lightbox(output_dir, map_path, preferred, truth_file)
+        if figure is not None and clusters is not None and not clusters.empty:
+            text.insert(1, f"The slices below cut through {len(clusters) - len(missing)} of "
+                           f"the {len(clusters)} clusters" + (
+                               f" (not shown: {', '.join(map(str, missing))})." if missing
+                               else ": all of them."))
+        viewer = _viewer(output_dir, map_path, preferred)
+        sections.append({"heading": f"{heading}model {desc}: result",
+                         "text": "\n\n".join(text), "figures": [figure] if figure else [],
+                         "table": None if clusters is None or clusters.empty
+                         else clusters.head(MAX_CLUSTER_ROWS),
+                         "html": viewer, "viewer": viewer is not None})
+        if clusters is not None and len(clusters) > MAX_CLUSTER_ROWS:
+            sections[-1]["text"] += (f"\n\nThe table lists the largest {MAX_CLUSTER_ROWS} of "
+                                     f"{len(clusters)} clusters; all are in {path.name}.")
+        path = bids.spec_path(output_dir, sub, ses, bids.regions_spec(space, res, desc))
+        if path.is_file():
+            sections.append({"heading": f"{heading}model {desc}: burden per region",
+                             "table": pd.read_csv(path, sep="\t", na_values="n/a")})
     return sections
 
 
@@ -157,8 +316,13 @@ def session_sections(output_dir: Path, inputs: bids.AnatInputs, space: str) -> l
 
 
 def write_subject_reports(output_dir: Path, subjects: list[bids.AnatInputs],
-                          space: str) -> list[Path]:
+                          space: str, preferred: str | None = None,
+                          truth: Mapping[tuple[str, str | None], Path] | None = None
+                          ) -> list[Path]:
     """Write ``sub-<label>.html`` for every participant in ``subjects`` (all their sessions).
+
+    The models' results come first (summary, lightbox, clusters), then the inputs' quality
+    control.
 
     Parameters
     ----------
@@ -168,6 +332,10 @@ def write_subject_reports(output_dir: Path, subjects: list[bids.AnatInputs],
         The subject/sessions processed.
     space : str
         Template name (the ``space-`` entity of the figures).
+    preferred : str, optional
+        The modality the results are drawn on (``--report-modality``).
+    truth : dict, optional
+        Ground truth on the template grid by ``(subject, session)``, outlined in the lightboxes.
 
     Returns
     -------
@@ -180,15 +348,16 @@ def write_subject_reports(output_dir: Path, subjects: list[bids.AnatInputs],
     pages = []
     for subject, sessions in sorted(by_subject.items()):
         sections = []
-        for inputs in sorted(sessions, key=lambda i: i.session or ""):
-            sections.extend(session_sections(output_dir, inputs, space))
-            sections.extend(model_sections(output_dir, inputs, space))
-        if not sections:
+        ordered = sorted(sessions, key=lambda i: i.session or "")
+        for inputs in ordered:
+            sections.extend(model_sections(output_dir, inputs, space, preferred, truth))
+        quality = [s for inputs in ordered for s in session_sections(output_dir, inputs, space)]
+        if not (sections or quality):
             continue
         images = sorted({f"{m}: {p.name}" for i in sessions for m, p in i.images.items()}
                         | {f"dwi: {r.image.name}" for i in sessions for r in i.dwi}
                         | {f"{m}: {p.name}" for i in sessions for m, p in i.dwi_maps.items()})
-        sections.insert(0, {"heading": "Inputs", "text": "\n\n".join(images)})
+        sections += [{"heading": "Inputs", "text": "\n\n".join(images)}, *quality]
         path = bids.subject_report_path(output_dir, subject)
         pages.append(write_subject_report(path, f"sub-{subject}", sections))
         LOGGER.info("report: %s", path)

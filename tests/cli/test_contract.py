@@ -97,6 +97,8 @@ def test_no_usable_anatomical_exits_66(run, tiny_bids):
     anat.mkdir(parents=True)
     nib.Nifti1Image(np.zeros((8, 8, 8), np.float32), np.eye(4)).to_filename(
         anat / "sub-03_T1map.nii.gz")
+    with (tiny_bids / "participants.tsv").open("a") as table:  # valid BIDS: sub-03 is listed
+        table.write("sub-03\thealthy\n")
     code, err = run("participant", "--participant-label", "03")
     assert code == 66 and "usable anatomical image" in err
 

@@ -78,8 +78,11 @@ def test_group_report_is_self_contained(tmp_path):
     assert text.count("<img src=\"data:image/png;base64,") == 3  # one overlay per subject
     assert text.count("<img src=\"data:image/svg+xml;base64,") == 3  # curves, boxes, ROC
     # nothing loads from elsewhere: no external source, stylesheet or script
-    assert not re.search(r"(src|href)=[\"'](?!data:)", text)
-    assert "<script" not in text and "<link" not in text
+    assert not re.search(r"src=[\"'](?!data:)", text)
+    # links lead only to the participant pages beside the group folder
+    assert set(re.findall(r"href=\"([^\"]*)\"", text)) == {"../sub-00.html", "../sub-01.html",
+                                                          "../sub-02.html"}
+    assert "<script src" not in text and "<link" not in text and text.count("<script>") == 1
 
 
 def _chromium() -> str | None:
