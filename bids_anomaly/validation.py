@@ -7,7 +7,8 @@ fails to run is reported and skipped (the hand-made checks of
 :func:`bids_anomaly.bids.check_bids_dir` then stand alone). A result is cached by the dataset's
 signature, outside the dataset, so that an unchanged dataset is validated once.
 
-Install the validator with the ``validator`` extra: ``pip install "bids_anomaly[validator]"``.
+The validator is a dependency of bids_anomaly (PyPI ``bids-validator-deno``, with the ``deno``
+runtime); an environment without it still runs, with a warning.
 """
 
 from __future__ import annotations
@@ -251,7 +252,7 @@ def run_validator(bids_dir: Path, command: list[str] | None = None,
     command = command or find_validator()
     if not command:
         raise ValidatorUnavailable(f"{VALIDATOR} is not installed (pip install "
-                                   "'bids_anomaly[validator]')")
+                                   "bids-validator-deno)")
     timeout = _timeout() if timeout is None else timeout
     # offline and quiet: no colours, no update check, no prompt; the schema is in the bundle
     env = {**os.environ, "NO_COLOR": "1", "DENO_NO_UPDATE_CHECK": "1", "DENO_NO_PROMPT": "1"}

@@ -26,16 +26,8 @@ def _key(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-IMAGE_EXTRAS = ("validator",)
-"""Extras of bids_anomaly the images carry: the official BIDS validator (offline)."""
-
-
-def dependency_closure(root: str = "bids_anomaly",
-                       extras: tuple[str, ...] = IMAGE_EXTRAS) -> dict[str, str]:
-    """Installed version of every distribution ``root`` needs, directly or not.
-
-    ``extras`` of ``root`` are included; no other distribution's extras are.
-    """
+def dependency_closure(root: str = "bids_anomaly") -> dict[str, str]:
+    """Installed version of every distribution ``root`` needs, directly or not (no extras)."""
     versions: dict[str, str] = {}
     stack = [root]
     while stack:
@@ -44,11 +36,9 @@ def dependency_closure(root: str = "bids_anomaly",
         if key in versions:
             continue
         versions[key] = dist.version.split("+")[0]
-        wanted = extras if key == _key(root) else ()
         for requirement in dist.requires or []:
             name, _, marker = requirement.partition(";")
-            if marker and not any(Marker(marker).evaluate({"extra": extra})
-                                  for extra in ("", *wanted)):
+            if marker and not Marker(marker).evaluate({"extra": ""}):
                 continue
             stack.append(re.match(r"^([A-Za-z0-9_.\-]+)", name.strip()).group(1))
     versions.pop(_key(root))
