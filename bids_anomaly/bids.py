@@ -769,10 +769,15 @@ def anomaly_figure_spec(space: str, res: int, desc: str) -> dict:
             "res": res, "desc": desc, "stat": "anomaly"}
 
 
-def lightbox_figure_spec(space: str, res: int, desc: str) -> dict:
-    """Naming of a model's lightbox figure (axial slices through every cluster)."""
+def lightbox_figure_spec(space: str, res: int, desc: str, truth: bool = False) -> dict:
+    """Naming of a model's lightbox figure (axial slices through every cluster).
+
+    With ``truth`` (drawn by the group level with the ground truth outlined), ``label-truth``:
+    a file of its own, so that the participant level's figure, recorded as done, is left as
+    it was.
+    """
     return {"suffix": "lightbox", "extension": ".png", "datatype": "figures", "space": space,
-            "res": res, "desc": desc}
+            "res": res, "desc": desc, "label": "truth" if truth else None}
 
 
 def subject_report_path(output_dir: Path, subject: str) -> Path:

@@ -169,7 +169,7 @@ def anomaly_lightbox(output_dir: Path, map_path: Path, preferred: str | None = N
     subject, session = entities["sub"], entities.get("ses")
     space, res, desc = entities["space"], int(entities["res"]), entities["desc"]
     out_file = bids.spec_path(output_dir, subject, session,
-                              bids.lightbox_figure_spec(space, res, desc))
+                              bids.lightbox_figure_spec(space, res, desc, truth is not None))
     mask_path = bids.spec_path(output_dir, subject, session,
                                bids.anomaly_mask_spec(space, res, desc))
     background = result_background(output_dir, subject, session, space, res, preferred)
