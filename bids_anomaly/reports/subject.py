@@ -146,7 +146,12 @@ def _score_name(sidecar: dict) -> str:
 
 def anomaly_lightbox(output_dir: Path, map_path: Path, preferred: str | None = None,
                      truth: Path | None = None) -> tuple[Path | None, list[int]]:
-    """The lightbox of an anomaly map through every cluster (drawn each time a page is written).
+    """The lightbox of an anomaly map through every cluster, drawn when missing or out of date.
+
+    A figure newer than the map, the mask and the background image is kept: a participant run
+    applying another model rewrites the page, not the figures of the models already done (they
+    are recorded as finished derivatives). The ground-truth variant is always drawn (a file of
+    its own).
 
     Parameters
     ----------
@@ -175,6 +180,10 @@ def anomaly_lightbox(output_dir: Path, map_path: Path, preferred: str | None = N
     background = result_background(output_dir, subject, session, space, res, preferred)
     if background is None or not mask_path.is_file():
         return None, []
+    if (truth is None and out_file.is_file()
+            and all(out_file.stat().st_mtime_ns >= path.stat().st_mtime_ns
+                    for path in (map_path, mask_path, background))):
+        return out_file, []
     import nibabel as nib
     import numpy as np
 

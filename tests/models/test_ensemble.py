@@ -102,6 +102,8 @@ def test_train_levels_build_self_supervised_models_and_an_ensemble(tiny_bids, tm
     third.mkdir(parents=True)
     shutil.copyfile(tiny_bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz",
                     third / "sub-03_T1w.nii.gz")
+    with (tiny_bids / "participants.tsv").open("a") as table:  # valid BIDS: sub-03 is listed
+        table.write("sub-03\thealthy\n")
     before = tree_digest(tiny_bids)
     out = tmp_path / "out"
     common = ["--nprocs", "1", "--omp-nthreads", "1", "--device", "cpu"]

@@ -222,6 +222,8 @@ def test_train_and_participant_through_the_command_line(tiny_bids, tmp_path):
     third.mkdir(parents=True)
     shutil.copyfile(tiny_bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz",
                     third / "sub-03_T1w.nii.gz")
+    with (tiny_bids / "participants.tsv").open("a") as table:  # valid BIDS: sub-03 is listed
+        table.write("sub-03\thealthy\n")
     out = tmp_path / "out"
     common = ["--nprocs", "2", "--omp-nthreads", "1", "--random-seed", "3"]
     assert main([str(tiny_bids), str(out), "train", "--model-type", "patch-ocsvm",
