@@ -3,8 +3,8 @@
 Run at development time, never at run time: the reports inline the vendored file so that
 they open from disk with no network. The package is fetched from the npm registry with
 ``npm pack`` (``npm`` must be on the PATH), its single-file UMD build (which defines the
-global ``niivue``) is copied to ``assets/niivue.js``, its licence to ``assets/NIIVUE_LICENSE``
-and the version to ``assets/NIIVUE_VERSION``.
+global ``niivue``) is copied, gzipped, to ``assets/niivue.js.gz``, its licence to
+``assets/NIIVUE_LICENSE`` and the version to ``assets/NIIVUE_VERSION``.
 
 Usage::
 
@@ -14,6 +14,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import json
 import shutil
@@ -153,11 +154,11 @@ def vendor(version: str = VERSION, assets: Path = ASSETS) -> Path:
         notices = dependency_notices(manifest.get("dependencies", {}), Path(tmp))
     if b"import(" in bundle or b"new Worker(" in bundle:
         raise SystemExit("the bundle loads further code at run time; it cannot be inlined")
-    target = assets / "niivue.js"
-    target.write_bytes(bundle)
+    target = assets / "niivue.js.gz"  # gzipped (mtime 0: same bytes every time), a third
+    target.write_bytes(gzip.compress(bundle, compresslevel=9, mtime=0))
     (assets / "NIIVUE_LICENSE").write_text(
         f"NiiVue {version} ({PACKAGE} on npm, https://github.com/niivue/niivue)\n"
-        f"vendored as niivue.js from {BUNDLE.removeprefix('package/')}\n\n{licence}\n"
+        f"vendored as niivue.js.gz from {BUNDLE.removeprefix('package/')}\n\n{licence}\n"
         "The build bundles these packages, under their own licences:\n\n" + notices)
     (assets / "NIIVUE_VERSION").write_text(f"{version}\n")
     digest = hashlib.sha256(bundle).hexdigest()

@@ -111,7 +111,9 @@ def niivue_version() -> str:
 
 @cache
 def _asset(name: str) -> str:
-    return resources.files("bids_anomaly.reports").joinpath("assets", name).read_text("utf-8")
+    """A vendored asset's text (``.gz`` files are decompressed: the bundle is kept gzipped)."""
+    data = resources.files("bids_anomaly.reports").joinpath("assets", name).read_bytes()
+    return (gzip.decompress(data) if name.endswith(".gz") else data).decode("utf-8")
 
 
 def _script(code: str) -> str:
@@ -259,7 +261,7 @@ def library_html() -> str:
     """
     notice = re.sub(r"-(?=-)", "- ", _asset("NIIVUE_LICENSE"))  # no "--" in an HTML comment
     return (f"<style>{_STYLE}</style>\n<!--\n{notice}\n-->\n"
-            + _script(_asset("niivue.js")) + "\n" + _script(_CONTROLLER) + "\n")
+            + _script(_asset("niivue.js.gz")) + "\n" + _script(_CONTROLLER) + "\n")
 
 
 def _load_3d(path: Path) -> nib.Nifti1Image:

@@ -110,7 +110,7 @@ def test_fragment_embeds_the_volumes_and_references_nothing_outside(tmp_path):
 
 def test_library_is_vendored_and_inlined_once_per_page(tmp_path):
     assets = resources.files("bids_anomaly.reports").joinpath("assets")
-    bundle = assets.joinpath("niivue.js").read_text("utf-8")
+    bundle = gzip.decompress(assets.joinpath("niivue.js.gz").read_bytes()).decode("utf-8")
     assert re.fullmatch(r"\d+\.\d+\.\d+", niivue_version())
     assert "BSD 2-Clause" in assets.joinpath("NIIVUE_LICENSE").read_text("utf-8")
     assert "Niivue" in bundle and "import(" not in bundle
