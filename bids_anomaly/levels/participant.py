@@ -18,19 +18,26 @@ from bids_anomaly.levels.steps import (
     validate_images,
 )
 from bids_anomaly.levels.weak import apply_tuned_postprocessing
-from bids_anomaly.models.base import ModelCard, check_weights, load_model
+from bids_anomaly.models.base import (
+    AnomalyModel,
+    ModelCard,
+    check_weights,
+    load_model,
+    needs_covariates,
+)
 from bids_anomaly.template import Template
 
 LOGGER = logging.getLogger(__name__)
 
 
 def resolve_model(settings: Settings, template: Template | None = None
-                  ) -> tuple[Path, ModelCard]:
+                  ) -> tuple[Path, ModelCard, AnomalyModel]:
     """Find ``--model`` as a directory or as a name under ``OUTPUT_DIR/models``, and check it.
 
     The whole model is loaded once here, before any work: a damaged card, weights that do not
     match the card's checksum or channels, or weights fitted on another template grid stop the
-    run with exit 65 even when every later step would come from the cache.
+    run with exit 65 even when every later step would come from the cache. The loaded model is
+    returned too (for the checks that need more than its card).
     """
     name = settings.model.model
     candidate = Path(name)
@@ -48,7 +55,7 @@ def resolve_model(settings: Settings, template: Template | None = None
                                                                        template.resolution):
         grid = nib.load(template.brain_mask).shape
     check_weights(model, card, grid)
-    return candidate.resolve(), card
+    return candidate.resolve(), card, model
 
 
 def split_compatible(subjects: list[bids.AnatInputs], card: ModelCard, strict: bool = False
@@ -79,7 +86,7 @@ def split_compatible(subjects: list[bids.AnatInputs], card: ModelCard, strict: b
     return compatible, skipped
 
 
-def participant_covariates(settings: Settings, directory: Path, card: ModelCard,
+def participant_covariates(settings: Settings, model: AnomalyModel, card: ModelCard,
                            subjects: list[bids.AnatInputs]) -> dict[str, dict[str, str]] | None:
     """Each scored participant's covariates, for a model whose norms depend on them.
 
@@ -97,8 +104,7 @@ def participant_covariates(settings: Settings, directory: Path, card: ModelCard,
 
     from bids_anomaly.models.covariates import CovariateError
 
-    model, _ = load_model(directory)
-    if not getattr(model, "needs_covariates", False):
+    if not needs_covariates(model):
         return None
     needed = model.norms.encoder.needed
     rows = bids.participant_rows(settings.bids_dir)
@@ -161,14 +167,14 @@ def run_participant(settings: Settings
     for name in names:  # every model is checked before any work
         model_settings = copy.deepcopy(settings)
         model_settings.model.model = name
-        directory, card = resolve_model(model_settings, template)
+        directory, card, model = resolve_model(model_settings, template)
         apply_tuned_postprocessing(model_settings, card)
         card.check_space(template.name, template.resolution, settings.preprocessing.recorded())
         scored, skipped = split_compatible(subjects, card,
                                            settings.execution.stop_on_first_crash)
         applied.append(AppliedModel(directory, card, model_settings,
                                     frozenset(s.name for s in scored),
-                                    participant_covariates(settings, directory, card, scored)))
+                                    participant_covariates(settings, model, card, scored)))
     if len(names) > 1:
         LOGGER.info("--model %s: applying the %d models of its splits", settings.model.model,
                     len(names))

@@ -365,10 +365,11 @@ def run_train(settings: Settings) -> list[Path]:
             raise MissingInputError(f"--microbleeds {settings.model.microbleeds}: not among the "
                                     f"model's channels ({', '.join(channels)}); add it to "
                                     "--channels, or select subjects that have it")
-        if source is None and needs_covariates(build_model(settings)):
+        model = build_model(settings) if source is None else None
+        if needs_covariates(model):  # refused before any work
             rows = bids.participant_rows(settings.bids_dir)
-            build_model(settings).check_covariates([rows.get(s.subject) for s in subjects],
-                                                   [s.name for s in subjects])
+            model.check_covariates([rows.get(s.subject) for s in subjects],
+                                   [s.name for s in subjects])
         layout, template = prepare(settings, layout)
         validate_images(subjects, bids.validated_inputs_path(settings.work_dir))
         if distributed.is_main():

@@ -181,9 +181,6 @@ def fit_location_scale(stream: Stream, design: torch.Tensor, penalty: torch.Tens
     location = _solve(gram0_pen, rhs)
     gram_inv = torch.linalg.pinv(gram0_pen)
 
-    def previous_weight(row: int, valid: torch.Tensor) -> torch.Tensor:
-        return valid.double()  # the weights of the ordinary least squares
-
     # pass 2: log-variance from log r^2 (leverage-corrected)
     rhs_scale = torch.zeros(n_t, len(cols), dtype=torch.float64, device=device)
     for row, values, valid in stream():
@@ -200,6 +197,7 @@ def fit_location_scale(stream: Stream, design: torch.Tensor, penalty: torch.Tens
     log_variance = _expand(_solve(gram_scale, rhs_scale), cols, q)
 
     # joint reweighted passes
+    ordinary = True
     for _ in range(iterations):
         gram_w = torch.zeros(n_t, q, q, dtype=torch.float64, device=device)
         rhs_w = torch.zeros(n_t, q, dtype=torch.float64, device=device)
@@ -214,7 +212,9 @@ def fit_location_scale(stream: Stream, design: torch.Tensor, penalty: torch.Tens
             eta = torch.maximum(log_variance @ d + scale_off, log_floor)
             variance = eta.exp()
             residual = y - location @ d
-            h = (torch.einsum("tij,j->ti", gram_inv, d) @ d) * previous_weight(row, valid)
+            # leverage under the last fit's weights (1 for the ordinary least squares, else
+            # 1 / sigma^2 without the Huber factor)
+            h = (torch.einsum("tij,j->ti", gram_inv, d) @ d) * (m if ordinary else m / variance)
             u = residual / (variance * (1 - h).clamp_min(0.05)).sqrt()
             w = m * torch.clamp(HUBER / u.abs().clamp_min(1e-12), max=1.0) / variance
             gram_w += w[:, None, None] * outer[row]
@@ -227,14 +227,7 @@ def fit_location_scale(stream: Stream, design: torch.Tensor, penalty: torch.Tens
         location = _solve(gram_w_pen, rhs_w)
         log_variance = _expand(_solve(gram_scale, rhs_scale), cols, q)
         gram_inv = torch.linalg.pinv(gram_w_pen)
-        snapshot_location, snapshot_scale = location, log_variance
-
-        def previous_weight(row: int, valid: torch.Tensor,
-                            _loc=snapshot_location, _scale=snapshot_scale) -> torch.Tensor:
-            # the leverage of the last weighted fit: its weights without the Huber factor
-            loc_off, scale_off = offsets(row)
-            eta = torch.maximum(_scale @ design[row] + scale_off, log_floor)
-            return valid.double() / eta.exp()
+        ordinary = False
 
     return LocationScaleFit(location=location.T.contiguous(),
                             log_variance=log_variance.T.contiguous(), count=count)

@@ -209,8 +209,11 @@ class CovariateNorms:
         # pass over the masks: the support, and a sample of each channel for its spread
         count = None
         samples: list[list[torch.Tensor]] = [[] for _ in channels]
+        regional_values = []  # (C * R,) per subject: small, kept for the regional passes
         for subject in subjects:
             image, mask = subject.load("cpu")
+            regional_values.append(region_means(image, valid_voxels(image, mask),
+                                                tissue.to(torch.uint8))[0].reshape(-1))
             inside = mask & torch.isfinite(image).all(dim=0)
             count = inside.int() if count is None else count + inside.int()
             for c in range(len(channels)):
@@ -259,10 +262,7 @@ class CovariateNorms:
         norms.log_variance = log_variance.float()
 
         def regions():
-            for row, subject in enumerate(subjects):
-                image, mask = subject.load("cpu")
-                means, _ = region_means(image, valid_voxels(image, mask), norms.tissue)
-                values = means.reshape(-1)
+            for row, values in enumerate(regional_values):
                 yield row, values, torch.isfinite(values)
 
         n_regions = len(REGION_NAMES)
@@ -399,7 +399,6 @@ class CovariateNorms:
         population = self.encoder.design(table, extrapolate=True)
         self.encoder.accept(table)  # the new site's controls are the model's too
         p = population.shape[1]
-        sites = self.encoder.site_index(table, allow_new=True)
         names = [str(v).strip() for v in table[column]]
         added = sorted(set(names))
         n_support, n_channels = int(self.support.sum()), self.location.shape[1]
@@ -422,12 +421,15 @@ class CovariateNorms:
                     valid = (mask[self.support] & torch.isfinite(values)).reshape(-1)
                     yield k, values.reshape(-1), valid
 
-            def regions(rows=rows):
-                for k, row in enumerate(rows):
-                    image, mask = subjects[row].load("cpu")
-                    means, _ = region_means(image, valid_voxels(image, mask), self.tissue)
-                    values = means.reshape(-1)
-                    yield k, values, torch.isfinite(values)
+            regional_values = []
+            for row in rows:  # small: read once, not once per pass
+                image, mask = subjects[row].load("cpu")
+                regional_values.append(region_means(image, valid_voxels(image, mask),
+                                                    self.tissue)[0].reshape(-1))
+
+            def regions(values=regional_values):
+                for k, row_values in enumerate(values):
+                    yield k, row_values, torch.isfinite(row_values)
 
             fitted = fit_location_scale(
                 voxels, design, penalty, n_channels * n_support, iterations=iterations,
@@ -449,7 +451,6 @@ class CovariateNorms:
             new_rloc.append(regional.location.reshape(1, n_channels, -1).cpu())
             new_rscale.append(regional.log_variance.reshape(1, n_channels, -1).cpu())
             self.site_counts[site] = len(rows)
-        del sites
         self.location = torch.cat([self.location, *new_loc])
         self.log_variance = torch.cat([self.log_variance, *new_scale])
         self.region_location = torch.cat([self.region_location, *new_rloc])

@@ -221,8 +221,9 @@ def plot_lightbox(background_file: str | Path, map_file: str | Path, clusters: n
     if count:
         from scipy import ndimage
 
-        for cluster_id in range(1, count + 1):
-            centres[cluster_id] = ndimage.center_of_mass(clusters == cluster_id)
+        index = np.arange(1, count + 1)
+        centres = dict(zip(index, ndimage.center_of_mass(np.ones(clusters.shape), clusters,
+                                                          index), strict=True))
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="empty mask")
         for row_index, row in enumerate(rows):
