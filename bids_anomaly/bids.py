@@ -837,6 +837,11 @@ def norms_spec(space: str, res: int, desc: str) -> dict:
     return {"suffix": "norms", "extension": ".tsv", "space": space, "res": res, "desc": desc}
 
 
+def probseg_spec(space: str, res: int, desc: str, label: str) -> dict:
+    """Naming of a model's class posterior map (``label-<class>_desc-<model>_probseg``)."""
+    return {"suffix": "probseg", "space": space, "res": res, "label": label, "desc": desc}
+
+
 def anomaly_mask_spec(space: str, res: int | None, desc: str) -> dict:
     """Naming of a model's thresholded anomaly mask (``res`` None: native space)."""
     return {"suffix": "mask", "space": space, "res": res, "label": "anomaly", "desc": desc}

@@ -33,6 +33,9 @@ class _AnomalyOutputSpec(TraitedSpec):
     centile_maps = OutputMultiObject(File(exists=True),
                                      desc="per-channel centiles of the participant's norms")
     norms = File(exists=True, desc="regional values against the participant's norms (TSV)")
+    probsegs = OutputMultiObject(File(exists=True),
+                                 desc="class posterior maps of a model that segments tissues, "
+                                      "in the order of its labels")
 
 
 class _PostprocessingInputSpec(BaseInterfaceInputSpec):
@@ -99,6 +102,16 @@ def _write_channel_maps(cwd: str, reference_file: str, maps: np.ndarray,
             for data, channel in zip(maps, channels, strict=True)]
 
 
+def _write_posteriors(results: dict, cwd: str, reference_file: str,
+                      posteriors: dict) -> None:
+    """Write one float32 posterior map per class (a tissue-segmenting model)."""
+    reference = nib.load(reference_file)
+    results["probsegs"] = [
+        _write_image(os.path.join(cwd, f"probseg_{label}.nii.gz"),
+                     values.cpu().numpy(), np.float32, reference)
+        for label, values in posteriors.items()]
+
+
 def _write_norms(results: dict, cwd: str, reference_file: str, z: np.ndarray,
                  table, channels: list[str]) -> None:
     """Write the per-channel z-score and centile maps and the regional norms table."""
@@ -158,7 +171,7 @@ class ScoreAnomaly(SimpleInterface):
         import torch
 
         from bids_anomaly.errors import BadDataError
-        from bids_anomaly.models import ChannelScorer, SubjectImages, load_model
+        from bids_anomaly.models import ChannelScorer, SubjectImages, TissueSegmenter, load_model
         from bids_anomaly.models.base import needs_covariates, scaling_for
 
         model, card = load_model(self.inputs.model_dir)
@@ -183,6 +196,10 @@ class ScoreAnomaly(SimpleInterface):
                 self._results["channel_maps"] = _write_channel_maps(
                     runtime.cwd, self.inputs.mask_file, per_channel.cpu().numpy(),
                     card.channels)
+            elif isinstance(model, TissueSegmenter):
+                scores, posteriors = model.score_with_posteriors(image, mask)
+                anomaly_map = scores.cpu().numpy().astype(np.float32)
+                _write_posteriors(self._results, runtime.cwd, self.inputs.mask_file, posteriors)
             else:
                 anomaly_map = model.score(image, mask).cpu().numpy().astype(np.float32)
         anomaly_mask, threshold = _threshold_maps(anomaly_map, mask.cpu().numpy(),
@@ -200,6 +217,9 @@ class _FitSubjectModelInputSpec(_PostprocessingInputSpec):
                             desc="a registered family that can be fitted on one subject")
     hyperparameters = traits.Dict(desc="the model's hyperparameters")
     regions_file = File(exists=True, desc="template tissue segmentation (for per_tissue)")
+    tissue_files = InputMultiObject(File(exists=True),
+                                    desc="template GM, WM and CSF probability maps")
+    channel_names = traits.List(traits.Str, desc="the channels' names, in order")
     fpr = traits.Float(mandatory=True, desc="voxel false-positive rate of the threshold")
     fdr = traits.Float(0.0, usedefault=True, desc="Benjamini-Hochberg rate (0: use fpr)")
     device = traits.Str("cpu", usedefault=True, nohash=True, desc="torch device")
@@ -211,8 +231,11 @@ class FitSubjectModel(SimpleInterface):
     Without healthy controls, the threshold (and the p-values for ``fdr``) come from the fitted
     model itself: scores of a million samples drawn from it give the healthy distribution the
     model believes in. For the mixtures, heavy tails (``tmm``, ``mmst``) and trimming keep the
-    lesions from being absorbed by the fit. The family implements ``fit_subject(image, mask,
-    regions)`` and ``simulated_scores()`` (its ``single_subject`` flag says so).
+    lesions from being absorbed by the fit. The family implements ``simulated_scores()`` and
+    either ``fit_subject(image, mask, regions)`` (the mixtures) or, fitting nothing beyond the
+    template's maps, ``fit(data)`` on the one subject (``tissue``, which fits its mixture on
+    every image it scores); its ``single_subject`` flag says so. Models that segment tissues
+    (:class:`~bids_anomaly.models.base.TissueSegmenter`) also write their class posteriors.
     """
 
     input_spec = _FitSubjectModelInputSpec
@@ -221,7 +244,7 @@ class FitSubjectModel(SimpleInterface):
     def _run_interface(self, runtime):
         import torch
 
-        from bids_anomaly.models import REGISTRY, SubjectImages
+        from bids_anomaly.models import REGISTRY, SubjectImages, TissueSegmenter, TrainingData
         from bids_anomaly.postprocessing.thresholds import tail_table, threshold_at_fpr
 
         torch.manual_seed(self.inputs.hyperparameters.get("random_seed", 0))
@@ -229,13 +252,25 @@ class FitSubjectModel(SimpleInterface):
         image, mask = subject.load(self.inputs.device)
         model = REGISTRY[self.inputs.model_type].from_hyperparameters(
             dict(self.inputs.hyperparameters))
-        regions = None
-        if getattr(model, "per_tissue", False):
-            regions = torch.from_numpy(
-                np.asarray(nib.load(self.inputs.regions_file).dataobj).astype(np.int64))
-        model.fit_subject(image, mask, regions)
+        if hasattr(model, "fit_subject"):
+            regions = None
+            if getattr(model, "per_tissue", False):
+                regions = torch.from_numpy(
+                    np.asarray(nib.load(self.inputs.regions_file).dataobj).astype(np.int64))
+            model.fit_subject(image, mask, regions)
+        else:
+            channels = list(self.inputs.channel_names) or [
+                f"channel{i}" for i in range(len(self.inputs.channel_files))]
+            model.fit(TrainingData([subject], channels, self.inputs.device,
+                                   self.inputs.regions_file or None,
+                                   list(self.inputs.tissue_files) or None))
         with torch.no_grad():
-            anomaly_map = model.score(image, mask).cpu().numpy().astype(np.float32)
+            if isinstance(model, TissueSegmenter):
+                scores, posteriors = model.score_with_posteriors(image, mask)
+                anomaly_map = scores.cpu().numpy().astype(np.float32)
+                _write_posteriors(self._results, runtime.cwd, self.inputs.mask_file, posteriors)
+            else:
+                anomaly_map = model.score(image, mask).cpu().numpy().astype(np.float32)
             simulated = model.simulated_scores()
         threshold = threshold_at_fpr(simulated, self.inputs.fpr)
         anomaly_mask, threshold = _threshold_maps(anomaly_map, mask.cpu().numpy(), threshold,

@@ -181,7 +181,8 @@ def fit_and_save(settings: Settings, data: TrainingData, template: Template,
         model.accept(calibration_data)
     if not distributed.is_main():
         return directory  # rank 0 calibrates and writes the model
-    calibration = healthy_scores(model, calibration_data)
+    calibration = (model.simulated_scores() if model.self_calibrated
+                   else healthy_scores(model, calibration_data))
     threshold = threshold_at_fpr(calibration, settings.model.fpr)
     card = ModelCard(
         name=name,
@@ -192,7 +193,7 @@ def fit_and_save(settings: Settings, data: TrainingData, template: Template,
         preprocessing=preprocessing,
         hyperparameters=model.hyperparameters,
         training_participants=fit_data.names,
-        calibration_participants=calibration_data.names,
+        calibration_participants=[] if model.self_calibrated else calibration_data.names,
         threshold=threshold,
         fpr=settings.model.fpr,
         calibration_voxels=int(calibration.size),

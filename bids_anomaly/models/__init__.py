@@ -34,6 +34,7 @@ from bids_anomaly.models.base import (
     ChannelScorer,
     ModelCard,
     SubjectImages,
+    TissueSegmenter,
     TrainingData,
     load_model,
     register,
@@ -52,6 +53,7 @@ from bids_anomaly.models.patch_ocsvm import PatchOneClassModel
 from bids_anomaly.models.reconstruction import DeepModel, ReconstructionModel
 from bids_anomaly.models.selfsupervised import RestoreModel, SegmentModel
 from bids_anomaly.models.stacking import StackedModel
+from bids_anomaly.models.tissue import TissueModel
 
 if TYPE_CHECKING:
     import dataclasses
@@ -78,6 +80,8 @@ __all__ = [
     "StackedModel",
     "StudentMixtureModel",
     "SubjectImages",
+    "TissueModel",
+    "TissueSegmenter",
     "TrainingData",
     "build_model",
     "check_family_options",

@@ -322,6 +322,19 @@ class ChannelScorer(Protocol):
         """The anomaly score from the per-channel maps."""
 
 
+@runtime_checkable
+class TissueSegmenter(Protocol):
+    """A model that segments the subject's tissues while scoring; the posteriors are written.
+
+    Its class attribute ``posterior_labels`` names the classes, in the order of the returned
+    maps (``label-<class>_desc-<model>_probseg`` derivatives).
+    """
+
+    def score_with_posteriors(self, image: torch.Tensor, mask: torch.Tensor
+                              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The anomaly score and each class's posterior probability map (by label)."""
+
+
 class BaseModel:
     """What the families share: registration metadata, options, safetensors storage.
 
@@ -349,6 +362,14 @@ class BaseModel:
     calibration_only : bool
         Nothing is learnt from data (an ensemble of trained models): the train level calibrates
         on every selected subject instead of holding some out.
+    needs_training : bool
+        False for families that learn nothing from a cohort (the intensity baseline, the
+        ``tissue`` model): an ensemble can name them as members without a trained model
+        (:meth:`untrained`).
+    self_calibrated : bool
+        Each score is ``-log10 p`` against a healthy draw from a model fitted on the scored
+        subject itself: the threshold at FPR ``a`` is about ``-log10 a`` without any healthy
+        subject, and ``simulated_scores()`` gives the healthy scores to calibrate with.
     options : tuple of type
         The option dataclasses whose fields with flags are this family's command-line options
         (see :func:`bids_anomaly.config.option`).
@@ -362,6 +383,8 @@ class BaseModel:
     supervised: ClassVar[bool] = False
     learns_from_annotations: ClassVar[bool] = False
     calibration_only: ClassVar[bool] = False
+    self_calibrated: ClassVar[bool] = False
+    needs_training: ClassVar[bool] = True
     options: ClassVar[tuple[type, ...]] = ()
     options_scope: ClassVar[str] = ""
     score_definition: str = ""
@@ -389,6 +412,17 @@ class BaseModel:
     @classmethod
     def check_options(cls, given: dict, single_subject: bool = False) -> None:
         """Refuse option values that do not fit together for this family (UsageError)."""
+
+    @classmethod
+    def untrained(cls, channels: list[str], random_seed: int = 0) -> BaseModel:
+        """A model of this family, with its defaults, for data of ``channels``.
+
+        Only for families that need no training (``needs_training`` False); they override it
+        when the channels decide something (which contrast the baseline thresholds).
+        """
+        if cls.needs_training:
+            raise ValueError(f"a {cls.model_type} model must be trained first")
+        return cls()
 
     # --------------------------------------------------------------- storage
     def tensors(self) -> dict[str, torch.Tensor]:

@@ -15,6 +15,24 @@ from bids_anomaly.models.base import BaseModel, TrainingData, register
 from bids_anomaly.models.normative import MAD_TO_SD
 
 DIRECTIONS = ("hyper", "hypo", "both")
+LESION_CONTRASTS = (("FLAIR", "hyper"), ("T2w", "hyper"), ("PDw", "hyper"), ("T1w", "hypo"))
+"""The contrast the baseline thresholds, in order of preference, and where lesions lie on it."""
+
+
+def lesion_contrast(channels: list[str]) -> tuple[int, str]:
+    """The channel index and direction of the lesion contrast among ``channels``.
+
+    FLAIR bright, else T2w or PDw bright, else T1w dark, else the first channel both ways.
+
+    >>> lesion_contrast(["T1w", "FLAIR"])
+    (1, 'hyper')
+    >>> lesion_contrast(["T1w"])
+    (0, 'hypo')
+    """
+    for name, direction in LESION_CONTRASTS:
+        if name in channels:
+            return channels.index(name), direction
+    return 0, "both"
 
 
 def robust_z_score(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -77,6 +95,7 @@ class IntensityBaseline(BaseModel):
     model_type = "intensity"
     summary = "robust z-score of one channel within each image's own brain (the baseline)"
     calibration_only = True  # nothing is learnt: every training subject calibrates
+    needs_training = False
     score_definition = ("sign * (x - median) / (1.4826 MAD) of one channel, median and MAD over "
                         "the image's own brain voxels; sign +1 hyper, -1 hypo, |z| both")
 
@@ -89,6 +108,12 @@ class IntensityBaseline(BaseModel):
         super().__init__()
         self.channel = int(channel)
         self.direction = direction
+
+    @classmethod
+    def untrained(cls, channels: list[str], random_seed: int = 0) -> IntensityBaseline:
+        """The baseline of the lesion contrast among ``channels`` (:func:`lesion_contrast`)."""
+        channel, direction = lesion_contrast(channels)
+        return cls(channel=channel, direction=direction)
 
     @property
     def hyperparameters(self) -> dict:

@@ -13,7 +13,10 @@ the ensemble itself on held-out healthy subjects, like any model, under its own 
 
 ``bids_anomaly BIDS OUT train --model-type ensemble --members normative restore`` reads the
 members from ``OUT/models/model-<name>``; the ensemble's directory holds copies of their
-weights, so it stays usable if a member is retrained or removed.
+weights, so it stays usable if a member is retrained or removed. A member may also be a family
+that needs no training (``--members tissue intensity segment``): it is built on the training
+data with its defaults (the baseline on the lesion contrast), calibrated on them (the tissue
+model on its own healthy draw), and stored like the others; a patients-only cohort is enough.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import numpy as np
 import torch
 
 from bids_anomaly.config import option
-from bids_anomaly.errors import BadDataError, UsageError
+from bids_anomaly.errors import BadDataError, MissingInputError, UsageError
 from bids_anomaly.models.base import (
     REGISTRY,
     BaseModel,
@@ -35,6 +38,7 @@ from bids_anomaly.models.base import (
     register,
     valid_voxels,
 )
+from bids_anomaly.models.calibration import log10_exceedance, tail_table
 
 if TYPE_CHECKING:
     from bids_anomaly.config import Settings
@@ -61,42 +65,6 @@ class EnsembleOptions:
     combine: str = option(
         "mean", "how the members' -log10 p maps combine: mean or max (default {default})",
         flags=("--combine",), choices=COMBINATIONS)
-
-
-def log10_exceedance(scores: torch.Tensor, tail: dict) -> torch.Tensor:
-    """``-log10 p`` of scores against a healthy tail (exponentially extrapolated beyond it).
-
-    Parameters
-    ----------
-    scores : torch.Tensor
-        Any shape.
-    tail : dict
-        ``p``, ``score`` and ``n`` as stored in a card's ``calibration_tail``.
-
-    Returns
-    -------
-    torch.Tensor
-        ``-log10 p`` >= 0, same shape, float32.
-
-    Examples
-    --------
-    >>> tail = {"p": [0.001, 0.01, 0.1, 1.0], "score": [3.0, 2.0, 1.0, 0.0], "n": 1000}
-    >>> log10_exceedance(torch.tensor([-1.0, 0.5, 2.0, 4.0]), tail).tolist()
-    [0.0, 0.5, 2.0, 4.0]
-    """
-    levels = np.asarray(tail["score"], dtype=np.float64)[::-1]
-    minus_log_p = -np.log10(np.asarray(tail["p"], dtype=np.float64))[::-1]
-    levels, unique = np.unique(levels, return_index=True)
-    minus_log_p = minus_log_p[unique]
-    values = scores.detach().double().cpu().numpy()
-    out = np.interp(values, levels, minus_log_p, left=0.0, right=minus_log_p[-1])
-    top = levels[-1]
-    decade = minus_log_p >= minus_log_p[-1] - 1.0  # the top decade of the stored tail
-    span = levels[-1] - levels[decade][0]
-    slope = (minus_log_p[-1] - minus_log_p[decade][0]) / span if span > 0 else 1.0
-    beyond = values > top
-    out[beyond] = minus_log_p[-1] + slope * (values[beyond] - top)
-    return torch.from_numpy(np.maximum(out, 0.0)).float().to(scores.device)
 
 
 @register
@@ -131,10 +99,19 @@ class EnsembleModel(BaseModel):
         self.models: list[BaseModel] = []
         self.cards: list = []  # the members' cards, when read from model directories
         for member in members or []:
+            if member.get("untrained"):
+                self.add_untrained(member["model_type"], member.get("random_seed", 0))
+                continue
             model = REGISTRY[member["model_type"]].from_hyperparameters(
                 member["hyperparameters"])
             self.add(member["name"], model, member["channels"], member["tail"],
                      member.get("threshold"))
+
+    def add_untrained(self, family: str, random_seed: int = 0) -> None:
+        """Add a member of a family that needs no training; it is built by :meth:`fit`."""
+        self.members.append({"name": family, "model_type": family, "untrained": True,
+                             "random_seed": random_seed})
+        self.models.append(None)
 
     def add(self, name: str, model: BaseModel, channels: list[str], tail: dict,
             threshold: float | None = None) -> None:
@@ -180,8 +157,20 @@ class EnsembleModel(BaseModel):
             raise UsageError(f"--members: name at least {minimum} trained model"
                              f"{'s' if minimum > 1 else ''}")
         ensemble = cls(combine=combine)
+        untrained = sorted(t for t, family in REGISTRY.items() if not family.needs_training)
         for name in names:
-            model, card = load_model(bids.model_dir(settings.output_dir, name))
+            directory = bids.model_dir(settings.output_dir, name)
+            if not directory.exists() and name in untrained:
+                ensemble.add_untrained(name, settings.execution.random_seed)
+                continue
+            if not directory.exists():
+                trained = bids.model_names(settings.output_dir)
+                raise MissingInputError(
+                    f"--members {name}: no trained model of that name in "
+                    f"{bids.models_dir(settings.output_dir)} (trained: "
+                    f"{', '.join(trained) or 'none'}), and {name} is not a family that needs "
+                    f"no training ({', '.join(untrained)})")
+            model, card = load_model(directory)
             if card.model_type in (cls.model_type, "stacked"):
                 raise UsageError(f"--members {name}: a {card.model_type} model cannot be a "
                                  "member")
@@ -223,7 +212,8 @@ class EnsembleModel(BaseModel):
     def hyperparameters(self) -> dict:
         """The combination and every member (type, channels, hyperparameters, tail)."""
         return {"combine": self.combine, "channels": self.channels,
-                "members": [{**member, "hyperparameters": model.stored_hyperparameters()}
+                "members": [member if model is None
+                            else {**member, "hyperparameters": model.stored_hyperparameters()}
                             for member, model in zip(self.members, self.models, strict=True)]}
 
     @property
@@ -234,7 +224,8 @@ class EnsembleModel(BaseModel):
     @property
     def grid_shape(self) -> tuple[int, ...] | None:
         """The members' grid."""
-        shapes = {m.grid_shape for m in self.models if m.grid_shape is not None}
+        shapes = {m.grid_shape for m in self.models
+                  if m is not None and m.grid_shape is not None}
         return shapes.pop() if len(shapes) == 1 else None
 
     def fit(self, data: TrainingData) -> None:
@@ -243,25 +234,53 @@ class EnsembleModel(BaseModel):
         Raises
         ------
         UsageError
-            A member channel that the data lacks, or members on different grids.
+            Fewer than two members, or members on different grids.
+        BadDataError
+            A member channel that the data lacks.
         """
         if len(self.models) < 2:
             raise UsageError("an ensemble needs at least two members")
+        self.build_untrained(data)
         self.check_data(data)
+
+    def build_untrained(self, data: TrainingData) -> None:
+        """Build and calibrate the members of families that need no training on ``data``.
+
+        A self-calibrated member (``tissue``) keeps the healthy distribution its scores have by
+        construction; the others are calibrated on every subject of ``data``.
+        """
+        for index, (member, model) in enumerate(zip(self.members, self.models, strict=True)):
+            if model is not None:
+                continue
+            family = REGISTRY[member["model_type"]]
+            model = family.untrained(list(data.channels), member.get("random_seed", 0))
+            model.fit(data)
+            scores = (model.simulated_scores() if family.self_calibrated
+                      else _healthy_scores(model, data))
+            self.members[index] = {"name": member["name"], "model_type": family.model_type,
+                                   "channels": list(data.channels),
+                                   "tail": tail_table(scores), "threshold": None}
+            self.models[index] = model
+            LOGGER.info("ensemble member %s built on %d subject(s) without training",
+                        member["name"], len(data))
 
     def check_data(self, data: TrainingData) -> None:
         """Set the channels from ``data``, which must hold every member's channels and grid.
 
         Raises
         ------
+        BadDataError
+            A member channel that the data lacks.
         UsageError
-            A member channel that the data lacks, or members on different grids.
+            Members on different grids.
         """
-        missing = sorted({c for m in self.members for c in m["channels"]} - set(data.channels))
+        missing = sorted({c for m in self.members for c in m.get("channels", ())}
+                         - set(data.channels))
         if missing:
-            raise UsageError(f"the members use {', '.join(missing)}, which the training data "
-                             "lacks (--channels)")
-        shapes = {m.grid_shape for m in self.models if m.grid_shape is not None}
+            raise BadDataError(f"the members use {', '.join(missing)}, which the training data "
+                               "lacks (--channels, or members trained on other channels)")
+        shapes = {m.grid_shape for m in self.models
+                  if m is not None and m.grid_shape is not None}
         if len(shapes) > 1:  # members without a grid (the intensity baseline) fit any
             raise UsageError(f"the members are on different grids: {sorted(map(str, shapes))}")
         self.channels = list(data.channels)
@@ -281,7 +300,9 @@ class EnsembleModel(BaseModel):
         for member, model in zip(self.members, self.models, strict=True):
             index = [self.channels.index(c) for c in member["channels"]]
             score = model.score(image[index], mask)
-            maps.append(torch.where(valid, log10_exceedance(score, member["tail"]), 0.0))
+            if not model.self_calibrated:  # a self-calibrated score is -log10 p already
+                score = log10_exceedance(score, member["tail"])
+            maps.append(torch.where(valid, score.clamp_min(0), 0.0))
         return torch.stack(maps)
 
     def score(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -310,3 +331,13 @@ class EnsembleModel(BaseModel):
         stray = [k for k in tensors if not k.startswith(known)]
         if stray:
             raise BadDataError(f"the ensemble's weights hold tensors of no member: {stray[:3]}")
+
+
+def _healthy_scores(model: BaseModel, data: TrainingData) -> np.ndarray:
+    """Scores of every valid brain voxel of ``data`` (a member's calibration)."""
+    scores = []
+    with torch.no_grad():
+        for image, mask in data:
+            scores.append(model.score(image, mask)[valid_voxels(image, mask)].double().cpu()
+                          .numpy())
+    return np.concatenate(scores)

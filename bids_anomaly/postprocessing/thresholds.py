@@ -6,10 +6,9 @@ import numpy as np
 import torch
 
 from bids_anomaly.models.base import AnomalyModel, TrainingData, scorer_for, valid_voxels
+from bids_anomaly.models.calibration import TAIL_POINTS, tail_table
 
-TAIL_POINTS = 200
-"""Points of the stored upper tail of the healthy score distribution."""
-
+__all__ = ["TAIL_POINTS", "tail_table"]
 
 def healthy_scores(model: AnomalyModel, data: TrainingData) -> np.ndarray:
     """Scores of the valid brain voxels of held-out healthy subjects (1D float64)."""
@@ -51,21 +50,6 @@ def calibrate_threshold(model: AnomalyModel, data: TrainingData, fpr: float) -> 
     """
     values = healthy_scores(model, data)
     return threshold_at_fpr(values, fpr), int(values.size)
-
-
-def tail_table(values: np.ndarray, points: int = TAIL_POINTS) -> dict[str, list[float]]:
-    """The upper tail of a healthy score distribution, for p-values.
-
-    Returns
-    -------
-    dict
-        ``p`` (exceedance probabilities from ``1 / n`` to 1, log-spaced) and ``score`` (the
-        matching quantiles), both lists (JSON-ready).
-    """
-    values = np.asarray(values, dtype=np.float64)
-    p = np.geomspace(1.0 / values.size, 1.0, points)
-    return {"p": p.tolist(), "score": np.quantile(values, 1.0 - p).tolist(),
-            "n": int(values.size)}
 
 
 def p_values(scores: np.ndarray, tail: dict) -> np.ndarray:

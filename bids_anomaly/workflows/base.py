@@ -14,7 +14,7 @@ from bids_anomaly.config import RESTRICTIONS, Settings
 from bids_anomaly.interfaces.anomaly import FitSubjectModel, ScoreAnomaly
 from bids_anomaly.interfaces.ants import ApplyTransforms
 from bids_anomaly.interfaces.images import CombineEchoes
-from bids_anomaly.models import REGISTRY, ChannelScorer, ModelCard, build_model
+from bids_anomaly.models import REGISTRY, ChannelScorer, ModelCard, TissueSegmenter, build_model
 from bids_anomaly.models.base import card_checksum
 from bids_anomaly.postprocessing.regions import Atlas
 from bids_anomaly.template import Template
@@ -404,6 +404,7 @@ def _connect_trained_model(workflow: pe.Workflow, source, prefix: str,
     if not settings.postprocessing.fdr:
         metadata["Threshold"] = card.threshold
     per_channel = issubclass(REGISTRY[card.model_type], ChannelScorer)
+    probsegs = _posterior_labels(card.model_type)
     microbleeds = card.extra.get("microbleeds")
     ds_anomaly_wf = init_ds_anomaly_wf(inputs, settings.output_dir, template.name,
                                        template.resolution, bids.model_desc(card.name), metadata,
@@ -411,7 +412,8 @@ def _connect_trained_model(workflow: pe.Workflow, source, prefix: str,
                                        channels=card.channels if per_channel else None,
                                        table_metadata=_table_metadata(settings, atlas),
                                        microbleeds=microbleeds,
-                                       norms=card.channels if covariates else None)
+                                       norms=card.channels if covariates else None,
+                                       probsegs=probsegs)
     workflow.connect([
         (channels, score, [("out", "channel_files")]),
         (source, score, [(f"{prefix}std_mask", "mask_file")]),
@@ -419,6 +421,8 @@ def _connect_trained_model(workflow: pe.Workflow, source, prefix: str,
     _connect_outputs(workflow, source, prefix, score, ds_anomaly_wf, inputs)
     if per_channel:
         workflow.connect(score, "channel_maps", ds_anomaly_wf, "inputnode.channel_maps")
+    if probsegs:
+        workflow.connect(score, "probsegs", ds_anomaly_wf, "inputnode.probsegs")
     if covariates:
         workflow.connect([(score, ds_anomaly_wf, [("z_maps", "inputnode.z_maps"),
                                                   ("centile_maps", "inputnode.centile_maps"),
@@ -466,7 +470,9 @@ def _connect_single_subject(workflow: pe.Workflow, source, prefix: str,
         workflow.connect(source, f"{prefix}preproc_{channel}", channels, f"in{index}")
     fit = pe.Node(
         FitSubjectModel(model_type=model_type, hyperparameters=model.hyperparameters,
-                        regions_file=str(template.dseg), fpr=settings.model.fpr,
+                        regions_file=str(template.dseg),
+                        tissue_files=[str(template.probseg[t]) for t in ("GM", "WM", "CSF")],
+                        channel_names=list(modalities), fpr=settings.model.fpr,
                         fdr=settings.postprocessing.fdr or 0.0,
                         device="cuda" if use_gpu else "cpu",
                         **_postprocessing_inputs(settings, template, atlas)),
@@ -476,16 +482,29 @@ def _connect_single_subject(workflow: pe.Workflow, source, prefix: str,
     metadata = {
         "Model": name, "ModelType": model_type, "ModelChannels": modalities,
         "ScoreDefinition": model.score_definition
-        + "; the mixture is fitted on this subject's own brain",
-        "Calibration": "simulated from the fitted mixture (no healthy controls)",
+        + "; the model is fitted on this subject's own brain",
+        "Calibration": "healthy scores simulated from the model fitted on this subject (no "
+                       "healthy controls)",
         **_threshold_metadata(settings, settings.model.fpr),
     }
+    probsegs = _posterior_labels(model_type)
     ds_single_wf = init_ds_anomaly_wf(inputs, settings.output_dir, template.name,
                                       template.resolution, bids.model_desc(name), metadata,
                                       name="ds_single_subject_wf",
-                                      table_metadata=_table_metadata(settings, atlas))
+                                      table_metadata=_table_metadata(settings, atlas),
+                                      probsegs=probsegs)
     workflow.connect([
         (channels, fit, [("out", "channel_files")]),
         (source, fit, [(f"{prefix}std_mask", "mask_file")]),
     ])
     _connect_outputs(workflow, source, prefix, fit, ds_single_wf, inputs)
+    if probsegs:
+        workflow.connect(fit, "probsegs", ds_single_wf, "inputnode.probsegs")
+
+
+def _posterior_labels(model_type: str) -> tuple[str, ...] | None:
+    """The posterior maps a family writes (a tissue-segmenting model), else None."""
+    family = REGISTRY[model_type]
+    if issubclass(family, TissueSegmenter):
+        return tuple(family.posterior_labels)
+    return None

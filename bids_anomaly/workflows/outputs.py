@@ -29,6 +29,14 @@ def _sink(name: str, output_dir: Path, subject: str, session: str | None, spec: 
     return node
 
 
+def _connect_item(workflow: pe.Workflow, source: pe.Node, field: str, index: int,
+                  sink: pe.Node) -> None:
+    """Sink the ``index``-th file of the list ``source.field`` (Select takes a lone string too)."""
+    select = pe.Node(niu.Select(index=index), name=f"select_{sink.name}",
+                     run_without_submitting=True)
+    workflow.connect([(source, select, [(field, "inlist")]), (select, sink, [("out", "in_file")])])
+
+
 NATIVE_COLUMNS = {
     **{f"{axis}_native": {"Description": f"{axis} of the candidate's centre in the raw "
                                          "reference image's world coordinates (RAS)",
@@ -218,6 +226,7 @@ def init_ds_anomaly_wf(
     table_metadata: dict | None = None,
     microbleeds: dict | None = None,
     norms: list[str] | None = None,
+    probsegs: tuple[str, ...] | list[str] | None = None,
 ) -> pe.Workflow:
     """Write a model's maps and tables for one subject/session.
 
@@ -238,6 +247,9 @@ def init_ds_anomaly_wf(
         The channels of a model whose norms depend on covariates: its z-score and centile maps
         per channel (``desc-<model><channel>_stat-z|centile_statmap``) and its regional norms
         (``desc-<model>_norms.tsv``) are written too.
+    probsegs : list of str, optional
+        The classes of a model that segments tissues: one posterior map per class
+        (``label-<class>_desc-<model>_probseg``), in this order.
 
     Inputs
     ------
@@ -252,7 +264,7 @@ def init_ds_anomaly_wf(
                                                       "native_map", "native_mask",
                                                       "microbleeds", "microbleed_mask",
                                                       "native_microbleed_mask", "z_maps",
-                                                      "centile_maps", "norms"]),
+                                                      "centile_maps", "norms", "probsegs"]),
                         name="inputnode")
     sub, ses = inputs.subject, inputs.session
     ds_map = _sink("ds_anomaly_map", output_dir, sub, ses,
@@ -320,23 +332,21 @@ def init_ds_anomaly_wf(
                             "site, 100 * Phi(z) (0 outside the norms)"}
         for index, channel in enumerate(norms):
             for stat, description in about.items():
-                select = pe.Node(niu.Select(index=index), name=f"select_{channel}_{stat}",
-                                 run_without_submitting=True)
                 ds_stat = _sink(f"ds_{channel}_{stat}", output_dir, sub, ses,
                                 bids.normative_map_spec(space, resolution, model_desc, channel,
                                                         stat),
                                 {**card_metadata, "Description": f"{channel}: {description}"})
-                workflow.connect([(inputnode, select, [(f"{stat}_maps", "inlist")]),
-                                  (select, ds_stat, [("out", "in_file")])])
+                _connect_item(workflow, inputnode, f"{stat}_maps", index, ds_stat)
+    for index, label in enumerate(probsegs or []):
+        ds_probseg = _sink(f"ds_probseg_{label}", output_dir, sub, ses,
+                           bids.probseg_spec(space, resolution, model_desc, label),
+                           {**card_metadata, "Description": f"posterior probability of the "
+                            f"class {label} under the model fitted on this subject"})
+        _connect_item(workflow, inputnode, "probsegs", index, ds_probseg)
     for index, channel in enumerate(channels or []):
-        select = pe.Node(niu.Select(index=index), name=f"select_{channel}_map",
-                         run_without_submitting=True)
         ds_channel = _sink(f"ds_{channel}_map", output_dir, sub, ses,
                            bids.residual_map_spec(space, resolution, model_desc, channel),
                            {**card_metadata, "Description": f"the {channel} channel's part of "
                             "the anomaly score (smoothed reconstruction residual)"})
-        workflow.connect([
-            (inputnode, select, [("channel_maps", "inlist")]),
-            (select, ds_channel, [("out", "in_file")]),
-        ])
+        _connect_item(workflow, inputnode, "channel_maps", index, ds_channel)
     return workflow

@@ -11,10 +11,17 @@ import torch
 
 from bids_anomaly.cli.run import main
 from bids_anomaly.errors import BadDataError, UsageError
-from bids_anomaly.models import EnsembleModel, IntensityBaseline, NormativeModel, TrainingData
+from bids_anomaly.models import (
+    EnsembleModel,
+    IntensityBaseline,
+    NormativeModel,
+    TrainingData,
+    load_model,
+    save_model,
+)
 from bids_anomaly.models.ensemble import log10_exceedance
 from bids_anomaly.postprocessing.thresholds import healthy_scores, tail_table
-from tests.conftest import tree_digest
+from tests.conftest import saved_normative_model, tree_digest
 from tests.models.test_selfsupervised import LESION, SHAPE, _subject
 
 
@@ -76,7 +83,7 @@ def test_ensemble_combines_members_on_their_channels_and_round_trips(tmp_path):
 
 def test_ensemble_refuses_what_it_cannot_combine(tmp_path):
     ensemble, _ = _fitted(tmp_path)
-    with pytest.raises(UsageError, match="T1w"):
+    with pytest.raises(BadDataError, match="T1w"):  # a member trained on other channels
         ensemble.fit(TrainingData([_subject(tmp_path / "single", 0, channels=("FLAIR",))],
                                   ["FLAIR"]))
     with pytest.raises(BadDataError, match="calibration tail"):
@@ -129,4 +136,76 @@ def test_train_levels_build_self_supervised_models_and_an_ensemble(tiny_bids, tm
     assert main([str(tiny_bids), str(out), "train", "--model-type", "restore", "--direction",
                  "FLAIR", *common]) == 2
     assert "CHANNEL:SIGN" in capsys.readouterr().err
+    # members that need no training, named by family: built on the selected subjects
+    assert main([str(tiny_bids), str(out), "train", "--model-type", "ensemble", "--members",
+                 "tissue", "intensity", "normative", "--model-name", "label-free",
+                 *common]) == 0
+    card = json.loads((out / "models" / "model-label-free" / "model.json").read_text())
+    members = card["hyperparameters"]["members"]
+    assert [(m["name"], m["model_type"]) for m in members] == [
+        ("tissue", "tissue"), ("intensity", "intensity"), ("normative", "normative")]
+    assert members[1]["hyperparameters"] == {"channel": 0, "direction": "hypo"}  # T1w dark
+    assert main([str(tiny_bids), str(out), "participant", "--model", "label-free",
+                 "--participant-label", "01", *common]) == 0
+    assert list(out.glob("sub-01/anat/*_desc-labelfree_stat-anomaly_statmap.nii.gz"))
+    capsys.readouterr()
+    assert main([str(tiny_bids), str(out), "train", "--model-type", "ensemble", "--members",
+                 "nosuch", "tissue", *common]) == 66
+    err = capsys.readouterr().err.strip()
+    assert "nosuch" in err and "needs no training" in err and len(err.splitlines()) == 1
+    flair = saved_normative_model(out / "models" / "model-flair", ["FLAIR"])
+    model, card = load_model(flair)  # given a calibration, as every trained model has
+    card.extra["calibration_tail"] = tail_table(np.linspace(0, 3, 1000))
+    save_model(model, card, flair)
+    assert main([str(tiny_bids), str(out), "train", "--model-type", "ensemble", "--members",
+                 "flair", "tissue", *common]) == 65
+    err = capsys.readouterr().err.strip()
+    assert "FLAIR" in err and len(err.splitlines()) == 1
     assert tree_digest(tiny_bids) == before
+
+
+def test_members_that_need_no_training_are_built_on_the_data(tmp_path, one_torch_thread):
+    from tests.models.test_tissue import _prepared, _subject
+
+    reference = _prepared(("T1w", "FLAIR"), tmp_path)  # the slab's template maps on disk
+    image, mask, lesion = _subject(("T1w", "FLAIR"), load=0.02, seed=8)
+    folder = tmp_path / "subjects"
+    folder.mkdir()
+    subjects = []
+    import nibabel as nib
+
+    from bids_anomaly.models import SubjectImages
+    from tests.models.test_tissue import _template_slab
+
+    affine = _template_slab()[1]
+    for index in range(2):
+        paths = []
+        for name, values in zip(("T1w", "FLAIR"), image.numpy(), strict=True):
+            paths.append(folder / f"{index}_{name}.nii.gz")
+            nib.Nifti1Image(values, affine).to_filename(paths[-1])
+        nib.Nifti1Image(mask.numpy().astype(np.uint8), affine).to_filename(
+            folder / f"{index}_mask.nii.gz")
+        subjects.append(SubjectImages(f"sub-{index}", paths, folder / f"{index}_mask.nii.gz"))
+    tissues = [tmp_path / f"{name}.nii.gz" for name in ("GM", "WM", "CSF")]
+    data = TrainingData(subjects, ["T1w", "FLAIR"], tissues=tissues)
+    ensemble = EnsembleModel()
+    ensemble.add_untrained("tissue", random_seed=0)
+    ensemble.add_untrained("intensity")
+    assert ensemble.hyperparameters["members"][0] == {
+        "name": "tissue", "model_type": "tissue", "untrained": True, "random_seed": 0}
+    ensemble.fit(data)
+    assert [m["model_type"] for m in ensemble.members] == ["tissue", "intensity"]
+    assert ensemble.models[1].channel == 1 and ensemble.models[1].direction == "hyper"
+    # the tissue member keeps its own calibration: -log10 p maps onto itself
+    tail = ensemble.members[0]["tail"]
+    assert np.interp(3.0, tail["score"][::-1], -np.log10(tail["p"][::-1])) == pytest.approx(
+        3.0, abs=0.1)
+    maps = ensemble.member_maps(image, mask)
+    torch.testing.assert_close(maps[0], reference.score(image, mask), atol=0.05, rtol=0.01)
+    score = ensemble.score(image, mask).numpy()
+    inside = mask.numpy()
+    assert score[lesion].mean() > 3 * score[inside & ~lesion].mean()
+    (tmp_path / "e").mkdir()
+    ensemble.save(tmp_path / "e")
+    torch.testing.assert_close(EnsembleModel.load(tmp_path / "e").score(image, mask),
+                               ensemble.score(image, mask))
