@@ -22,18 +22,36 @@ except to score the result):
   on the fourth mslubL session (which has lesions too: the thresholds are conservative).
 - ``stroke01-cohort``: sub-stroke01 (T2w only: the IXI controls have no T2w), the same way with
   the T2w of the mslubL sessions and sub-stroke01 itself.
+- ``mslub26-single``: sub-mslub26 (T1w, FLAIR, T2w) and nothing else: the situation of a clinic
+  with one patient, no control, no label. Only models that need no training: the FLAIR baseline
+  (its threshold the 1 - FPR quantile of the patient's own brain), the ``tissue`` model
+  (``participant --single-subject tissue``, its own threshold) and its ablations, and the peer,
+  SAMSEG lesion mode (``--samseg-env``; its own environment, built by
+  ``benchmarks/samseg_peer.py``; its lesion posterior carried into template space through the
+  subject's T1w-to-template transform; Dice at its posterior 0.5). Transductive by nature: the
+  tissue model and SAMSEG fit their mixtures on the test subject itself (that is the method).
+- ``mslub26-patients``: sub-mslub26 scored by models trained on the four mslubL sessions only
+  (patients, no control, no label; three fit, the fourth calibrates): nothing of the train level
+  sees sub-mslub26. The recipe for patients without controls is the ensemble ``train
+  --model-type ensemble --members tissue intensity`` (members that need no training, the
+  baseline calibrated on the patients).
 
-Families: the intensity baseline (the lesion contrast's robust z-score: FLAIR, else T2w
-bright, T1w dark), the normative model (both signs, and with the lesion contrast's directions),
-the Gaussian mixture, the denoising AE (the best reconstruction model of earlier benchmarks),
-the self-supervised ``segment`` and ``restore``, and the ensemble of directional normative,
-segment and restore (mean of -log10 p), chosen before any result was seen; the siamese patch
-autoencoder with its latent models (voxel-wise OC-SVMs, a global OC-SVM ensemble, a
-patient-specific OC-SVM, an MMST mixture of the codes; one autoencoder per protocol, the
-variants' fit time is their latent model's alone). Metrics: voxel AUROC,
-AUPRC, oracle Dice, Dice at the calibrated threshold, lesion-wise sensitivity and false-positive
-clusters per test subject at that threshold. Writes ``OUT.md`` and ``OUT.tsv``; the README's
-"which model to choose" table is this table.
+Which protocols fit on the test subject: ``mslub26-cohort`` and ``stroke01-cohort`` fit the
+cohort models on it (unlabelled, transductive); ``mslub26-single`` fits only the subject's own
+models; ``demo``, ``ixi``, ``mslub26-ixi`` and ``mslub26-patients`` never fit a cohort model on a
+test subject. The ``tissue`` model (every protocol) fits its mixture on each image it scores.
+
+Families: the intensity baseline (the lesion contrast's robust z-score: FLAIR, else T2w bright, T1w
+dark), the ``tissue`` model (its threshold its own: ``-log10 FPR`` against the healthy draw from
+the model fitted on each subject), the normative model (both signs, and with the lesion contrast's
+directions), the Gaussian mixture, the denoising AE (the best reconstruction model of earlier
+benchmarks), the self-supervised ``segment`` and ``restore``, and the ensemble of directional
+normative, segment and restore (mean of -log10 p), chosen before any result was seen; the siamese
+patch autoencoder with its latent models (voxel-wise OC-SVMs, a global OC-SVM ensemble, a patient-
+specific OC-SVM, an MMST mixture of the codes; one autoencoder per protocol, the variants' fit time
+is their latent model's alone). Metrics: voxel AUROC, AUPRC, oracle Dice, Dice at the calibrated
+threshold, lesion-wise sensitivity and false-positive clusters per test subject at that threshold.
+Writes ``OUT.md`` and ``OUT.tsv``; the README's "which model to choose" table is this table.
 """
 
 from __future__ import annotations
@@ -67,13 +85,15 @@ from bids_anomaly.evaluation.ground_truth import find_ground_truth, truth_in_tem
 from bids_anomaly.evaluation.lesions import insert_lesions, lesion_shape_paths
 from bids_anomaly.evaluation.metrics import lesion_metrics, voxel_metrics
 from bids_anomaly.images import load_lesion_shape
-from bids_anomaly.models import REGISTRY, AnomalyModel, EnsembleModel, TrainingData
+from bids_anomaly.models import REGISTRY, AnomalyModel, EnsembleModel, TissueModel, TrainingData
 from bids_anomaly.models.base import valid_voxels
+from bids_anomaly.models.baseline import lesion_contrast
 from bids_anomaly.models.deep.engine import EngineOptions
 from bids_anomaly.postprocessing.thresholds import healthy_scores, tail_table, threshold_at_fpr
 from bids_anomaly.template import TEMPLATE_NAME, Template, get_template
 
-PROTOCOLS = ("demo", "ixi", "mslub26-ixi", "mslub26-cohort", "stroke01-cohort")
+PROTOCOLS = ("demo", "ixi", "mslub26-ixi", "mslub26-cohort", "stroke01-cohort", "mslub26-single",
+             "mslub26-patients")
 DIRECTIONS = {"ms": {"FLAIR": "+", "T2w": "+", "PDw": "+", "T1w": "-"},
               "stroke": {"FLAIR": "+", "T2w": "+", "PDw": "+", "T1w": "-"}}
 """The lesion contrast per kind (MS and chronic stroke: bright on FLAIR/T2w, dark on T1w)."""
@@ -94,6 +114,12 @@ class Protocol:
     kind: str
     note: str
     shapes: list[Path] = field(default_factory=list)
+    single: bool = False
+    """Only the test subject: models that need no training alone."""
+    raw: Path | None = None
+    """The raw BIDS dataset of the test subjects (for the peer, which reads raw images)."""
+    derivatives: Path | None = None
+    """Their preprocessed derivatives (the peer's posterior is carried to template space)."""
 
 
 @dataclass
@@ -134,6 +160,11 @@ def lesioned(subjects, paths: list[Path], kind: str, template: Template, seed: i
     return cases
 
 
+def tissue_maps(template: Template) -> list[Path]:
+    """The template's GM, WM and CSF probability maps (the tissue model's priors)."""
+    return [template.probseg[t] for t in ("GM", "WM", "CSF")]
+
+
 def ixi(args, template: Template, shapes: dict) -> Protocol:
     """Synthetic MS and stroke lesions in held-out IXI T1w."""
     order = sorted(HEALTHY)
@@ -142,7 +173,8 @@ def ixi(args, template: Template, shapes: dict) -> Protocol:
     test = subjects[N_FIT + N_CALIBRATION:]
     tests = {kind: lesioned(test, shapes[kind]["test"], kind, template, args.seed)
              for kind in ("ms", "stroke")}
-    return Protocol("ixi", TrainingData(subjects[:N_FIT], ["T1w"], regions=template.dseg),
+    return Protocol("ixi", TrainingData(subjects[:N_FIT], ["T1w"], regions=template.dseg,
+                                        tissues=tissue_maps(template)),
                     TrainingData(subjects[N_FIT:N_FIT + N_CALIBRATION], ["T1w"]), tests, "ms",
                     f"IXI T1w, fit {N_FIT}, calibrate {N_CALIBRATION}, test 3 x (MS, stroke)",
                     shapes["ms"]["train"] + shapes["stroke"]["train"][:STROKE_TRAIN_SHAPES])
@@ -159,7 +191,8 @@ def patient_case(args, subject: str, channels: list[str], reference: str) -> Cas
 def mslub26_ixi(args, template: Template, shapes: dict) -> Protocol:
     """sub-mslub26's T1w against IXI controls."""
     subjects = [subject_images(args.derivatives, s, None, ["T1w"]) for s in sorted(HEALTHY)]
-    return Protocol("mslub26-ixi", TrainingData(subjects[:8], ["T1w"], regions=template.dseg),
+    return Protocol("mslub26-ixi", TrainingData(subjects[:8], ["T1w"], regions=template.dseg,
+                                                tissues=tissue_maps(template)),
                     TrainingData(subjects[8:], ["T1w"]),
                     {"mslub26": [patient_case(args, "mslub26", ["T1w"], "T1w")]}, "ms",
                     "T1w; fit 8 IXI, calibrate 2 IXI", shapes["ms"]["train"])
@@ -171,12 +204,38 @@ def cohort(args, template: Template, shapes: dict, subject: str, channels: list[
     sessions = [subject_images(args.derivatives, s, ses, channels) for s, ses in COHORT]
     calibration = sessions[-1:]
     patient = subject_images(args.derivatives, subject, None, channels)
-    fit = TrainingData([*sessions[:-1], patient], channels, regions=template.dseg)
+    fit = TrainingData([*sessions[:-1], patient], channels, regions=template.dseg,
+                       tissues=tissue_maps(template))
     note = (f"{', '.join(channels)}; fit {', '.join(fit.names)} (unlabelled); calibrate "
             f"{calibration[0].name}")
     return Protocol(f"{subject}-cohort", fit, TrainingData(calibration, channels),
                     {subject: [patient_case(args, subject, channels, reference)]}, kind, note,
-                    shapes[kind]["train"][:STROKE_TRAIN_SHAPES])
+                    shapes[kind]["train"][:STROKE_TRAIN_SHAPES], raw=args.bids_dir,
+                    derivatives=args.derivatives)
+
+
+def single(args, template: Template, shapes: dict) -> Protocol:
+    """sub-mslub26 alone: nothing but the subject (models that need no training)."""
+    channels = ["T1w", "FLAIR", "T2w"]
+    case = patient_case(args, "mslub26", channels, "T1w")
+    alone = TrainingData([subject_images(args.derivatives, "mslub26", None, channels)], channels,
+                         regions=template.dseg, tissues=tissue_maps(template))
+    return Protocol("mslub26-single", alone, alone, {"mslub26": [case]}, "ms",
+                    "sub-mslub26 alone (T1w, FLAIR, T2w): no other subject, no label",
+                    single=True, raw=args.bids_dir, derivatives=args.derivatives)
+
+
+def patients(args, template: Template, shapes: dict) -> Protocol:
+    """sub-mslub26 scored by models trained on the mslubL sessions alone (never on it)."""
+    channels = ["T1w", "FLAIR", "T2w"]
+    sessions = [subject_images(args.derivatives, s, ses, channels) for s, ses in COHORT]
+    fit = TrainingData(sessions[:-1], channels, regions=template.dseg,
+                       tissues=tissue_maps(template))
+    note = (f"{', '.join(channels)}; fit {', '.join(fit.names)} (patients, unlabelled); "
+            f"calibrate {sessions[-1].name}; sub-mslub26 never seen by the train level")
+    return Protocol("mslub26-patients", fit, TrainingData(sessions[-1:], channels),
+                    {"mslub26": [patient_case(args, "mslub26", channels, "T1w")]}, "ms", note,
+                    shapes["ms"]["train"], raw=args.bids_dir, derivatives=args.derivatives)
 
 
 def demo(args, template: Template, shapes: dict) -> Protocol:
@@ -198,19 +257,60 @@ def demo(args, template: Template, shapes: dict) -> Protocol:
             {"T1w": [transform]})
         image, mask = images.load()
         cases.append(Case(images.name, image, mask, truth, valid_voxels(image, mask).numpy()))
-    return Protocol("demo", TrainingData(subjects[:-1], channels, regions=template.dseg),
+    return Protocol("demo", TrainingData(subjects[:-1], channels, regions=template.dseg,
+                                         tissues=tissue_maps(template)),
                     TrainingData(subjects[-1:], channels), {"demo": cases}, "ms",
                     f"{', '.join(channels)}; fit {len(subjects) - 1} controls, calibrate 1",
-                    shapes["ms"]["train"])
+                    shapes["ms"]["train"], raw=raw, derivatives=derivatives)
 
 
 def baseline_for(channels: list[str]) -> tuple[str, AnomalyModel]:
     """The intensity baseline of the lesion contrast: FLAIR, else T2w bright, else T1w dark."""
-    for name, direction in (("FLAIR", "hyper"), ("T2w", "hyper"), ("T1w", "hypo")):
-        if name in channels:
-            return (f"baseline {name} {direction} z",
-                    REGISTRY["intensity"](channel=channels.index(name), direction=direction))
-    raise ValueError(f"no baseline channel among {channels}")
+    channel, direction = lesion_contrast(channels)
+    return (f"baseline {channels[channel]} {direction} z",
+            REGISTRY["intensity"](channel=channel, direction=direction))
+
+
+class ChannelSubset:
+    """A model given only some of the protocol's channels (the tissue model's ablations)."""
+
+    def __init__(self, model: AnomalyModel, channels: list[str], chosen: list[str]) -> None:
+        self.model = model
+        self.channels = chosen
+        self.index = [channels.index(c) for c in chosen]
+        self.self_calibrated = getattr(model, "self_calibrated", False)
+
+    def fit(self, data: TrainingData) -> None:
+        """Fit the model on the chosen channels."""
+        self.model.fit(dataclasses.replace(data, channels=self.channels))
+
+    def score(self, image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The model's score of the chosen channels."""
+        return self.model.score(image[self.index], mask)
+
+    def simulated_scores(self) -> np.ndarray:
+        """The model's own healthy scores."""
+        return self.model.simulated_scores()
+
+
+def tissue_rows(channels: list[str], seed: int) -> list[tuple[str, AnomalyModel]]:
+    """The tissue model with the defaults, and its ablations where FLAIR is there."""
+    rows = [("tissue", TissueModel(random_seed=seed))]
+    if "FLAIR" not in channels:
+        return rows
+    rows += [("tissue ablation: no robust weighting", TissueModel(outlier_distance=0,
+                                                                  random_seed=seed)),
+             ("tissue ablation: no location prior", TissueModel(lesion_prior="none",
+                                                               random_seed=seed)),
+             ("tissue ablation: no growth", TissueModel(growth=0, random_seed=seed)),
+             ("tissue ablation: growth 0.5", TissueModel(growth=0.5, random_seed=seed)),
+             ("tissue ablation: growth 2", TissueModel(growth=2, random_seed=seed)),
+             ("tissue ablation: tissue MRF 0.5", TissueModel(mrf=0.5, random_seed=seed))]
+    for chosen in (["FLAIR"], ["T1w", "FLAIR"]):
+        if set(chosen) <= set(channels) and chosen != channels:
+            rows.append((f"tissue ablation: {' + '.join(chosen)} only",
+                         ChannelSubset(TissueModel(random_seed=seed), channels, chosen)))
+    return rows
 
 
 def models_for(protocol: Protocol, args, cache: Path) -> list[tuple[str, AnomalyModel]]:
@@ -232,7 +332,12 @@ def models_for(protocol: Protocol, args, cache: Path) -> list[tuple[str, Anomaly
     synthetic = {"anomaly_contrast": protocol.kind, "direction": directions,
                  "anomaly_shapes": ["ellipsoid", "blob"] + (["lesion"] if lesion_shapes else []),
                  "lesion_shapes": lesion_shapes}
+    if protocol.single:
+        return [(label, model) for label, model in [baseline_for(channels),
+                                                     *tissue_rows(channels, args.seed)]
+                if not args.families or label.split()[0] in args.families]
     models = [baseline_for(channels),
+              *tissue_rows(channels, args.seed)[:1 if protocol.name != "demo" else None],
               ("normative", REGISTRY["normative"]()),
               ("normative directed", REGISTRY["normative"](direction=directions)),
               ("gmm (K by BIC)", REGISTRY["gmm"](n_components="auto", max_components=6,
@@ -255,6 +360,7 @@ def models_for(protocol: Protocol, args, cache: Path) -> list[tuple[str, Anomaly
 def evaluate(model: AnomalyModel, cases: list[Case], threshold: float) -> dict:
     """Pooled voxel metrics and summed lesion-wise detection at ``threshold``."""
     scores, truths, detection = [], [], []
+    start = time.perf_counter()
     with torch.no_grad():
         for case in cases:
             score = model.score(case.image, case.mask).double().numpy()
@@ -268,6 +374,7 @@ def evaluate(model: AnomalyModel, cases: list[Case], threshold: float) -> dict:
                                      if lesions else float("nan"))
     metrics["fp_clusters_per_subject"] = (sum(d["false_positive_clusters"] for d in detection)
                                           / len(cases))
+    metrics["score_seconds"] = (time.perf_counter() - start) / len(cases)
     return metrics
 
 
@@ -278,7 +385,8 @@ def run_protocol(protocol: Protocol, args, cache: Path) -> list[Row]:
     fitted: dict[str, tuple[AnomalyModel, dict]] = {}
 
     def record(label: str, model: AnomalyModel, seconds: float) -> None:
-        calibration = healthy_scores(model, protocol.calibration)
+        calibration = (model.simulated_scores() if getattr(model, "self_calibrated", False)
+                       else healthy_scores(model, protocol.calibration))
         threshold = threshold_at_fpr(calibration, args.fpr)
         fitted[label] = (model, tail_table(calibration))
         for test, cases in protocol.tests.items():
@@ -296,7 +404,8 @@ def run_protocol(protocol: Protocol, args, cache: Path) -> list[Row]:
                 start = time.perf_counter()
                 other = model.with_latent_model(variant, protocol.fit)
                 record(f"patch-ocsvm {variant}", other, time.perf_counter() - start)
-        if label.startswith("baseline") and protocol.name.endswith("-cohort"):
+        if label.startswith("baseline") and (protocol.name.endswith("-cohort")
+                                             or protocol.single):
             # the usual clinical practice: each patient's own z-scores, thresholded at the
             # 1 - fpr quantile of its own brain (the reference of the acceptance figures)
             for test, cases in protocol.tests.items():
@@ -306,6 +415,10 @@ def run_protocol(protocol: Protocol, args, cache: Path) -> list[Row]:
                 rows.append(Row(f"{protocol.name}/{test}", f"{label} (own brain)", metrics, 0))
                 print(f"  {test} {label} own brain: AUPRC {metrics['auprc']:.3f} Dice "
                       f"{metrics['dice']:.3f}", flush=True)
+    rows += peer_rows(protocol, args)
+    if protocol.single:
+        return rows
+    rows += recipe_rows(protocol, fitted, record)
     members = [label for label in fitted
                if label == "normative directed" or label.startswith(("segment", "restore"))
                or (args.ensemble_baseline and label.startswith("baseline"))]
@@ -321,6 +434,87 @@ def run_protocol(protocol: Protocol, args, cache: Path) -> list[Row]:
     return rows
 
 
+def recipe_rows(protocol: Protocol, fitted: dict, record) -> list[Row]:
+    """The README's recipes built from this protocol's models (fixed before any result).
+
+    (a) patients, no control, no label: ``train --model-type ensemble --members tissue
+    intensity`` on the patients (on protocols whose cohort is patients); (b) with healthy
+    controls: ``--members tissue normative`` after ``train --model-type normative --direction
+    ...`` on the controls (``normative directed``, on protocols whose cohort is controls).
+    Rows are added through ``record`` (calibrated like every ensemble); returns no rows itself.
+    """
+    if "tissue" not in fitted:
+        return []
+    patients_only = protocol.name.endswith(("-patients", "-cohort"))
+    partner = "baseline" if patients_only else "normative directed"
+    chosen = [label for label in fitted if label.startswith(partner)]
+    if not chosen:
+        return []
+    ensemble = EnsembleModel(combine="mean")
+    for label in ("tissue", chosen[0]):
+        model, tail = fitted[label]
+        ensemble.add(label, model, protocol.fit.channels, tail)
+    ensemble.fit(protocol.fit)
+    recipe = ("(a) --members tissue intensity" if patients_only
+              else "(b) --members tissue normative")
+    start = time.perf_counter()
+    record(f"recipe {recipe}", ensemble, time.perf_counter() - start)
+    return []
+
+
+def peer_rows(protocol: Protocol, args) -> list[Row]:
+    """SAMSEG lesion mode on each test subject's raw T1w + FLAIR (in its own environment).
+
+    Where the test subjects have both (real or generated raw images, no inserted lesions); the
+    lesion posterior is carried into template space through the subject's T1w-to-template
+    transform and evaluated like every model, thresholded at 0.5 (SAMSEG's own level); seconds
+    are the mean per subject.
+    """
+    if args.samseg_env is None or protocol.raw is None:
+        return []
+    import samseg_peer
+
+    from bids_anomaly.spatial import apply_transforms
+
+    rows = []
+    for test, cases in protocol.tests.items():
+        scores, truths, detection, seconds = [], [], [], []
+        for case in cases:
+            subject = case.name.removeprefix("sub-")
+            anat = protocol.raw / f"sub-{subject}" / "anat"
+            images = [anat / f"sub-{subject}_{c}.nii.gz" for c in ("T1w", "FLAIR")]
+            if not all(path.is_file() for path in images):
+                return rows
+            result = samseg_peer.run_samseg_lesion(
+                images, args.samseg_env.parent / case.name,
+                samseg_peer.build_env(args.samseg_env), threads=args.threads)
+            seconds.append(result.seconds)
+            derived = protocol.derivatives / f"sub-{subject}" / "anat"
+            with tempfile.TemporaryDirectory() as folder:
+                carried = apply_transforms(
+                    result.posterior,
+                    derived / f"sub-{subject}_space-{TEMPLATE_NAME}_res-2_desc-brain_mask.nii.gz",
+                    [derived / f"sub-{subject}_from-T1w_to-{TEMPLATE_NAME}_mode-image_xfm.h5"],
+                    Path(folder) / "posterior.nii.gz")
+                posterior = np.asarray(nib.load(carried).dataobj, dtype=np.float64)
+            scores.append(posterior[case.evaluated])
+            truths.append(case.truth[case.evaluated])
+            detection.append(lesion_metrics((posterior > 0.5) & case.evaluated,
+                                            case.truth > 0.5))
+        metrics = voxel_metrics(np.concatenate(scores), np.concatenate(truths), 0.5)
+        lesions = sum(d["n_lesions"] for d in detection)
+        metrics["lesion_sensitivity"] = (sum(d["lesions_detected"] for d in detection) / lesions
+                                         if lesions else float("nan"))
+        metrics["fp_clusters_per_subject"] = (sum(d["false_positive_clusters"]
+                                                  for d in detection) / len(cases))
+        metrics["score_seconds"] = float(np.mean(seconds))
+        label = "peer: SAMSEG 0.4a0 lesion mode (T1w + FLAIR; Dice at posterior 0.5)"
+        rows.append(Row(f"{protocol.name}/{test}", label, metrics, float(np.mean(seconds))))
+        print(f"  {test} {label} ({np.mean(seconds):.0f} s): AUPRC {metrics['auprc']:.3f} Dice "
+              f"{metrics['dice']:.3f}", flush=True)
+    return rows
+
+
 def format_value(value: float) -> str:
     """Three decimals, ``n/a`` for NaN."""
     return "n/a" if value is None or np.isnan(value) else f"{value:.3f}"
@@ -333,6 +527,7 @@ COLUMNS = ("auroc", "auprc", "oracle_dice", "dice", "lesion_sensitivity",
 def write_tables(rows: list[Row], notes: dict[str, str], out: Path, header: str) -> None:
     """The leaderboard as Markdown (one table per test set) and TSV (every row)."""
     table = pd.DataFrame([{"test": r.protocol, "model": r.model, "fit_seconds": round(r.seconds),
+                           "score_seconds": round(r.metrics.get("score_seconds", float("nan")), 1),
                            **{k: r.metrics[k] for k in (*COLUMNS, "predicted_voxels",
                                                         "truth_voxels")}} for r in rows])
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -341,10 +536,11 @@ def write_tables(rows: list[Row], notes: dict[str, str], out: Path, header: str)
     for test, group in table.groupby("test", sort=False):
         lines += [f"### {test}", "", notes.get(test.split("/")[0], ""), "",
                   "| model | AUROC | AUPRC | oracle Dice | Dice@thr | lesion sens. | "
-                  "FP clusters/subj | fit s |", "|---|---|---|---|---|---|---|---|"]
+                  "FP clusters/subj | fit s | score s/subj |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for _, r in group.iterrows():
             lines.append(f"| {r['model']} | " + " | ".join(format_value(r[c]) for c in COLUMNS)
-                         + f" | {r['fit_seconds']} |")
+                         + f" | {r['fit_seconds']} | {r['score_seconds']} |")
         lines.append("")
     out.with_suffix(".md").write_text("\n".join(lines))
 
@@ -384,6 +580,10 @@ def main() -> None:
     parser.add_argument("--code-size", type=int, default=16, help="patch-ocsvm (an ablation)")
     parser.add_argument("--latent-per-tissue", action="store_true",
                         help="patch-ocsvm: latent models per template tissue (an ablation)")
+    parser.add_argument("--samseg-env", type=Path,
+                        help="folder of SAMSEG's own environment (built there once by "
+                             "benchmarks/samseg_peer.py; its runs are cached beside it): adds "
+                             "the peer's rows to mslub26-single")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/accuracy"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -398,6 +598,8 @@ def main() -> None:
                                          ["T1w", "FLAIR", "T2w"], "T1w", "ms"),
         "stroke01-cohort": lambda: cohort(args, template, shapes, "stroke01", ["T2w"], "T2w",
                                           "stroke"),
+        "mslub26-single": lambda: single(args, template, shapes),
+        "mslub26-patients": lambda: patients(args, template, shapes),
     }
     rows, notes = [], {}
     with tempfile.TemporaryDirectory(prefix="bench_accuracy_") as folder:

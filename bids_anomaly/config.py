@@ -316,9 +316,11 @@ class ModelSettings:
         help="participants.tsv rows to train on, e.g. group=healthy", factory=list,
         flags=("--train-filter",), levels=("train",), nargs="+", metavar="COLUMN=VALUE")
     channels: list[str] = option(
-        help="channels to use: modalities and diffusion maps (default: the modalities every "
-             "subject has; diffusion maps only when asked for)", factory=list,
-        flags=("--channels",), levels=("train",), nargs="+", choices=CHANNELS)
+        help="channels to use: modalities and diffusion maps (train; default: the modalities "
+             "every subject has; diffusion maps only when asked for); at the participant level, "
+             "the channels of --single-subject (default: every modality of the subject; "
+             "subjects without one of them are not scored)", factory=list,
+        flags=("--channels",), levels=("train", "participant"), nargs="+", choices=CHANNELS)
     fpr: float = option(
         DEFAULT_FPR, "voxel false-positive rate of the calibrated threshold (train; and of "
                      "--single-subject; default: {default})", flags=("--fpr",), type=rate,
@@ -534,6 +536,10 @@ class Settings:
         if self.model.tune_objective != "dice" and self.model.annotations is None:
             raise UsageError("--tune-objective needs --annotations (the post-processing is "
                              "tuned on annotated subjects)")
+        if (self.level == "participant" and self.model.channels
+                and not self.model.single_subject):
+            raise UsageError("--channels at the participant level chooses the channels of "
+                             "--single-subject TYPE (a trained model keeps its own)")
         postprocessing = [flag for flag in self.postprocessing.given()
                           if self.level == "participant"
                           and flag not in ("--atlas", "--report-modality")

@@ -129,7 +129,8 @@ def subject_run_key(settings: Settings, inputs: bids.AnatInputs, template: Templ
         values["covariates"] = [covariates, settings.model.extrapolate]
     if single_subject:
         values["single_subject"] = [single_subject, settings.model.fpr, build_model(
-            settings, single_subject=True).hyperparameters]
+            settings, single_subject=True).hyperparameters,
+            single_subject_channels(settings, inputs)]
     return _digest(values)
 
 
@@ -225,10 +226,29 @@ def init_single_subject_wf(
         _connect_trained_model(workflow, source, prefix, model.settings, inputs, template,
                                (model.directory, model.card), use_gpu, atlas, suffix,
                                covariates)
-    if settings.model.single_subject:
-        _connect_single_subject(workflow, source, prefix, settings, inputs, template, use_gpu,
-                                atlas)
+    channels = single_subject_channels(settings, inputs)
+    if settings.model.single_subject and channels:
+        _connect_single_subject(workflow, source, prefix, settings, inputs, template, channels,
+                                use_gpu, atlas)
+    elif settings.model.single_subject:
+        LOGGER.warning("%s lacks %s: not scored by --single-subject %s", inputs.name,
+                       ", ".join(c for c in settings.model.channels if c not in inputs.modalities),
+                       settings.model.single_subject)
     return workflow
+
+
+def single_subject_channels(settings: Settings, inputs: bids.AnatInputs) -> list[str] | None:
+    """The channels ``--single-subject`` fits on for this subject (None: it lacks one).
+
+    Every anatomical modality of the subject, or those of ``--channels`` (in the subject's
+    order), which it must all have.
+    """
+    requested = settings.model.channels
+    if not requested:
+        return list(inputs.modalities)
+    if not set(requested) <= set(inputs.modalities):
+        return None
+    return [m for m in inputs.modalities if m in requested]
 
 
 def _preprocessed_derivatives(settings: Settings, inputs: bids.AnatInputs,
@@ -459,9 +479,12 @@ def _connect_microbleeds(workflow: pe.Workflow, source, prefix: str, score: pe.N
 
 def _connect_single_subject(workflow: pe.Workflow, source, prefix: str,
                             settings: Settings, inputs: bids.AnatInputs, template: Template,
-                            use_gpu: bool, atlas: Atlas | None = None) -> None:
-    """Fit a ``--single-subject`` model on the subject's own channels, score, write the maps."""
-    modalities = inputs.modalities  # anatomical only: the mixture models intensities
+                            modalities: list[str], use_gpu: bool,
+                            atlas: Atlas | None = None) -> None:
+    """Fit a ``--single-subject`` model on the subject's own channels, score, write the maps.
+
+    ``modalities``: the channels it fits on (:func:`single_subject_channels`).
+    """
     model_type = settings.model.single_subject
     model = build_model(settings, single_subject=True)
     channels = pe.Node(niu.Merge(len(modalities)), name="subject_channels",
@@ -483,8 +506,8 @@ def _connect_single_subject(workflow: pe.Workflow, source, prefix: str,
         "Model": name, "ModelType": model_type, "ModelChannels": modalities,
         "ScoreDefinition": model.score_definition
         + "; the model is fitted on this subject's own brain",
-        "Calibration": "healthy scores simulated from the model fitted on this subject (no "
-                       "healthy controls)",
+        "Calibration": "simulated: healthy scores drawn from the model fitted on this subject "
+                       "(no healthy controls)",
         **_threshold_metadata(settings, settings.model.fpr),
     }
     probsegs = _posterior_labels(model_type)
