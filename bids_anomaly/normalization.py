@@ -37,6 +37,10 @@ _PROMINENCE = 0.05  # a peak must stand out by 5 % of the tallest density to cou
 _RARE_PROP = 0.2  # T1w: ignore peaks lower than 1/5 of the tallest (as R's WhiteStripe)
 
 
+IQR_TO_SD = 1.349
+"""Interquartile range of a standard normal: a robust standard deviation is IQR / 1.349."""
+
+
 def _brain_values(image: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Return the boolean mask and the brain's intensities as float64; refuse an empty mask."""
     mask = np.asarray(mask, dtype=bool)
@@ -85,7 +89,7 @@ def robust_zscore(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
     if values.size == 0:
         raise ValueError("empty brain mask: cannot normalise intensities")
     q25, median, q75 = np.percentile(values, [25, 50, 75])
-    scale = (q75 - q25) / 1.349
+    scale = (q75 - q25) / IQR_TO_SD
     if scale <= 0:
         scale = values.std() or 1.0
     return np.where(mask, (image - median) / scale, 0).astype(np.float32)
@@ -106,7 +110,7 @@ def _smoothed_histogram(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     counts, edges = np.histogram(values, bins=_N_BINS, range=(lo, hi))
     centres = 0.5 * (edges[:-1] + edges[1:])
     q25, q75 = np.percentile(values, [25, 75])
-    spread = min(values.std(), (q75 - q25) / 1.349) or values.std()
+    spread = min(values.std(), (q75 - q25) / IQR_TO_SD) or values.std()
     bandwidth = 0.9 * spread * values.size ** -0.2
     sigma_bins = max(bandwidth / (edges[1] - edges[0]), 1.0)
     density = gaussian_filter1d(counts.astype(np.float64), sigma_bins, mode="nearest")

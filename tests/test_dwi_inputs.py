@@ -257,14 +257,16 @@ def test_channel_scaling_round_trip(tmp_path):
 
 
 def test_normative_floor_follows_the_channel_units():
-    from bids_anomaly.models.normative import channel_iqr
+    from bids_anomaly.models.normative import channel_robust_sd
 
     values = torch.randn(5, 2, 6, 6, 6, generator=torch.Generator().manual_seed(0))
     values[:, 1] *= 1e-3
     values[:, :, 0] = torch.nan
-    iqr = channel_iqr(values)
-    assert iqr[0] == pytest.approx(1.349, rel=0.15)
-    assert iqr[1] == pytest.approx(1.349e-3, rel=0.15)
+    spread = channel_robust_sd(values)
+    # a robust z-scored channel keeps the floor of 0.1 normalised units it had before the
+    # floor followed the units (the IQR of a robust z-score is 1.349, not 1)
+    assert spread[0] == pytest.approx(1.0, rel=0.15)
+    assert spread[1] == pytest.approx(1e-3, rel=0.15)
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ from bids_anomaly.models.directions import (
     parse_directions,
 )
 from bids_anomaly.models.norms import CovariateNorms, covariate_frame
+from bids_anomaly.normalization import IQR_TO_SD
 
 if TYPE_CHECKING:
     from bids_anomaly.config import Settings
@@ -38,8 +39,12 @@ IQR_SAMPLES = 1_000_000
 """Most voxel values per channel read for its interquartile range (an even stride)."""
 
 
-def channel_iqr(values: torch.Tensor) -> torch.Tensor:
-    """Interquartile range of each channel over subjects and voxels (NaN: outside the brain).
+def channel_robust_sd(values: torch.Tensor) -> torch.Tensor:
+    """Robust standard deviation (IQR / 1.349) of each channel over subjects and voxels.
+
+    NaN marks voxels outside the brain. For channels normalised to a robust z-score by
+    preprocessing (:func:`bids_anomaly.normalization.robust_zscore`) it is about 1; for a
+    diffusion map it carries the map's units.
 
     Parameters
     ----------
@@ -60,7 +65,7 @@ def channel_iqr(values: torch.Tensor) -> torch.Tensor:
             ranges.append(1.0)
             continue
         low, high = torch.quantile(flat, torch.tensor([0.25, 0.75], dtype=flat.dtype))
-        ranges.append(float(high - low) if high > low else 1.0)
+        ranges.append(float(high - low) / IQR_TO_SD if high > low else 1.0)
     return torch.tensor(ranges, dtype=values.dtype)
 
 
@@ -116,9 +121,9 @@ class NormativeModel(BaseModel):
         Voxels inside fewer than this fraction of the training brain masks (and fewer than 2)
         get no score (0): the brain's edge, where subjects disagree on what is brain.
     min_spread : float
-        Floor of the spread, as a fraction of the channel's interquartile range over the
-        training brains: about 0.1 normalised units for the anatomical channels (robust
-        z-scores, IQR 1 per subject), and the same share of the range of a diffusion map
+        Floor of the spread, as a fraction of the channel's robust standard deviation (IQR /
+        1.349) over the training brains: 0.1 normalised units for the anatomical channels
+        (robust z-scores, whose IQR is 1.349), and the same share of a diffusion map's spread
         whatever its units or scaling.
     spread_sigma : float
         Standard deviation, in voxels, of the Gaussian pooling of the spread (0: none).
@@ -284,7 +289,7 @@ class NormativeModel(BaseModel):
                 pooled = smooth(variance[:, None])[:, 0]
                 weight = smooth(support[None, None])[0, 0]
             variance = pooled / weight.clamp_min(1e-6)
-        floor = self.min_spread * channel_iqr(values)[:, None, None, None]
+        floor = self.min_spread * channel_robust_sd(values)[:, None, None, None]
         self.location = torch.nan_to_num(location) * support
         self.spread = torch.maximum(variance.sqrt(), floor) * support + (1 - support)
 

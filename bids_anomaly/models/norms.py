@@ -24,6 +24,7 @@ import torch
 
 from bids_anomaly.models.covariates import CovariateEncoder, CovariateError
 from bids_anomaly.models.location_scale import fit_location_scale, leverage, predict
+from bids_anomaly.normalization import IQR_TO_SD
 
 HETEROSCEDASTIC_SUBJECTS = 30
 """With ``heteroscedastic`` "auto", the scale depends on the covariates from this many training
@@ -225,8 +226,8 @@ class CovariateNorms:
             pooled = torch.cat(samples[c]).double()
             low, high = (torch.quantile(pooled, torch.tensor([0.25, 0.75], dtype=pooled.dtype))
                          if pooled.numel() > 1 else (0.0, 1.0))
-            iqr.append(float(high - low) if high > low else 1.0)
-        floor = min_spread * torch.tensor(iqr)
+            iqr.append(float(high - low) / IQR_TO_SD if high > low else 1.0)
+        floor = min_spread * torch.tensor(iqr)  # a share of the robust sd, as the plain model
         norms = cls(encoder=encoder, support=support, location=torch.zeros(0),
                     log_variance=torch.zeros(0), region_location=torch.zeros(0),
                     region_log_variance=torch.zeros(0), tissue=tissue.to(torch.uint8),
