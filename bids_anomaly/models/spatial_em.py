@@ -225,6 +225,8 @@ def fit_tissue_mixture(x: torch.Tensor, priors: torch.Tensor, location: torch.Te
     values = x.to(DTYPE)
     outer = (values[:, :, None] * values[:, None, :]).reshape(len(values), -1)
     eye = torch.eye(x.shape[1], dtype=DTYPE, device=x.device)
+    consistency = (typicality_consistency(outlier_distance, x.shape[1])
+                   if outlier_distance > 0 else 1.0)
     trace: list[float] = []
     for _ in range(max_iter):
         tissue, lesion, log_density = joint_log_probabilities(mixture, work, class_prior,
@@ -238,7 +240,8 @@ def fit_tissue_mixture(x: torch.Tensor, priors: torch.Tensor, location: torch.Te
             weight = weight * typicality(mixture, log_density, outlier_distance)
         stats = _statistics(weight, values, outer)
         updated = em.m_step(stats, mixture.components, reg=0.0)
-        scatter = updated.scatter + 1e-6 * eye * float(x.var(dim=0).mean().clamp_min(1e-12))
+        scatter = (updated.scatter * consistency
+                   + 1e-6 * eye * float(x.var(dim=0).mean().clamp_min(1e-12)))
         within = updated.weights.clone()
         for index in range(mixture.n_classes):
             chosen = mixture.classes == index
@@ -263,6 +266,33 @@ def typicality(mixture: TissueMixture, log_density: torch.Tensor,
     half_log_det = 0.5 * torch.logdet(mixture.components.scatter)
     log_lambda = -0.5 * outlier_distance ** 2 - half_log_det - 0.5 * c * math.log(2 * math.pi)
     return torch.sigmoid(log_density - log_lambda.to(log_density.dtype)[None])
+
+
+def typicality_consistency(outlier_distance: float, n_channels: int) -> float:
+    """Factor that makes the typicality-weighted covariance of a Gaussian unbiased.
+
+    A Gaussian's voxels weighted by ``w(d2) = 1 / (1 + exp((d2 - kappa^2) / 2))`` (its
+    typicality, ``d2`` the squared Mahalanobis distance, chi-square with ``C`` degrees of
+    freedom) have the covariance ``Sigma E[w d2] / (C E[w])``: the tails weigh less, the fit
+    narrows, and a healthy draw from it would be too tight. The factor is ``C E[w] / E[w d2]``,
+    as for any M-estimator of scatter.
+
+    >>> round(typicality_consistency(3.0, 1), 3), round(typicality_consistency(30.0, 2), 6)
+    (1.064, 1.0)
+    """
+    from scipy import integrate, stats
+
+    kappa2, dof = outlier_distance ** 2, n_channels
+
+    def weight(d2: float) -> float:
+        return 1.0 / (1.0 + math.exp(min((d2 - kappa2) / 2.0, 700.0)))
+
+    upper = kappa2 + 200.0
+    mean_w = integrate.quad(lambda d2: weight(d2) * stats.chi2.pdf(d2, dof), 0, upper,
+                            limit=200)[0]
+    mean_wd2 = integrate.quad(lambda d2: weight(d2) * d2 * stats.chi2.pdf(d2, dof), 0, upper,
+                              limit=200)[0]
+    return dof * mean_w / mean_wd2
 
 
 def _statistics(weight: torch.Tensor, values: torch.Tensor, outer: torch.Tensor
@@ -365,15 +395,17 @@ def class_posteriors(mixture: TissueMixture, x: torch.Tensor, priors: torch.Tens
     return posteriors, log_odds
 
 
-def simulate_healthy(mixture: TissueMixture, priors: torch.Tensor,
-                     generator: torch.Generator) -> torch.Tensor:
-    """Intensities ``(N, C)`` of a lesion-free subject drawn from the fitted tissue model.
+def simulate_healthy(mixture: TissueMixture, x: torch.Tensor, priors: torch.Tensor,
+                     location: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
+    """Intensities ``(N, C)`` of a lesion-free version of the subject, drawn from the model.
 
-    Each voxel draws a component from its class priors and the class's weights, then its
-    intensities from that Gaussian.
+    Each voxel draws a tissue component from its posterior given its own intensities and that
+    it is healthy (the subject's anatomy as the model sees it, lesions given the tissue they
+    most resemble), then healthy intensities from that Gaussian.
     """
-    flat = flattened_priors(priors, mixture.prior_floor).to(DTYPE)
-    weights = flat[:, mixture.classes] * mixture.components.weights[None]
+    tissue, _, _ = joint_log_probabilities(mixture, x, log_class_priors(mixture, priors, x.dtype),
+                                           location)
+    weights = torch.softmax(tissue.double(), dim=1)
     drawn = torch.multinomial(weights.cpu(), 1, generator=generator)[:, 0].to(priors.device)
     cholesky = torch.linalg.cholesky(mixture.components.scatter)
     normal = torch.randn(len(drawn), mixture.components.n_channels, dtype=DTYPE,

@@ -16,10 +16,15 @@ The score is built in three steps:
    edges and partial volume are explained by the tissue classes, not flagged);
 2. lesion growth (Schmidt et al. 2012's LGA as a Potts prior): a voxel's log-odds rise with the
    number of its face neighbours above a seed level, so faint borders join their lesion;
-3. a healthy version of the subject is drawn from the fitted tissue model and scored the same
-   way: the map is ``-log10 p`` of each voxel's score among those healthy voxels. The lesions
-   are not in that draw, so lesion load cannot inflate the threshold, and ``--fpr`` / ``--fdr``
-   keep their meaning: the threshold at FPR ``a`` is ``-log10 a``.
+3. a healthy version of the subject is drawn from the fitted tissue model (each voxel's tissue
+   component from its posterior given that it is healthy, its intensities from that Gaussian)
+   and scored the same way: the map is ``-log10 p`` of each voxel's score among those healthy
+   voxels. The lesions are not in that draw, so lesion load cannot inflate the threshold, and
+   ``--fpr`` / ``--fdr`` keep their meaning: the threshold at FPR ``a`` is ``-log10 a``.
+
+The robust fit narrows the Gaussians (their tails weigh less); their covariances are corrected
+by the consistency factor of the weights (:func:`~bids_anomaly.models.spatial_em.
+typicality_consistency`), or the healthy draw would be too tight and flag too much.
 """
 
 from __future__ import annotations
@@ -376,7 +381,8 @@ class TissueModel(BaseModel):
                                                            self.mrf)
         replicates = math.ceil(NULL_VOXELS / n_valid)
         null_log_odds = [spatial_em.class_posteriors(
-            mixture, spatial_em.simulate_healthy(mixture, priors, generator).to(torch.float32),
+            mixture, spatial_em.simulate_healthy(mixture, x, priors, location,
+                                              generator).to(torch.float32),
             priors, location, valid, self.mrf)[1] for _ in range(replicates)]
         seed_level = float(np.quantile(torch.cat(null_log_odds).double().cpu().numpy(),
                                        1.0 - SEED_FPR))
