@@ -435,10 +435,11 @@ def run_protocol(protocol: Protocol, args, cache: Path) -> list[Row]:
 
 
 def recipe_rows(protocol: Protocol, fitted: dict, record) -> list[Row]:
-    """The README's recipes built from this protocol's models (fixed before any result).
+    """Ensembles of the README's recipes built from this protocol's models (fixed beforehand).
 
-    (a) patients, no control, no label: ``train --model-type ensemble --members tissue
-    intensity`` on the patients (on protocols whose cohort is patients); (b) with healthy
+    Recipe (a), patients without controls or labels, is ``--single-subject tissue``: the
+    ``tissue`` row. Its ensemble alternative, ``train --model-type ensemble --members tissue
+    intensity`` on the patients, on protocols whose cohort is patients; (b) with healthy
     controls: ``--members tissue normative`` after ``train --model-type normative --direction
     ...`` on the controls (``normative directed``, on protocols whose cohort is controls).
     Rows are added through ``record`` (calibrated like every ensemble); returns no rows itself.
@@ -455,10 +456,10 @@ def recipe_rows(protocol: Protocol, fitted: dict, record) -> list[Row]:
         model, tail = fitted[label]
         ensemble.add(label, model, protocol.fit.channels, tail)
     ensemble.fit(protocol.fit)
-    recipe = ("(a) --members tissue intensity" if patients_only
-              else "(b) --members tissue normative")
+    label = ("ensemble --members tissue intensity (patients; recipe (a) is the tissue row)"
+             if patients_only else "recipe (b) ensemble --members tissue normative")
     start = time.perf_counter()
-    record(f"recipe {recipe}", ensemble, time.perf_counter() - start)
+    record(label, ensemble, time.perf_counter() - start)
     return []
 
 

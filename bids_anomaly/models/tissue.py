@@ -341,7 +341,7 @@ class TissueModel(BaseModel):
         Parameters
         ----------
         image : torch.Tensor
-            ``(C, X, Y, Z)`` channels on the template grid.
+            ``(C, X, Y, Z)`` channels on the grid of the model's priors (the template's).
         mask : torch.Tensor
             ``(X, Y, Z)`` brain mask.
 
@@ -357,26 +357,68 @@ class TissueModel(BaseModel):
         BadDataError
             Another grid or number of channels, or too few brain voxels to fit.
         """
-        self._check_image(image)
-        device = image.device
-        valid = valid_voxels(image, mask.to(device))
+        return self.score_sessions([image], mask)[0]
+
+    def score_sessions(self, images: list[torch.Tensor], mask: torch.Tensor
+                       ) -> list[tuple[torch.Tensor, dict[str, torch.Tensor]]]:
+        """Several images of one subject on one grid (its sessions), one shared tissue model.
+
+        The mixture is fitted once on voxels of every image (the sessions share their tissue
+        parameters, so that a difference between their maps is a change of the subject, not
+        of two fits); each image then gets its posteriors, its healthy draw, its growth and
+        its ``-log10 p`` map as in :meth:`score_with_posteriors`. Voxels count where every
+        image has a value.
+
+        Returns
+        -------
+        list of (score, posteriors)
+            One per image, in order.
+        """
+        for image in images:
+            self._check_image(image)
+        device = images[0].device
+        valid = mask.to(device)
+        for image in images:
+            valid = valid_voxels(image, valid)
         n_valid = int(valid.sum())
         if n_valid < 1000:
             raise BadDataError(f"only {n_valid} brain voxels with a value in every channel: too "
                                "few to fit the subject's tissues")
-        x = image[:, valid].T.to(torch.float32)
-        priors = self.priors.to(device)[:, valid].T.to(torch.float64) / PRIOR_SCALE
-        priors = _normalised(priors)
+        xs = [image[:, valid].T.to(torch.float32) for image in images]
+        priors = _normalised(self.priors.to(device)[:, valid].T.to(torch.float64) / PRIOR_SCALE)
         location = (torch.ones(n_valid, dtype=torch.float64, device=device)
                     if self.location is None
                     else self.location.to(device)[valid].to(torch.float64))
         sides = [{"+": 1, "-": -1}.get(s, 0) for s in self.sides_by_channel().values()]
         generator = torch.Generator().manual_seed(self.random_seed)
-        sample = torch.randperm(n_valid, generator=generator)[:self.max_voxels].to(device)
+        per_image = max(1, self.max_voxels // len(xs))
+        samples = [torch.randperm(n_valid, generator=generator)[:per_image].to(device)
+                   for _ in xs]
         mixture = spatial_em.fit_tissue_mixture(
-            x[sample], priors[sample], location[sample], self.components, sides,
+            torch.cat([x[sample] for x, sample in zip(xs, samples, strict=True)]),
+            torch.cat([priors[sample] for sample in samples]),
+            torch.cat([location[sample] for sample in samples]), self.components, sides,
             outlier_distance=self.outlier_distance, lesion_spread=self.lesion_spread,
             prior_floor=self.prior_floor)
+        results, nulls = [], []
+        for x in xs:  # the same random numbers for every session: equal images, equal maps
+            draws = torch.Generator().manual_seed(self.random_seed + 1)
+            score, maps, null = self._map(mixture, x, priors, location, valid, draws)
+            results.append((score, maps))
+            nulls.append(null)
+        self.null_scores = np.concatenate(nulls)
+        self.subject_report = {
+            **mixture.report, "omega": mixture.omega, "sessions": len(xs),
+            "class_means": {name: mixture.class_mean(i).tolist()
+                            for i, name in enumerate(TISSUES)}}
+        return results
+
+    def _map(self, mixture: spatial_em.TissueMixture, x: torch.Tensor, priors: torch.Tensor,
+             location: torch.Tensor, valid: torch.Tensor, generator: torch.Generator
+             ) -> tuple[torch.Tensor, dict[str, torch.Tensor], np.ndarray]:
+        """One image's ``-log10 p`` map, posteriors and healthy scores under ``mixture``."""
+        device = x.device
+        n_valid = len(x)
         posteriors, log_odds = spatial_em.class_posteriors(mixture, x, priors, location, valid,
                                                            self.mrf)
         replicates = math.ceil(NULL_VOXELS / n_valid)
@@ -392,18 +434,12 @@ class TissueModel(BaseModel):
         tail = tail_table(null)
         score = torch.zeros(valid.shape, dtype=torch.float32, device=device)
         score[valid] = log10_exceedance(grown, tail).to(device)
-        self.null_scores = log10_exceedance(torch.from_numpy(null), tail).numpy()
-        self.subject_report = {
-            **mixture.report, "omega": mixture.omega, "seed_level": seed_level,
-            "healthy_draws": replicates,
-            "class_means": {name: mixture.class_mean(i).tolist()
-                            for i, name in enumerate(TISSUES)}}
         maps = {}
         for index, name in enumerate(self.posterior_labels):
             grid = torch.zeros(valid.shape, dtype=torch.float32, device=device)
             grid[valid] = posteriors[:, index].to(torch.float32)
             maps[name] = grid
-        return score, maps
+        return score, maps, log10_exceedance(torch.from_numpy(null), tail).numpy()
 
     def _grow(self, log_odds: torch.Tensor, valid: torch.Tensor, seed_level: float
               ) -> torch.Tensor:

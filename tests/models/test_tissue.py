@@ -217,3 +217,18 @@ def test_it_needs_no_training_and_calibrates_itself():
     assert TissueModel.untrained(["FLAIR"], random_seed=3).random_seed == 3
     scores = TissueModel().simulated_scores(10_000)
     assert np.quantile(scores, 0.999) == pytest.approx(3.0, abs=0.05)
+
+
+def test_sessions_share_one_fit_and_differ_where_the_subject_changed(tmp_path,
+                                                                    one_torch_thread):
+    model = _prepared(("FLAIR",), tmp_path)
+    before, mask, _ = _subject(("FLAIR",), seed=9)
+    after, _, lesion = _subject(("FLAIR",), load=0.01, seed=9)
+    (first, _), (second, posteriors) = model.score_sessions([before, after], mask)
+    assert model.subject_report["sessions"] == 2
+    valid = valid_voxels(before, mask).numpy()
+    change = (second - first).numpy()
+    assert roc_auc_score(lesion[valid], change[valid]) > 0.95
+    assert posteriors["lesion"].numpy()[lesion].mean() > 0.5
+    (same, _), (again, _) = model.score_sessions([before, before], mask)
+    assert torch.equal(same, again)
