@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -450,3 +452,85 @@ def test_t1w_flair_mixed_cohort_and_retrained_threshold(flair_dataset, tmp_path)
     assert json.loads(mask.with_name(mask.name.replace(".nii.gz", ".json")).read_text())[
         "Threshold"] == 6.0
     assert tree_digest(flair_dataset) == before
+
+
+_SCRIPT = """
+import sys, time
+from pathlib import Path
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+from bids_anomaly.cli import run as cli
+
+def step(kind, marker):
+    from pathlib import Path
+    import time
+    Path(marker).write_text("started")
+    if kind == "sleep":
+        time.sleep(60)
+    raise ValueError("something went wrong")
+
+def run_level(argv):
+    from bids_anomaly.execution import run_workflow
+
+    base, kind, nprocs = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+    workflow = pe.Workflow(name="wf", base_dir=str(base / "work"))
+    for label in ("01", "02"):  # two subjects: after the first, the second is never started
+        subject = pe.Workflow(name=f"sub_{label}_wf")
+        node = pe.Node(niu.Function(function=step, input_names=["kind", "marker"]),
+                       name="step")
+        node.inputs.kind, node.inputs.marker = kind, str(base / f"started-{label}")
+        subject.add_nodes([node])
+        workflow.add_nodes([subject])
+    workflow.config["execution"] = {"crashdump_dir": str(base / "logs"),
+                                    "crashfile_format": "txt"}
+    run_workflow(workflow, nprocs, base / "logs")
+
+if __name__ == "__main__":  # the workers of --nprocs 2 import this file
+    cli.run_level = run_level
+    sys.exit(cli.main([]))
+"""
+
+
+def _run_steps(tmp_path: Path, kind: str, nprocs: int, stop: signal.Signals | None = None
+               ) -> tuple[int, str, str]:
+    """Run two one-step subjects through the command line's error handling (a subprocess).
+
+    ``stop``: the signal sent once the first step has started.
+    """
+    script = tmp_path / "steps.py"  # Nipype reads the step's source from a file
+    script.write_text(_SCRIPT)
+    process = subprocess.Popen([sys.executable, str(script), str(tmp_path), kind, str(nprocs)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if stop is not None:
+        deadline = time.monotonic() + 120
+        while (not list(tmp_path.glob("started-*")) and process.poll() is None
+               and time.monotonic() < deadline):
+            time.sleep(0.1)
+        time.sleep(0.5)
+        process.send_signal(stop)
+    out, err = process.communicate(timeout=180)
+    return process.returncode, out, err
+
+
+@pytest.mark.parametrize("nprocs", [1, 2])
+def test_a_stop_signal_inside_a_step_stops_the_run_in_one_line(tmp_path, nprocs):
+    code, out, err = _run_steps(tmp_path, "sleep", nprocs, signal.SIGTERM)
+    assert code == 143, err
+    assert "Traceback" not in out + err, out + err
+    assert err.strip().splitlines() == ["bids_anomaly: stopped by SIGTERM; workers stopped; "
+                                        "rerun with the same work directory to resume"], err
+    assert not list((tmp_path / "logs").glob("crash-*")), "a crash file for a stopped step"
+    if nprocs == 1:  # one step at a time: the second subject's never starts
+        assert len(list(tmp_path.glob("started-*"))) == 1, "the run went on after the signal"
+
+
+@pytest.mark.parametrize("nprocs", [1, 2])
+def test_a_failing_step_prints_one_line_and_no_traceback(tmp_path, nprocs):
+    code, out, err = _run_steps(tmp_path, "fail", nprocs)
+    assert code == 1
+    assert "Traceback" not in out + err and "nipype.workflow" not in out + err, out + err
+    line = err.strip()
+    assert len(line.splitlines()) == 1, err
+    assert "sub-01: step step failed (ValueError: something went wrong)" in line
+    crash = Path(line.split("the traceback is in ")[1].split()[0])
+    assert crash.is_file() and "Traceback" in crash.read_text()

@@ -13,7 +13,6 @@ import numpy as np
 from bids_anomaly import bids
 from bids_anomaly.config import Settings
 from bids_anomaly.errors import MissingInputError, OutputError
-from bids_anomaly.execution import set_nipype_console_level
 from bids_anomaly.images import check_anatomical, check_same_grid, load_volume
 from bids_anomaly.template import Template, get_template
 
@@ -186,7 +185,6 @@ def configure_nipype(settings: Settings) -> None:
     os.environ["NIPYPE_CONFIG_DIR"] = str(config_dir)
     config.update_config(options)
     nipype_logging.update_logging(config)
-    set_nipype_console_level(nipype_console_level(settings))
 
 
 def nipype_console_level(settings: Settings) -> str:
