@@ -11,7 +11,7 @@ import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
-from bids_anomaly.errors import BadDataError
+from bids_anomaly.errors import BadDataError, file_problem
 
 LOGGER = logging.getLogger(__name__)
 
@@ -40,14 +40,14 @@ def load_volume(path: str | Path, *, dtype: type = np.float32) -> nib.Nifti1Imag
     try:
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
-    except FileNotFoundError as error:
-        raise BadDataError(f"{path}: file not found") from error
-    except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile,
+    except OSError as error:
+        problem = file_problem(path, error)
+        if problem is None:
+            raise _corrupt(path, error) from error
+        raise BadDataError(problem) from error
+    except (EOFError, ValueError, zlib.error, gzip.BadGzipFile,
             nib.filebasedimages.ImageFileError) as error:
-        raise BadDataError(
-            f"{path}: cannot read this NIfTI file ({error.__class__.__name__}: {error}); it is "
-            "probably truncated or corrupt, replace it with a complete copy"
-        ) from error
+        raise _corrupt(path, error) from error
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim < 3:
@@ -83,6 +83,13 @@ def load_volume(path: str | Path, *, dtype: type = np.float32) -> nib.Nifti1Imag
     out.header.set_data_dtype(dtype)
     out.header.set_slope_inter(1.0, 0.0)
     return out
+
+
+def _corrupt(path: Path, error: BaseException) -> BadDataError:
+    """The error for a file that opens but cannot be read as NIfTI."""
+    return BadDataError(f"{path}: cannot read this NIfTI file ({error.__class__.__name__}: "
+                        f"{error}); it is probably truncated or corrupt, replace it with a "
+                        "complete copy")
 
 
 MAX_SHEAR = 1e-3

@@ -534,3 +534,102 @@ def test_a_failing_step_prints_one_line_and_no_traceback(tmp_path, nprocs):
     assert "sub-01: step step failed (ValueError: something went wrong)" in line
     crash = Path(line.split("the traceback is in ")[1].split()[0])
     assert crash.is_file() and "Traceback" in crash.read_text()
+
+
+# ------------------------------------------------------- OUTPUT_DIR that holds another dataset
+
+def _raw_copy(bids: Path, out: Path) -> str:
+    shutil.copytree(bids, out)
+    return "the raw BIDS dataset 'test'"
+
+
+def _other_pipeline(bids: Path, out: Path) -> str:
+    out.mkdir()
+    (out / "dataset_description.json").write_text(json.dumps({
+        "Name": "fMRIPrep outputs", "BIDSVersion": "1.9.0", "DatasetType": "derivative",
+        "GeneratedBy": [{"Name": "fMRIPrep", "Version": "24.1.0"}]}))
+    (out / "sub-01").mkdir()
+    (out / "sub-01" / "sub-01_desc-confounds_timeseries.tsv").write_text("a\n1\n")
+    return "the derivatives 'fMRIPrep outputs' of fMRIPrep"
+
+
+def _binary_description(bids: Path, out: Path) -> str:
+    out.mkdir()
+    (out / "dataset_description.json").write_bytes(b"\xff\xfe\x00binary")
+    return "cannot be read"
+
+
+def _dataset_without_description(bids: Path, out: Path) -> str:
+    shutil.copytree(bids, out)
+    (out / "dataset_description.json").unlink()
+    return "a dataset without dataset_description.json"
+
+
+@pytest.mark.parametrize("make", [_raw_copy, _other_pipeline, _binary_description,
+                                  _dataset_without_description],
+                         ids=["raw dataset", "another pipeline", "binary description",
+                              "no description"])
+@pytest.mark.parametrize("level", ["participant", "group", "train"])
+def test_an_output_dir_holding_another_dataset_is_refused_before_writing(
+        tiny_bids, tmp_path, capsys, make, level):
+    out = tmp_path / "other"
+    what = make(tiny_bids, out)
+    before = tree_digest(out), sorted(out.rglob("*"))
+    assert main([str(tiny_bids), str(out), level]) == 73
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(out) in err and what in err, err
+    assert (tree_digest(out), sorted(out.rglob("*"))) == before  # nothing written, nor added
+
+
+@pytest.mark.parametrize("kind", ["new", "empty", "earlier output"])
+def test_an_empty_new_or_own_output_dir_is_used(tiny_bids, tmp_path, capsys, kind):
+    from bids_anomaly.bids import write_dataset_description
+
+    out = tmp_path / "out"
+    if kind != "new":
+        out.mkdir()
+    if kind == "earlier output":
+        write_dataset_description(out, tiny_bids)
+    # the run goes past the output check, to the unknown label
+    assert main([str(tiny_bids), str(out), "participant", "--participant-label", "99"]) == 18
+
+
+def test_a_too_long_output_path_is_an_output_error(tiny_bids, tmp_path, capsys):
+    out = tmp_path / ("x" * 300)
+    assert main([str(tiny_bids), str(out), "participant"]) == 73
+    err = capsys.readouterr().err
+    assert "OUTPUT_DIR" in err and "BIDS_DIR" not in err and str(tiny_bids) not in err, err
+
+
+@pytest.mark.parametrize("where", ["under a file", "a dataset"])
+def test_the_demo_refuses_a_folder_it_cannot_own(tiny_bids, tmp_path, capsys, where):
+    target = (tmp_path / "file" / "demo") if where == "under a file" else tiny_bids
+    (tmp_path / "file").write_text("not a folder")
+    before = tree_digest(tiny_bids)
+    assert main(["demo", str(target)]) == 73
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(target) in err, err
+    assert tree_digest(tiny_bids) == before and not (tiny_bids / "rawdata").exists()
+
+
+# ------------------------------------------------------------ refused before any work (usage)
+
+@pytest.mark.parametrize("args, words", [
+    (["train"], "train needs at least 3 subject/sessions"),
+    (["train", "--participant-label", "01"], "the selection has 1 (sub-01)"),
+    (["participant", "--fpr", "0.01"], "--fpr at the participant level"),
+], ids=["train with 2 subjects", "train with 1 subject", "participant --fpr"])
+def test_impossible_requests_are_refused_before_any_work(tiny_bids, tmp_path, capsys, args,
+                                                         words):
+    out = tmp_path / "out"
+    assert main([str(tiny_bids), str(out), *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert words in err and len(err.splitlines()) == 1, err
+    assert not out.exists()
+
+
+def test_the_demo_needs_three_healthy_controls(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["demo", str(tmp_path / "demo"), "--healthy", "1"])
+    assert exit_info.value.code == 2 and "at least 3" in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()

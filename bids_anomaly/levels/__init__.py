@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from bids_anomaly import bids
 from bids_anomaly.config import Settings
 from bids_anomaly.errors import UsageError
 
@@ -23,6 +24,9 @@ def set_threads(omp_nthreads: int) -> None:
 def run(settings: Settings) -> str:
     """Run the level of ``settings`` and return the line that says what it wrote.
 
+    Nothing is written before the settings, the output folder
+    (:func:`~bids_anomaly.bids.check_output_dir`) and the device are checked.
+
     Raises
     ------
     BidsAnomalyError
@@ -34,6 +38,7 @@ def run(settings: Settings) -> str:
 
     settings.check()
     check_family_options(settings)
+    bids.check_output_dir(settings.output_dir)
     if distributed.world_size() > 1 and settings.level != "train":
         raise UsageError(f"the {settings.level} level runs as one process; only train is "
                          "launched with torchrun")

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from bids_anomaly import __version__, bids
-from bids_anomaly.config import CHANNELS, MODALITIES, Settings
+from bids_anomaly.config import CHANNELS, MIN_TRAINING_SUBJECTS, MODALITIES, Settings
 from bids_anomaly.device import resolve_device
 from bids_anomaly.errors import BidsAnomalyError, MissingInputError, UsageError
 from bids_anomaly.levels.annotations import annotations_in_template, check_annotations
@@ -67,6 +67,22 @@ def choose_channels(subjects: list[bids.AnatInputs], requested: list[str]) -> li
         raise MissingInputError("the training subjects share no modality; use --channels and "
                                 "select subjects that have them")
     return common
+
+
+def check_training_size(subjects: list[bids.AnatInputs]) -> None:
+    """Refuse, before any work, a selection too small to fit a model and calibrate it.
+
+    Raises
+    ------
+    UsageError
+        Fewer than :data:`~bids_anomaly.config.MIN_TRAINING_SUBJECTS` subject/sessions.
+    """
+    if len(subjects) < MIN_TRAINING_SUBJECTS:
+        raise UsageError(
+            f"train needs at least {MIN_TRAINING_SUBJECTS} subject/sessions ("
+            f"{MIN_TRAINING_SUBJECTS - 1} to fit the model, 1 to calibrate its threshold); the "
+            f"selection has {len(subjects)} ({', '.join(s.name for s in subjects)}): select "
+            "more with --participant-label or --train-filter")
 
 
 def training_data(settings: Settings, subjects: list[bids.AnatInputs], channels: list[str],
@@ -307,11 +323,9 @@ def train_splits(settings: Settings, data: TrainingData, template: Template) -> 
     name = settings.model.model_name or settings.model.model_type
     count, test_size = settings.model.splits, settings.model.split_test_size
     labels = sorted({bids.participant_of(s.name) for s in data.subjects})
-    try:
-        table = bids.read_participants(settings.bids_dir)
-        table = table[table["label"].isin(labels)]
-    except MissingInputError:
-        table = pd.DataFrame({"label": labels})
+    table = bids.participants_if_any(settings.bids_dir)
+    table = (pd.DataFrame({"label": labels}) if table is None
+             else table[table["label"].isin(labels)])
     seed = settings.execution.random_seed
     splits = split_controls(table, count, test_size, seed)
     strata = split_strata(table, None, test_size)
@@ -360,6 +374,8 @@ def run_train(settings: Settings) -> list[Path]:
                 labels = list(dict.fromkeys([*labels, *annotated]))
         subjects = collect_subjects(settings, layout, labels)
         source = transfer_source(settings) if settings.model.transfer else None
+        if source is None and annotations is None and not model_class.calibration_only:
+            check_training_size(subjects)
         channels = choose_channels(subjects, source[1].channels if source
                                    else settings.model.channels)
         if settings.model.microbleeds and settings.model.microbleeds not in channels:
@@ -371,8 +387,8 @@ def run_train(settings: Settings) -> list[Path]:
             rows = bids.participant_rows(settings.bids_dir)
             model.check_covariates([rows.get(s.subject) for s in subjects],
                                    [s.name for s in subjects])
-        layout, template = prepare(settings, layout)
         validate_images(subjects, bids.validated_inputs_path(settings.work_dir))
+        layout, template = prepare(settings, layout)
         if distributed.is_main():
             preprocess(settings, subjects, template)
         distributed.barrier()  # the other ranks wait for the preprocessed images
