@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import signal
 
 
@@ -21,6 +22,12 @@ class UsageError(BidsAnomalyError):
     """The command line asks for something impossible (exit 2)."""
 
     exit_code = 2
+
+
+class TrainingError(BidsAnomalyError):
+    """Fitting a model failed: its loss or parameters became NaN or infinite (exit 1)."""
+
+    exit_code = 1
 
 
 class BIDSValidationError(BidsAnomalyError):
@@ -99,3 +106,15 @@ def _loops(path: str | os.PathLike) -> bool:
     except OSError as error:
         return error.errno == errno.ELOOP
     return False
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def one_line(text: str) -> str:
+    r"""``text`` with its control characters (a newline in a path) written as escapes.
+
+    >>> one_line("/data/new\nline")
+    '/data/new\\nline'
+    """
+    return _CONTROL.sub(lambda match: match.group().encode("unicode_escape").decode(), text)

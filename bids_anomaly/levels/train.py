@@ -7,12 +7,13 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bids_anomaly import __version__, bids
 from bids_anomaly.config import CHANNELS, MIN_TRAINING_SUBJECTS, MODALITIES, Settings
 from bids_anomaly.device import resolve_device
-from bids_anomaly.errors import BidsAnomalyError, MissingInputError, UsageError
+from bids_anomaly.errors import BidsAnomalyError, MissingInputError, TrainingError, UsageError
 from bids_anomaly.levels.annotations import annotations_in_template, check_annotations
 from bids_anomaly.levels.steps import (
     collect_subjects,
@@ -32,6 +33,7 @@ from bids_anomaly.models.base import (
     fit_channel_scaling,
     load_model,
     needs_covariates,
+    non_finite_tensors,
     save_model,
 )
 from bids_anomaly.models.deep import distributed
@@ -148,6 +150,28 @@ def up_to_date(directory: Path, key: str) -> bool:
     return card.extra.get("training_key") == key
 
 
+def check_fitted(model, calibration: np.ndarray, name: str) -> None:
+    """Refuse to save a model whose fit diverged: NaN or infinite parameters or scores.
+
+    Raises
+    ------
+    TrainingError
+        Naming the model and what is not finite; nothing is written.
+    """
+    broken = non_finite_tensors(model.tensors())
+    if broken:
+        raise TrainingError(
+            f"model {name}: training diverged, its fitted parameters hold NaN or infinite "
+            f"values ({', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}); nothing was "
+            "saved: check the training images, or lower --learning-rate of a deep model")
+    bad = int((~np.isfinite(calibration)).sum())
+    if bad:
+        raise TrainingError(
+            f"model {name}: training diverged, it scores {bad} of the {calibration.size} "
+            "healthy calibration voxels NaN or infinite; nothing was saved: check the training "
+            "images, or lower --learning-rate of a deep model")
+
+
 def fit_and_save(settings: Settings, data: TrainingData, template: Template,
                  preprocessing: dict,
                  annotations: dict[str, tuple[Path, Path]] | None = None,
@@ -199,6 +223,7 @@ def fit_and_save(settings: Settings, data: TrainingData, template: Template,
         return directory  # rank 0 calibrates and writes the model
     calibration = (model.simulated_scores() if model.self_calibrated
                    else healthy_scores(model, calibration_data))
+    check_fitted(model, calibration, name)
     threshold = threshold_at_fpr(calibration, settings.model.fpr)
     card = ModelCard(
         name=name,
