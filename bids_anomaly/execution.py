@@ -200,11 +200,25 @@ def set_nipype_console_level(level: str) -> None:
     guard_nipype_log_lock()
 
 
+def quiet_library_warnings(debug: bool = False) -> None:
+    """Keep the libraries' warnings off the console (``debug``: log them).
+
+    Python warnings (numpy's overflow, nilearn's non-finite values) and nibabel's header fixes
+    are what libraries say about inputs this tool checks itself: those that matter are refused
+    or logged in one line by the tool (a complex image, voxel sizes of 0, NaN voxels).
+    """
+    logging.captureWarnings(True)
+    level = logging.DEBUG if debug else logging.CRITICAL + 1
+    for name in ("py.warnings", "nibabel.global"):
+        logging.getLogger(name).setLevel(level)
+
+
 def _initialize_worker(cwd: str, main_pid: int, console_level: str) -> None:
     """Set up a MultiProc worker: Nipype's own set-up, SIGINT ignored, a watch on the main."""
     from nipype.pipeline.plugins.multiproc import process_initializer
 
     process_initializer(cwd)
+    quiet_library_warnings(debug=console_level == "DEBUG")
     set_nipype_console_level(console_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_watch_main_process, args=(main_pid,), daemon=True,

@@ -633,3 +633,462 @@ def test_the_demo_needs_three_healthy_controls(tmp_path, capsys):
         main(["demo", str(tmp_path / "demo"), "--healthy", "1"])
     assert exit_info.value.code == 2 and "at least 3" in capsys.readouterr().err
     assert not (tmp_path / "demo").exists()
+
+
+# --------------------------------------------------- a model whose card or weights were changed
+
+def _calibrated(edit: Callable[[Path], None]) -> Callable:
+    """A case: a trained-like model (its card holds the calibration tail), edited."""
+    def setup(bids, tmp):
+        directory = saved_normative_model(tmp / "model-norm", ["T1w"], calibrated=True)
+        edit(directory)
+        return ["participant", "--model", str(directory)]
+    return setup
+
+
+def _card_values(directory: Path) -> dict:
+    return json.loads((directory / "model.json").read_text())
+
+
+def _write_card(directory: Path, values: dict, sign: bool) -> None:
+    """Write a card, signed again when ``sign`` (as one who knows how cards are signed)."""
+    from bids_anomaly.models.base import card_signature
+
+    if sign:
+        values["signature"] = card_signature(values)
+    (directory / "model.json").write_text(json.dumps(values))
+
+
+def _change_card(sign: bool = False, **changes: object) -> Callable[[Path], None]:
+    def edit(directory: Path) -> None:
+        _write_card(directory, {**_card_values(directory), **changes}, sign)
+    return edit
+
+
+def _nan_weights(sign: bool) -> Callable[[Path], None]:
+    """Weights multiplied by NaN, the card's checksum of them refreshed."""
+    def edit(directory: Path) -> None:
+        from bids_anomaly.models.base import file_checksum, read_weights, write_weights
+
+        tensors, hyperparameters = read_weights(directory)
+        tensors["location"] = tensors["location"] * float("nan")
+        write_weights(directory, tensors, hyperparameters)
+        values = _card_values(directory)
+        values["checksum"] = file_checksum(directory / "weights.safetensors")
+        _write_card(directory, values, sign)
+    return edit
+
+
+def _unsigned(directory: Path) -> None:
+    values = _card_values(directory)
+    del values["signature"]  # as cards were written before they were signed
+    _write_card(directory, values, sign=False)
+
+
+def _damaged_tail(directory: Path) -> None:
+    values = _card_values(directory)
+    values["extra"]["calibration_tail"]["score"] = ["x"] * 10
+    _write_card(directory, values, sign=True)
+
+
+MODEL_CASES = {
+    "weights times NaN, checksum refreshed": (_calibrated(_nan_weights(False)), 65,
+                                              "model 'norm': its weights hold NaN"),
+    "weights times NaN, card signed again": (_calibrated(_nan_weights(True)), 65,
+                                             "model 'norm': its weights hold NaN"),
+    "threshold 1e-6": (_calibrated(_change_card(threshold=1e-6)), 65,
+                       "threshold 1e-06 disagrees with the calibration"),
+    "threshold 1e-6, card signed again": (_calibrated(_change_card(True, threshold=1e-6)), 65,
+                                          "threshold 1e-06 disagrees with the calibration"),
+    "threshold -1e300, card signed again": (
+        _calibrated(_change_card(True, threshold=-1e300)), 65,
+        "threshold -1e+300 disagrees with the calibration"),
+    "fpr changed": (_calibrated(_change_card(True, fpr=0.5)), 65,
+                    "the card says fpr 0.5"),
+    "a field no other check reads": (_calibrated(_change_card(training_participants=["x"])),
+                                     65, "does not match its signature"),
+    "card written before cards were signed": (_calibrated(_unsigned), 65,
+                                              "has no signature (written by bids_anomaly"),
+    "damaged calibration tail": (_calibrated(_damaged_tail), 65, "calibration_tail is damaged"),
+}
+
+
+@pytest.mark.parametrize("case", list(MODEL_CASES), ids=list(MODEL_CASES))
+def test_an_edited_or_broken_model_is_refused_at_load(case, tiny_bids, tmp_path, capsys):
+    out = check_hostile_case(MODEL_CASES[case], tiny_bids, tmp_path, capsys)
+    assert not list(out.glob("sub-*/anat/*stat-anomaly*")), "scored with a broken model"
+
+
+def test_a_model_scoring_nan_is_refused_naming_it(tmp_path):
+    """Finite weights (a spread of 0) that score NaN: the scoring step refuses them."""
+    import torch
+
+    from bids_anomaly.errors import BadDataError
+    from bids_anomaly.interfaces.anomaly import ScoreAnomaly
+    from bids_anomaly.models.base import (
+        card_signature,
+        file_checksum,
+        read_weights,
+        write_weights,
+    )
+
+    directory = saved_normative_model(tmp_path / "model-flat", ["T1w"], grid=(12, 12, 12))
+    tensors, hyperparameters = read_weights(directory)
+    tensors["spread"] = torch.zeros_like(tensors["spread"])
+    write_weights(directory, tensors, hyperparameters)
+    values = _card_values(directory)
+    values["checksum"] = file_checksum(directory / "weights.safetensors")
+    values["signature"] = card_signature(values)
+    (directory / "model.json").write_text(json.dumps(values))
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    image, mask = tmp_path / "t1w.nii.gz", tmp_path / "mask.nii.gz"
+    nib.Nifti1Image(np.zeros((12, 12, 12), np.float32), affine).to_filename(image)
+    nib.Nifti1Image(np.ones((12, 12, 12), np.uint8), affine).to_filename(mask)
+    score = ScoreAnomaly(channel_files=[str(image)], mask_file=str(mask),
+                         model_dir=str(directory), model_checksum=values["checksum"],
+                         card_checksum="x")
+    with pytest.raises(BadDataError, match="model 'flat' scores 1728 brain voxels NaN"):
+        score.run(cwd=str(tmp_path))
+
+
+def test_a_diverging_deep_model_fails_instead_of_saving(tmp_path):
+    from bids_anomaly.errors import TrainingError
+    from bids_anomaly.models import REGISTRY, SubjectImages, TrainingData
+    from bids_anomaly.models.deep.engine import EngineOptions
+
+    rng = np.random.default_rng(0)
+    subjects = []
+    for index in range(3):
+        image, mask = tmp_path / f"s{index}.nii.gz", tmp_path / f"m{index}.nii.gz"
+        nib.Nifti1Image(rng.normal(1, 0.1, (32, 32, 4)).astype(np.float32),
+                        np.eye(4)).to_filename(image)
+        nib.Nifti1Image(np.ones((32, 32, 4), np.uint8), np.eye(4)).to_filename(mask)
+        subjects.append(SubjectImages(f"sub-{index}", [image], mask))
+    training = EngineOptions(epochs=3, batch_size=8, num_workers=0, seed=0,
+                             learning_rate=1e30, warmup_epochs=0.0)
+    model = REGISTRY["ae"](mode="2d", width=4, latent=4, training=training,
+                           cache_dir=tmp_path / "cache")
+    with pytest.raises(TrainingError, match="training diverged at epoch 1"):
+        model.fit(TrainingData(subjects, ["T1w"]))
+
+
+def test_a_fit_with_nan_parameters_is_not_saved(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from bids_anomaly.config import InputSettings, ModelSettings, Settings
+    from bids_anomaly.errors import TrainingError
+    from bids_anomaly.levels.train import fit_and_save
+    from bids_anomaly.models import NormativeModel, SubjectImages, TrainingData
+
+    fit = NormativeModel.fit
+
+    def diverging_fit(self, data):
+        fit(self, data)
+        self.location = self.location * float("nan")
+
+    monkeypatch.setattr(NormativeModel, "fit", diverging_fit)
+    rng = np.random.default_rng(0)
+    subjects = []
+    for index in range(4):
+        image, mask = tmp_path / f"s{index}.nii.gz", tmp_path / f"m{index}.nii.gz"
+        nib.Nifti1Image(rng.normal(1, 0.1, (8, 8, 8)).astype(np.float32),
+                        np.eye(4)).to_filename(image)
+        nib.Nifti1Image(np.ones((8, 8, 8), np.uint8), np.eye(4)).to_filename(mask)
+        subjects.append(SubjectImages(f"sub-{index}", [image], mask))
+    out = tmp_path / "out"
+    settings = Settings(inputs=InputSettings(bids_dir=tmp_path / "bids", output_dir=out,
+                                             analysis_level="train"),
+                        model=ModelSettings(model_name="norm"))
+    with pytest.raises(TrainingError, match="model norm: training diverged"):
+        fit_and_save(settings, TrainingData(subjects, ["T1w"]),
+                     SimpleNamespace(name="MNI152NLin2009aSym", resolution=2), {})
+    assert not (out / "models" / "model-norm").exists()
+
+
+def test_model_files_share_one_mode(tmp_path):
+    import os
+    import stat
+
+    directory = saved_normative_model(tmp_path / "model-m", ["T1w"], grid=(4, 4, 4))
+    modes = {stat.S_IMODE(os.stat(p).st_mode) for p in directory.iterdir()}
+    assert len(modes) == 1 and modes.pop() & 0o044, "weights private, card readable"
+
+
+def test_a_page_shows_the_bad_outputs_of_another_model_instead_of_crashing(tmp_path):
+    """Outputs a model with a threshold of -1e300 wrote (the whole brain flagged)."""
+    from bids_anomaly import bids
+    from bids_anomaly.bids import AnatInputs
+    from bids_anomaly.reports.subject import anomaly_overlay, write_subject_reports
+
+    out, space, res = tmp_path / "out", "MNI152NLin2009aSym", 2
+    rng = np.random.default_rng(0)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    brain = np.zeros((20, 20, 20), np.uint8)
+    brain[4:16, 4:16, 4:16] = 1
+
+    def write(spec: dict, data: np.ndarray) -> Path:
+        path = bids.spec_path(out, "01", None, spec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.Nifti1Image(data, affine).to_filename(path)
+        return path
+
+    write(bids.preproc_spec(space, res, "T1w"), rng.random((20, 20, 20)).astype(np.float32))
+    write(bids.brain_mask_spec(space, res), brain)
+    statmap = write(bids.anomaly_map_spec(space, res, "bad"),
+                    rng.random((20, 20, 20)).astype(np.float32) * brain)
+    write(bids.anomaly_mask_spec(space, res, "bad"), brain)
+    bids.write_sidecar(statmap, {"Model": "bad", "Threshold": -1e300})
+    inputs = AnatInputs("01", None, images={"T1w": tmp_path / "sub-01_T1w.nii.gz"})
+    page = write_subject_reports(out, [inputs], space)[0].read_text()
+    assert "The outputs of model bad cannot be shown" in page
+    assert anomaly_overlay(out, statmap) is None  # the group level's figure: none, no crash
+
+
+# ------------------------------------------------------------ images that cannot be a head
+
+def _raw_pixdim_zero(bids, tmp):
+    img = nib.Nifti1Image(np.random.default_rng(0).random((20, 20, 20)).astype(np.float32),
+                          None)
+    img.header.set_qform(None, code=0)
+    img.header.set_sform(None, code=0)
+    img.header["pixdim"][1:4] = 0  # nibabel would read 1 mm
+    img.to_filename(bids / T1W)
+    return ["participant"]
+
+
+def _voxels(size: float, shape: tuple[int, ...] = (20, 20, 20)) -> Callable:
+    def setup(bids, tmp):
+        _image(bids, np.random.default_rng(0).random(shape).astype(np.float32),
+               np.diag([size, size, size, 1.0]))
+        return ["participant"]
+    return setup
+
+
+def _complex(bids, tmp):
+    rng = np.random.default_rng(0)
+    _image(bids, (rng.random((20, 20, 20)) + 1j * rng.random((20, 20, 20))).astype(np.complex64))
+    return ["participant"]
+
+
+IMAGE_CASES = {  # every message starts with the file
+    "100 mm voxels": (_voxels(100.0), 65, "_T1w.nii.gz: voxels of 100 x 100 x 100 mm"),
+    "0.002 mm voxels": (_voxels(0.002), 65, "_T1w.nii.gz: voxels of 0.002 x 0.002 x 0.002 mm"),
+    "8 x 8 x 8 image": (_voxels(2.0, (8, 8, 8)), 65,
+                        "_T1w.nii.gz: 8 x 8 x 8 voxels covering 16 x 16 x 16 mm"),
+    "a slab 4 voxels thick": (_voxels(2.0, (40, 40, 4)), 65, "_T1w.nii.gz: 40 x 40 x 4 voxels"),
+    "pixdim 0 without qform or sform": (_raw_pixdim_zero, 65,
+                                        "_T1w.nii.gz: the header gives voxel sizes"),
+    "complex-valued image": (_complex, 65, "_T1w.nii.gz: a complex-valued image (complex64)"),
+}
+
+
+@pytest.mark.parametrize("case", list(IMAGE_CASES), ids=list(IMAGE_CASES))
+def test_an_image_that_cannot_be_a_head_is_refused_before_any_work(case, tiny_bids, tmp_path,
+                                                                   capsys):
+    out = check_hostile_case(IMAGE_CASES[case], tiny_bids, tmp_path, capsys,
+                             ["--skip-bids-validation"])
+    assert not out.exists(), "something was written before the image was refused"
+
+
+def _z_scored_brain(background: float) -> np.ndarray:
+    """A skull-stripped head z-scored inside the brain, its constant background ``background``."""
+    rng = np.random.default_rng(0)
+    grid = np.indices((60, 60, 60)).astype(np.float32) - 30
+    brain = (grid[0] / 24) ** 2 + (grid[1] / 28) ** 2 + (grid[2] / 22) ** 2 < 1
+    values = 300 + 100 * (np.abs(grid[0]) < 8) + rng.normal(0, 20, brain.shape)
+    z = (values - values[brain].mean()) / values[brain].std()
+    return np.where(brain, z, background).astype(np.float32)
+
+
+@pytest.mark.parametrize("background", [-2.5, -1.0, 0.0])
+def test_a_z_scored_skull_stripped_image_is_raised_above_its_background(tmp_path, background):
+    from bids_anomaly.interfaces.deepbet import BrainExtraction
+    from bids_anomaly.interfaces.images import ConformImage
+
+    data = _z_scored_brain(background)
+    nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0])).to_filename(tmp_path / "z.nii.gz")
+    conformed = ConformImage(in_file=str(tmp_path / "z.nii.gz")).run(cwd=str(tmp_path))
+    assert "as in z-scored images" in conformed.outputs.note
+    out = nib.load(conformed.outputs.out_file).get_fdata()
+    brain = data != background
+    assert (out[~brain] == 0).all() and (out[brain] > 0).all()
+    assert np.allclose(out[brain] - out[brain].min(), data[brain] - data[brain].min(),
+                       atol=1e-4)  # the differences kept: a normalisation gives the same
+    mask = BrainExtraction(in_file=conformed.outputs.out_file).run(cwd=str(tmp_path))
+    assert mask.outputs.method == "detected"
+    assert (np.asarray(nib.load(mask.outputs.out_mask).dataobj) > 0).sum() == brain.sum()
+
+
+def test_the_qc_table_says_when_intensities_were_raised(tmp_path):
+    from bids_anomaly.interfaces.qc import RegistrationQC
+
+    mask = np.zeros((20, 20, 20), np.uint8)
+    mask[5:15, 5:15, 5:15] = 1
+    rng = np.random.default_rng(0)
+    for name, data in (("mask", mask), ("image", rng.random((20, 20, 20)).astype(np.float32))):
+        nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0])).to_filename(tmp_path / f"{name}.nii")
+    files = {key: str(tmp_path / f"{name}.nii") for key, name in (
+        ("native_mask", "mask"), ("std_mask", "mask"), ("template_mask", "mask"),
+        ("std_reference", "image"), ("template_t1w", "image"))}
+    qc = RegistrationQC(subject_name="sub-01", reference="T1w", skull_stripping="detected",
+                        modalities=[], notes=["", "sub-01_T1w.nii.gz: intensities below 0 ..."],
+                        **files)
+    table = qc.run(cwd=str(tmp_path)).outputs.out_tsv
+    assert "sub-01_T1w.nii.gz: intensities below 0" in Path(table).read_text()
+
+
+# ----------------------------------------------------------------- ground truth that is wrong
+
+def _fake_outputs(out: Path, bids_dir: Path) -> None:
+    """The derivatives of one scored subject (sub-01) on a 20^3 template-like grid."""
+    from bids_anomaly import bids
+    from bids_anomaly.bids import write_dataset_description
+
+    write_dataset_description(out, bids_dir)
+    space, res = "MNI152NLin2009aSym", 2
+    brain = np.zeros((20, 20, 20), np.uint8)
+    brain[4:16, 4:16, 4:16] = 1
+    rng = np.random.default_rng(0)
+    for spec, data in ((bids.brain_mask_spec(space, res), brain),
+                       (bids.anomaly_map_spec(space, res, "norm"),
+                        (rng.random(brain.shape) * brain).astype(np.float32)),
+                       (bids.anomaly_mask_spec(space, res, "norm"), brain * 0)):
+        path = bids.spec_path(out, "01", None, spec)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.Nifti1Image(data, np.diag([2.0, 2.0, 2.0, 1.0])).to_filename(path)
+    bids.write_sidecar(bids.spec_path(out, "01", None, bids.anomaly_map_spec(space, res, "norm")),
+                       {"Model": "norm", "Threshold": 3.0})
+
+
+@pytest.mark.parametrize("case, data, affine, words", [
+    ("another grid", np.ones((7, 7, 7), np.uint8), np.eye(4), "its grid (7x7x7 voxels) is "
+                                                              "neither the template's"),
+    ("all NaN", np.full((20, 20, 20), np.nan, np.float32), np.diag([2.0, 2.0, 2.0, 1.0]),
+     "8000 of its 8000 voxels are NaN or infinite"),
+], ids=["another grid", "all NaN"])
+def test_ground_truth_that_cannot_be_evaluated_is_refused(tiny_bids, tmp_path, capsys, case,
+                                                          data, affine, words):
+    out, truth = tmp_path / "out", tmp_path / "truth"
+    _fake_outputs(out, tiny_bids)
+    (truth / "sub-01" / "anat").mkdir(parents=True)
+    (truth / "dataset_description.json").write_text(json.dumps(
+        {"Name": "truth", "BIDSVersion": "1.9.0", "DatasetType": "derivative"}))
+    mask = truth / "sub-01" / "anat" / "sub-01_label-lesion_mask.nii.gz"
+    nib.Nifti1Image(data, affine).to_filename(mask)
+    assert main([str(tiny_bids), str(out), "group", "--ground-truth", str(truth)]) == 65
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(mask) in err and words in err, err
+
+
+@pytest.mark.slow
+def test_a_z_scored_real_scan_is_processed(real_data, tmp_path):
+    """sub-mslub26's skull-stripped T1w z-scored inside the brain, its background constant."""
+    source = nib.load(real_data / "sub-mslub26" / "anat" / "sub-mslub26_T1w.nii.gz")
+    data = source.get_fdata()
+    brain = data > 0
+    z = (data - data[brain].mean()) / data[brain].std()
+    bids = write_minimal_bids(tmp_path / "bids", {"01": {"T1w": nib.Nifti1Image(
+        np.where(brain, z, z[~brain].min() if (~brain).any() else -3.0).astype(np.float32),
+        source.affine)}})
+    out = tmp_path / "out"
+    assert main([str(bids), str(out), "participant", "--skip-bids-validation",
+                 "--nprocs", "2"]) == 0
+    qc = (out / "sub-01" / "anat" / "sub-01_desc-registration_qc.tsv").read_text()
+    assert "as in z-scored images" in qc  # the warning in the report's QC table
+    import pandas as pd
+
+    row = pd.read_csv(out / "sub-01" / "anat" / "sub-01_desc-registration_qc.tsv",
+                      sep="\t").iloc[0]
+    assert row["qc_pass"] and row["dice"] > 0.95
+    assert "as in z-scored images" in (out / "sub-01.html").read_text()
+
+
+# ------------------------------------------------------------- the right code, the right words
+
+WORDING_CASES = {
+    "--model a missing path": (lambda b, t: ["participant", "--model", "/missing/path"], 66,
+                               "--model /missing/path: no such model directory"),
+    "unknown --session-label": (lambda b, t: ["participant", "--session-label", "zz"], 18,
+                                "unknown session label(s) zz"),
+    "a filter matching nothing": (_filter_file({"t1w": {"acquisition": "mprage"}}), 18,
+                                  "the t1w filter (acquisition=mprage) matches no image"),
+    "card name '!!!'": (_calibrated(_change_card(True, name="!!!")), 65,
+                        "its name comes from the card and is not a model name"),
+    "card resolution 3": (_calibrated(_change_card(True, resolution=3)), 65,
+                          "resolution 3 is not a voxel size this version offers (1, 2 mm)"),
+    "card of another template": (
+        _calibrated(_change_card(True, template="MNI152NLin6Asym")), 65,
+        "trained in template MNI152NLin6Asym, the data are in MNI152NLin2009aSym"),
+}
+
+
+@pytest.mark.parametrize("case", list(WORDING_CASES), ids=list(WORDING_CASES))
+def test_each_failure_gets_its_code_and_advice_that_can_be_followed(case, tiny_bids, tmp_path,
+                                                                    capsys):
+    check_hostile_case(WORDING_CASES[case], tiny_bids, tmp_path, capsys)
+
+
+def test_no_advice_to_use_a_resolution_that_is_in_use_or_not_offered(tiny_bids, tmp_path,
+                                                                     capsys):
+    for template, resolution in (("MNI152NLin6Asym", 2), ("MNI152NLin2009aSym", 3)):
+        directory = saved_normative_model(tmp_path / f"model-{resolution}", ["T1w"],
+                                          calibrated=True)
+        _change_card(True, template=template, resolution=resolution)(directory)
+        assert main([str(tiny_bids), str(tmp_path / "out"), "participant", "--model",
+                     str(directory)]) == 65
+        err = capsys.readouterr().err
+        assert "--resolution" not in err, err
+
+
+# ------------------------------------------------------------------ nothing raw on the console
+
+def _console(bids: Path, out: Path, *args: str) -> tuple[int, list[str]]:
+    """Run the command line in a process of its own: its real console (stderr) lines."""
+    result = subprocess.run([sys.executable, "-m", "bids_anomaly", str(bids), str(out), *args],
+                            capture_output=True, text=True, timeout=300)
+    return result.returncode, result.stderr.splitlines()
+
+
+def _ours(line: str) -> bool:
+    return line.startswith(("INFO bids_anomaly", "WARNING bids_anomaly", "bids_anomaly: "))
+
+
+@pytest.mark.parametrize("setup", [_raw_pixdim_zero, _complex], ids=["pixdim 0", "complex"])
+def test_library_warnings_stay_off_the_console(tiny_bids, tmp_path, setup):
+    setup(tiny_bids, tmp_path)
+    code, lines = _console(tiny_bids, tmp_path / "out", "participant", "--skip-bids-validation")
+    assert code == 65
+    assert all(_ours(line) for line in lines), lines  # no nibabel fix, no ComplexWarning
+    assert lines[-1].startswith("bids_anomaly: error: ") and "sub-01_T1w" in lines[-1]
+
+
+def test_a_newline_in_a_path_is_printed_escaped(tmp_path):
+    bids = tmp_path / "new\nline"
+    code, lines = _console(bids, tmp_path / "out", "participant")
+    assert code == 16
+    assert lines == [f"bids_anomaly: error: BIDS_DIR {str(tmp_path)}/new\\nline does not exist "
+                     "or is not a folder"], lines
+
+
+def test_figures_of_a_map_with_nan_or_a_huge_threshold_raise_no_warning(tmp_path):
+    import warnings
+
+    from bids_anomaly.reports.figures import plot_anomaly_overlay, plot_lightbox
+
+    rng = np.random.default_rng(0)
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    scores = rng.random((20, 20, 20)).astype(np.float32)
+    scores[0, 0, :5] = np.nan
+    for name, data in (("map", scores), ("bg", rng.random((20, 20, 20)).astype(np.float32))):
+        nib.Nifti1Image(data, affine).to_filename(tmp_path / f"{name}.nii.gz")
+    clusters = np.zeros((20, 20, 20), np.int32)
+    clusters[8:12, 8:12, 8:12] = 1
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plot_lightbox(tmp_path / "bg.nii.gz", tmp_path / "map.nii.gz", clusters,
+                      tmp_path / "lightbox.png", 1e300)
+        plot_anomaly_overlay(tmp_path / "bg.nii.gz", tmp_path / "map.nii.gz", None,
+                             tmp_path / "overlay.png", threshold=0.5)
+    raw = [str(w.message) for w in caught
+           if "overflow" in str(w.message) or "Non-finite" in str(w.message)]
+    assert not raw, raw

@@ -8,8 +8,6 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from bids_anomaly import bids
 from bids_anomaly.config import Settings
 from bids_anomaly.errors import EmptySelectionError, MissingInputError, OutputError
@@ -163,7 +161,7 @@ def validate_images(subjects: list[bids.AnatInputs], record: Path) -> None:
         for path in [*inputs.images.values(), *echoes]:
             key, stamp = signature([path])
             if stamp[0] is None or seen.get(key) != stamp[0]:
-                check_anatomical(np.asarray(load_volume(path).dataobj), path)
+                check_anatomical(load_volume(path), path)
                 seen[key] = stamp[0]
         for paths in inputs.echoes.values():
             check_same_grid(paths, "the echoes of one MEGRE")
