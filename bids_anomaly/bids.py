@@ -761,6 +761,25 @@ def check_output_dir(output_dir: Path) -> None:
                           f"limit of {limit}; choose a shorter OUTPUT_DIR")
 
 
+def check_work_dir(work_dir: Path) -> None:
+    """Refuse a work folder that holds a dataset (a ``dataset_description.json``).
+
+    Raises
+    ------
+    OutputError
+        ``--work-dir`` points into a dataset (exit 73).
+    """
+    try:
+        held = (Path(work_dir) / "dataset_description.json").exists()
+    except OSError as error:
+        raise OutputError(f"--work-dir {work_dir} cannot be used: {error.strerror or error}"
+                          ) from error
+    if held:
+        raise OutputError(f"--work-dir {work_dir} holds a dataset (dataset_description.json): "
+                          "the work folder is filled with caches; choose an empty or new "
+                          "folder")
+
+
 OUTPUT_NAMES_MAX = 400
 """Room the output folder must leave below :data:`PATH_MAX` for what is written under it
 (the work folder's step folders, derivative names) within the system's longest path."""

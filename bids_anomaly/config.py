@@ -515,7 +515,8 @@ class Settings:
         UsageError
             Output or work folder inside the input, an option at a level it does not apply to,
             a post-processing option without a model, ``--fpr`` at the participant level
-            without ``--single-subject``. (The model families check their own
+            without ``--single-subject``, ``--extrapolate`` without ``--model``,
+            ``--dwi-derivatives`` with ``--dwi-maps none``. (The model families check their own
             options: :func:`bids_anomaly.models.check_family_options`.)
         """
         bids_dir, output_dir = self.inputs.bids_dir, self.inputs.output_dir
@@ -551,6 +552,12 @@ class Settings:
             raise UsageError("--fp-per-subject needs --microbleeds CHANNEL")
         if not self.model.fp_per_subject > 0:
             raise UsageError("--fp-per-subject must be above 0")
+        if self.model.extrapolate and not self.model.model:
+            raise UsageError("--extrapolate applies to a model with covariates: give --model "
+                             "NAME")
+        if self.preprocessing.dwi_derivatives is not None and not self.preprocessing.dwi_params:
+            raise UsageError("--dwi-derivatives gives diffusion maps: it cannot be combined "
+                             "with --dwi-maps none")
         if (self.level == "participant" and self.model.fpr != DEFAULT_FPR
                 and not self.model.single_subject):
             raise UsageError("--fpr at the participant level is the false-positive rate of "

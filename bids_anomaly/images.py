@@ -43,6 +43,8 @@ def load_volume(path: str | Path, *, dtype: type = np.float32,
     """
     path = Path(path)
     try:
+        with open(path, "rb"):  # nibabel says "cannot work out the file type" for a file it
+            pass                # may not open: ask the system first
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
     except OSError as error:

@@ -581,6 +581,15 @@ def test_an_output_dir_holding_another_dataset_is_refused_before_writing(
     assert (tree_digest(out), sorted(out.rglob("*"))) == before  # nothing written, nor added
 
 
+def test_a_work_dir_holding_a_dataset_is_refused(tiny_bids, tmp_path, capsys):
+    other = _raw_copy(tiny_bids, tmp_path / "other") and tmp_path / "other"
+    before = tree_digest(other)
+    assert main([str(tiny_bids), str(tmp_path / "out"), "participant", "-w", str(other)]) == 73
+    err = capsys.readouterr().err
+    assert f"--work-dir {other} holds a dataset" in err and tree_digest(other) == before
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("kind", ["new", "empty", "earlier output"])
 def test_an_empty_new_or_own_output_dir_is_used(tiny_bids, tmp_path, capsys, kind):
     from bids_anomaly.bids import write_dataset_description
@@ -618,7 +627,11 @@ def test_the_demo_refuses_a_folder_it_cannot_own(tiny_bids, tmp_path, capsys, wh
     (["train"], "train needs at least 3 subject/sessions"),
     (["train", "--participant-label", "01"], "the selection has 1 (sub-01)"),
     (["participant", "--fpr", "0.01"], "--fpr at the participant level"),
-], ids=["train with 2 subjects", "train with 1 subject", "participant --fpr"])
+    (["participant", "--extrapolate"], "--extrapolate applies to a model with covariates"),
+    (["participant", "--dwi-derivatives", ".", "--dwi-maps", "none"],
+     "--dwi-derivatives gives diffusion maps"),
+], ids=["train with 2 subjects", "train with 1 subject", "participant --fpr",
+        "--extrapolate without a model", "--dwi-derivatives with --dwi-maps none"])
 def test_impossible_requests_are_refused_before_any_work(tiny_bids, tmp_path, capsys, args,
                                                          words):
     out = tmp_path / "out"
@@ -1092,3 +1105,108 @@ def test_figures_of_a_map_with_nan_or_a_huge_threshold_raise_no_warning(tmp_path
     raw = [str(w.message) for w in caught
            if "overflow" in str(w.message) or "Non-finite" in str(w.message)]
     assert not raw, raw
+
+
+# ------------------------------------------------- files a user error, not an internal error
+
+def _symlink(target: str) -> Callable:
+    def setup(bids, tmp):
+        path = bids / T1W
+        path.unlink()
+        path.symlink_to(target if target != "itself" else path.name)
+        return ["participant", "--skip-bids-validation"]
+    return setup
+
+
+def _binary_description(bids, tmp):
+    (bids / "dataset_description.json").write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00binary")
+    return ["participant"]
+
+
+def _long_threshold(digits: int) -> Callable[[Path], None]:
+    def edit(directory: Path) -> None:
+        text = (directory / "model.json").read_text()
+        values = _card_values(directory)
+        (directory / "model.json").write_text(
+            text.replace(f'"threshold": {json.dumps(values["threshold"])}',
+                         '"threshold": 1' + "0" * (digits - 1)))
+    return edit
+
+
+def _with_fdr(setup: Callable) -> Callable:
+    def with_fdr(bids, tmp):
+        return [*setup(bids, tmp), "--fdr", "0.05"]
+    return with_fdr
+
+
+FILE_CASES = {
+    "binary dataset_description.json": (_binary_description, 16,
+                                        "dataset_description.json is not valid JSON"),
+    "dangling symlink, validation skipped": (_symlink("/nonexistent/t1w.nii.gz"), 65,
+                                             "a symbolic link to /nonexistent/t1w.nii.gz, "
+                                             "which does not exist"),
+    "symlink loop, validation skipped": (_symlink("itself"), 65,
+                                         "a symbolic link that loops back on itself"),
+    "card threshold of 5000 digits": (_calibrated(_long_threshold(5000)), 65,
+                                      "is not a valid model card"),
+    "card threshold of 4000 digits": (_calibrated(_long_threshold(4000)), 65,
+                                      "is not a finite number"),
+    "damaged calibration tail with --fdr": (_with_fdr(_calibrated(_damaged_tail)), 65,
+                                            "calibration_tail is damaged"),
+}
+
+
+@pytest.mark.parametrize("case", list(FILE_CASES), ids=list(FILE_CASES))
+def test_files_that_cannot_be_used_are_user_errors(case, tiny_bids, tmp_path, capsys):
+    out = check_hostile_case(FILE_CASES[case], tiny_bids, tmp_path, capsys)
+    assert not list(out.glob("sub-*")), "work was done before the refusal"
+
+
+def _unreadable(path: Path, monkeypatch) -> None:
+    """Take away the permission to read ``path``.
+
+    Root reads every file whatever its mode: under root, opening it raises the error the system
+    gives anyone else (Permission denied), through every way the tool opens files.
+    """
+    import builtins
+    import io
+    import os
+
+    path.chmod(0)
+    if os.geteuid() != 0:
+        return
+    target = os.path.realpath(path)
+    real_open = builtins.open
+
+    def guarded_open(file, *args, **kwargs):
+        if isinstance(file, (str, bytes, os.PathLike)) and os.path.realpath(file) == target:
+            raise PermissionError(13, "Permission denied", os.fspath(file))
+        return real_open(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", guarded_open)
+    monkeypatch.setattr(io, "open", guarded_open)
+
+
+@pytest.mark.parametrize("what, args, code, words", [
+    ("participants.tsv", ["train", "--train-filter", "group=healthy"], 66,
+     "participants.tsv: permission denied"),
+    ("sub-01/anat/sub-01_T1w.nii.gz", ["participant"], 65,
+     "sub-01_T1w.nii.gz: permission denied"),
+    ("model-norm/weights.safetensors", ["participant", "--model", "MODEL"], 66,
+     "weights.safetensors: permission denied"),
+    ("model-norm/model.json", ["participant", "--model", "MODEL"], 66,
+     "model.json: permission denied"),
+], ids=["participants.tsv", "image", "weights", "card"])
+def test_an_unreadable_file_says_permission_denied(tiny_bids, tmp_path, capsys, monkeypatch,
+                                                   what, args, code, words):
+    saved_normative_model(tiny_bids.parent / "model-norm", ["T1w"], calibrated=True)
+    target = tiny_bids.parent / what if what.startswith("model") else tiny_bids / what
+    args = [str(tiny_bids.parent / "model-norm") if a == "MODEL" else a for a in args]
+    _unreadable(target, monkeypatch)
+    try:
+        assert main([str(tiny_bids), str(tmp_path / "out"), *args,
+                     "--skip-bids-validation"]) == code
+    finally:
+        target.chmod(0o644)
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and words in err and "corrupt" not in err, err

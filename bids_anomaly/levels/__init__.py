@@ -26,8 +26,9 @@ def run(settings: Settings) -> str:
 
     Paths in it have their control characters escaped (:func:`~bids_anomaly.errors.one_line`).
 
-    Nothing is written before the settings, the output folder
-    (:func:`~bids_anomaly.bids.check_output_dir`) and the device are checked.
+    Nothing is written before the settings, the output and work folders
+    (:func:`~bids_anomaly.bids.check_output_dir`, :func:`~bids_anomaly.bids.check_work_dir`)
+    and the device are checked.
 
     Raises
     ------
@@ -41,6 +42,7 @@ def run(settings: Settings) -> str:
     settings.check()
     check_family_options(settings)
     bids.check_output_dir(settings.output_dir)
+    bids.check_work_dir(settings.work_dir)
     if distributed.world_size() > 1 and settings.level != "train":
         raise UsageError(f"the {settings.level} level runs as one process; only train is "
                          "launched with torchrun")
