@@ -109,8 +109,8 @@ def template_grid(resolution: int = 2) -> tuple[int, ...]:
 
 def saved_normative_model(directory: Path, channels: list[str], threshold: float = 3.0,
                           grid: tuple[int, ...] | None = None, fpr: float = 0.001,
-                          calibrated: bool = False) -> Path:
-    """A normative model on the template grid (median 0, spread 1), saved with its card.
+                          calibrated: bool = False, spread: float = 1.0) -> Path:
+    """A normative model on the template grid (median 0, spread ``spread``), saved with its card.
 
     ``calibrated``: the card holds the tail of healthy scores (|z| of a standard normal, as
     training stores it) and the threshold at ``fpr`` on them instead of ``threshold``.
@@ -128,7 +128,7 @@ def saved_normative_model(directory: Path, channels: list[str], threshold: float
     grid = grid or template_grid()
     model = NormativeModel()
     model.location = torch.zeros(len(channels), *grid)
-    model.spread = torch.ones(len(channels), *grid)
+    model.spread = torch.full((len(channels), *grid), float(spread))
     model.support = torch.ones(grid, dtype=torch.bool)
     card = ModelCard(name=directory.name.removeprefix("model-"), model_type="normative",
                      channels=list(channels), template="MNI152NLin2009aSym", resolution=2,
