@@ -399,10 +399,10 @@ def run_train(settings: Settings) -> list[Path]:
                 labels = list(dict.fromkeys([*labels, *annotated]))
         subjects = collect_subjects(settings, layout, labels)
         source = transfer_source(settings) if settings.model.transfer else None
-        if source is None and annotations is None and not model_class.calibration_only:
-            check_training_size(subjects)
         channels = choose_channels(subjects, source[1].channels if source
                                    else settings.model.channels)
+        if source is None and annotations is None and not model_class.calibration_only:
+            check_training_size(subjects)
         if settings.model.microbleeds and settings.model.microbleeds not in channels:
             raise MissingInputError(f"--microbleeds {settings.model.microbleeds}: not among the "
                                     f"model's channels ({', '.join(channels)}); add it to "
