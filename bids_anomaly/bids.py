@@ -24,7 +24,9 @@ from bids_anomaly.errors import (
     BIDSValidationError,
     EmptySelectionError,
     MissingInputError,
+    OutputError,
     UsageError,
+    file_problem,
 )
 from bids_anomaly.validation import validate_dataset
 
@@ -259,9 +261,17 @@ def check_bids_dir(bids_dir: Path, skip_validation: bool = False, *,
             "(use --skip-bids-validation to try anyway)"
         )
     try:
-        json.loads(description.read_text())
-    except json.JSONDecodeError as error:
-        raise BIDSValidationError(f"{description} is not valid JSON: {error}") from error
+        content = json.loads(description.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise MissingInputError(file_problem(description, error) or f"{description}: {error}"
+                                ) from error
+    except ValueError as error:  # not UTF-8 (a binary file), not JSON
+        raise BIDSValidationError(f"{description} is not valid JSON ({error.__class__.__name__}"
+                                  f": {error}); write the dataset's description as JSON"
+                                  ) from error
+    if not isinstance(content, dict):
+        raise BIDSValidationError(f"{description} is not a JSON object (BIDS needs Name and "
+                                  "BIDSVersion in it)")
     if not any(bids_dir.glob("sub-*")):
         raise BIDSValidationError(f"{bids_dir} is not a BIDS dataset: it has no sub-* folder")
     validate_dataset(bids_dir, dataset_signature(bids_dir), exempt=UNRELEASED_SUFFIXES,
@@ -337,13 +347,23 @@ def save_layout(layout, bids_dir: Path, database_dir: Path, validate: bool = Tru
 
 
 def read_participants(bids_dir: Path) -> pd.DataFrame:
-    """Read ``participants.tsv`` with labels (no ``sub-``) in a ``label`` column."""
+    """Read ``participants.tsv`` with labels (no ``sub-``) in a ``label`` column.
+
+    Raises
+    ------
+    MissingInputError
+        No such file, or one this user cannot read.
+    BadDataError
+        Not a readable table, or malformed participant ids.
+    """
     path = bids_dir / "participants.tsv"
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise MissingInputError(f"{path} is missing, so participants cannot be filtered by it")
     try:
         table = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False,
                             quoting=csv.QUOTE_NONE, encoding="utf-8")
+    except OSError as error:
+        raise MissingInputError(file_problem(path, error) or f"{path}: {error}") from error
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise BadDataError(f"{path} is not a readable tab-separated table "
                            f"({error.__class__.__name__}: {str(error).strip()})") from error
@@ -358,11 +378,20 @@ def read_participants(bids_dir: Path) -> pd.DataFrame:
     return table
 
 
+def participants_if_any(bids_dir: Path) -> pd.DataFrame | None:
+    """:func:`read_participants`, or None when the dataset has no ``participants.tsv``.
+
+    A file that is there but cannot be read is an error, not an absence.
+    """
+    if not os.path.lexists(Path(bids_dir) / "participants.tsv"):
+        return None
+    return read_participants(bids_dir)
+
+
 def participant_rows(bids_dir: Path) -> dict[str, dict[str, str]]:
     """Each participant's participants.tsv row (column to value), by label; {} without one."""
-    try:
-        table = read_participants(bids_dir)
-    except MissingInputError:
+    table = participants_if_any(bids_dir)
+    if table is None:
         return {}
     columns = [c for c in table.columns if c != "label"]
     return {row["label"]: {c: row[c] for c in columns}
@@ -656,12 +685,112 @@ def model_desc(model_name: str) -> str:
     return desc
 
 
+GENERATED_BY = "bids_anomaly"
+"""``GeneratedBy`` name of this tool's derivative datasets: how it knows its own outputs."""
+
+
+def _dataset_kind(description: object) -> str:
+    """What a ``dataset_description.json`` says its dataset is, for messages."""
+    if not isinstance(description, dict):
+        return "a dataset_description.json that is not a JSON object"
+    name = description.get("Name")
+    kind = description.get("DatasetType", "raw")
+    named = f" {str(name)[:60]!r}" if name else ""
+    if kind != "derivative":
+        return f"the {kind} BIDS dataset{named}"
+    makers = [str(g.get("Name")) for g in description.get("GeneratedBy") or []
+              if isinstance(g, dict) and g.get("Name")]
+    return (f"the derivatives{named} of {', '.join(makers)}" if makers
+            else f"the derivative dataset{named}")
+
+
+def check_output_dir(output_dir: Path) -> None:
+    """Refuse an output folder that holds another dataset, before anything is written.
+
+    An empty or new folder, or an earlier output of this tool (its ``dataset_description.json``
+    says ``GeneratedBy`` bids_anomaly), is fine. A folder whose ``dataset_description.json`` is
+    anything else (a raw dataset, another pipeline's derivatives, unreadable), or that holds a
+    dataset without one (``participants.tsv``, ``sub-*`` folders, ``.bidsignore``), would have
+    its description replaced and files added: it is refused.
+
+    Raises
+    ------
+    OutputError
+        The folder cannot be used (exit 73), in one line naming it and what it holds.
+    """
+    output_dir = Path(output_dir)
+    advice = ("bids_anomaly writes only into an empty or new folder or into its own earlier "
+              "output: choose another OUTPUT_DIR")
+    try:
+        exists = output_dir.exists()
+        if exists and not output_dir.is_dir():
+            raise OutputError(f"OUTPUT_DIR {output_dir} is a file, not a folder; {advice}")
+        description = output_dir / "dataset_description.json"
+        if exists and description.exists():
+            try:
+                content = json.loads(description.read_text(encoding="utf-8"))
+            except (OSError, ValueError) as error:
+                raise OutputError(f"OUTPUT_DIR {output_dir} holds a dataset_description.json "
+                                  f"that cannot be read ({error.__class__.__name__}); "
+                                  f"{advice}") from error
+            ours = (isinstance(content, dict) and content.get("DatasetType") == "derivative"
+                    and any(isinstance(g, dict) and g.get("Name") == GENERATED_BY
+                            for g in content.get("GeneratedBy") or []))
+            if not ours:
+                raise OutputError(f"OUTPUT_DIR {output_dir} holds {_dataset_kind(content)}, "
+                                  f"not an output of bids_anomaly; {advice}")
+        elif exists:
+            found = [name for name in ("participants.tsv", ".bidsignore")
+                     if (output_dir / name).exists()]
+            found += sorted(p.name for p in output_dir.glob("sub-*") if p.is_dir())[:1]
+            if found:
+                raise OutputError(f"OUTPUT_DIR {output_dir} holds a dataset without "
+                                  f"dataset_description.json ({', '.join(found)}), not an "
+                                  f"output of bids_anomaly; {advice}")
+    except OSError as error:  # too long a name, a forbidden parent
+        raise OutputError(f"OUTPUT_DIR {output_dir} cannot be used: {error.strerror or error}"
+                          ) from error
+    try:
+        limit = os.pathconf("/", "PC_PATH_MAX")
+    except (OSError, ValueError, AttributeError):  # not said: Linux's
+        limit = 4096
+    length = len(os.fsencode(output_dir))
+    if length + OUTPUT_NAMES_MAX > limit:
+        raise OutputError(f"OUTPUT_DIR {output_dir} is {length} bytes long: the files written "
+                          f"under it need up to {OUTPUT_NAMES_MAX} more, beyond the system's "
+                          f"limit of {limit}; choose a shorter OUTPUT_DIR")
+
+
+def check_work_dir(work_dir: Path) -> None:
+    """Refuse a work folder that holds a dataset (a ``dataset_description.json``).
+
+    Raises
+    ------
+    OutputError
+        ``--work-dir`` points into a dataset (exit 73).
+    """
+    try:
+        held = (Path(work_dir) / "dataset_description.json").exists()
+    except OSError as error:
+        raise OutputError(f"--work-dir {work_dir} cannot be used: {error.strerror or error}"
+                          ) from error
+    if held:
+        raise OutputError(f"--work-dir {work_dir} holds a dataset (dataset_description.json): "
+                          "the work folder is filled with caches; choose an empty or new "
+                          "folder")
+
+
+OUTPUT_NAMES_MAX = 400
+"""Room the output folder must leave below :data:`PATH_MAX` for what is written under it
+(the work folder's step folders, derivative names) within the system's longest path."""
+
+
 def write_dataset_description(output_dir: Path, bids_dir: Path | None) -> Path:
     """Write the derivative dataset's ``dataset_description.json`` and ``.bidsignore``."""
     import os
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    generated_by = {"Name": "bids_anomaly", "Version": __version__,
+    generated_by = {"Name": GENERATED_BY, "Version": __version__,
                     "CodeURL": "https://github.com/bids-anomaly/bids_anomaly"}
     container = os.environ.get("BIDS_ANOMALY_CONTAINER")
     if container:

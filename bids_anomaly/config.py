@@ -53,6 +53,10 @@ One healthy brain voxel in a thousand is flagged: about 240 voxels (2 ml) per he
 2 mm, a level at which lesions of a few millilitres stand out.
 """
 
+MIN_TRAINING_SUBJECTS = 3
+"""Subject/sessions a model is trained on at least: 2 to fit it, 1 to calibrate its threshold
+(families that learn nothing from the data, :attr:`calibration_only`, need 1)."""
+
 RESOLUTIONS = (1, 2)
 """Template voxel sizes (mm) the embedded template is offered at."""
 
@@ -76,10 +80,23 @@ RESTRICTIONS = {"brain": "brain mask", "wm": "template white matter dilated by o
 
 def positive_int(value: str) -> int:
     """An integer of at least 1."""
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return number
+    return at_least(1)(value)
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """The parser of an integer of at least ``minimum`` (see :func:`positive_int`)."""
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError as error:
+            raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from error
+        if number < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return number
+
+    parse.__name__ = f"at_least_{minimum}"
+    return parse
 
 
 def rate(value: str) -> float:
@@ -376,7 +393,7 @@ class ModelSettings:
                "refused", flags=("--extrapolate",), levels=("participant",),
         action="store_true")
     calibration_fraction: float = option(
-        0.2, "share of the training subjects held out to calibrate the threshold")
+        0.2, "share of the training subjects held out to calibrate the threshold", type=rate)
     single_subject: str | None = option(
         help="fit this model on each subject's own brain and flag its improbable voxels; for "
              "users without healthy controls. The threshold is the --fpr quantile of the fitted "
@@ -497,7 +514,9 @@ class Settings:
         ------
         UsageError
             Output or work folder inside the input, an option at a level it does not apply to,
-            a post-processing option without a model. (The model families check their own
+            a post-processing option without a model, ``--fpr`` at the participant level
+            without ``--single-subject``, ``--extrapolate`` without ``--model``,
+            ``--dwi-derivatives`` with ``--dwi-maps none``. (The model families check their own
             options: :func:`bids_anomaly.models.check_family_options`.)
         """
         bids_dir, output_dir = self.inputs.bids_dir, self.inputs.output_dir
@@ -533,6 +552,17 @@ class Settings:
             raise UsageError("--fp-per-subject needs --microbleeds CHANNEL")
         if not self.model.fp_per_subject > 0:
             raise UsageError("--fp-per-subject must be above 0")
+        if self.model.extrapolate and not self.model.model:
+            raise UsageError("--extrapolate applies to a model with covariates: give --model "
+                             "NAME")
+        if self.preprocessing.dwi_derivatives is not None and not self.preprocessing.dwi_params:
+            raise UsageError("--dwi-derivatives gives diffusion maps: it cannot be combined "
+                             "with --dwi-maps none")
+        if (self.level == "participant" and self.model.fpr != DEFAULT_FPR
+                and not self.model.single_subject):
+            raise UsageError("--fpr at the participant level is the false-positive rate of "
+                             "--single-subject; a trained model's threshold was calibrated at "
+                             "training (train --fpr)")
         if self.model.tune_objective != "dice" and self.model.annotations is None:
             raise UsageError("--tune-objective needs --annotations (the post-processing is "
                              "tuned on annotated subjects)")

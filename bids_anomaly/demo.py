@@ -9,6 +9,8 @@ from pathlib import Path
 import pandas as pd
 
 from bids_anomaly import bids
+from bids_anomaly.config import MIN_TRAINING_SUBJECTS
+from bids_anomaly.errors import OutputError, UsageError
 from bids_anomaly.synthetic import generate_demo_dataset
 
 LOGGER = logging.getLogger(__name__)
@@ -21,7 +23,8 @@ DEMO_MODELS = (("normative", "normative", {"channels": ["T1w", "FLAIR"]}),
 models on T1w + FLAIR, and microbleed detection on the T2*-weighted image."""
 
 DEMO_HEALTHY = 4
-"""Healthy controls of the default demo: 3 to fit the models, 1 to calibrate their threshold."""
+"""Healthy controls of the default demo: 3 to fit the models, 1 to calibrate their threshold
+(at least :data:`~bids_anomaly.config.MIN_TRAINING_SUBJECTS`)."""
 
 DEMO_PATIENTS = 2
 """Patients of the default demo (one with a thick-slice FLAIR)."""
@@ -29,6 +32,30 @@ DEMO_PATIENTS = 2
 DEMO_MODALITIES = ("T1w", "FLAIR", "T2starw")
 """Contrasts of the default demo: the most common MS / white-matter-lesion protocol, and a
 T2*-weighted GRE for microbleeds (the patients have 1 to 20)."""
+
+
+def check_demo_dir(output_dir: Path) -> None:
+    """Refuse a demo folder that is a dataset, or a path that cannot be a folder.
+
+    The demo writes ``rawdata/``, ``derivatives/`` and ``work/`` into a folder of its own;
+    nothing is written before this check.
+
+    Raises
+    ------
+    OutputError
+        The folder is a file or under one, or holds a dataset (exit 73).
+    """
+    bids.check_output_dir(output_dir)  # not another dataset, a usable path
+    if (output_dir / "dataset_description.json").exists():
+        raise OutputError(f"demo OUTPUT_DIR {output_dir} holds a derivative dataset of "
+                          "bids_anomaly; the demo writes rawdata/, derivatives/ and work/ into "
+                          "a folder of its own: choose an empty or new folder")
+    for parent in output_dir.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise OutputError(f"demo OUTPUT_DIR {output_dir} cannot be created: {parent} "
+                                  "is a file")
+            break
 
 
 def run_demo(output_dir: Path, n_healthy: int = DEMO_HEALTHY, n_patients: int = DEMO_PATIENTS,
@@ -57,7 +84,11 @@ def run_demo(output_dir: Path, n_healthy: int = DEMO_HEALTHY, n_patients: int = 
     )
     from bids_anomaly.progress import _duration
 
+    if n_healthy < MIN_TRAINING_SUBJECTS:
+        raise UsageError(f"--healthy {n_healthy}: the demo trains its models on the healthy "
+                         f"controls, at least {MIN_TRAINING_SUBJECTS}")
     output_dir = Path(output_dir).resolve()
+    check_demo_dir(output_dir)
     rawdata = output_dir / "rawdata"
     results = output_dir / "derivatives" / "bids_anomaly"
     truth = [rawdata / "derivatives" / "lesion_masks"]
@@ -70,8 +101,13 @@ def run_demo(output_dir: Path, n_healthy: int = DEMO_HEALTHY, n_patients: int = 
         print(f"[demo] generating a synthetic BIDS dataset in {rawdata}: {n_healthy} healthy "
               f"controls and {n_patients} patients with lesions ({', '.join(modalities)})",
               flush=True)
-        generate_demo_dataset(rawdata, n_healthy=n_healthy, n_patients=n_patients,
-                              seed=random_seed, modalities=modalities, microbleeds=with_bleeds)
+        try:
+            generate_demo_dataset(rawdata, n_healthy=n_healthy, n_patients=n_patients,
+                                  seed=random_seed, modalities=modalities,
+                                  microbleeds=with_bleeds)
+        except OSError as error:
+            raise OutputError(f"demo: cannot write the dataset in {rawdata}: "
+                              f"{error.strerror or error}") from error
     # one thread per step and one step per core: the subjects run side by side (ITK's
     # threads scale poorly), and the results are reproducible to the bit
     execution = ExecutionSettings(work_dir=output_dir / "work", nprocs=nprocs, omp_nthreads=1,

@@ -7,9 +7,12 @@ are added here:
   with ``kill -9`` used to leave its workers (and through them Python's fork server and resource
   tracker) running. Each worker now watches the process that started it and exits when it is
   gone, and ignores SIGINT, which the main process handles for the whole run.
-- **Clean interruption.** SIGTERM (sent by ``kill``, SLURM's ``scancel``, ``docker stop``) is
-  turned into :class:`~bids_anomaly.errors.Interrupted` in the main process; on the way out the
-  workers are stopped, so nothing keeps running after the message.
+- **Clean interruption.** SIGTERM (sent by ``kill``, SLURM's ``scancel``, ``docker stop``) and
+  SIGINT are turned into :class:`~bids_anomaly.errors.Interrupted` in the main process; on the
+  way out the workers are stopped, so nothing keeps running after the message. A step running
+  in the main process (``--nprocs 1``) is interrupted too: Nipype takes the exception for the
+  step's failure, so the run stops at the next step instead, and the crash file of the
+  interrupted step is removed (it records no failure).
 - **Failures mapped back.** An exception inside a node reaches the main process as a generic
   "Workflow did not execute cleanly"; the crash files of this run say which node failed and
   why. A :class:`~bids_anomaly.errors.BidsAnomalyError` raised in a node becomes the same
@@ -20,6 +23,10 @@ are added here:
 - **Dead workers.** A worker killed from outside (the kernel's OOM killer) or crashed in native
   code leaves Nipype's scheduler waiting forever for its result; such a node now fails with a
   crash file that says the worker died, and so does every node submitted after it.
+- **A quiet console.** Without ``-v``, Nipype's console shows only the warnings of the steps
+  themselves (``nipype.interface``); its scheduler's messages about failing nodes, tracebacks
+  included, stay in the crash files and ``pypeline.log``: the one line of :func:`failure` says
+  what failed and where the traceback is.
 """
 
 from __future__ import annotations
@@ -44,25 +51,42 @@ WATCH_INTERVAL_S = 0.5
 """How often a worker checks that the main process is still alive."""
 
 
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+"""The signals that stop a run (exit 128 + the signal's number)."""
+
+_received: list[int] = []
+"""The stop signals received inside :func:`interruptible` (the last one counts)."""
+
+
+def received_signal() -> int | None:
+    """The stop signal received since :func:`interruptible` began, or None."""
+    return _received[-1] if _received else None
+
+
 @contextlib.contextmanager
 def interruptible() -> Iterator[None]:
-    """Turn SIGTERM into :class:`~bids_anomaly.errors.Interrupted` while the block runs.
+    """Turn SIGTERM and SIGINT into :class:`~bids_anomaly.errors.Interrupted` in the block.
 
-    Only the main thread can install signal handlers; elsewhere (a test runner's thread) the
-    block runs unchanged.
+    The signal is also remembered (:func:`received_signal`): code that catches every exception,
+    as Nipype does around a step, cannot hide it. Only the main thread can install signal
+    handlers; elsewhere (a test runner's thread) the block runs unchanged.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
     def terminate(signum: int, frame: object) -> None:
+        _received.append(signum)
         raise Interrupted(signum)
 
-    previous = signal.signal(signal.SIGTERM, terminate)
+    _received.clear()
+    previous = {signum: signal.signal(signum, terminate) for signum in STOP_SIGNALS}
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _received.clear()
 
 
 def _process_state(pid: int) -> tuple[str, str] | None:
@@ -147,11 +171,18 @@ def guard_nipype_log_lock() -> None:
                 handler.stream_lock = _BreakableLogLock(handler.lock_file)
 
 
+def _steps_only(record: logging.LogRecord) -> bool:
+    """Console filter: the steps' own messages, not the scheduler's (failures, tracebacks)."""
+    return record.name == "nipype.interface"
+
+
 def set_nipype_console_level(level: str) -> None:
     """Show Nipype's messages from ``level`` on the console; its log file keeps them all.
 
     Nipype logs to one stream handler on the ``nipype`` logger and to ``pypeline.log``; its
-    loggers are set to the file's level, so the console gets its own.
+    loggers are set to the file's level, so the console gets its own. Below ``INFO`` (no
+    ``-v``), the console shows the steps' warnings only: a failing step is reported in one line
+    by :func:`failure`, its traceback stays in its crash file.
     """
     import logging as logging_module
 
@@ -159,10 +190,27 @@ def set_nipype_console_level(level: str) -> None:
 
     nipype_logger = logging_module.getLogger("nipype")
     nipype_logger.propagate = False  # its own handler shows what the console should
+    quiet = logging_module.getLevelName(level) > logging_module.INFO
     for handler in nipype_logger.handlers:
         if type(handler) is logging_module.StreamHandler:
             handler.setLevel(level)
+            handler.removeFilter(_steps_only)
+            if quiet:
+                handler.addFilter(_steps_only)
     guard_nipype_log_lock()
+
+
+def quiet_library_warnings(debug: bool = False) -> None:
+    """Keep the libraries' warnings off the console (``debug``: log them).
+
+    Python warnings (numpy's overflow, nilearn's non-finite values) and nibabel's header fixes
+    are what libraries say about inputs this tool checks itself: those that matter are refused
+    or logged in one line by the tool (a complex image, voxel sizes of 0, NaN voxels).
+    """
+    logging.captureWarnings(True)
+    level = logging.DEBUG if debug else logging.CRITICAL + 1
+    for name in ("py.warnings", "nibabel.global"):
+        logging.getLogger(name).setLevel(level)
 
 
 def _initialize_worker(cwd: str, main_pid: int, console_level: str) -> None:
@@ -170,6 +218,7 @@ def _initialize_worker(cwd: str, main_pid: int, console_level: str) -> None:
     from nipype.pipeline.plugins.multiproc import process_initializer
 
     process_initializer(cwd)
+    quiet_library_warnings(debug=console_level == "DEBUG")
     set_nipype_console_level(console_level)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     threading.Thread(target=_watch_main_process, args=(main_pid,), daemon=True,
@@ -294,6 +343,29 @@ def read_crash(path: Path) -> Crash:
     return Crash(Path(path), node, error_type.strip(), " ".join(message.split()))
 
 
+def _stop_when_interrupted(callback: Callable | None) -> Callable:
+    """A Nipype status callback that stops a serial run once a stop signal arrived.
+
+    Nipype's serial plugin catches every exception of a step, the signal's among them, writes a
+    crash file and goes on with the next step; the end of the interrupted step raises it again.
+    """
+    def status(node, event: str) -> None:
+        if callback is not None:
+            callback(node, event)
+        signum = received_signal()
+        if signum is not None:
+            raise Interrupted(signum)
+
+    return status
+
+
+def _forget_interrupted_steps(log_dir: Path, start: float) -> None:
+    """Remove the crash files of steps stopped by a signal (they record no failure)."""
+    for path in crash_files_since(log_dir, start):
+        if read_crash(path).error_type.rsplit(".", 1)[-1] in ("Interrupted", "KeyboardInterrupt"):
+            path.unlink(missing_ok=True)
+
+
 def crash_files_since(log_dir: Path, start: float) -> list[Path]:
     """Nipype crash files written in ``log_dir`` since ``start`` (a ``time.time()``)."""
     files = [p for p in Path(log_dir).glob("crash-*.txt") if p.stat().st_mtime >= start - 1]
@@ -317,8 +389,9 @@ def run_workflow(workflow, nprocs: int, log_dir: Path, mem_gb: float | None = No
                  ) -> None:
     """Run a Nipype workflow: MultiProc with supervised workers, or Linear for one process.
 
-    ``console_level`` is the lowest level of Nipype messages shown on the console (the workers'
-    too); ``pypeline.log`` keeps every message of the level Nipype is configured with.
+    ``console_level`` is the lowest level of Nipype messages shown on the console, by this
+    process and the workers (:func:`set_nipype_console_level`); ``pypeline.log`` keeps every
+    message of the level Nipype is configured with.
 
     Raises
     ------
@@ -327,9 +400,8 @@ def run_workflow(workflow, nprocs: int, log_dir: Path, mem_gb: float | None = No
     KeyboardInterrupt
         SIGINT, or SIGTERM under :func:`interruptible`; the workers are stopped first.
     """
-    plugin_args: dict = {}
-    if status_callback is not None:
-        plugin_args["status_callback"] = status_callback
+    set_nipype_console_level(console_level)
+    plugin_args: dict = {"status_callback": _stop_when_interrupted(status_callback)}
     if nprocs > 1:
         # forked workers of a process that already ran torch can hang (OpenMP state), so the
         # pool starts its workers from a clean server process
@@ -344,7 +416,14 @@ def run_workflow(workflow, nprocs: int, log_dir: Path, mem_gb: float | None = No
     start = time.time()
     try:
         workflow.run(plugin=plugin)
+    except KeyboardInterrupt:
+        _forget_interrupted_steps(log_dir, start)
+        raise
     except RuntimeError as error:
+        signum = received_signal()
+        if signum is not None:  # a step stopped by the signal, reported as its failure
+            _forget_interrupted_steps(log_dir, start)
+            raise Interrupted(signum) from None
         raise failure(log_dir, start, error) from error
     finally:
         if hasattr(plugin, "stop_workers"):

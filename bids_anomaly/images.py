@@ -11,18 +11,21 @@ import nibabel as nib
 import numpy as np
 from nibabel.filebasedimages import ImageFileError
 
-from bids_anomaly.errors import BadDataError
+from bids_anomaly.errors import BadDataError, file_problem
 
 LOGGER = logging.getLogger(__name__)
 
 
-def load_volume(path: str | Path, *, dtype: type = np.float32) -> nib.Nifti1Image:
+def load_volume(path: str | Path, *, dtype: type = np.float32,
+                finite: bool = False) -> nib.Nifti1Image:
     """Read a 3D NIfTI image, checking everything that makes later steps fail obscurely.
 
-    Truncated or corrupt files, 4D images (other than a single trailing volume), zero or
-    negative voxel sizes and images without a usable affine are refused with a
-    :class:`~bids_anomaly.errors.BadDataError` naming the file. NaN and infinite voxels are set
-    to zero and reported in the log.
+    Files that cannot be opened, truncated or corrupt files, complex-valued images, 4D images
+    (other than a single trailing volume), voxel sizes that are zero in a header without an
+    orientation (nibabel would take them for 1 mm) or that no MR image has (outside
+    :data:`VOXEL_SIZE_MM`), and images without a usable affine are refused with a
+    :class:`~bids_anomaly.errors.BadDataError` naming the file and the reason. NaN and infinite
+    voxels are set to zero and reported in the log.
 
     Parameters
     ----------
@@ -30,6 +33,8 @@ def load_volume(path: str | Path, *, dtype: type = np.float32) -> nib.Nifti1Imag
         NIfTI file (``.nii`` or ``.nii.gz``).
     dtype : numpy dtype
         Data type of the returned image.
+    finite : bool
+        Refuse NaN or infinite voxels instead of setting them to 0 (a mask).
 
     Returns
     -------
@@ -38,16 +43,23 @@ def load_volume(path: str | Path, *, dtype: type = np.float32) -> nib.Nifti1Imag
     """
     path = Path(path)
     try:
+        with open(path, "rb"):  # nibabel says "cannot work out the file type" for a file it
+            pass                # may not open: ask the system first
         img = nib.load(str(path))
         data = np.asanyarray(img.dataobj)
-    except FileNotFoundError as error:
-        raise BadDataError(f"{path}: file not found") from error
-    except (OSError, EOFError, ValueError, zlib.error, gzip.BadGzipFile,
+    except OSError as error:
+        problem = file_problem(path, error)
+        if problem is None:
+            raise _corrupt(path, error) from error
+        raise BadDataError(problem) from error
+    except (EOFError, ValueError, zlib.error, gzip.BadGzipFile,
             nib.filebasedimages.ImageFileError) as error:
-        raise BadDataError(
-            f"{path}: cannot read this NIfTI file ({error.__class__.__name__}: {error}); it is "
-            "probably truncated or corrupt, replace it with a complete copy"
-        ) from error
+        raise _corrupt(path, error) from error
+    if data.dtype.kind == "c":
+        raise BadDataError(f"{path}: a complex-valued image ({data.dtype}); give its magnitude "
+                           "(the part-mag image) instead")
+    if data.dtype.kind not in "biuf":
+        raise BadDataError(f"{path}: not an image of numbers (data type {data.dtype})")
     if data.ndim == 4 and data.shape[3] == 1:
         data = data[..., 0]
     if data.ndim < 3:
@@ -63,9 +75,17 @@ def load_volume(path: str | Path, *, dtype: type = np.float32) -> nib.Nifti1Imag
     zooms = np.asarray(img.header.get_zooms()[:3], dtype=float)
     if not np.all(np.isfinite(zooms)) or np.any(zooms <= 0):
         raise BadDataError(f"{path}: invalid voxel sizes {tuple(zooms)}")
+    _check_stored_voxel_sizes(path, img)
     affine = img.affine
-    if (affine is None or not np.all(np.isfinite(affine))
-            or abs(np.linalg.det(affine[:3, :3])) < 1e-6):
+    if affine is None or not np.all(np.isfinite(affine)):
+        raise BadDataError(f"{path}: the header has no usable orientation (affine)")
+    sizes = np.linalg.norm(affine[:3, :3], axis=0)
+    low, high = VOXEL_SIZE_MM
+    if not (sizes >= low).all() or not (sizes <= high).all():
+        shown = " x ".join(f"{size:.3g}" for size in sizes)
+        raise BadDataError(f"{path}: voxels of {shown} mm: no MR image of a head has voxels "
+                           f"outside {low:g}-{high:g} mm; fix the voxel sizes in the header")
+    if abs(np.linalg.det(affine[:3, :3])) < 1e-6 * float(np.prod(sizes)):
         raise BadDataError(f"{path}: the header has no usable orientation (affine)")
     shear = affine_shear(affine)
     if shear > MAX_SHEAR:
@@ -75,15 +95,61 @@ def load_volume(path: str | Path, *, dtype: type = np.float32) -> nib.Nifti1Imag
             "onto an unsheared grid first"
         )
     data = np.asarray(data, dtype=np.float64)
-    finite = np.isfinite(data)
-    if not finite.all():
-        LOGGER.warning("%s: %d NaN or infinite voxels set to 0", path, int((~finite).sum()))
-        data = np.where(finite, data, 0.0)
+    valid = np.isfinite(data)
+    if not valid.all():
+        if finite:
+            raise BadDataError(f"{path}: {int((~valid).sum())} of its {data.size} voxels are "
+                               "NaN or infinite; a mask holds 0 outside and 1 (or a label) "
+                               "inside")
+        LOGGER.warning("%s: %d NaN or infinite voxels set to 0", path, int((~valid).sum()))
+        data = np.where(valid, data, 0.0)
     out = nib.Nifti1Image(data.astype(dtype), affine, img.header)
     out.header.set_data_dtype(dtype)
     out.header.set_slope_inter(1.0, 0.0)
     return out
 
+
+def _corrupt(path: Path, error: BaseException) -> BadDataError:
+    """The error for a file that opens but cannot be read as NIfTI."""
+    return BadDataError(f"{path}: cannot read this NIfTI file ({error.__class__.__name__}: "
+                        f"{error}); it is probably truncated or corrupt, replace it with a "
+                        "complete copy")
+
+
+def _check_stored_voxel_sizes(path: Path, img: nib.spatialimages.SpatialImage) -> None:
+    """Refuse voxel sizes of 0 in a header that gives no orientation.
+
+    nibabel replaces them by 1 mm when it reads the header: the image would be processed at a
+    size nobody gave. With a qform or sform, the voxel sizes come from it.
+    """
+    header = img.header
+    if not isinstance(header, nib.Nifti1Header):
+        return
+    from nibabel.openers import ImageOpener
+
+    try:
+        with ImageOpener(str(path)) as stream:
+            stored = type(header).from_fileobj(stream, check=False)
+    except (OSError, EOFError, ValueError, zlib.error) as error:
+        raise _corrupt(path, error) from error
+    pixdim = np.asarray(stored["pixdim"][1:4], dtype=float)
+    if (int(stored["qform_code"]) == 0 and int(stored["sform_code"]) == 0
+            and not (np.isfinite(pixdim) & (pixdim > 0)).all()):
+        raise BadDataError(f"{path}: the header gives voxel sizes {tuple(pixdim.tolist())} and "
+                           "no orientation (qform and sform codes 0): the size of the image in "
+                           "millimetres is unknown; fix the header")
+
+
+VOXEL_SIZE_MM = (0.05, 15.0)
+"""Smallest and largest voxel side (mm) of an MR image of a head: ex vivo scans reach 0.1 mm,
+clinical 2D stacks slices of 5-10 mm; a voxel of 0.002 or 100 mm is a wrong header."""
+
+MIN_HEAD_VOXELS = 10
+"""Fewest voxels along any axis of an anatomical image: a head needs more."""
+
+MIN_HEAD_EXTENT_MM = 30.0
+"""Smallest field of view (mm) along any axis of an anatomical image: a head is about 120 to
+200 mm in each direction, a thinner slab cannot be registered to a whole-brain template."""
 
 MAX_SHEAR = 1e-3
 """Largest angle (radians) by which voxel axes may deviate from perpendicular.
@@ -111,15 +177,26 @@ def affine_shear(affine: np.ndarray) -> float:
     return float(np.arcsin(np.clip(cosines.max(), 0.0, 1.0)))
 
 
-def check_anatomical(data: np.ndarray, path: str | Path) -> None:
-    """Refuse an image that cannot be a structural MR image: empty, constant, a label map.
+def check_anatomical(img: nib.spatialimages.SpatialImage, path: str | Path) -> None:
+    """Refuse an image that cannot be a structural MR image of a head.
+
+    ``img`` is the image as :func:`load_volume` returns it.
 
     Raises
     ------
     BadDataError
-        Every voxel 0 (or NaN), one constant value, or fewer than
+        Fewer than :data:`MIN_HEAD_VOXELS` voxels or :data:`MIN_HEAD_EXTENT_MM` along an axis,
+        every voxel 0 (or NaN), one constant value, or fewer than
         :data:`MIN_DISTINCT_INTENSITIES` distinct values in the non-zero voxels.
     """
+    data = np.asarray(img.dataobj)
+    extent = np.asarray(data.shape[:3]) * np.linalg.norm(img.affine[:3, :3], axis=0)
+    if min(data.shape) < MIN_HEAD_VOXELS or extent.min() < MIN_HEAD_EXTENT_MM:
+        shown = " x ".join(f"{size:.0f}" for size in extent)
+        raise BadDataError(f"{path}: {' x '.join(map(str, data.shape))} voxels covering {shown} "
+                           f"mm cannot hold a head (at least {MIN_HEAD_VOXELS} voxels and "
+                           f"{MIN_HEAD_EXTENT_MM:g} mm along each axis); give the whole "
+                           "volume")
     sample = np.asarray(data[::2, ::2, ::2] if min(data.shape) >= 8 else data)
     foreground = sample[sample != 0]
     if foreground.size == 0:

@@ -8,6 +8,11 @@ bigger than a brain. Measured on the scans of
 ``bids_real``: raw heads (IXI, clinical MSLUB scans, a cropped stroke T2w) have 2,577 to 6,994 ml
 of non-background voxels, skull-stripped MNI-space images 1,123 ml; adult intracranial volumes
 stay below about 2,000 ml.
+
+Skull-stripped images distributed z-scored (brain-tumour challenge data) have intensities below
+0 around their constant background: :func:`raise_above_background` sets the background to 0
+and raises the brain above it, as every later step (centre of mass, N4, zero as "no data")
+expects of MR intensities.
 """
 
 from __future__ import annotations
@@ -123,3 +128,32 @@ def mask_from_background(img: nib.spatialimages.SpatialImage, background: float)
     largest = labels == (int(sizes.argmax()) + 1)
     closed = ndimage.binary_closing(largest, structure=np.ones((3, 3, 3)), iterations=1)
     return ndimage.binary_fill_holes(closed | largest)
+
+
+def raise_above_background(data: np.ndarray, background: float) -> tuple[np.ndarray, float]:
+    """A skull-stripped image's background set to 0 and its other voxels raised above 0.
+
+    The lowest non-background value lands at 1 % of the non-background range (a voxel at
+    exactly 0 would be taken for "no data"); intensities keep their differences, so that a
+    normalisation inside the brain gives what it gave before.
+
+    Returns
+    -------
+    data : numpy.ndarray
+        float32.
+    shift : float
+        What was added to the non-background voxels.
+
+    Examples
+    --------
+    >>> data, shift = raise_above_background(np.array([-0.5, -0.5, -2.0, 0.0, 2.0]), -0.5)
+    >>> [round(float(value), 2) for value in data], shift
+    ([0.0, 0.0, 0.04, 2.04, 4.04], 2.04)
+    """
+    data = np.asarray(data, dtype=np.float32)
+    foreground = ~np.isclose(data, background, rtol=0, atol=1e-6 * max(1.0, abs(background)))
+    if not foreground.any():
+        return np.zeros_like(data), 0.0
+    low, high = float(data[foreground].min()), float(data[foreground].max())
+    shift = -low + (0.01 * (high - low) if high > low else 1.0)
+    return np.where(foreground, data + shift, 0).astype(np.float32), round(shift, 6)

@@ -108,20 +108,31 @@ def template_grid(resolution: int = 2) -> tuple[int, ...]:
 
 
 def saved_normative_model(directory: Path, channels: list[str], threshold: float = 3.0,
-                          grid: tuple[int, ...] | None = None, fpr: float = 0.001) -> Path:
-    """A normative model on the template grid (median 0, spread 1), saved with its card."""
+                          grid: tuple[int, ...] | None = None, fpr: float = 0.001,
+                          calibrated: bool = False, spread: float = 1.0) -> Path:
+    """A normative model on the template grid (median 0, spread ``spread``), saved with its card.
+
+    ``calibrated``: the card holds the tail of healthy scores (|z| of a standard normal, as
+    training stores it) and the threshold at ``fpr`` on them instead of ``threshold``.
+    """
     import torch
 
     from bids_anomaly.models import ModelCard, NormativeModel, save_model
+    from bids_anomaly.postprocessing.thresholds import tail_table, threshold_at_fpr
 
+    extra = {}
+    if calibrated:
+        healthy = np.abs(np.random.default_rng(0).standard_normal(200_000))
+        threshold = threshold_at_fpr(healthy, fpr)
+        extra["calibration_tail"] = tail_table(healthy)
     grid = grid or template_grid()
     model = NormativeModel()
     model.location = torch.zeros(len(channels), *grid)
-    model.spread = torch.ones(len(channels), *grid)
+    model.spread = torch.full((len(channels), *grid), float(spread))
     model.support = torch.ones(grid, dtype=torch.bool)
     card = ModelCard(name=directory.name.removeprefix("model-"), model_type="normative",
                      channels=list(channels), template="MNI152NLin2009aSym", resolution=2,
                      preprocessing={}, hyperparameters=model.hyperparameters,
                      training_participants=[], calibration_participants=[],
-                     threshold=threshold, fpr=fpr, calibration_voxels=1)
+                     threshold=threshold, fpr=fpr, calibration_voxels=1, extra=extra)
     return save_model(model, card, directory)

@@ -18,11 +18,13 @@ from bids_anomaly import __version__
 from bids_anomaly.bids import check_bids_filters, check_label, check_model_name
 from bids_anomaly.config import (
     LEVELS,
+    MIN_TRAINING_SUBJECTS,
     MODEL_TYPES,
     SECTIONS,
     SINGLE_SUBJECT_TYPES,
     InputSettings,
     Settings,
+    at_least,
     declared_options,
     help_text,
     positive_int,
@@ -41,8 +43,8 @@ GROUP_TITLES = {
 """Titles of the argument groups, by settings section."""
 
 
-def _add(group: argparse._ArgumentGroup, item: dataclasses.Field, dest: str) -> None:
-    """Add the argument of a declared setting (not given: absent from the namespace)."""
+def _argparse_options(item: dataclasses.Field) -> dict[str, Any]:
+    """The ``argparse`` options of a declared setting, the model types filled in."""
     from bids_anomaly.models import REGISTRY
 
     options = dict(item.metadata["argparse"])
@@ -50,6 +52,12 @@ def _add(group: argparse._ArgumentGroup, item: dataclasses.Field, dest: str) -> 
         options["choices"] = sorted(REGISTRY)
     elif options.get("choices") == SINGLE_SUBJECT_TYPES:
         options["choices"] = sorted(t for t, cls in REGISTRY.items() if cls.single_subject)
+    return options
+
+
+def _add(group: argparse._ArgumentGroup, item: dataclasses.Field, dest: str) -> None:
+    """Add the argument of a declared setting (not given: absent from the namespace)."""
+    options = _argparse_options(item)
     if "metavar" not in options and "choices" not in options and options.get("action") not in (
             "store_true", "count"):
         options["metavar"] = item.name.upper()
@@ -109,9 +117,9 @@ def build_demo_parser() -> argparse.ArgumentParser:
                     "train and group on it.",
     )
     parser.add_argument("output_dir", type=Path, help="folder for the dataset and the results")
-    parser.add_argument("--healthy", type=positive_int, default=DEMO_HEALTHY,
+    parser.add_argument("--healthy", type=at_least(MIN_TRAINING_SUBJECTS), default=DEMO_HEALTHY,
                         help=f"healthy controls to generate (default: {DEMO_HEALTHY}; at least "
-                             "3)")
+                             f"{MIN_TRAINING_SUBJECTS})")
     parser.add_argument("--patients", type=positive_int, default=DEMO_PATIENTS,
                         help=f"patients with synthetic lesions to generate (default: "
                              f"{DEMO_PATIENTS})")
@@ -128,13 +136,115 @@ def build_demo_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_value(options: dict[str, Any], value: Any) -> Any:
+    """One value of a setting read from a file, converted and checked as argparse does."""
+    if isinstance(value, (list, dict)):
+        raise argparse.ArgumentTypeError("must be a single value, not a list or a table")
+    convert = options.get("type")
+    if convert is None:
+        if not isinstance(value, str):
+            raise argparse.ArgumentTypeError("must be a string (in quotes)")
+        converted = value
+    else:
+        try:  # the command line gives text: so does the file (2.5 is no whole number)
+            converted = convert(value if isinstance(value, str) else str(value))
+        except argparse.ArgumentTypeError:
+            raise
+        except (ValueError, TypeError, OverflowError) as error:
+            raise argparse.ArgumentTypeError(
+                f"invalid {getattr(convert, '__name__', 'value')} value") from error
+    choices = options.get("choices")
+    if choices is not None and converted not in choices:
+        raise argparse.ArgumentTypeError(f"must be one of {', '.join(map(str, choices))}")
+    return converted
+
+
+def setting_from_file(item: dataclasses.Field, value: Any) -> Any:
+    """A setting's value read from a file, through the checks of its command-line argument.
+
+    The declaration's ``type``, ``choices``, ``nargs`` and ``action`` apply as they do on the
+    command line (a value is converted from its text, so ``2.5`` is not a whole number and
+    ``1e400`` is infinite).
+
+    Raises
+    ------
+    argparse.ArgumentTypeError
+        The value is not one the command line accepts; its message says why.
+    """
+    options = _argparse_options(item)
+    action = options.get("action")
+    if action == "store_true":
+        if not isinstance(value, bool):
+            raise argparse.ArgumentTypeError("must be true or false")
+        return value
+    if action == "count":
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise argparse.ArgumentTypeError("must be a whole number, 0 or more")
+        return value
+    if options.get("nargs") in ("+", "*"):  # an empty list is the default (none given)
+        values = value if isinstance(value, list) else [value]
+        return [_one_value(options, one) for one in values]
+    return _one_value(options, value)
+
+
+FROM_COMMAND_LINE = ("bids_dir", "output_dir", "analysis_level")
+"""Settings a ``--config-file`` records but the command line always gives."""
+
+
+def _checked_section(path: Path, name: str, values: dict[str, Any]) -> dict[str, Any]:
+    """The values of one section of ``--config-file``, each checked.
+
+    See :func:`setting_from_file`; the model section's family options are checked too.
+    """
+    from bids_anomaly.models import REGISTRY, family_options
+
+    fields = {item.name: item for item in dataclasses.fields(SECTIONS[name])}
+    family = {key: item for cls in REGISTRY.values() for key, item in family_options(cls).items()}
+    checked = {}
+    for key, value in values.items():
+        if key in FROM_COMMAND_LINE:
+            continue
+        where = f"--config-file {path}: {name}.{key}"
+        if key == "bids_filters":
+            if not isinstance(value, dict):
+                raise UsageError(f"{where} must be a table of filters by suffix")
+            checked[key] = value
+            continue
+        if key == "options":
+            if not isinstance(value, dict):
+                raise UsageError(f"{where} must be a table of the model family's options")
+            unknown = sorted(set(value) - set(family))
+            if unknown:
+                raise UsageError(f"{where}: unknown model option(s) {', '.join(unknown)}")
+            checked[key] = {option: _from_file(where + "." + option, family[option], v)
+                            for option, v in value.items()}
+            continue
+        checked[key] = _from_file(where, fields[key], value)
+    return checked
+
+
+def _from_file(where: str, item: dataclasses.Field, value: Any) -> Any:
+    """:func:`setting_from_file`, a refusal as a usage error naming the setting and file."""
+    try:
+        return setting_from_file(item, value)
+    except argparse.ArgumentTypeError as error:
+        flags = item.metadata.get("flags")
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise UsageError(f"{where} = {shown}{f' ({flags[0]})' if flags else ''}: {error}"
+                         ) from None
+
+
 def read_config_file(path: Path) -> dict[str, dict]:
-    """The settings saved by an earlier run, by section.
+    """The settings saved by an earlier run, by section, each value checked.
+
+    Every value goes through the type, range and choices of its command-line argument
+    (:func:`setting_from_file`).
 
     Raises
     ------
     UsageError
-        Not readable, not TOML, not written by bids_anomaly, or with unknown settings.
+        Not readable, not TOML, not written by bids_anomaly, unknown settings, or a value the
+        command line would refuse (naming the setting and the file).
     """
     try:
         import tomllib
@@ -158,7 +268,7 @@ def read_config_file(path: Path) -> dict[str, dict]:
         unknown = sorted(set(values) - known)
         if unknown:
             raise UsageError(f"--config-file {path}: unknown settings {', '.join(unknown)}")
-        sections[name] = values
+        sections[name] = _checked_section(path, name, values)
     return sections
 
 

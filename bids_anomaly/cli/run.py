@@ -7,15 +7,31 @@ import os
 import sys
 import traceback
 
-from bids_anomaly.errors import BidsAnomalyError, Interrupted
+from bids_anomaly.errors import BidsAnomalyError, Interrupted, one_line
 
 LOGGER = logging.getLogger("bids_anomaly")
 
 
+class _OneLineFormatter(logging.Formatter):
+    """Log lines with their control characters escaped: a path with a newline stays on its line.
+
+    Debug messages and tracebacks keep theirs.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        text = super().formatMessage(record)
+        return one_line(text) if record.levelno >= logging.INFO else text
+
+
 def _configure_logging(verbose: int) -> None:
+    from bids_anomaly.execution import quiet_library_warnings
+
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(_OneLineFormatter("%(levelname)s %(name)s: %(message)s"))
     LOGGER.setLevel(min(level, logging.INFO))
+    quiet_library_warnings(debug=verbose > 1)
 
 
 def run_level(argv: list[str]) -> None:
@@ -55,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         with interruptible():
             run_level(argv)
     except BidsAnomalyError as error:
-        print(f"bids_anomaly: error: {error}", file=sys.stderr)
+        print(f"bids_anomaly: error: {one_line(str(error))}", file=sys.stderr)
         return error.exit_code
     except KeyboardInterrupt as interrupt:
         name = interrupt.args[0] if isinstance(interrupt, Interrupted) else "SIGINT"
@@ -64,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
         return getattr(interrupt, "exit_code", 130)
     except Exception as error:  # a bug: say so in one line, keep the traceback in the log
         LOGGER.debug("unexpected failure", exc_info=True)
-        print(f"bids_anomaly: internal error: {error.__class__.__name__}: {error} "
-              "(rerun with -vv for the traceback; please report it)", file=sys.stderr)
+        print(f"bids_anomaly: internal error: {error.__class__.__name__}: "
+              f"{one_line(str(error))} (rerun with -vv for the traceback; please report it)",
+              file=sys.stderr)
         if os.environ.get("BIDS_ANOMALY_DEBUG"):
             traceback.print_exc()
         return 1

@@ -10,6 +10,7 @@ import nibabel as nib
 import numpy as np
 
 from bids_anomaly import bids
+from bids_anomaly.errors import BadDataError
 from bids_anomaly.images import load_volume, same_grid
 from bids_anomaly.spatial import apply_transforms
 
@@ -111,10 +112,16 @@ def truth_in_template(truth_file: Path, template_grid: Path, raw_images: dict[st
 
     Returns
     -------
-    numpy.ndarray or None
-        Boolean array on the template grid, or None when the mask's grid matches no image.
+    numpy.ndarray
+        Boolean array on the template grid.
+
+    Raises
+    ------
+    BadDataError
+        The file is not a readable 3D mask, holds NaN or infinite voxels, or its grid is
+        neither the template's nor that of one of the subject's raw images.
     """
-    truth = load_volume(truth_file)
+    truth = load_volume(truth_file, finite=True)
     reference = nib.load(template_grid)
     if same_grid(truth, reference):
         return np.asarray(truth.dataobj) > 0
@@ -127,6 +134,7 @@ def truth_in_template(truth_file: Path, template_grid: Path, raw_images: dict[st
                 out = apply_transforms(binary, template_grid, transforms[modality],
                                        Path(tmp) / "truth_std.nii.gz", binarize=True)
                 return np.asarray(nib.load(out).dataobj) > 0
-    LOGGER.warning("%s matches neither the template grid nor any raw image of the subject; "
-                   "not evaluated", truth_file)
-    return None
+    grids = ", ".join(sorted(raw_images)) or "none"
+    raise BadDataError(f"{truth_file}: its grid ({'x'.join(map(str, truth.shape[:3]))} voxels) "
+                       f"is neither the template's nor that of any raw image of the subject "
+                       f"({grids}); put the mask on the grid of the image it was drawn on")

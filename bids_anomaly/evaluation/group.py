@@ -198,8 +198,6 @@ def evaluate_model(settings: Settings, desc: str, maps: list[Path], layout,
         chains = transforms_to_template(map_path.parent, map_path.name.split("_space-")[0],
                                          space)
         truth = truth_in_template(truth_file, brain_path, raw_images, chains)
-        if truth is None:
-            continue
         truths[subject, session] = _keep_truth(settings, name, truth, map_img)
         region = brain | truth
         metrics = voxel_metrics(anomaly_map[region], truth[region],

@@ -130,6 +130,22 @@ def _write_norms(results: dict, cwd: str, reference_file: str, z: np.ndarray,
     table.to_csv(results["norms"], sep="\t", index=False, na_rep="n/a", float_format="%.6g")
 
 
+def _check_scores(anomaly_map: np.ndarray, mask: np.ndarray, model: str) -> None:
+    """Refuse a map with NaN or infinite scores in the brain: the model is broken.
+
+    Raises
+    ------
+    BadDataError
+        Naming the model and how many brain voxels it scored so.
+    """
+    from bids_anomaly.errors import BadDataError
+
+    bad = int((~np.isfinite(anomaly_map[mask > 0])).sum())
+    if bad:
+        raise BadDataError(f"model {model!r} scores {bad} brain voxels NaN or infinite: its "
+                           "weights are damaged or do not suit these images; train it again")
+
+
 def _threshold_maps(anomaly_map: np.ndarray, mask: np.ndarray, threshold: float,
                     fdr: float, tail: dict | None) -> tuple[np.ndarray, float]:
     """The mask at ``threshold``, or by Benjamini-Hochberg at ``fdr`` when it is set."""
@@ -162,7 +178,10 @@ class _ScoreAnomalyInputSpec(_PostprocessingInputSpec):
 
 
 class ScoreAnomaly(SimpleInterface):
-    """Score one subject with a trained model and threshold at its calibrated level."""
+    """Score one subject with a trained model and threshold at its calibrated level.
+
+    NaN or infinite scores in the brain are refused (the model is broken), naming the model.
+    """
 
     input_spec = _ScoreAnomalyInputSpec
     output_spec = _AnomalyOutputSpec
@@ -202,6 +221,7 @@ class ScoreAnomaly(SimpleInterface):
                 _write_posteriors(self._results, runtime.cwd, self.inputs.mask_file, posteriors)
             else:
                 anomaly_map = model.score(image, mask).cpu().numpy().astype(np.float32)
+        _check_scores(anomaly_map, mask.cpu().numpy(), card.name)
         anomaly_mask, threshold = _threshold_maps(anomaly_map, mask.cpu().numpy(),
                                                   card.threshold, self.inputs.fdr, tail)
         _write_maps(self._results, runtime.cwd, anomaly_map, anomaly_mask, self.inputs)
@@ -272,6 +292,7 @@ class FitSubjectModel(SimpleInterface):
             else:
                 anomaly_map = model.score(image, mask).cpu().numpy().astype(np.float32)
             simulated = model.simulated_scores()
+        _check_scores(anomaly_map, mask.cpu().numpy(), f"{self.inputs.model_type}-single")
         threshold = threshold_at_fpr(simulated, self.inputs.fpr)
         anomaly_mask, threshold = _threshold_maps(anomaly_map, mask.cpu().numpy(), threshold,
                                                   self.inputs.fdr, tail_table(simulated))

@@ -27,28 +27,44 @@ class _ConformImageInputSpec(BaseInterfaceInputSpec):
 
 class _ConformImageOutputSpec(TraitedSpec):
     out_file = File(exists=True, desc="the image as float32, RAS+, NaNs set to 0")
+    note = traits.Str(desc="what was changed in the intensities, for the report (or empty)")
 
 
 class ConformImage(SimpleInterface):
     """Check a raw image (3D, readable, finite) and reorient it to RAS+ as float32.
 
     A negative padding value around the head (int16 images filled with -32768) is set to 0
-    (:func:`~bids_anomaly.images.padding_to_zero`).
+    (:func:`~bids_anomaly.images.padding_to_zero`). A skull-stripped image with intensities
+    below 0 (z-scored, as brain-tumour challenge data are distributed) has its constant
+    background taken as outside the head: set to 0, the brain raised above it
+    (:func:`~bids_anomaly.skullstrip.raise_above_background`), and ``note`` says so.
     """
 
     input_spec = _ConformImageInputSpec
     output_spec = _ConformImageOutputSpec
 
     def _run_interface(self, runtime):
+        from bids_anomaly.skullstrip import check_background, raise_above_background
+
         img = load_volume(self.inputs.in_file)
-        data, padding = padding_to_zero(np.asarray(img.dataobj))
-        if padding is not None:
-            LOGGER.info("%s: padding value %g set to 0", self.inputs.in_file, padding)
-            img = nib.Nifti1Image(data, img.affine, img.header)
-        img = reorient_to_ras(img)
+        data = np.asarray(img.dataobj)
+        check = check_background(img)
+        note = ""
+        below_zero = data < 0
+        if check.stripped and (below_zero & (data != check.background)).any():
+            data, shift = raise_above_background(data, check.background)
+            note = (f"{os.path.basename(self.inputs.in_file)}: intensities below 0 around a "
+                    f"constant background ({check.background:g}), as in z-scored images: the "
+                    f"background is taken as outside the head, the brain raised by {shift:g}")
+            LOGGER.warning(note)
+        else:
+            data, padding = padding_to_zero(data)
+            if padding is not None:
+                LOGGER.info("%s: padding value %g set to 0", self.inputs.in_file, padding)
+        img = reorient_to_ras(nib.Nifti1Image(data, img.affine, img.header))
         out_file = os.path.join(runtime.cwd, "conformed.nii.gz")
         img.to_filename(out_file)
-        self._results["out_file"] = out_file
+        self._results.update(out_file=out_file, note=note)
         return runtime
 
 

@@ -50,6 +50,8 @@ class _RegistrationQCInputSpec(BaseInterfaceInputSpec):
                                   desc="the other modalities in template space, same order")
     covered_masks = InputMultiObject(File(exists=True),
                                      desc="brain inside each other modality's field of view")
+    notes = traits.List(traits.Str, desc="what preprocessing changed in the inputs' "
+                                         "intensities (empty strings: nothing)")
 
 
 class _RegistrationQCOutputSpec(TraitedSpec):
@@ -66,7 +68,8 @@ class RegistrationQC(SimpleInterface):
     view) and ``nmi_<modality>`` (each coregistered modality vs the reference in template space,
     inside that coverage; flagged below :data:`COREGISTRATION_NMI`, except the diffusion
     b = 0 image ``b0``, see :data:`UNFLAGGED`), ``qc_pass`` and
-    ``qc_flags``. Thresholds are in
+    ``qc_flags``, and ``notes`` when preprocessing changed an input's intensities (a z-scored
+    image raised above its background). Thresholds are in
     :data:`bids_anomaly.evaluation.registration.QC_THRESHOLDS`; the NMI threshold applies to T1w
     references only (it was measured between T1w images). A failure is logged as a warning.
     """
@@ -118,6 +121,9 @@ class RegistrationQC(SimpleInterface):
         flags = flag_failures(metrics, thresholds) + extra_flags
         row["qc_pass"] = not flags
         row["qc_flags"] = "; ".join(flags)
+        notes = [note for note in self.inputs.notes or [] if note]
+        if notes:
+            row["notes"] = "; ".join(notes)
         if flags:
             LOGGER.warning("%s: registration QC failed: %s", self.inputs.subject_name,
                            row["qc_flags"])

@@ -10,8 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from bids_anomaly import bids
 from bids_anomaly.config import Settings
-from bids_anomaly.errors import UsageError
+from bids_anomaly.errors import UsageError, one_line
 
 
 def set_threads(omp_nthreads: int) -> None:
@@ -22,6 +23,12 @@ def set_threads(omp_nthreads: int) -> None:
 
 def run(settings: Settings) -> str:
     """Run the level of ``settings`` and return the line that says what it wrote.
+
+    Paths in it have their control characters escaped (:func:`~bids_anomaly.errors.one_line`).
+
+    Nothing is written before the settings, the output and work folders
+    (:func:`~bids_anomaly.bids.check_output_dir`, :func:`~bids_anomaly.bids.check_work_dir`)
+    and the device are checked.
 
     Raises
     ------
@@ -34,6 +41,8 @@ def run(settings: Settings) -> str:
 
     settings.check()
     check_family_options(settings)
+    bids.check_output_dir(settings.output_dir)
+    bids.check_work_dir(settings.work_dir)
     if distributed.world_size() > 1 and settings.level != "train":
         raise UsageError(f"the {settings.level} level runs as one process; only train is "
                          "launched with torchrun")
@@ -44,7 +53,7 @@ def run(settings: Settings) -> str:
 
         subjects, skipped = run_participant(settings)
         line = (f"participant level done for {len(subjects)} subject/session(s); derivatives "
-                f"in {settings.output_dir}")
+                f"in {one_line(str(settings.output_dir))}")
         if skipped:
             line += (f"\nnot scored by model {settings.model.model} ({len(skipped)}): "
                      + "; ".join(f"{inputs.name}: {reason}" for inputs, reason in skipped))
@@ -56,10 +65,10 @@ def run(settings: Settings) -> str:
         if not distributed.is_main():
             return ""
         if len(directories) == 1:
-            return f"model written to {directories[0]}"
-        return (f"{len(directories)} models written to {directories[0].parent}: "
+            return f"model written to {one_line(str(directories[0]))}"
+        return (f"{len(directories)} models written to {one_line(str(directories[0].parent))}: "
                 + ", ".join(d.name for d in directories))
     from bids_anomaly.levels.group import run_group
 
     tables = run_group(settings)
-    return "group level done: " + ", ".join(str(path) for path in tables)
+    return "group level done: " + ", ".join(one_line(str(path)) for path in tables)

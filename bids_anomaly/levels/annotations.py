@@ -100,10 +100,6 @@ def annotations_in_template(settings, subjects: list[bids.AnatInputs], template:
                 f"{bids.log_dir(settings.output_dir)}")
         chains = transforms_to_template(brain_path.parent, inputs.name, template.name)
         truth = truth_in_template(source, brain_path, inputs.images, chains)
-        if truth is None:
-            raise BadDataError(
-                f"{source}: its grid is neither the template's nor that of any raw image of "
-                f"{inputs.name} ({', '.join(inputs.images)}); resample it onto one of them")
         reference = nib.load(brain_path)
         brain = np.asarray(reference.dataobj) > 0
         lesion = truth & brain

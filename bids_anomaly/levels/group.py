@@ -59,10 +59,7 @@ def run_group(settings: Settings) -> list[Path]:
     if previous.get("key") == key and all(Path(p).is_file() for p in previous["written"]):
         LOGGER.info("group outputs are up to date (same maps, ground truth and settings): kept")
         return [Path(p) for p in previous["written"]]
-    try:
-        participants = bids.read_participants(settings.bids_dir)
-    except MissingInputError:
-        participants = None
+    participants = bids.participants_if_any(settings.bids_dir)
     control = None
     if participants is not None and "group" in participants.columns:
         control = resolve_control_label(participants["group"].astype(str),

@@ -24,6 +24,7 @@ from bids_anomaly.models.base import (
     check_weights,
     load_model,
     needs_covariates,
+    read_card,
 )
 from bids_anomaly.template import Template
 
@@ -34,13 +35,17 @@ def resolve_model(settings: Settings, template: Template | None = None
                   ) -> tuple[Path, ModelCard, AnomalyModel]:
     """Find ``--model`` as a directory or as a name under ``OUTPUT_DIR/models``, and check it.
 
-    The whole model is loaded once here, before any work: a damaged card, weights that do not
-    match the card's checksum or channels, or weights fitted on another template grid stop the
-    run with exit 65 even when every later step would come from the cache. The loaded model is
-    returned too (for the checks that need more than its card).
+    The whole model is loaded once here, before any work: a damaged or edited card, weights
+    that do not match the card's checksum or channels, or weights fitted on another template
+    grid stop the run with exit 65 even when every later step would come from the cache. A card
+    made for another template, resolution or preprocessing than ``template`` and the settings'
+    says so first. The loaded model is returned too (for the checks that need more than its
+    card).
     """
     name = settings.model.model
     candidate = Path(name)
+    if not candidate.is_dir() and _names_a_folder(name):
+        raise MissingInputError(f"--model {name}: no such model directory")
     if not candidate.is_dir():
         candidate = bids.model_dir(settings.output_dir, name)
     if not candidate.is_dir():
@@ -49,6 +54,9 @@ def resolve_model(settings: Settings, template: Template | None = None
             f"--model {name}: no such model directory nor model name (models in "
             f"{bids.models_dir(settings.output_dir)}: {', '.join(available) or 'none'})"
         )
+    if template is not None:
+        read_card(candidate).check_space(template.name, template.resolution,
+                                         settings.preprocessing.recorded())
     model, card = load_model(candidate)
     grid = None
     if template is not None and (card.template, card.resolution) == (template.name,
@@ -56,6 +64,16 @@ def resolve_model(settings: Settings, template: Template | None = None
         grid = nib.load(template.brain_mask).shape
     check_weights(model, card, grid)
     return candidate.resolve(), card, model
+
+
+def _names_a_folder(name: str) -> bool:
+    """Whether ``--model`` is written as a path (``/models/x``, ``models/x``), not a name.
+
+    A path that climbs (``../x``) is taken for a name, and refused as one: a name never leaves
+    ``OUTPUT_DIR/models``.
+    """
+    path = Path(name)
+    return (path.is_absolute() or len(path.parts) > 1) and ".." not in path.parts
 
 
 def split_compatible(subjects: list[bids.AnatInputs], card: ModelCard, strict: bool = False
@@ -160,8 +178,8 @@ def run_participant(settings: Settings
     labels = bids.select_participants(layout, settings.inputs.participant_label,
                                       settings.bids_dir)
     subjects = collect_subjects(settings, layout, labels)
-    layout, template = prepare(settings, layout)
     validate_images(subjects, bids.validated_inputs_path(settings.work_dir))
+    layout, template = prepare(settings, layout)
     names = models_to_apply(settings)
     applied, skipped = [], []
     for name in names:  # every model is checked before any work
@@ -169,7 +187,6 @@ def run_participant(settings: Settings
         model_settings.model.model = name
         directory, card, model = resolve_model(model_settings, template)
         apply_tuned_postprocessing(model_settings, card)
-        card.check_space(template.name, template.resolution, settings.preprocessing.recorded())
         scored, skipped = split_compatible(subjects, card,
                                            settings.execution.stop_on_first_crash)
         applied.append(AppliedModel(directory, card, model_settings,

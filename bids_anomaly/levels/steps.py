@@ -8,12 +8,9 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from bids_anomaly import bids
 from bids_anomaly.config import Settings
-from bids_anomaly.errors import MissingInputError, OutputError
-from bids_anomaly.execution import set_nipype_console_level
+from bids_anomaly.errors import EmptySelectionError, MissingInputError, OutputError
 from bids_anomaly.images import check_anatomical, check_same_grid, load_volume
 from bids_anomaly.template import Template, get_template
 
@@ -80,26 +77,62 @@ def collect_subjects(settings: Settings, layout, labels: list[str]) -> list[bids
 
     Raises
     ------
+    EmptySelectionError
+        A ``--session-label`` that none of the selected participants has, or a
+        ``--bids-filter-file`` filter that matches none of their images.
     MissingInputError
         No selected subject/session has a usable anatomical image.
     """
     deriv = settings.preprocessing.dwi_derivatives
     if deriv is not None and not deriv.is_dir():
         raise MissingInputError(f"--dwi-derivatives {deriv}: no such folder")
+    sessions = settings.inputs.session_label
+    if sessions:
+        known = sorted(layout.get_sessions(subject=labels))
+        unknown = [s for s in sessions if s not in known]
+        if unknown:
+            raise EmptySelectionError(
+                f"--session-label: unknown session label(s) {', '.join(unknown)}; the selected "
+                f"participants have {', '.join(known) if known else 'no sessions'}")
+    collected = [inputs for label in labels
+                 for inputs in bids.collect_anat(layout, label, sessions,
+                                                 settings.inputs.bids_filters,
+                                                 settings.preprocessing.dwi_params,
+                                                 settings.preprocessing.dwi_derivatives)]
+    check_filters_matched(settings, collected)
     subjects = []
-    for label in labels:
-        for inputs in bids.collect_anat(layout, label, settings.inputs.session_label,
-                                        settings.inputs.bids_filters,
-                                        settings.preprocessing.dwi_params,
-                                        settings.preprocessing.dwi_derivatives):
-            if not inputs.images:
-                LOGGER.warning("%s: no anatomical image (T1w, FLAIR, T2w or PDw); skipped",
-                               inputs.name)
-                continue
-            subjects.append(inputs)
+    for inputs in collected:
+        if not inputs.images:
+            LOGGER.warning("%s: no anatomical image (T1w, FLAIR, T2w or PDw); skipped",
+                           inputs.name)
+            continue
+        subjects.append(inputs)
     if not subjects:
         raise MissingInputError("none of the selected participants has a usable anatomical image")
     return subjects
+
+
+def check_filters_matched(settings: Settings, collected: list[bids.AnatInputs]) -> None:
+    """Refuse a ``--bids-filter-file`` filter that selected no image of any subject/session.
+
+    Raises
+    ------
+    EmptySelectionError
+        A filter (naming it) matched nothing: a typo in a value would otherwise drop that
+        modality, or every subject, without a word.
+    """
+    fitted_dwi = (settings.preprocessing.dwi_params
+                  and settings.preprocessing.dwi_derivatives is None)
+    for key, query in settings.inputs.bids_filters.items():
+        if key == "dwi":
+            matched = not fitted_dwi or any(inputs.dwi for inputs in collected)
+        else:
+            matched = any(m.lower() == key for inputs in collected for m in inputs.images)
+        if not matched:
+            entities = ", ".join(f"{k}={v}" for k, v in query.items()) or "no entity"
+            raise EmptySelectionError(
+                f"--bids-filter-file: the {key} filter ({entities}) matches no image of the "
+                "selected participants")
 
 
 def validate_images(subjects: list[bids.AnatInputs], record: Path) -> None:
@@ -110,7 +143,9 @@ def validate_images(subjects: list[bids.AnatInputs], record: Path) -> None:
     any work (:func:`~bids_anomaly.diffusion.load_dwi_runs`).
 
     Files already checked with the same size and modification time are not read again
-    (``record`` lists them).
+    (``record`` lists them; it is written once every file passed, so a refused run writes
+    nothing). A file that cannot be opened (missing, a broken or looping symbolic link,
+    permission denied) is refused too.
     """
     from bids_anomaly.diffusion import check_maps, load_dwi_runs
 
@@ -125,8 +160,8 @@ def validate_images(subjects: list[bids.AnatInputs], record: Path) -> None:
         echoes = [p for paths in inputs.echoes.values() for p in paths[1:]]
         for path in [*inputs.images.values(), *echoes]:
             key, stamp = signature([path])
-            if seen.get(key) != stamp[0]:
-                check_anatomical(np.asarray(load_volume(path).dataobj), path)
+            if stamp[0] is None or seen.get(key) != stamp[0]:
+                check_anatomical(load_volume(path), path)
                 seen[key] = stamp[0]
         for paths in inputs.echoes.values():
             check_same_grid(paths, "the echoes of one MEGRE")
@@ -144,7 +179,11 @@ def validate_images(subjects: list[bids.AnatInputs], record: Path) -> None:
                 load_dwi_runs([r.image for r in runs], [r.bval for r in runs],
                               [r.bvec for r in runs])
                 seen[key] = stamp
-    record.write_text(json.dumps(seen, indent=1))
+    try:
+        record.parent.mkdir(parents=True, exist_ok=True)
+        record.write_text(json.dumps(seen, indent=1))
+    except OSError as error:
+        raise OutputError(f"cannot write the work folder: {error}") from error
 
 
 def configure_nipype(settings: Settings) -> None:
@@ -186,7 +225,6 @@ def configure_nipype(settings: Settings) -> None:
     os.environ["NIPYPE_CONFIG_DIR"] = str(config_dir)
     config.update_config(options)
     nipype_logging.update_logging(config)
-    set_nipype_console_level(nipype_console_level(settings))
 
 
 def nipype_console_level(settings: Settings) -> str:

@@ -7,12 +7,13 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bids_anomaly import __version__, bids
-from bids_anomaly.config import CHANNELS, MODALITIES, Settings
+from bids_anomaly.config import CHANNELS, MIN_TRAINING_SUBJECTS, MODALITIES, Settings
 from bids_anomaly.device import resolve_device
-from bids_anomaly.errors import BidsAnomalyError, MissingInputError, UsageError
+from bids_anomaly.errors import BidsAnomalyError, MissingInputError, TrainingError, UsageError
 from bids_anomaly.levels.annotations import annotations_in_template, check_annotations
 from bids_anomaly.levels.steps import (
     collect_subjects,
@@ -32,6 +33,7 @@ from bids_anomaly.models.base import (
     fit_channel_scaling,
     load_model,
     needs_covariates,
+    non_finite_tensors,
     save_model,
 )
 from bids_anomaly.models.deep import distributed
@@ -67,6 +69,22 @@ def choose_channels(subjects: list[bids.AnatInputs], requested: list[str]) -> li
         raise MissingInputError("the training subjects share no modality; use --channels and "
                                 "select subjects that have them")
     return common
+
+
+def check_training_size(subjects: list[bids.AnatInputs]) -> None:
+    """Refuse, before any work, a selection too small to fit a model and calibrate it.
+
+    Raises
+    ------
+    UsageError
+        Fewer than :data:`~bids_anomaly.config.MIN_TRAINING_SUBJECTS` subject/sessions.
+    """
+    if len(subjects) < MIN_TRAINING_SUBJECTS:
+        raise UsageError(
+            f"train needs at least {MIN_TRAINING_SUBJECTS} subject/sessions ("
+            f"{MIN_TRAINING_SUBJECTS - 1} to fit the model, 1 to calibrate its threshold); the "
+            f"selection has {len(subjects)} ({', '.join(s.name for s in subjects)}): select "
+            "more with --participant-label or --train-filter")
 
 
 def training_data(settings: Settings, subjects: list[bids.AnatInputs], channels: list[str],
@@ -132,6 +150,28 @@ def up_to_date(directory: Path, key: str) -> bool:
     return card.extra.get("training_key") == key
 
 
+def check_fitted(model, calibration: np.ndarray, name: str) -> None:
+    """Refuse to save a model whose fit diverged: NaN or infinite parameters or scores.
+
+    Raises
+    ------
+    TrainingError
+        Naming the model and what is not finite; nothing is written.
+    """
+    broken = non_finite_tensors(model.tensors())
+    if broken:
+        raise TrainingError(
+            f"model {name}: training diverged, its fitted parameters hold NaN or infinite "
+            f"values ({', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}); nothing was "
+            "saved: check the training images, or lower --learning-rate of a deep model")
+    bad = int((~np.isfinite(calibration)).sum())
+    if bad:
+        raise TrainingError(
+            f"model {name}: training diverged, it scores {bad} of the {calibration.size} "
+            "healthy calibration voxels NaN or infinite; nothing was saved: check the training "
+            "images, or lower --learning-rate of a deep model")
+
+
 def fit_and_save(settings: Settings, data: TrainingData, template: Template,
                  preprocessing: dict,
                  annotations: dict[str, tuple[Path, Path]] | None = None,
@@ -183,6 +223,7 @@ def fit_and_save(settings: Settings, data: TrainingData, template: Template,
         return directory  # rank 0 calibrates and writes the model
     calibration = (model.simulated_scores() if model.self_calibrated
                    else healthy_scores(model, calibration_data))
+    check_fitted(model, calibration, name)
     threshold = threshold_at_fpr(calibration, settings.model.fpr)
     card = ModelCard(
         name=name,
@@ -307,11 +348,9 @@ def train_splits(settings: Settings, data: TrainingData, template: Template) -> 
     name = settings.model.model_name or settings.model.model_type
     count, test_size = settings.model.splits, settings.model.split_test_size
     labels = sorted({bids.participant_of(s.name) for s in data.subjects})
-    try:
-        table = bids.read_participants(settings.bids_dir)
-        table = table[table["label"].isin(labels)]
-    except MissingInputError:
-        table = pd.DataFrame({"label": labels})
+    table = bids.participants_if_any(settings.bids_dir)
+    table = (pd.DataFrame({"label": labels}) if table is None
+             else table[table["label"].isin(labels)])
     seed = settings.execution.random_seed
     splits = split_controls(table, count, test_size, seed)
     strata = split_strata(table, None, test_size)
@@ -362,6 +401,8 @@ def run_train(settings: Settings) -> list[Path]:
         source = transfer_source(settings) if settings.model.transfer else None
         channels = choose_channels(subjects, source[1].channels if source
                                    else settings.model.channels)
+        if source is None and annotations is None and not model_class.calibration_only:
+            check_training_size(subjects)
         if settings.model.microbleeds and settings.model.microbleeds not in channels:
             raise MissingInputError(f"--microbleeds {settings.model.microbleeds}: not among the "
                                     f"model's channels ({', '.join(channels)}); add it to "
@@ -371,8 +412,8 @@ def run_train(settings: Settings) -> list[Path]:
             rows = bids.participant_rows(settings.bids_dir)
             model.check_covariates([rows.get(s.subject) for s in subjects],
                                    [s.name for s in subjects])
-        layout, template = prepare(settings, layout)
         validate_images(subjects, bids.validated_inputs_path(settings.work_dir))
+        layout, template = prepare(settings, layout)
         if distributed.is_main():
             preprocess(settings, subjects, template)
         distributed.barrier()  # the other ranks wait for the preprocessed images

@@ -3,7 +3,9 @@
 Every method implements :class:`AnomalyModel`; training, inference, evaluation and reports only
 ever use this interface. A model directory holds ``weights.safetensors`` (written by the model)
 and ``model.json`` (the :class:`ModelCard`, written here): what the model was trained on, its
-calibrated threshold, the package version and the checksum of the weights.
+calibrated threshold, the package version, the checksum of the weights and the card's
+signature, a checksum of the card's other fields (the weights' checksum among them): card and
+weights are sealed together, and an edited card is refused (:func:`load_model`).
 """
 
 from __future__ import annotations
@@ -11,7 +13,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
+import os
 import random
+import stat
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +27,7 @@ import numpy as np
 import torch
 
 from bids_anomaly import __version__
-from bids_anomaly.errors import BadDataError, MissingInputError
+from bids_anomaly.errors import BadDataError, MissingInputError, UsageError, file_problem
 
 if TYPE_CHECKING:
     from bids_anomaly.config import Settings
@@ -226,10 +231,12 @@ class TrainingData:
 
         At least one subject is held out and at least two are kept for fitting.
         """
-        if len(self) < 3:
+        from bids_anomaly.config import MIN_TRAINING_SUBJECTS
+
+        if len(self) < MIN_TRAINING_SUBJECTS:
             raise MissingInputError(
-                f"training needs at least 3 subjects (2 to fit, 1 to calibrate), got {len(self)}"
-            )
+                f"training needs at least {MIN_TRAINING_SUBJECTS} subjects (2 to fit, 1 to "
+                f"calibrate), got {len(self)}")
         order = list(range(len(self)))
         random.Random(seed).shuffle(order)
         n_held = min(max(1, round(fraction * len(self))), len(self) - 2)
@@ -375,6 +382,9 @@ class BaseModel:
         (see :func:`bids_anomaly.config.option`).
     options_scope : str
         How ``--help`` and usage errors name the families these options apply to.
+    infinite_tensors : tuple of str
+        Endings of the names of stored tensors that hold infinities by design (a decision
+        tree's split at +inf); any other infinity or NaN in the weights is refused at load.
     """
 
     model_type: ClassVar[str] = ""
@@ -387,6 +397,7 @@ class BaseModel:
     needs_training: ClassVar[bool] = True
     options: ClassVar[tuple[type, ...]] = ()
     options_scope: ClassVar[str] = ""
+    infinite_tensors: ClassVar[tuple[str, ...]] = ()
     score_definition: str = ""
     n_channels: int | None = None
     grid_shape: tuple[int, ...] | None = None
@@ -478,7 +489,11 @@ def register(cls: type[BaseModel]) -> type[BaseModel]:
 
 @dataclass
 class ModelCard:
-    """The self-description of a trained model (``model.json``)."""
+    """The self-description of a trained model (``model.json``).
+
+    ``checksum`` is the SHA-256 of the weights; ``signature`` the SHA-256 of every other field
+    of the card (:func:`card_signature`), written by :func:`save_model`.
+    """
 
     name: str
     model_type: str
@@ -496,6 +511,7 @@ class ModelCard:
     checksum: str = ""
     score_definition: str = ""
     extra: dict = field(default_factory=dict)
+    signature: str = ""
 
     def check_space(self, template: str, resolution: int, preprocessing: dict) -> None:
         """Refuse data in another template, resolution or preprocessing than the model's.
@@ -505,12 +521,14 @@ class ModelCard:
         BadDataError
             Another template, resolution or preprocessing.
         """
-        if (template, resolution) != (self.template, self.resolution):
+        if template != self.template:
             raise BadDataError(
-                f"model {self.name!r} was trained in {self.template} at {self.resolution} mm, "
-                f"the data are in {template} at {resolution} mm; use --resolution "
-                f"{self.resolution} or retrain"
-            )
+                f"model {self.name!r} was trained in template {self.template}, the data are in "
+                f"{template}: train a model on data in {template}")
+        if resolution != self.resolution:
+            raise BadDataError(
+                f"model {self.name!r} was trained at {self.resolution} mm, the data are at "
+                f"{resolution} mm; use --resolution {self.resolution} or retrain")
         for key, value in self.preprocessing.items():
             if key in preprocessing and preprocessing[key] != value:
                 raise BadDataError(
@@ -555,24 +573,55 @@ def file_checksum(path: Path) -> str:
     return digest.hexdigest()
 
 
+def card_signature(values: dict) -> str:
+    """SHA-256 of a card's fields but ``signature``, as canonical JSON.
+
+    :func:`save_model` writes it as the card's ``signature``; :func:`load_model` checks it.
+    """
+    fields = {key: value for key, value in values.items() if key != "signature"}
+    text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
 def save_model(model: AnomalyModel, card: ModelCard, directory: Path) -> Path:
-    """Write weights and card into ``directory`` (created), the card last."""
+    """Write weights and card into ``directory`` (created), the card last, signed.
+
+    Both files get the mode a new file gets here (the weights' writer makes them private).
+    """
     directory.mkdir(parents=True, exist_ok=True)
     model.save(directory)
     _stamp_weights(directory / WEIGHTS_FILE, {"channels": json.dumps(list(card.channels))})
     card.checksum = file_checksum(directory / WEIGHTS_FILE)
     card.hyperparameters = json.loads(json.dumps(card.hyperparameters))
-    (directory / CARD_FILE).write_text(json.dumps(dataclasses.asdict(card), indent=2) + "\n")
+    values = json.loads(json.dumps(dataclasses.asdict(card)))  # as it will be read back
+    card.signature = values["signature"] = card_signature(values)
+    (directory / CARD_FILE).write_text(json.dumps(values, indent=2) + "\n")
+    os.chmod(directory / WEIGHTS_FILE, stat.S_IMODE(os.stat(directory / CARD_FILE).st_mode))
     return directory
+
+
+def _shown(value: object) -> str:
+    """``repr`` of a card's value for a message, cut short."""
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _finite(value: object) -> bool:
+    """Whether ``value`` is a finite JSON number (an integer of any length included)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _card_problem(card: ModelCard) -> str | None:
     """What is wrong with a card's fields (None: nothing)."""
-    from bids_anomaly.config import CHANNELS
+    from bids_anomaly.bids import check_model_name
+    from bids_anomaly.config import CHANNELS, RESOLUTIONS
 
-    def number(value: object) -> bool:
-        return (isinstance(value, (int, float)) and not isinstance(value, bool)
-                and bool(np.isfinite(value)))
+    number = _finite
 
     def names(value: object) -> bool:
         return isinstance(value, list) and all(isinstance(v, str) for v in value)
@@ -586,16 +635,25 @@ def _card_problem(card: ModelCard) -> str | None:
         return (f"channels {card.channels!r} must be a non-empty list of distinct channels "
                 f"among {', '.join(CHANNELS)}")
     if not number(card.threshold):
-        return f"threshold {card.threshold!r} is not a finite number"
+        return f"threshold {_shown(card.threshold)} is not a finite number"
     if not number(card.fpr) or not 0 < card.fpr < 1:
-        return f"fpr {card.fpr!r} is not a rate in (0, 1)"
+        return f"fpr {_shown(card.fpr)} is not a rate in (0, 1)"
+    if (not isinstance(card.calibration_voxels, int) or isinstance(card.calibration_voxels, bool)
+            or card.calibration_voxels < 1):
+        return (f"calibration_voxels {_shown(card.calibration_voxels)} is not a number of "
+                "voxels")
     if (not isinstance(card.resolution, int) or isinstance(card.resolution, bool)
-            or card.resolution < 1):
-        return f"resolution {card.resolution!r} is not a voxel size in mm"
+            or card.resolution not in RESOLUTIONS):
+        return (f"resolution {_shown(card.resolution)} is not a voxel size this version offers "
+                f"({', '.join(map(str, RESOLUTIONS))} mm)")
     if not isinstance(card.template, str) or not card.template:
-        return f"template {card.template!r} is not a template name"
-    if not isinstance(card.name, str) or not card.name:
-        return f"name {card.name!r} is not a model name"
+        return f"template {_shown(card.template)} is not a template name"
+    if not isinstance(card.name, str):
+        return f"name {_shown(card.name)} is not a model name"
+    try:
+        check_model_name(card.name)
+    except UsageError as error:
+        return f"its name comes from the card and is not a model name ({error})"
     if not names(card.training_participants) or not names(card.calibration_participants):
         return "training_participants and calibration_participants must be lists of names"
     if not isinstance(card.checksum, str) or len(card.checksum) != 64:
@@ -603,7 +661,51 @@ def _card_problem(card: ModelCard) -> str | None:
     for key in ("preprocessing", "hyperparameters", "extra"):
         if not isinstance(getattr(card, key), dict):
             return f"{key} is not an object"
-    return None
+    if not isinstance(card.signature, str):
+        return "signature is not a SHA-256 digest"
+    return _calibration_problem(card)
+
+
+CALIBRATION_SLACK = 4.0
+"""How far (a factor on the false-positive rate) a card's threshold may sit from the quantile of
+its stored calibration at its ``fpr``: the tail is stored at 200 points; a threshold tuned on
+annotations has its own rate measured on the same calibration."""
+
+
+def _calibration_problem(card: ModelCard) -> str | None:
+    """What is wrong with a card's calibration tail, or its threshold and fpr against it."""
+    tail = card.extra.get("calibration_tail")
+    if tail is None:  # a hand-made card: nothing to compare with
+        return None
+    damaged = ("calibration_tail is damaged: it must hold p (rates rising to 1), score (the "
+               "healthy scores at those rates, falling) and n (the healthy voxels)")
+    if not isinstance(tail, dict) or not {"p", "score", "n"} <= set(tail):
+        return damaged
+    p, score, n = tail["p"], tail["score"], tail["n"]
+    if (not isinstance(p, list) or not isinstance(score, list) or len(p) != len(score)
+            or len(p) < 2 or not all(_finite(v) for v in [*p, *score])
+            or isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        return damaged
+    p, score = np.asarray(p, dtype=np.float64), np.asarray(score, dtype=np.float64)
+    spread = float(np.abs(score).max()) or 1.0
+    if (not (p > 0).all() or not p[-1] <= 1 or not (np.diff(p) > 0).all()
+            or (np.diff(score) > 1e-9 * spread).any()):
+        return damaged
+
+    def score_at(rate: float) -> float:
+        return float(np.interp(np.log(rate), np.log(p), score))
+
+    fpr, threshold = float(card.fpr), float(card.threshold)
+    high = score_at(fpr / CALIBRATION_SLACK) if fpr / CALIBRATION_SLACK >= p[0] else math.inf
+    low = score_at(fpr * CALIBRATION_SLACK) if fpr * CALIBRATION_SLACK <= p[-1] else -math.inf
+    slack = 1e-6 * spread
+    if low - slack <= threshold <= high + slack:
+        return None
+    ascending = np.argsort(score, kind="stable")
+    rate = (1.0 / n if threshold >= score[0] else 1.0 if threshold <= score[-1]
+            else float(np.exp(np.interp(threshold, score[ascending], np.log(p[ascending])))))
+    return (f"threshold {threshold:.6g} disagrees with the calibration stored with it: healthy "
+            f"voxels score above it at a rate of about {rate:.3g}, the card says fpr {fpr:g}")
 
 
 def _stamp_weights(path: Path, metadata: dict[str, str]) -> None:
@@ -636,18 +738,25 @@ def read_card(directory: Path) -> ModelCard:
     Raises
     ------
     MissingInputError
-        The folder has no ``model.json``.
+        The folder has no ``model.json``, or this user cannot read it.
     BadDataError
         The card is not JSON, lacks or adds fields, or a field has an impossible value (an
-        unknown model type, channels that are not modalities, a threshold that is not a number).
+        unknown model type, channels that are not modalities, a threshold that is not a number,
+        or that disagrees with the stored calibration, a damaged calibration tail).
     """
     path = Path(directory) / CARD_FILE
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise MissingInputError(f"{directory} is not a model directory: {CARD_FILE} is missing")
     try:
-        values = json.loads(path.read_text())
+        values = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise MissingInputError(file_problem(path, error) or f"{path}: {error}") from error
+    except ValueError as error:  # not UTF-8, not JSON, an integer of thousands of digits
+        raise BadDataError(f"{path} is not a valid model card: {_shown(str(error))}"
+                           ) from error
+    try:
         card = ModelCard(**values)
-    except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as error:
+    except TypeError as error:  # not an object, fields missing or unknown
         raise BadDataError(f"{path} is not a valid model card: {error}") from error
     problem = _card_problem(card)
     if problem:
@@ -696,17 +805,24 @@ def load_model(directory: Path) -> tuple[AnomalyModel, ModelCard]:
     Raises
     ------
     MissingInputError
-        No card or no weights.
+        No card or no weights, or files this user cannot read.
     BadDataError
-        A damaged card, weights that do not match the card's checksum, or weights that cannot
-        be read as the card's model type with the card's channels.
+        A damaged card, weights that do not match the card's checksum, weights that cannot
+        be read as the card's model type with the card's channels or that hold NaN or
+        infinite values, or a card that does not match its signature (edited after training,
+        or written before cards were signed).
     """
     directory = Path(directory)
     card = read_card(directory)
     weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
+    if not os.path.lexists(weights):
         raise MissingInputError(f"{weights} is missing")
-    if file_checksum(weights) != card.checksum:
+    try:
+        checksum = file_checksum(weights)
+    except OSError as error:
+        raise MissingInputError(file_problem(weights, error) or f"{weights}: {error}"
+                                ) from error
+    if checksum != card.checksum:
         raise BadDataError(f"{weights} does not match the checksum in {CARD_FILE}: it was "
                            "modified or damaged; copy the model directory again")
     try:
@@ -714,6 +830,11 @@ def load_model(directory: Path) -> tuple[AnomalyModel, ModelCard]:
     except Exception as error:  # safetensors, missing tensors, shapes: all mean "not these"
         raise BadDataError(f"{weights} cannot be read as a {card.model_type!r} model "
                            f"({error.__class__.__name__}: {error})") from error
+    broken = non_finite_weights(directory)
+    if broken:
+        raise BadDataError(f"model {card.name!r}: its weights hold NaN or infinite values "
+                           f"({', '.join(broken[:3])}{' ...' if len(broken) > 3 else ''}): "
+                           "they are damaged; train the model again")
     stamped = weights_channels(directory)
     if stamped is not None and stamped != list(card.channels):
         raise BadDataError(f"model {card.name!r}: its weights were trained on "
@@ -721,7 +842,45 @@ def load_model(directory: Path) -> tuple[AnomalyModel, ModelCard]:
                            f"{', '.join(card.channels)}; the card was edited or belongs to "
                            "other weights")
     check_weights(model, card)
+    _check_signature(directory / CARD_FILE, card)
     return model, card
+
+
+def _check_signature(path: Path, card: ModelCard) -> None:
+    """Refuse a card whose fields are not those it was signed with (see :func:`save_model`).
+
+    Checked last: a card whose edit another check describes better fails there first.
+    """
+    if not card.signature:
+        raise BadDataError(f"model {card.name!r}: {path} has no signature (written by "
+                           f"bids_anomaly {card.version}, before model cards were signed), so "
+                           "an edit cannot be told apart from training; train the model again "
+                           "with this version")
+    if card_signature(dataclasses.asdict(card)) != card.signature:
+        raise BadDataError(f"model {card.name!r}: {path} does not match its signature: the "
+                           "card was edited or damaged after training; copy the model "
+                           "directory again, or train the model again")
+
+
+def non_finite_tensors(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the tensors holding NaN or infinite values (none when sound).
+
+    Infinities are accepted in the tensors a family declares (``infinite_tensors``).
+    """
+    allowed = tuple(ending for cls in REGISTRY.values() for ending in cls.infinite_tensors)
+    return [key for key, tensor in tensors.items() if tensor.is_floating_point() and (
+        tensor.isnan().any() or (tensor.isinf().any() and not key.endswith(allowed)))]
+
+
+def non_finite_weights(directory: Path) -> list[str]:
+    """Names of the stored tensors holding NaN or infinite values (:func:`non_finite_tensors`)."""
+    from safetensors import safe_open
+
+    broken = []
+    with safe_open(str(Path(directory) / WEIGHTS_FILE), framework="pt") as stream:
+        for key in stream.keys():
+            broken += non_finite_tensors({key: stream.get_tensor(key)})
+    return broken
 
 
 def read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:

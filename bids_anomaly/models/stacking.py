@@ -102,6 +102,8 @@ class StackedModel(BaseModel):
     options_scope = "stacking a classifier on annotations"
     supervised: ClassVar[bool] = True
     learns_from_annotations: ClassVar[bool] = True
+    # a gradient-boosted tree splits at +inf to send every value but a missing one left
+    infinite_tensors: ClassVar[tuple[str, ...]] = ("node_num_threshold",)
 
     def __init__(self, classifier: str = "hgb", neighbourhood_features: bool = False,
                  healthy_voxels: int = 20000, random_seed: int = 0,

@@ -89,7 +89,7 @@ def benjamini_hochberg(p: np.ndarray, q: float) -> np.ndarray:
 
 def apply_threshold(anomaly_map: np.ndarray, mask: np.ndarray, threshold: float) -> np.ndarray:
     """Binary (uint8) anomaly mask: brain voxels whose score exceeds ``threshold``."""
-    return ((anomaly_map > threshold) & (mask > 0)).astype(np.uint8)
+    return ((anomaly_map > np.float64(threshold)) & (mask > 0)).astype(np.uint8)
 
 
 def fdr_mask(anomaly_map: np.ndarray, mask: np.ndarray, tail: dict,

@@ -33,6 +33,23 @@ def peak_coordinates(map_file, mask_file=None) -> list[float]:
     return [float(v) for v in nib.affines.apply_affine(img.affine, index)]
 
 
+def _drawable(threshold: float) -> float:
+    """A threshold the plotting library can use: within float32's range (the maps' type)."""
+    limit = float(np.finfo(np.float32).max) / 4
+    return float(np.clip(threshold, -limit, limit))
+
+
+def _finite_map(map_file: str | Path) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """An anomaly map to draw (NaN and infinite scores at 0) and its scores in float64.
+
+    In float64 any threshold compares exactly (a float32 cast of a huge one overflows).
+    """
+    img = nib.load(str(map_file))
+    scores = np.nan_to_num(np.asarray(img.dataobj, dtype=np.float64), nan=0.0, posinf=0.0,
+                           neginf=0.0)
+    return nib.Nifti1Image(scores.astype(np.float32), img.affine, img.header), scores
+
+
 def plot_anomaly_overlay(background_file: str | Path, map_file: str | Path,
                          mask_file: str | Path | None, out_file: str | Path,
                          title: str = "", threshold: float | None = None,
@@ -68,12 +85,12 @@ def plot_anomaly_overlay(background_file: str | Path, map_file: str | Path,
 
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    map_img = nib.load(str(map_file))
+    map_img, scores = _finite_map(map_file)
     mask_img = nib.load(str(mask_file)) if mask_file is not None else None
-    scores = np.asarray(map_img.dataobj, dtype=np.float32)
     inside = scores[scores != 0]
     if threshold is None:
         threshold = float(np.percentile(inside, 95)) if inside.size else 0.0
+    threshold = _drawable(threshold)
     vmax = float(np.percentile(inside, 99.9)) if inside.size else 1.0
     if not (scores > threshold).any():
         title = f"{title}: nothing above the threshold".strip(": ")
@@ -200,9 +217,9 @@ def plot_lightbox(background_file: str | Path, map_file: str | Path, clusters: n
 
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
-    map_img = nib.load(str(map_file))
+    map_img, scores = _finite_map(map_file)
     affine = map_img.affine
-    scores = np.asarray(map_img.dataobj, dtype=np.float32)
+    threshold = _drawable(threshold)
     inside = scores[scores > threshold]
     vmax = float(np.percentile(inside, 99)) if inside.size else threshold * 1.5 + 1e-6
     slices, missing = lightbox_slices(clusters, brain)

@@ -112,7 +112,8 @@ def anomaly_overlay(output_dir: Path, map_path: Path) -> Path | None:
     The background is the subject's preprocessed image where lesions show (FLAIR when there is
     one), the cuts go through the peak of the largest cluster (the highest score inside the mask
     without a clusters table), and scores are shown from the model's calibrated threshold up
-    (from the 95th percentile without one, as with FDR).
+    (from the 95th percentile without one, as with FDR). None when there is no background, or
+    when the model's outputs cannot be drawn (damaged: a warning says so).
     """
     from bids_anomaly.reports.figures import plot_anomaly_overlay
 
@@ -129,13 +130,18 @@ def anomaly_overlay(output_dir: Path, map_path: Path) -> Path | None:
     mask = bids.spec_path(output_dir, subject, session, bids.anomaly_mask_spec(space, res, desc))
     name = f"sub-{subject}" + (f" ses-{session}" if session else "")
     modality = bids.parse_name(background)["suffix"]
-    sidecar = bids.read_sidecar(map_path)
-    return plot_anomaly_overlay(background, map_path, mask if mask.is_file() else None,
-                                out_file, title=f"{name}: {desc} on {modality}",
-                                threshold=sidecar.get("Threshold"),
-                                cut_coords=_largest_cluster_peak(output_dir, subject, session,
-                                                                 space, res, desc),
-                                score_name=_score_name(sidecar))
+    try:
+        sidecar = bids.read_sidecar(map_path)
+        return plot_anomaly_overlay(background, map_path, mask if mask.is_file() else None,
+                                    out_file, title=f"{name}: {desc} on {modality}",
+                                    threshold=sidecar.get("Threshold"),
+                                    cut_coords=_largest_cluster_peak(output_dir, subject,
+                                                                     session, space, res, desc),
+                                    score_name=_score_name(sidecar))
+    except Exception as error:  # noqa: BLE001  (a damaged map never stops the group report)
+        LOGGER.warning("%s: no overlay of model %s: its outputs cannot be drawn (%s: %s)", name,
+                       desc, error.__class__.__name__, " ".join(str(error).split())[:200])
+        return None
 
 
 def _score_name(sidecar: dict) -> str:
@@ -256,44 +262,66 @@ def model_sections(output_dir: Path, inputs: bids.AnatInputs, space: str,
 
     Per model: a one-line summary (abnormal volume, clusters, the largest and where it is),
     the lightbox through every cluster with the clusters numbered, the clusters table (same
-    numbers), then the regional burden. ``truth`` maps ``(subject, session)`` to its ground
-    truth on the template grid (group ``--ground-truth``).
+    numbers), then the regional burden. A model whose outputs cannot be read or drawn
+    (damaged files, an impossible threshold) gets a section saying so: the page is written.
+    ``truth`` maps ``(subject, session)`` to its ground truth on the template grid (group
+    ``--ground-truth``).
     """
     sub, ses = inputs.subject, inputs.session
     heading = f"Session {ses}: " if ses else ""
     sections = []
     truth_file = (truth or {}).get((sub, ses))
     for map_path in bids.subject_anomaly_maps(output_dir, sub, ses, space):
-        entities = bids.parse_name(map_path)
-        res, desc = int(entities["res"]), entities["desc"]
-        sidecar = bids.read_sidecar(map_path)
-        path = bids.spec_path(output_dir, sub, ses, bids.clusters_spec(space, res, desc))
-        clusters = pd.read_csv(path, sep="\t", na_values="n/a") if path.is_file() else None
-        text = [result_summary(clusters),
-                f"Model {sidecar.get('Model', desc)} ({sidecar.get('ModelType', 'n/a')}): "
-                f"{sidecar.get('ScoreDefinition', '')}"]
-        if "Threshold" in sidecar:
-            text.append(f"Mask: scores above {sidecar['Threshold']:.4g} "
-                        f"({sidecar.get('ThresholdMethod', '')}).")
-        figure, missing = anomaly_lightbox(output_dir, map_path, preferred, truth_file)
-        if figure is not None and clusters is not None and not clusters.empty:
-            text.insert(1, f"The slices below cut through {len(clusters) - len(missing)} of "
-                           f"the {len(clusters)} clusters" + (
-                               f" (not shown: {', '.join(map(str, missing))})." if missing
-                               else ": all of them."))
-        viewer = _viewer(output_dir, map_path, preferred)
-        sections.append({"heading": f"{heading}model {desc}: result",
-                         "text": "\n\n".join(text), "figures": [figure] if figure else [],
-                         "table": None if clusters is None or clusters.empty
-                         else clusters.head(MAX_CLUSTER_ROWS),
-                         "html": viewer, "viewer": viewer is not None})
-        if clusters is not None and len(clusters) > MAX_CLUSTER_ROWS:
-            sections[-1]["text"] += (f"\n\nThe table lists the largest {MAX_CLUSTER_ROWS} of "
-                                     f"{len(clusters)} clusters; all are in {path.name}.")
-        path = bids.spec_path(output_dir, sub, ses, bids.regions_spec(space, res, desc))
-        if path.is_file():
-            sections.append({"heading": f"{heading}model {desc}: burden per region",
-                             "table": pd.read_csv(path, sep="\t", na_values="n/a")})
+        desc = bids.parse_name(map_path).get("desc", map_path.name)
+        try:
+            sections += _model_result(output_dir, map_path, heading, space, preferred,
+                                      truth_file)
+        except Exception as error:  # noqa: BLE001  (one model's outputs never stop the page)
+            problem = " ".join(f"{error.__class__.__name__}: {error}".split())[:300]
+            LOGGER.warning("%s: the outputs of model %s cannot be shown (%s)", inputs.name,
+                           desc, problem)
+            sections.append({"heading": f"{heading}model {desc}: result", "text": (
+                f"The outputs of model {desc} cannot be shown ({problem}). They are damaged, "
+                "or were written by a model with an impossible threshold: run the participant "
+                "level again with a sound model.")})
+    return sections
+
+
+def _model_result(output_dir: Path, map_path: Path, heading: str, space: str,
+                  preferred: str | None, truth_file: Path | None) -> list[dict]:
+    """The sections of one model's result (see :func:`model_sections`)."""
+    sections = []
+    entities = bids.parse_name(map_path)
+    sub, ses = entities["sub"], entities.get("ses")
+    res, desc = int(entities["res"]), entities["desc"]
+    sidecar = bids.read_sidecar(map_path)
+    path = bids.spec_path(output_dir, sub, ses, bids.clusters_spec(space, res, desc))
+    clusters = pd.read_csv(path, sep="\t", na_values="n/a") if path.is_file() else None
+    text = [result_summary(clusters),
+            f"Model {sidecar.get('Model', desc)} ({sidecar.get('ModelType', 'n/a')}): "
+            f"{sidecar.get('ScoreDefinition', '')}"]
+    if "Threshold" in sidecar:
+        text.append(f"Mask: scores above {sidecar['Threshold']:.4g} "
+                    f"({sidecar.get('ThresholdMethod', '')}).")
+    figure, missing = anomaly_lightbox(output_dir, map_path, preferred, truth_file)
+    if figure is not None and clusters is not None and not clusters.empty:
+        text.insert(1, f"The slices below cut through {len(clusters) - len(missing)} of "
+                       f"the {len(clusters)} clusters" + (
+                           f" (not shown: {', '.join(map(str, missing))})." if missing
+                           else ": all of them."))
+    viewer = _viewer(output_dir, map_path, preferred)
+    sections.append({"heading": f"{heading}model {desc}: result",
+                     "text": "\n\n".join(text), "figures": [figure] if figure else [],
+                     "table": None if clusters is None or clusters.empty
+                     else clusters.head(MAX_CLUSTER_ROWS),
+                     "html": viewer, "viewer": viewer is not None})
+    if clusters is not None and len(clusters) > MAX_CLUSTER_ROWS:
+        sections[-1]["text"] += (f"\n\nThe table lists the largest {MAX_CLUSTER_ROWS} of "
+                                 f"{len(clusters)} clusters; all are in {path.name}.")
+    path = bids.spec_path(output_dir, sub, ses, bids.regions_spec(space, res, desc))
+    if path.is_file():
+        sections.append({"heading": f"{heading}model {desc}: burden per region",
+                         "table": pd.read_csv(path, sep="\t", na_values="n/a")})
     return sections
 
 

@@ -179,9 +179,13 @@ def init_anat_preproc_wf(
                          run_without_submitting=True)
     coverage = pe.Node(niu.Merge(max(1, len(checked))), name="covered_masks",
                        run_without_submitting=True)
+    notes = pe.Node(niu.Merge(len(modalities)), name="intensity_notes",
+                    run_without_submitting=True)
     workflow.connect([
         (brain_extraction, qc, [("out_mask", "native_mask"), ("method", "skull_stripping")]),
         (std_mask, qc, [("out_file", "std_mask")]),
+        (conform_ref, notes, [("note", "in1")]),
+        (notes, qc, [("out", "notes")]),
         (inputnode, qc, [("template_mask", "template_mask"), ("template_t1w", "template_t1w")]),
         (conform_ref, figures, [("out_file", "native_reference")]),
         (brain_extraction, figures, [("out_mask", "native_mask")]),
@@ -248,6 +252,7 @@ def init_anat_preproc_wf(
             (register_ref, chain, [("forward_transform", "in1")]),
             (coregister, chain, [("forward_transform", "in2")]),
             (conform, to_template, [("out_file", "in_file")]),
+            (conform, notes, [("note", f"in{index + 1}")]),
             (chain, to_template, [("out", "transforms")]),
             (n4, std_others, [("out_file", f"in{index}")]),
             (coregister, outputnode, [("forward_transform", f"{modality}_to_ref")]),

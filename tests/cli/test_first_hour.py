@@ -119,3 +119,32 @@ def test_completion_record_holds_until_a_derivative_changes(tmp_path):
     assert not is_complete(work, inputs, "key")
     derivative.unlink()
     assert not is_complete(work, inputs, "key")
+
+
+@pytest.mark.parametrize("section, line, words", [
+    ("execution", 'nprocs = "abc"', "execution.nprocs = 'abc' (--nprocs): not a whole number"),
+    ("execution", "nprocs = -5", "execution.nprocs = -5 (--nprocs): must be at least 1"),
+    ("execution", "nprocs = 0", "execution.nprocs = 0 (--nprocs): must be at least 1"),
+    ("execution", "nprocs = 1e400", "execution.nprocs = inf (--nprocs): not a whole number"),
+    ("execution", "nprocs = 2.5", "execution.nprocs = 2.5 (--nprocs): not a whole number"),
+    ("model", "fpr = 7.0", "model.fpr = 7.0 (--fpr): must be in (0, 1)"),
+    ("model", 'model_type = "evil"', "model.model_type = 'evil' (--model-type): must be one of"),
+    ("model", "calibration_fraction = 3", "model.calibration_fraction = 3: must be in (0, 1)"),
+    ("model", 'options = {n_components = "many"}', "model.options.n_components = 'many'"),
+    ("model", "options = {nonsense = 1}", "unknown model option(s) nonsense"),
+    ("preprocessing", "resolution = 3", "preprocessing.resolution = 3 (--resolution): must be "
+                                        "one of 1, 2"),
+    ("preprocessing", 'registration = "Elastic"', "must be one of Rigid, Affine, SyN"),
+    ("inputs", 'skip_bids_validation = "yes"', "(--skip-bids-validation): must be true or false"),
+    ("group", "bootstrap = true", "group.bootstrap = True (--bootstrap): not a whole number"),
+    ("postprocessing", "min_cluster_mm3 = -1", "(--min-cluster-size): the volume must be 0"),
+])
+def test_config_file_values_are_checked_as_on_the_command_line(tiny_bids, tmp_path, capsys,
+                                                               section, line, words):
+    path = tmp_path / "settings.toml"
+    path.write_text(f"[bids_anomaly.{section}]\n{line}\n")
+    out = tmp_path / "out"
+    assert main([str(tiny_bids), str(out), "train", "--config-file", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"--config-file {path}: " in err and words in err, err
+    assert not out.exists()

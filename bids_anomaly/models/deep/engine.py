@@ -5,8 +5,9 @@ cosine learning-rate schedule, gradient-norm clipping and mixed precision (bf16 
 default). After every epoch it measures the loss on held-out healthy samples, keeps the best
 weights, stops early when that loss has not improved for ``patience`` epochs, and writes a
 checkpoint (atomically) from which a killed run resumes to exactly the state an uninterrupted run
-would have reached. Under ``torchrun`` the network is wrapped in ``DistributedDataParallel``
-and every epoch is sharded with ``DistributedSampler``.
+would have reached. A loss that becomes NaN or infinite stops the run with an error: the weights
+of a diverged run are never kept. Under ``torchrun`` the network is wrapped in
+``DistributedDataParallel`` and every epoch is sharded with ``DistributedSampler``.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from bids_anomaly.config import option, positive_int
-from bids_anomaly.errors import UsageError
+from bids_anomaly.errors import TrainingError, UsageError
 from bids_anomaly.models.deep import distributed
 
 LOGGER = logging.getLogger(__name__)
@@ -419,6 +420,11 @@ class _Trainer:
                "data_wait_fraction": row["data_wait_fraction"]}
         state.history.append(row)
         state.epoch = row["epoch"]
+        if not (math.isfinite(row["train_loss"]) and math.isfinite(validation)):
+            raise TrainingError(
+                f"training diverged at epoch {row['epoch']}: train loss {row['train_loss']:.4g}"
+                f", validation loss {validation:.4g}; nothing was saved: lower --learning-rate "
+                f"(now {options.learning_rate:g}), or use --precision fp32")
         if validation < state.best_loss:
             state.best_loss, state.best_epoch, state.bad_epochs = validation, row["epoch"], 0
             state.best_state = copy.deepcopy({k: v.detach().cpu() for k, v in
@@ -476,6 +482,11 @@ def train(module: nn.Module, loss: LossFunction, train_set: Dataset, validation_
     -------
     TrainingResult
         Loss history and where the best epoch was.
+
+    Raises
+    ------
+    TrainingError
+        The training or validation loss of an epoch is NaN or infinite (the run diverged).
     """
     start_time = time.monotonic()
     trainer = _Trainer(module, loss, train_set, validation_set, options, device, identity)
