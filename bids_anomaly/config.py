@@ -64,7 +64,7 @@ REGISTRATIONS = ("Rigid", "Affine", "SyN")
 """Reference-to-template registrations."""
 
 NORMALIZATIONS = ("robust-zscore", "whitestripe", "percentile")
-"""Intensity normalisations inside the brain (:mod:`bids_anomaly.normalization`)."""
+"""Intensity normalisations inside the brain (:mod:`bids_anomaly.imaging.normalization`)."""
 
 SKULL_STRIPPED = ("auto", "yes", "no")
 """``--skull-stripped`` choices: detect, declare stripped, or always run brain extraction."""

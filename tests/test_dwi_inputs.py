@@ -157,7 +157,7 @@ def _only_b0(bids_dir, tmp):
 
 
 # a run without its gradients is not valid BIDS: the BIDS validator refuses it first (exit 16,
-# DWI_MISSING_BVAL, tests/test_bids_validator.py); past it, the tool's own check names the file
+# DWI_MISSING_BVAL, tests/bids/test_bids_validator.py); past it, the tool's own check names the file
 
 def _missing_bval(bids_dir, tmp):
     _add_run(bids_dir, "01", "AP", bval="")
@@ -274,7 +274,7 @@ def test_real_volunteer_gets_fa_and_md_in_template_space(tmp_path):
     """bids_dwi: T1w + two dwi runs (AP, PA, b=2500): maps, sidecars, QC; then as given maps."""
     from scipy import ndimage
 
-    from bids_anomaly.template import get_template
+    from bids_anomaly.imaging.template import get_template
 
     if not DWI_DATA.is_dir():
         pytest.skip("../shared/data/bids_dwi is not available")

@@ -109,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_demo_parser() -> argparse.ArgumentParser:
     """The parser of ``bids_anomaly demo OUTDIR``."""
-    from bids_anomaly.demo import DEMO_HEALTHY, DEMO_MODALITIES, DEMO_PATIENTS
+    from bids_anomaly.cli.demo import DEMO_HEALTHY, DEMO_MODALITIES, DEMO_PATIENTS
 
     parser = argparse.ArgumentParser(
         prog="bids_anomaly demo",

@@ -144,7 +144,7 @@ def evaluate_model(settings: Settings, desc: str, maps: list[Path], layout,
                    participants: pd.DataFrame | None) -> ModelResults:
     """Burden, regional and (with ground truth) evaluation tables of one model's maps."""
     from bids_anomaly.evaluation.metrics import lesion_metrics
-    from bids_anomaly.progress import ItemProgress
+    from bids_anomaly.runtime.progress import ItemProgress
 
     burden_rows, region_tables, evaluation_rows = [], [], []
     truths: dict[tuple[str, str | None], Path] = {}

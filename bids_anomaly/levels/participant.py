@@ -10,6 +10,7 @@ import nibabel as nib
 from bids_anomaly import bids
 from bids_anomaly.config import Settings
 from bids_anomaly.errors import BadDataError, MissingInputError, UsageError
+from bids_anomaly.imaging.template import Template
 from bids_anomaly.levels.steps import (
     collect_subjects,
     index_dataset,
@@ -26,7 +27,6 @@ from bids_anomaly.models.base import (
     needs_covariates,
     read_card,
 )
-from bids_anomaly.template import Template
 
 LOGGER = logging.getLogger(__name__)
 

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 
 from bids_anomaly.config import Settings
+from bids_anomaly.imaging.template import Template
 from bids_anomaly.models.base import BaseModel, ModelCard, TrainingData, scorer_for
 from bids_anomaly.postprocessing.tuning import tune_postprocessing
-from bids_anomaly.template import Template
 
 LOGGER = logging.getLogger(__name__)
 

@@ -32,7 +32,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bids_anomaly.synthetic import blooming_extent, blooming_signal, dephasing_for_bloom
+from bids_anomaly.simulation.susceptibility import (
+    blooming_extent,
+    blooming_signal,
+    dephasing_for_bloom,
+)
 
 SHAPES = ("ellipsoid", "blob", "lesion", "microbleed")
 """Shape kinds; ``lesion`` needs a :class:`LesionShapes` library, ``microbleed`` a channel of
@@ -177,9 +181,10 @@ def microbleed_loss(shape: tuple[int, ...], center: torch.Tensor, radius: float,
 
     The source is a sphere a third to a half as wide as the focus (the ratio is drawn from
     :data:`MICROBLEED_BLOOM`), placed a random fraction of a voxel off ``center``; its dipole
-    field dephases the signal around it (:func:`~bids_anomaly.synthetic.dipole_signal`, the
-    physics of the synthetic microbleeds of the demo data), computed at several points per
-    voxel and averaged (partial volume). Losses under :data:`MICROBLEED_TAIL` are left out.
+    field dephases the signal around it
+    (:func:`~bids_anomaly.simulation.susceptibility.dipole_signal`, the physics of the synthetic
+    microbleeds of the demo data), computed at several points per voxel and averaged (partial
+    volume). Losses under :data:`MICROBLEED_TAIL` are left out.
 
     B0 runs along z: in 3D the last axis, along which the focus is longest (by 2^(1/3)). A 2D
     ``shape`` is an axial slice, as the 2D and 2.5D models cut volumes: B0 crosses the plane,
@@ -257,7 +262,7 @@ class LesionShapes:
                  files: list[Path] | None = None, max_components: int = 2000) -> None:
         from scipy import ndimage
 
-        from bids_anomaly.images import load_lesion_shape
+        from bids_anomaly.imaging.images import load_lesion_shape
 
         paths = files if files is not None else sorted(
             p for p in Path(folder).iterdir() if p.name.endswith((".nii", ".nii.gz")))

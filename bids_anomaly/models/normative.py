@@ -16,6 +16,7 @@ import torch
 
 from bids_anomaly.config import option
 from bids_anomaly.errors import UsageError
+from bids_anomaly.imaging.normalization import IQR_TO_SD
 from bids_anomaly.models.base import BaseModel, TrainingData, register
 from bids_anomaly.models.covariates import CovariateError
 from bids_anomaly.models.directions import (
@@ -26,7 +27,6 @@ from bids_anomaly.models.directions import (
     parse_directions,
 )
 from bids_anomaly.models.norms import CovariateNorms, covariate_frame
-from bids_anomaly.normalization import IQR_TO_SD
 
 if TYPE_CHECKING:
     from bids_anomaly.config import Settings
@@ -43,7 +43,7 @@ def channel_robust_sd(values: torch.Tensor) -> torch.Tensor:
     """Robust standard deviation (IQR / 1.349) of each channel over subjects and voxels.
 
     NaN marks voxels outside the brain. For channels normalised to a robust z-score by
-    preprocessing (:func:`bids_anomaly.normalization.robust_zscore`) it is about 1; for a
+    preprocessing (:func:`bids_anomaly.imaging.normalization.robust_zscore`) it is about 1; for a
     diffusion map it carries the map's units.
 
     Parameters

@@ -22,9 +22,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from bids_anomaly.imaging.normalization import IQR_TO_SD
 from bids_anomaly.models.covariates import CovariateEncoder, CovariateError
 from bids_anomaly.models.location_scale import fit_location_scale, leverage, predict
-from bids_anomaly.normalization import IQR_TO_SD
 
 HETEROSCEDASTIC_SUBJECTS = 30
 """With ``heteroscedastic`` "auto", the scale depends on the covariates from this many training

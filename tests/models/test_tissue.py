@@ -26,7 +26,7 @@ LESION = {"FLAIR": 1.5, "T1w": 0.45, "T2w": 1.25}
 @functools.lru_cache(maxsize=1)
 def _template_slab() -> tuple[np.ndarray, np.ndarray]:
     """The embedded template's GM/WM/CSF maps on a slab of the 2 mm grid, and its affine."""
-    from bids_anomaly.template import template_images
+    from bids_anomaly.imaging.template import template_images
 
     images = template_images(2)
     maps = np.stack([np.asarray(images[k].dataobj, np.float32)[:, :, SLAB]

@@ -11,7 +11,7 @@ import pandas as pd
 from bids_anomaly import bids
 from bids_anomaly.config import MIN_TRAINING_SUBJECTS
 from bids_anomaly.errors import OutputError, UsageError
-from bids_anomaly.synthetic import generate_demo_dataset
+from bids_anomaly.simulation.synthetic import generate_demo_dataset
 
 LOGGER = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ def run_demo(output_dir: Path, n_healthy: int = DEMO_HEALTHY, n_patients: int = 
         ModelSettings,
         Settings,
     )
-    from bids_anomaly.progress import _duration
+    from bids_anomaly.runtime.progress import _duration
 
     if n_healthy < MIN_TRAINING_SUBJECTS:
         raise UsageError(f"--healthy {n_healthy}: the demo trains its models on the healthy "

@@ -12,12 +12,14 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from bids_anomaly.synthetic import (
-    MICROBLEED_COLUMNS,
-    MICROBLEED_REGIONS,
+from bids_anomaly.simulation.susceptibility import (
     blooming_extent,
     blooming_signal,
     dephasing_for_bloom,
+)
+from bids_anomaly.simulation.synthetic import (
+    MICROBLEED_COLUMNS,
+    MICROBLEED_REGIONS,
     generate_demo_dataset,
     synthetic_subject,
 )

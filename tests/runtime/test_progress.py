@@ -6,7 +6,7 @@ import logging
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from bids_anomaly.progress import ItemProgress, WorkflowProgress
+from bids_anomaly.runtime.progress import ItemProgress, WorkflowProgress
 
 
 def _add(x):
@@ -38,16 +38,16 @@ def test_log_lines_name_each_finished_subject_with_an_eta(tmp_path, caplog):
     progress = WorkflowProgress(workflow, {"sub_a_wf": "sub-a", "sub_b_wf": "sub-b"},
                                 stream=io.StringIO())
     assert progress.totals == {"sub_a_wf": 2, "sub_b_wf": 2}  # identity nodes never run
-    with caplog.at_level(logging.INFO, logger="bids_anomaly.progress"):
+    with caplog.at_level(logging.INFO, logger="bids_anomaly.runtime.progress"):
         workflow.run(plugin="Linear", plugin_args={"status_callback": progress})
-    lines = [r.getMessage() for r in caplog.records if r.name == "bids_anomaly.progress"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "bids_anomaly.runtime.progress"]
     assert len(lines) == 2
     assert lines[0].startswith("sub-") and "done (1/2" in lines[0] and "ETA" in lines[0]
     assert "(2/2" in lines[1] and "ETA" not in lines[1]
     # a rerun finds every node in the cache and still reports both subjects
     caplog.clear()
     progress = WorkflowProgress(workflow, {}, stream=io.StringIO())
-    with caplog.at_level(logging.INFO, logger="bids_anomaly.progress"):
+    with caplog.at_level(logging.INFO, logger="bids_anomaly.runtime.progress"):
         workflow.run(plugin="Linear", plugin_args={"status_callback": progress})
     assert sum("done" in r.getMessage() for r in caplog.records) == 2
 
@@ -57,16 +57,16 @@ def test_bar_on_a_terminal(tmp_path, caplog):
     terminal = _Terminal()
     progress = WorkflowProgress(workflow, {"sub_a_wf": "sub-a", "sub_b_wf": "sub-b"},
                                 stream=terminal)
-    with caplog.at_level(logging.INFO, logger="bids_anomaly.progress"):
+    with caplog.at_level(logging.INFO, logger="bids_anomaly.runtime.progress"):
         workflow.run(plugin="Linear", plugin_args={"status_callback": progress})
     progress.close()
     output = terminal.getvalue()
     assert "4/4" in output and "2/2 subjects done" in output and "sub-a: done" in output
-    assert not [r for r in caplog.records if r.name == "bids_anomaly.progress"]
+    assert not [r for r in caplog.records if r.name == "bids_anomaly.runtime.progress"]
 
 
 def test_item_progress_logs_position_and_eta(caplog):
-    with caplog.at_level(logging.INFO, logger="bids_anomaly.progress"):
+    with caplog.at_level(logging.INFO, logger="bids_anomaly.runtime.progress"):
         progress = ItemProgress(3, "group x", stream=io.StringIO())
         for item in ("a", "b", "c"):
             progress.advance(item)
@@ -103,7 +103,7 @@ def test_batch_mode_says_where_it_is_between_subjects(tmp_path, caplog):
     top.add_nodes([subject])
     progress = WorkflowProgress(top, {"sub_a_wf": "sub-a"}, stream=io.StringIO(),
                                 heartbeat=0.25)
-    with caplog.at_level(logging.INFO, logger="bids_anomaly.progress"):
+    with caplog.at_level(logging.INFO, logger="bids_anomaly.runtime.progress"):
         top.run(plugin="Linear", plugin_args={"status_callback": progress})
     progress.close()
     beats = [r.getMessage() for r in caplog.records if "of the work done" in r.getMessage()]

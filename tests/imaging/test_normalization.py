@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.stats import norm, truncnorm
 
-from bids_anomaly.normalization import (
+from bids_anomaly.imaging.normalization import (
     METHODS,
     normalize,
     percentile_scale,
@@ -139,7 +139,7 @@ def test_whitestripe_falls_back_to_the_global_mode_with_a_warning(caplog):
     rng = np.random.default_rng(8)
     image = rng.exponential(10.0, size=SHAPE)  # decreasing density: no interior peak
     mask = np.ones(SHAPE, bool)
-    with caplog.at_level(logging.WARNING, logger="bids_anomaly.normalization"):
+    with caplog.at_level(logging.WARNING, logger="bids_anomaly.imaging.normalization"):
         out = whitestripe(image, mask, "T1w")
     assert "no white-matter peak" in caplog.text
     assert np.isfinite(out).all()

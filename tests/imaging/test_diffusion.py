@@ -12,7 +12,8 @@ import pytest
 from dipy.core.gradients import gradient_table
 from dipy.reconst.dti import TensorModel
 
-from bids_anomaly.diffusion import (
+from bids_anomaly.errors import BadDataError, MissingInputError
+from bids_anomaly.imaging.diffusion import (
     B0_THRESHOLD,
     brain_mask_from_b0,
     fit_tensor,
@@ -20,7 +21,6 @@ from bids_anomaly.diffusion import (
     mean_b0,
     read_gradients,
 )
-from bids_anomaly.errors import BadDataError, MissingInputError
 from bids_anomaly.interfaces.dipy import DTIFit
 
 SHAPE = (16, 16, 10)

@@ -4,9 +4,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from bids_anomaly.imaging.skullstrip import check_background, mask_from_background
 from bids_anomaly.interfaces.ants import N4BiasFieldCorrection
 from bids_anomaly.interfaces.deepbet import BrainExtraction
-from bids_anomaly.skullstrip import check_background, mask_from_background
 
 
 def _ball(shape=(60, 60, 60), radius=20, voxel=2.0):
@@ -89,7 +89,7 @@ def test_n4_passes_normalised_data_unchanged_and_corrects_positive_data(tmp_path
 
 
 def test_real_scans_are_classified(real_data):
-    from bids_anomaly.images import load_volume
+    from bids_anomaly.imaging.images import load_volume
 
     def stripped(path):
         return check_background(load_volume(real_data / path)).stripped

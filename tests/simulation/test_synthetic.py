@@ -11,13 +11,13 @@ import pytest
 from nibabel.processing import resample_from_to
 from scipy import ndimage
 
-from bids_anomaly.synthetic import (
+from bids_anomaly.imaging.template import template_images
+from bids_anomaly.simulation.synthetic import (
     DEFAULT_MODALITIES,
     MODALITIES,
     generate_demo_dataset,
     synthetic_subject,
 )
-from bids_anomaly.template import template_images
 
 N_HEALTHY = 3
 N_PATIENTS = 2

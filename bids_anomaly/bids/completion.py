@@ -15,13 +15,15 @@ import logging
 import os
 from pathlib import Path
 
-from bids_anomaly import bids
+from bids_anomaly.bids.derivatives import subject_derivatives
+from bids_anomaly.bids.inputs import AnatInputs
+from bids_anomaly.bids.workdir import completion_record_path
 
 LOGGER = logging.getLogger(__name__)
 
 
-def _record_path(work_dir: Path, inputs: bids.AnatInputs, key: str) -> Path:
-    return bids.completion_record_path(work_dir, inputs.name, key)
+def _record_path(work_dir: Path, inputs: AnatInputs, key: str) -> Path:
+    return completion_record_path(work_dir, inputs.name, key)
 
 
 def _signatures(files: list[Path]) -> dict[str, list[int]]:
@@ -32,7 +34,7 @@ def _signatures(files: list[Path]) -> dict[str, list[int]]:
     return signatures
 
 
-def is_complete(work_dir: Path, inputs: bids.AnatInputs, key: str) -> bool:
+def is_complete(work_dir: Path, inputs: AnatInputs, key: str) -> bool:
     """Whether ``inputs`` finished a run with ``key`` and its derivatives are untouched."""
     record = _record_path(work_dir, inputs, key)
     if not record.is_file():
@@ -45,11 +47,11 @@ def is_complete(work_dir: Path, inputs: bids.AnatInputs, key: str) -> bool:
         return False
 
 
-def mark_complete(work_dir: Path, inputs: bids.AnatInputs, key: str, output_dir: Path
+def mark_complete(work_dir: Path, inputs: AnatInputs, key: str, output_dir: Path
                   ) -> None:
     """Record that ``inputs`` finished a run with ``key``, with its derivatives as they are."""
     record = _record_path(work_dir, inputs, key)
     record.parent.mkdir(parents=True, exist_ok=True)
-    files = bids.subject_derivatives(output_dir, inputs.subject, inputs.session)
+    files = subject_derivatives(output_dir, inputs.subject, inputs.session)
     record.write_text(json.dumps({"subject": inputs.name, "files": _signatures(files)},
                                  indent=1))

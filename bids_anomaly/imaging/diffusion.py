@@ -443,8 +443,8 @@ def fit_tensor(dwi: DwiData, mask: np.ndarray, params: Sequence[str] = ("FA", "M
 def check_maps(paths: dict[str, str | Path]) -> tuple[dict[str, np.ndarray], nib.Nifti1Image]:
     """Read another pipeline's diffusion maps of one subject, checked.
 
-    Each map must be a readable 3D image (:func:`~bids_anomaly.images.load_volume`) on the grid
-    of the first, not empty; FA outside [0, 1] or a negative median diffusivity means maps in
+    Each map must be a readable 3D image (:func:`~bids_anomaly.imaging.images.load_volume`) on the
+    grid of the first, not empty; FA outside [0, 1] or a negative median diffusivity means maps in
     other units or under another name, and is refused.
 
     Parameters
@@ -464,7 +464,7 @@ def check_maps(paths: dict[str, str | Path]) -> tuple[dict[str, np.ndarray], nib
     BadDataError
         Any of the above.
     """
-    from bids_anomaly.images import check_same_grid, load_volume
+    from bids_anomaly.imaging.images import check_same_grid, load_volume
 
     images = {name: load_volume(path) for name, path in paths.items()}
     check_same_grid(list(paths.values()), "the maps of one subject")

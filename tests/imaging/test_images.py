@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from bids_anomaly.errors import BadDataError
-from bids_anomaly.images import load_volume, reorient_to_ras
+from bids_anomaly.imaging.images import load_volume, reorient_to_ras
 
 
 def _image(shape=(10, 12, 14), affine=None):

@@ -17,12 +17,13 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from bids_anomaly import bids, validation
+from bids_anomaly import bids
+from bids_anomaly.bids import validation
 from bids_anomaly.cli.run import main
 from bids_anomaly.errors import BIDSValidationError
 from tests.conftest import tree_digest, write_minimal_bids
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 
 needs_validator = pytest.mark.skipif(validation.find_validator() is None,
                                      reason="bids-validator-deno is not installed")
@@ -113,7 +114,7 @@ def test_shared_datasets_validate_clean(name, cache_dir, caplog):
 
 @needs_validator
 def test_generated_datasets_are_valid_bids(tiny_bids, tmp_path, monkeypatch):
-    from bids_anomaly import synthetic
+    from bids_anomaly.simulation import synthetic
 
     def small_subject(seed, lesions=False, *, orientation="RAS", thick_flair=False,
                       microbleeds=0):  # the layout and metadata are validated, not the images
