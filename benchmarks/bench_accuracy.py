@@ -87,8 +87,8 @@ from bids_anomaly.evaluation.metrics import lesion_metrics, voxel_metrics
 from bids_anomaly.imaging.images import load_lesion_shape
 from bids_anomaly.imaging.template import TEMPLATE_NAME, Template, get_template
 from bids_anomaly.models import REGISTRY, AnomalyModel, EnsembleModel, TissueModel, TrainingData
-from bids_anomaly.models.base import valid_voxels
 from bids_anomaly.models.baseline import lesion_contrast
+from bids_anomaly.models.data import valid_voxels
 from bids_anomaly.models.deep.engine import EngineOptions
 from bids_anomaly.postprocessing.thresholds import healthy_scores, tail_table, threshold_at_fpr
 

@@ -56,7 +56,7 @@ from bids_anomaly.models import (
     SubjectImages,
     TrainingData,
 )
-from bids_anomaly.models.base import valid_voxels
+from bids_anomaly.models.data import valid_voxels
 from bids_anomaly.postprocessing.thresholds import healthy_scores, threshold_at_fpr
 
 HEALTHY = ["IXI012", "IXI013", "IXI014", "IXI015", "IXI033", "IXI034", "IXI039", "IXI048",

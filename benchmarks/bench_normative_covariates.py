@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 
 from bids_anomaly.models import NormativeModel
-from bids_anomaly.models.base import SubjectImages, TrainingData, valid_voxels
+from bids_anomaly.models.data import SubjectImages, TrainingData, valid_voxels
 from bids_anomaly.postprocessing.thresholds import healthy_scores, threshold_at_fpr
 from bids_anomaly.simulation.cohorts import generate_cohort, participants
 

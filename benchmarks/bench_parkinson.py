@@ -34,7 +34,7 @@ from bids_anomaly.evaluation.group import find_anomaly_maps
 from bids_anomaly.evaluation.protocol import SplitModel, split_protocol
 from bids_anomaly.evaluation.splits import split_controls
 from bids_anomaly.models import REGISTRY
-from bids_anomaly.models.base import SubjectImages, TrainingData, fit_channel_scaling
+from bids_anomaly.models.data import SubjectImages, TrainingData, fit_channel_scaling
 from bids_anomaly.models.deep.engine import EngineOptions
 from bids_anomaly.postprocessing.thresholds import healthy_scores, threshold_at_fpr
 from bids_anomaly.simulation.synthetic import diffusion_cohort

@@ -12,7 +12,7 @@ import torch
 
 from bids_anomaly import bids
 from bids_anomaly.cli.run import main
-from bids_anomaly.models.base import (
+from bids_anomaly.models.data import (
     SubjectImages,
     TrainingData,
     fit_channel_scaling,
@@ -257,7 +257,7 @@ def test_channel_scaling_round_trip(tmp_path):
 
 
 def test_normative_floor_follows_the_channel_units():
-    from bids_anomaly.models.normative import channel_robust_sd
+    from bids_anomaly.models.normative.normative import channel_robust_sd
 
     values = torch.randn(5, 2, 6, 6, 6, generator=torch.Generator().manual_seed(0))
     values[:, 1] *= 1e-3

@@ -666,7 +666,7 @@ def _card_values(directory: Path) -> dict:
 def _write_card(directory: Path, values: dict, sign: bool) -> None:
     """Write a card, signed again when ``sign`` (as one who knows how cards are signed)."""
     if sign:
-        from bids_anomaly.models.base import card_signature
+        from bids_anomaly.models.store import card_signature
 
         values["signature"] = card_signature(values)
     (directory / "model.json").write_text(json.dumps(values))
@@ -681,7 +681,8 @@ def _change_card(sign: bool = False, **changes: object) -> Callable[[Path], None
 def _nan_weights(sign: bool) -> Callable[[Path], None]:
     """Weights multiplied by NaN, the card's checksum of them refreshed."""
     def edit(directory: Path) -> None:
-        from bids_anomaly.models.base import file_checksum, read_weights, write_weights
+        from bids_anomaly.models.store import file_checksum
+        from bids_anomaly.models.weights import read_weights, write_weights
 
         tensors, hyperparameters = read_weights(directory)
         tensors["location"] = tensors["location"] * float("nan")

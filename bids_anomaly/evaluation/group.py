@@ -104,7 +104,7 @@ EVALUATION_METRICS = ("auroc", "auprc", "oracle_dice", "dice", "lesion_sensitivi
 
 def _model_roles(output_dir: Path, model_name: str | None) -> dict[str, str]:
     """``training`` or ``calibration`` per participant of a trained model (empty otherwise)."""
-    from bids_anomaly.models.base import read_card
+    from bids_anomaly.models.store import read_card
 
     if not model_name:
         return {}

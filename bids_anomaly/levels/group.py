@@ -22,7 +22,7 @@ from bids_anomaly.evaluation.group import (
 )
 from bids_anomaly.evaluation.statistics import resolve_control_label, summarize_by_group
 from bids_anomaly.levels.steps import create_outputs, index_dataset
-from bids_anomaly.models.base import file_checksum
+from bids_anomaly.models.store import file_checksum
 from bids_anomaly.reports.group import write_group_report
 from bids_anomaly.reports.subject import anomaly_overlay
 

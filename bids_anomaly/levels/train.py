@@ -24,19 +24,17 @@ from bids_anomaly.levels.steps import (
 )
 from bids_anomaly.levels.weak import split_annotated, tune_on_annotations
 from bids_anomaly.models import REGISTRY, build_model
-from bids_anomaly.models.base import (
+from bids_anomaly.models.contract import needs_covariates
+from bids_anomaly.models.data import SubjectImages, TrainingData, fit_channel_scaling
+from bids_anomaly.models.deep import distributed
+from bids_anomaly.models.store import (
     CARD_FILE,
     ModelCard,
-    SubjectImages,
-    TrainingData,
     file_checksum,
-    fit_channel_scaling,
     load_model,
-    needs_covariates,
     non_finite_tensors,
     save_model,
 )
-from bids_anomaly.models.deep import distributed
 from bids_anomaly.postprocessing.microbleeds import calibrate_microbleeds
 from bids_anomaly.postprocessing.thresholds import healthy_scores, tail_table, threshold_at_fpr
 from bids_anomaly.runtime.device import resolve_device

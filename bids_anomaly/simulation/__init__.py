@@ -2,9 +2,10 @@
 
 - :mod:`~bids_anomaly.simulation.synthetic`: the demo's BIDS dataset (deformed template
   tissue, contrasts, lesions, veins and microbleeds) and the diffusion cohort;
-- :mod:`~bids_anomaly.simulation.cohorts`: cohorts with known age, sex and site effects;
-- :mod:`~bids_anomaly.simulation.susceptibility`: the dipole field of a microbleed, shared with
-  the anomalies that self-supervised models insert (it sits below :mod:`bids_anomaly.models`).
+- :mod:`~bids_anomaly.simulation.cohorts`: cohorts with known age, sex and site effects, as the
+  models' training data.
 
-Nothing is imported here, so that models can use the susceptibility model alone.
+It sits above :mod:`bids_anomaly.models` (cohorts are training data); the physics of a
+microbleed that the demo's images and the self-supervised models' synthetic anomalies share is
+below both, in :mod:`bids_anomaly.imaging.susceptibility`.
 """

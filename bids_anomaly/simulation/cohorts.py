@@ -14,7 +14,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from bids_anomaly.models.base import SubjectImages, TrainingData
+from bids_anomaly.models.data import SubjectImages, TrainingData
 
 
 @dataclass

@@ -5,7 +5,7 @@ MNI template (:mod:`bids_anomaly.imaging.template`), given T1w, T2w, FLAIR and T
 contrasts, a skull and a scalp, a bias field and Rician noise. The T2*-weighted image (``T2starw``,
 a 3T gradient echo) also shows what susceptibility does: dark veins, iron-dark deep grey nuclei and,
 on request, cerebral microbleeds, each a magnetised sphere whose dipole field darkens more than the
-sphere ("blooming", :func:`~bids_anomaly.simulation.susceptibility.blooming_signal`). Patients also
+sphere ("blooming", :func:`~bids_anomaly.imaging.susceptibility.blooming_signal`). Patients also
 get white-matter lesions, whose masks are written as ground truth in ``derivatives/lesion_masks``,
 and microbleeds where asked, written to ``derivatives/microbleeds``. Images are stored in several
 voxel orientations and some FLAIR images on thick-slice grids, so that readers must honour the
@@ -35,12 +35,12 @@ from scipy.interpolate import CubicSpline
 from scipy.spatial.transform import Rotation
 
 import bids_anomaly
-from bids_anomaly.imaging.template import template_images
-from bids_anomaly.simulation.susceptibility import (
+from bids_anomaly.imaging.susceptibility import (
     blooming_extent,
     blooming_signal,
     dephasing_for_bloom,
 )
+from bids_anomaly.imaging.template import template_images
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -16,7 +16,7 @@ from bids_anomaly.interfaces.anomaly import FitSubjectModel, ScoreAnomaly
 from bids_anomaly.interfaces.ants import ApplyTransforms
 from bids_anomaly.interfaces.images import CombineEchoes
 from bids_anomaly.models import REGISTRY, ChannelScorer, ModelCard, TissueSegmenter, build_model
-from bids_anomaly.models.base import card_checksum
+from bids_anomaly.models.store import card_checksum
 from bids_anomaly.postprocessing.regions import Atlas
 from bids_anomaly.workflows.anatomical import init_anat_preproc_wf
 from bids_anomaly.workflows.diffusion import dwi_inputs
@@ -97,7 +97,7 @@ def preprocessing_key(settings: Settings, inputs: bids.AnatInputs, template: Tem
 
 
 def _postprocessing_key(settings: Settings, atlas: Atlas | None) -> dict:
-    from bids_anomaly.models.base import file_checksum
+    from bids_anomaly.models.store import file_checksum
 
     return {"fdr": settings.postprocessing.fdr,
             "min_cluster_mm3": settings.postprocessing.min_cluster_mm3,

@@ -27,7 +27,8 @@ from bids_anomaly.config import (
 from bids_anomaly.evaluation.protocol import split_families, split_protocol
 from bids_anomaly.imaging.template import Template
 from bids_anomaly.levels.train import train_splits
-from bids_anomaly.models.base import SubjectImages, TrainingData, load_model, scaling_for
+from bids_anomaly.models.data import SubjectImages, TrainingData, scaling_for
+from bids_anomaly.models.store import load_model
 from bids_anomaly.simulation.synthetic import diffusion_cohort
 
 SPACE, RES = "MNI152NLin2009aSym", 2

@@ -14,7 +14,8 @@ from sklearn.metrics import roc_auc_score
 
 from bids_anomaly.errors import BadDataError, MissingInputError
 from bids_anomaly.models import REGISTRY, TissueModel, TrainingData, load_model, save_model
-from bids_anomaly.models.base import ModelCard, valid_voxels
+from bids_anomaly.models.data import valid_voxels
+from bids_anomaly.models.store import ModelCard
 
 SLAB = slice(30, 62)
 """Axial slices of the 2 mm template kept: the lateral ventricles and the centrum semiovale."""

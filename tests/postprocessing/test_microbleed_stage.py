@@ -10,7 +10,7 @@ import torch
 from scipy import ndimage
 
 from bids_anomaly.imaging.spatial import map_points
-from bids_anomaly.models.base import SubjectImages, TrainingData
+from bids_anomaly.models.data import SubjectImages, TrainingData
 from bids_anomaly.postprocessing.microbleeds import calibrate_microbleeds, detect_microbleeds
 
 SHAPE = (40, 44, 40)

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 from scipy import ndimage
 
-from bids_anomaly.simulation.susceptibility import (
+from bids_anomaly.imaging.susceptibility import (
     blooming_extent,
     blooming_signal,
     dephasing_for_bloom,

@@ -1,6 +1,6 @@
 """EM for one subject's tissues: Gaussian mixtures whose class weights vary over the brain.
 
-The model behind the ``tissue`` family (:mod:`bids_anomaly.models.tissue`), after Van Leemput
+The model behind the ``tissue`` family (:mod:`bids_anomaly.models.tissue.tissue`), after Van Leemput
 et al. (IEEE TMI 18:897, 1999; 20:677, 2001) and SAMSEG's lesion mode (Cerri et al.,
 NeuroImage 225, 2021):
 
@@ -18,7 +18,7 @@ NeuroImage 225, 2021):
   ``kappa`` (Van Leemput 2001): voxels improbable under every tissue (lesions, artefacts) do
   not bend the tissue parameters.
 
-The M-step is :func:`bids_anomaly.models.em.m_step` on sufficient statistics; component
+The M-step is :func:`bids_anomaly.models.mixture.em.m_step` on sufficient statistics; component
 densities come from :meth:`bids_anomaly.models.em.Mixture.component_log_joint`. Pure torch,
 CPU or GPU; the fit runs on a random subsample of the brain (the parameters of a few Gaussians
 need no more), the posteriors on every voxel.
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from bids_anomaly.models import em
+from bids_anomaly.models.mixture import em
 
 DTYPE = torch.float64
 WHITE_MATTER, GREY_MATTER = 1, 0

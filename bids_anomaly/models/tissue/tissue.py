@@ -8,7 +8,8 @@ lesion class tied to white matter, allowed only on the lesion side of each direc
 (FLAIR / T2w / PDw brighter than the subject's own GM, T1w darker than its WM) and weighted by a
 location prior (white matter and its borders, or a lesion-frequency map): the model-based
 outlier detection of Van Leemput et al. (IEEE TMI 20:677, 2001) and SAMSEG's lesion mode
-(Cerri et al., NeuroImage 225, 2021), fitted robustly (:mod:`bids_anomaly.models.spatial_em`).
+(Cerri et al., NeuroImage 225, 2021), fitted robustly
+(:mod:`bids_anomaly.models.tissue.spatial_em`).
 
 The score is built in three steps:
 
@@ -23,7 +24,7 @@ The score is built in three steps:
    ``--fpr`` / ``--fdr`` keep their meaning: the threshold at FPR ``a`` is ``-log10 a``.
 
 The robust fit narrows the Gaussians (their tails weigh less); their covariances are corrected
-by the consistency factor of the weights (:func:`~bids_anomaly.models.spatial_em.
+by the consistency factor of the weights (:func:`~bids_anomaly.models.tissue.spatial_em.
 typicality_consistency`), or the healthy draw would be too tight and flag too much.
 """
 
@@ -42,10 +43,11 @@ from scipy import ndimage
 
 from bids_anomaly.config import option, positive_int
 from bids_anomaly.errors import BadDataError, MissingInputError, UsageError
-from bids_anomaly.models import spatial_em
-from bids_anomaly.models.base import BaseModel, TrainingData, register, valid_voxels
 from bids_anomaly.models.calibration import log10_exceedance, tail_table
+from bids_anomaly.models.contract import BaseModel, register
+from bids_anomaly.models.data import TrainingData, valid_voxels
 from bids_anomaly.models.directions import DirectionError, check_channels, parse_directions
+from bids_anomaly.models.tissue import spatial_em
 
 if TYPE_CHECKING:
     from bids_anomaly.config import Settings

@@ -1,7 +1,7 @@
 """Patch representation learning with one-class classifiers: the seed group's method family.
 
-A siamese patch autoencoder (:mod:`bids_anomaly.models.deep.siamese`) learns, without labels, a
-code of the small multi-modal patch around every voxel; normality is then modelled in that latent
+A siamese patch autoencoder (:mod:`bids_anomaly.models.patch_ocsvm.siamese`) learns, without labels,
+a code of the small multi-modal patch around every voxel; normality is then modelled in that latent
 space (``--latent-model``):
 
 ``voxel``
@@ -53,11 +53,13 @@ import torch
 
 from bids_anomaly.config import option, positive_int
 from bids_anomaly.errors import BadDataError, UsageError
-from bids_anomaly.models import em
-from bids_anomaly.models.base import BaseModel, TrainingData, register, valid_voxels
+from bids_anomaly.models.contract import BaseModel, register
+from bids_anomaly.models.data import TrainingData, valid_voxels
 from bids_anomaly.models.deep import engine
 from bids_anomaly.models.deep.datasets import cached_volumes, check_image, split_subjects
-from bids_anomaly.models.deep.siamese import (
+from bids_anomaly.models.mixture import em
+from bids_anomaly.models.patch_ocsvm.ocsvm import OneClassSVMs, fit_one_class_svms
+from bids_anomaly.models.patch_ocsvm.siamese import (
     PairDataset,
     PatchArchitecture,
     SiamesePatchAutoEncoder,
@@ -66,7 +68,6 @@ from bids_anomaly.models.deep.siamese import (
     scaling,
     siamese_loss,
 )
-from bids_anomaly.models.ocsvm import OneClassSVMs, fit_one_class_svms
 
 if TYPE_CHECKING:
     from bids_anomaly.config import Settings
@@ -457,7 +458,7 @@ class PatchOneClassModel(BaseModel):
 
     def _fit_latent(self, data: TrainingData, device: torch.device) -> None:
         """The latent normality model of the variant, on the training subjects' codes."""
-        from bids_anomaly.models.mixture import fill_regions
+        from bids_anomaly.models.mixture.mixture import fill_regions
 
         rng = np.random.default_rng(self.random_seed)
         self.svms, self.mixtures, self.regions, self.groups = None, {}, None, [0]

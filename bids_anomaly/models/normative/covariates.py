@@ -13,7 +13,7 @@ regression, and records everything needed to build the same design when a partic
 - a categorical column (anything else) enters as indicators of its levels, the first level in
   sorted order being the reference;
 - the site column is not part of the design: sites are the model's random effects (see
-  :mod:`bids_anomaly.models.location_scale`), here only listed and indexed.
+  :mod:`bids_anomaly.models.normative.location_scale`), here only listed and indexed.
 
 Every problem with the values (a missing column, a missing value, text in a numeric column, a
 level or an age the model has not seen) is a :class:`~bids_anomaly.errors.BadDataError` (exit

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from bids_anomaly.simulation.susceptibility import (
+from bids_anomaly.imaging.susceptibility import (
     blooming_extent,
     blooming_signal,
     dephasing_for_bloom,
@@ -182,7 +182,7 @@ def microbleed_loss(shape: tuple[int, ...], center: torch.Tensor, radius: float,
     The source is a sphere a third to a half as wide as the focus (the ratio is drawn from
     :data:`MICROBLEED_BLOOM`), placed a random fraction of a voxel off ``center``; its dipole
     field dephases the signal around it
-    (:func:`~bids_anomaly.simulation.susceptibility.dipole_signal`, the physics of the synthetic
+    (:func:`~bids_anomaly.imaging.susceptibility.dipole_signal`, the physics of the synthetic
     microbleeds of the demo data), computed at several points per voxel and averaged (partial
     volume). Losses under :data:`MICROBLEED_TAIL` are left out.
 

@@ -7,19 +7,19 @@ lesion voxels and healthy voxels, how to weigh features the other families alrea
   (:func:`~bids_anomaly.models.ensemble.log10_exceedance`; members are trained models, as for
   the ensemble; none is fine);
 - each channel's normalised intensity and its signed voxel-wise z-score against the healthy
-  subjects (a :class:`~bids_anomaly.models.normative.NormativeModel` fitted here);
+  subjects (a :class:`~bids_anomaly.models.normative.normative.NormativeModel` fitted here);
 - the template's tissue probabilities (GM, WM, CSF), the distance to the edge of the subject's
   brain mask and to the template's ventricles (deep CSF), in mm;
 - optionally (``--neighbourhood-features``) the 3 x 3 x 3 mean of the subject's features.
 
 Healthy voxels come from the controls (the selected participants without an annotation) and
 from the annotated subjects outside their lesions (one voxel away from them: borders are
-uncertain). A class-balanced sample trains the classifier (:mod:`~bids_anomaly.models.classifiers`:
-gradient-boosted trees by default, or a logistic regression), whose log-odds are then shifted by
-the prior correction to the lesion prevalence of the annotated subjects: the score is a
-calibrated lesion probability in patients like them. The train level then tunes the threshold,
-minimum cluster size and restriction by cross-validation on out-of-fold maps
-(:meth:`StackedModel.out_of_fold_scores`).
+uncertain). A class-balanced sample trains the classifier
+(:mod:`~bids_anomaly.models.stacking.classifiers`: gradient-boosted trees by default, or a logistic
+regression), whose log-odds are then shifted by the prior correction to the lesion prevalence of the
+annotated subjects: the score is a calibrated lesion probability in patients like them. The train
+level then tunes the threshold, minimum cluster size and restriction by cross-validation on
+out-of-fold maps (:meth:`StackedModel.out_of_fold_scores`).
 """
 
 from __future__ import annotations
@@ -35,16 +35,17 @@ from scipy import ndimage
 
 from bids_anomaly.config import option
 from bids_anomaly.errors import MissingInputError, UsageError
-from bids_anomaly.models.base import BaseModel, TrainingData, register, valid_voxels
-from bids_anomaly.models.classifiers import (
+from bids_anomaly.models.contract import BaseModel, register
+from bids_anomaly.models.data import TrainingData, valid_voxels
+from bids_anomaly.models.ensemble import EnsembleModel, MemberOptions
+from bids_anomaly.models.normative.normative import NormativeModel
+from bids_anomaly.models.stacking.classifiers import (
     CLASSIFIERS,
     export_classifier,
     fit_classifier,
     predict_probability,
     prior_offset,
 )
-from bids_anomaly.models.ensemble import EnsembleModel, MemberOptions
-from bids_anomaly.models.normative import NormativeModel
 
 if TYPE_CHECKING:
     from bids_anomaly.config import Settings

@@ -2,8 +2,8 @@
 
 Reconstruction autoencoders rarely beat a FLAIR threshold (Meissen et al. 2021); the methods
 that lead recent benchmarks learn from anomalies *inserted* into training images instead. The
-supervision is synthetic (:mod:`bids_anomaly.models.anomalies`), so both families train on
-healthy controls and equally on a cohort that contains patients, without any lesion label:
+supervision is synthetic (:mod:`bids_anomaly.models.selfsupervised.anomalies`), so both families
+train on healthy controls and equally on a cohort that contains patients, without any lesion label:
 
 - ``segment`` (FPI / PII / NSA style; Tan et al. 2021/2022, Schlüter et al. 2022): a MONAI
   U-Net predicts, per voxel, whether it lies in an inserted anomaly (binary cross-entropy plus
@@ -37,15 +37,8 @@ from torch import nn
 
 from bids_anomaly.config import option
 from bids_anomaly.errors import MissingInputError, UsageError
-from bids_anomaly.models.anomalies import (
-    CONTRASTS,
-    SHAPES,
-    TEXTURES,
-    AnomalyGenerator,
-    GeneratorOptions,
-    LesionShapes,
-)
-from bids_anomaly.models.base import TrainingData, register, valid_voxels
+from bids_anomaly.models.contract import register
+from bids_anomaly.models.data import TrainingData, valid_voxels
 from bids_anomaly.models.deep import engine
 from bids_anomaly.models.deep.networks import Architecture, Reconstructor
 from bids_anomaly.models.directions import describe
@@ -53,6 +46,14 @@ from bids_anomaly.models.reconstruction import (
     DeepModel,
     ReconstructionModel,
     ReconstructionOptions,
+)
+from bids_anomaly.models.selfsupervised.anomalies import (
+    CONTRASTS,
+    SHAPES,
+    TEXTURES,
+    AnomalyGenerator,
+    GeneratorOptions,
+    LesionShapes,
 )
 
 if TYPE_CHECKING:
@@ -229,7 +230,7 @@ class SelfSupervisedModel(DeepModel):
         """
         if self.finetune_dir is None:
             return None
-        from bids_anomaly.models.base import load_model
+        from bids_anomaly.models.store import load_model
 
         trained, card = load_model(self.finetune_dir)
         if card.model_type != self.model_type:

@@ -1,8 +1,8 @@
 """Mixture models of multi-channel brain intensities: Gaussian, Student-t and multiple-scaled t.
 
 Healthy tissue intensities (one vector of fused channels per voxel) are modelled by a mixture
-fitted with the EM of :mod:`bids_anomaly.models.em`; a voxel is abnormal when the mixture finds
-it improbable. The three registered model types differ only in the component family:
+fitted with the EM of :mod:`bids_anomaly.models.mixture.em`; a voxel is abnormal when the mixture
+finds it improbable. The three registered model types differ only in the component family:
 
 - ``gmm``: Gaussian components;
 - ``tmm``: multivariate Student-t components, whose heavy tails absorb the lesions of a
@@ -30,9 +30,10 @@ import torch
 
 from bids_anomaly.config import option
 from bids_anomaly.errors import UsageError
-from bids_anomaly.models import em
-from bids_anomaly.models.base import BaseModel, TrainingData, register, valid_voxels
-from bids_anomaly.models.normative import MAD_TO_SD, NormativeModel
+from bids_anomaly.models.contract import BaseModel, register
+from bids_anomaly.models.data import TrainingData, valid_voxels
+from bids_anomaly.models.mixture import em
+from bids_anomaly.models.normative.normative import MAD_TO_SD, NormativeModel
 
 if TYPE_CHECKING:
     from bids_anomaly.config import Settings

@@ -4,8 +4,8 @@ The fitted state of ``train --model-type normative --covariates ... [--site-colu
 for each channel, at every voxel the normative model could score (its support) and for each
 region (the whole brain and the template's tissue classes), the coefficients of a
 heteroscedastic location-scale regression on the covariates with site random effects
-(:mod:`bids_anomaly.models.location_scale`), the design's encoding
-(:class:`~bids_anomaly.models.covariates.CovariateEncoder`) and the scale floor.
+(:mod:`bids_anomaly.models.normative.location_scale`), the design's encoding
+(:class:`~bids_anomaly.models.normative.covariates.CovariateEncoder`) and the scale floor.
 
 :meth:`CovariateNorms.predict` gives a participant's expected value and predictive standard
 deviation everywhere; :meth:`CovariateNorms.transfer` adds new sites from a few of their controls
@@ -23,8 +23,8 @@ import pandas as pd
 import torch
 
 from bids_anomaly.imaging.normalization import IQR_TO_SD
-from bids_anomaly.models.covariates import CovariateEncoder, CovariateError
-from bids_anomaly.models.location_scale import fit_location_scale, leverage, predict
+from bids_anomaly.models.normative.covariates import CovariateEncoder, CovariateError
+from bids_anomaly.models.normative.location_scale import fit_location_scale, leverage, predict
 
 HETEROSCEDASTIC_SUBJECTS = 30
 """With ``heteroscedastic`` "auto", the scale depends on the covariates from this many training
@@ -204,7 +204,7 @@ class CovariateNorms:
             Whether the scale depends on the covariates (None: from
             :data:`HETEROSCEDASTIC_SUBJECTS` subjects on).
         """
-        from bids_anomaly.models.base import valid_voxels
+        from bids_anomaly.models.data import valid_voxels
 
         n = len(subjects)
         # pass over the masks: the support, and a sample of each channel for its spread
@@ -386,7 +386,7 @@ class CovariateNorms:
         CovariateError
             The model has no site column, or a subject belongs to a site the model knows.
         """
-        from bids_anomaly.models.base import valid_voxels
+        from bids_anomaly.models.data import valid_voxels
 
         column = self.encoder.site_column
         if not column:

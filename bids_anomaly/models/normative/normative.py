@@ -3,8 +3,8 @@
 Without covariates, the location and spread of a voxel are the median and MAD of the healthy
 subjects. With ``--covariates`` (participants.tsv columns such as age and sex) and/or
 ``--site-column``, they are functions of the participant's covariates and site
-(:mod:`bids_anomaly.models.norms`): a z-score then says how unusual a voxel is for someone of
-this age and sex on this scanner.
+(:mod:`bids_anomaly.models.normative.norms`): a z-score then says how unusual a voxel is for someone
+of this age and sex on this scanner.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ import torch
 from bids_anomaly.config import option
 from bids_anomaly.errors import UsageError
 from bids_anomaly.imaging.normalization import IQR_TO_SD
-from bids_anomaly.models.base import BaseModel, TrainingData, register
-from bids_anomaly.models.covariates import CovariateError
+from bids_anomaly.models.contract import BaseModel, register
+from bids_anomaly.models.data import TrainingData
 from bids_anomaly.models.directions import (
     DirectionOptions,
     check_channels,
@@ -26,7 +26,8 @@ from bids_anomaly.models.directions import (
     directed,
     parse_directions,
 )
-from bids_anomaly.models.norms import CovariateNorms, covariate_frame
+from bids_anomaly.models.normative.covariates import CovariateError
+from bids_anomaly.models.normative.norms import CovariateNorms, covariate_frame
 
 if TYPE_CHECKING:
     from bids_anomaly.config import Settings
@@ -80,7 +81,7 @@ def degrees_of_freedom(value: str) -> str:
 
 @dataclass
 class CovariateOptions:
-    """Covariates and sites of the normative model (see :mod:`bids_anomaly.models.norms`)."""
+    """Covariates and sites of the normative model (:mod:`bids_anomaly.models.normative.norms`)."""
 
     covariates: list[str] = option(
         help="participants.tsv columns the norms depend on, e.g. age sex: numeric columns as "
@@ -309,14 +310,14 @@ class NormativeModel(BaseModel):
             A missing row, column or value, text in a numeric column, a covariate that does
             not vary.
         """
-        from bids_anomaly.models.covariates import CovariateEncoder
+        from bids_anomaly.models.normative.covariates import CovariateEncoder
 
         table = covariate_frame(rows, names)
         CovariateEncoder.from_table(table, self.covariates, self.site_column, self.covariate_df)
 
     def _fit_norms(self, data: TrainingData) -> None:
         """Fit the covariate- and site-aware norms (:class:`CovariateNorms`)."""
-        from bids_anomaly.models.covariates import CovariateEncoder
+        from bids_anomaly.models.normative.covariates import CovariateEncoder
 
         table = covariate_frame([s.covariates for s in data.subjects], data.names)
         encoder = CovariateEncoder.from_table(table, self.covariates, self.site_column,
@@ -389,7 +390,7 @@ class NormativeModel(BaseModel):
         scorer : NormativeModel
             :meth:`given`'s model of the participant, whose score is the anomaly map.
         """
-        from bids_anomaly.models.base import valid_voxels
+        from bids_anomaly.models.data import valid_voxels
 
         scorer = self.given(covariates, extrapolate)
         device = image.device
