@@ -26,6 +26,7 @@ from bids_anomaly.config import (
     Settings,
     at_least,
     declared_options,
+    default_of,
     help_text,
     positive_int,
 )
@@ -130,7 +131,7 @@ def build_demo_parser() -> argparse.ArgumentParser:
     for name in ("nprocs", "device", "random_seed", "verbose"):
         item = execution[name]
         parser.add_argument(*item.metadata["flags"], dest=name,
-                            default=item.default,
+                            default=default_of(item),
                             help=help_text(item), **item.metadata["argparse"])
     parser.add_argument("--version", action="version", version=f"bids_anomaly {__version__}")
     return parser
