@@ -51,7 +51,7 @@ patch autoencoder with its latent models (voxel-wise OC-SVMs, a global OC-SVM en
 specific OC-SVM, an MMST mixture of the codes; one autoencoder per protocol, the variants' fit time
 is their latent model's alone). Metrics: voxel AUROC, AUPRC, oracle Dice, Dice at the calibrated
 threshold, lesion-wise sensitivity and false-positive clusters per test subject at that threshold.
-Writes ``OUT.md`` and ``OUT.tsv``; the README's "which model to choose" table is this table.
+Writes ``OUT.md`` and ``OUT.tsv``; the leaderboard of docs/models.md is this table.
 """
 
 from __future__ import annotations

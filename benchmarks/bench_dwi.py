@@ -9,7 +9,7 @@ runs them: the T1w alone (``--dwi-maps none``) and T1w + dwi (FA, MD); wall time
 resident memory of the process tree (sampled every 0.2 s with psutil). Then, on the second
 run's maps: the mean FA inside the template's white matter (probability > 0.5 and > 0.9), the
 MD inside the template's ventricles (CSF probability > 0.9, deeper than 10 mm) and the b=0 QC
-row (coverage, NMI with the T1w); and the ablations of the README (AP and PA fitted together,
+row (coverage, NMI with the T1w); and the ablations of docs/usage.md (AP and PA fitted together,
 each run alone) in native space with the package's own functions.
 """
 

@@ -295,7 +295,7 @@ class PreprocessingSettings:
     registration: str = option(
         "SyN", "reference-to-template registration (default: SyN, affine then deformable: "
                "Dice 0.98 with the template mask in 2.8 s at 2 mm, Affine 0.96 in 1.3-2.4 s; "
-               "see the README)", flags=("--registration",), choices=REGISTRATIONS)
+               "see docs/usage.md)", flags=("--registration",), choices=REGISTRATIONS)
     normalization: str = option(
         "robust-zscore", "intensity normalisation inside the brain: robust-zscore (median and "
                          "IQR, default), whitestripe (normal-appearing white matter) or "

@@ -289,7 +289,7 @@ def test_real_volunteer_gets_fa_and_md_in_template_space(tmp_path):
     csf = nib.load(template.probseg["CSF"]).get_fdata() > 0.9
     brain = nib.load(template.brain_mask).get_fdata() > 0
     deep_csf = csf & (ndimage.distance_transform_edt(brain) * 2 > 10) & (md > 0)
-    # measured 0.328 and 1.3e-3 (b=2500, 3 mm: see the README); the bounds catch a failed
+    # measured 0.328 and 1.3e-3 (b=2500, 3 mm: see docs/usage.md); the bounds catch a failed
     # registration or a unit error, not the acquisition's limits
     assert 0.28 < fa[wm & (fa > 0)].mean() < 0.6
     assert np.median(md[deep_csf]) > 1.5 * np.median(md[wm & (md > 0)])
