@@ -51,7 +51,7 @@ patch autoencoder with its latent models (voxel-wise OC-SVMs, a global OC-SVM en
 specific OC-SVM, an MMST mixture of the codes; one autoencoder per protocol, the variants' fit time
 is their latent model's alone). Metrics: voxel AUROC, AUPRC, oracle Dice, Dice at the calibrated
 threshold, lesion-wise sensitivity and false-positive clusters per test subject at that threshold.
-Writes ``OUT.md`` and ``OUT.tsv``; the README's "which model to choose" table is this table.
+Writes ``OUT.md`` and ``OUT.tsv``; the leaderboard of docs/models.md is this table.
 """
 
 from __future__ import annotations
@@ -84,13 +84,13 @@ from bench_mixture_accuracy import (
 from bids_anomaly.evaluation.ground_truth import find_ground_truth, truth_in_template
 from bids_anomaly.evaluation.lesions import insert_lesions, lesion_shape_paths
 from bids_anomaly.evaluation.metrics import lesion_metrics, voxel_metrics
-from bids_anomaly.images import load_lesion_shape
+from bids_anomaly.imaging.images import load_lesion_shape
+from bids_anomaly.imaging.template import TEMPLATE_NAME, Template, get_template
 from bids_anomaly.models import REGISTRY, AnomalyModel, EnsembleModel, TissueModel, TrainingData
-from bids_anomaly.models.base import valid_voxels
 from bids_anomaly.models.baseline import lesion_contrast
+from bids_anomaly.models.data import valid_voxels
 from bids_anomaly.models.deep.engine import EngineOptions
 from bids_anomaly.postprocessing.thresholds import healthy_scores, tail_table, threshold_at_fpr
-from bids_anomaly.template import TEMPLATE_NAME, Template, get_template
 
 PROTOCOLS = ("demo", "ixi", "mslub26-ixi", "mslub26-cohort", "stroke01-cohort", "mslub26-single",
              "mslub26-patients")
@@ -475,7 +475,7 @@ def peer_rows(protocol: Protocol, args) -> list[Row]:
         return []
     import samseg_peer
 
-    from bids_anomaly.spatial import apply_transforms
+    from bids_anomaly.imaging.spatial import apply_transforms
 
     rows = []
     for test, cases in protocol.tests.items():

@@ -9,7 +9,7 @@ runs them: the T1w alone (``--dwi-maps none``) and T1w + dwi (FA, MD); wall time
 resident memory of the process tree (sampled every 0.2 s with psutil). Then, on the second
 run's maps: the mean FA inside the template's white matter (probability > 0.5 and > 0.9), the
 MD inside the template's ventricles (CSF probability > 0.9, deeper than 10 mm) and the b=0 QC
-row (coverage, NMI with the T1w); and the ablations of the README (AP and PA fitted together,
+row (coverage, NMI with the T1w); and the ablations of docs/usage.md (AP and PA fitted together,
 each run alone) in native space with the package's own functions.
 """
 
@@ -49,7 +49,7 @@ def template_figures(out: Path, work: Path) -> dict[str, float]:
     from scipy import ndimage
 
     from bids_anomaly import bids
-    from bids_anomaly.template import get_template
+    from bids_anomaly.imaging.template import get_template
 
     template = get_template(2, work / "templates")
     fa, md = (nib.load(bids.spec_path(out, "xa30", None, bids.preproc_spec(
@@ -67,7 +67,12 @@ def template_figures(out: Path, work: Path) -> dict[str, float]:
 
 def native_ablations(bids_dir: Path) -> None:
     """The 90th percentile of FA in the b=0 brain mask: runs fitted together or alone."""
-    from bids_anomaly.diffusion import brain_mask_from_b0, fit_tensor, load_dwi_runs, mean_b0
+    from bids_anomaly.imaging.diffusion import (
+        brain_mask_from_b0,
+        fit_tensor,
+        load_dwi_runs,
+        mean_b0,
+    )
 
     stem = bids_dir / "sub-xa30" / "dwi" / "sub-xa30_dir-"
     for runs in (["AP"], ["PA"], ["AP", "PA"]):

@@ -8,15 +8,15 @@ Usage (run by hand, never in CI)::
 T2w images: sub-mslub26, sub-mslubL01 and sub-mslubL12 at two sessions, sub-stroke01). No
 susceptibility-weighted scan with labelled microbleeds is available here, so each T2w in turn
 receives ``--per-image`` synthetic microbleeds (visible diameter 2-10 mm, the dipole blooming of
-:func:`bids_anomaly.synthetic.blooming_signal`, z along B0, applied multiplicatively to the
-image above its brain's 0.5th percentile), in brain parenchyma away from CSF; the other five
-images, without insertions, are the "controls": the candidate threshold keeps ``--fp``
-candidates per control on average. Two scores are compared: the detector's blobness alone, and
-the normative model of the five controls (largest |robust z| inside the candidate). What this
-shows: how the blob detector and the calibration behave on real anatomy, real noise and real
-dark structures of a real T2w (flow voids, iron, lesion borders, the edges of thick clinical
-slices). What it does not show: sensitivity to real microbleeds, whose contrast on T2w is weak
-(they are a T2*/SWI finding), nor specificity against real mimics on SWI.
+:func:`bids_anomaly.imaging.susceptibility.blooming_signal`, z along B0, applied multiplicatively
+to the image above its brain's 0.5th percentile), in brain parenchyma away from CSF; the other five
+images, without insertions, are the "controls": the candidate threshold keeps ``--fp`` candidates
+per control on average. Two scores are compared: the detector's blobness alone, and the normative
+model of the five controls (largest |robust z| inside the candidate). What this shows: how the blob
+detector and the calibration behave on real anatomy, real noise and real dark structures of a real
+T2w (flow voids, iron, lesion borders, the edges of thick clinical slices). What it does not show:
+sensitivity to real microbleeds, whose contrast on T2w is weak (they are a T2*/SWI finding), nor
+specificity against real mimics on SWI.
 """
 
 from __future__ import annotations
@@ -31,14 +31,14 @@ import torch
 from scipy import ndimage
 
 from bids_anomaly.evaluation.detection import detection_metrics, froc, froc_summary
+from bids_anomaly.imaging.susceptibility import blooming_signal, dephasing_for_bloom
 from bids_anomaly.models import REGISTRY
-from bids_anomaly.models.base import SubjectImages, TrainingData
+from bids_anomaly.models.data import SubjectImages, TrainingData
 from bids_anomaly.postprocessing.microbleeds import (
     blob_candidates,
     score_candidates,
     threshold_for_fp,
 )
-from bids_anomaly.synthetic import blooming_signal, dephasing_for_bloom
 
 IMAGES = ("sub-mslub26/anat/sub-mslub26",
           "sub-mslubL01/ses-1/anat/sub-mslubL01_ses-1",

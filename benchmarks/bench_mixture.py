@@ -1,4 +1,5 @@
-"""Speed, fit and memory of the mixture EM (:mod:`bids_anomaly.models.em`) against scikit-learn.
+"""Speed, fit and memory of the mixture EM (:mod:`bids_anomaly.models.mixture.em`) against
+scikit-learn.
 
 Usage (run by hand, never in CI; about 20 minutes on 2 idle cores, several times longer when
 other processes share them)::
@@ -28,8 +29,8 @@ scale matrices, ``tol=1e-3`` on the mean log-likelihood per sample and at most 5
   when that can finish within ``--budget`` seconds, otherwise on ``--fallback-samples``.
 
 Every fit is scored the same way, outside its timing: ``Mixture.log_prob`` in float64 on all
-voxels, averaged (scikit-learn's fit is converted to a :class:`~bids_anomaly.models.em.Mixture`;
-its own ``score`` is reported too).
+voxels, averaged (scikit-learn's fit is converted to a
+:class:`~bids_anomaly.models.mixture.em.Mixture`; its own ``score`` is reported too).
 
 Part 2, memory against the number of subjects. As many simulated subjects as the largest of
 ``--subject-counts`` are written as NIfTI (three float32 channels and a uint8 spherical brain
@@ -66,7 +67,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bids_anomaly.models import em
+from bids_anomaly.models.mixture import em
 
 CHANNELS = ["T1w", "T2w", "FLAIR"]
 TISSUES = {
@@ -267,7 +268,7 @@ def write_subjects(folder: Path, n_subjects: int, shape: int, radius: float) -> 
 
 def training_data(folder: Path, n_subjects: int):
     """The first ``n_subjects`` simulated subjects as :class:`TrainingData`."""
-    from bids_anomaly.models.base import SubjectImages, TrainingData
+    from bids_anomaly.models.data import SubjectImages, TrainingData
 
     subjects = [SubjectImages(f"sub-{index:04d}",
                               [folder / f"sub-{index:04d}_{channel}.nii.gz"
@@ -279,8 +280,8 @@ def training_data(folder: Path, n_subjects: int):
 
 def run_stream(folder: Path, n_subjects: int, n_components: int) -> dict:
     """One epoch of online EM streaming the first ``n_subjects`` from disk (child process)."""
-    from bids_anomaly.models.base import valid_voxels
-    from bids_anomaly.models.mixture import stream_batches
+    from bids_anomaly.models.data import valid_voxels
+    from bids_anomaly.models.mixture.mixture import stream_batches
 
     data = training_data(folder, n_subjects)
     first = torch.cat([image[:, valid_voxels(image, mask)].T
@@ -302,7 +303,7 @@ def run_stream(folder: Path, n_subjects: int, n_components: int) -> dict:
 
 def run_load(folder: Path, n_subjects: int) -> dict:
     """All brain voxels of the first ``n_subjects`` in memory at once (child process)."""
-    from bids_anomaly.models.base import valid_voxels
+    from bids_anomaly.models.data import valid_voxels
 
     start = time.perf_counter()
     voxels = torch.cat([image[:, valid_voxels(image, mask)].T
@@ -488,7 +489,7 @@ def run_child(args: argparse.Namespace) -> None:
     elif args.child == "load":
         result = run_load(args.work, args.subjects)
     else:
-        import bids_anomaly.models.mixture  # noqa: F401
+        import bids_anomaly.models.mixture.mixture  # noqa: F401
 
         result = {}
     print(json.dumps({**result, "peak_mb": peak_resident_megabytes()}))

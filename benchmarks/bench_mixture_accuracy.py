@@ -45,7 +45,8 @@ import torch
 from bids_anomaly.evaluation.ground_truth import find_ground_truth, truth_in_template
 from bids_anomaly.evaluation.lesions import insert_lesions, lesion_shape_paths
 from bids_anomaly.evaluation.metrics import voxel_metrics
-from bids_anomaly.images import load_lesion_shape
+from bids_anomaly.imaging.images import load_lesion_shape
+from bids_anomaly.imaging.template import TEMPLATE_NAME, Template, get_template
 from bids_anomaly.models import (
     REGISTRY,
     AnomalyModel,
@@ -55,9 +56,8 @@ from bids_anomaly.models import (
     SubjectImages,
     TrainingData,
 )
-from bids_anomaly.models.base import valid_voxels
+from bids_anomaly.models.data import valid_voxels
 from bids_anomaly.postprocessing.thresholds import healthy_scores, threshold_at_fpr
-from bids_anomaly.template import TEMPLATE_NAME, Template, get_template
 
 HEALTHY = ["IXI012", "IXI013", "IXI014", "IXI015", "IXI033", "IXI034", "IXI039", "IXI048",
            "IXI049", "IXI051"]

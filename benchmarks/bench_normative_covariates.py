@@ -5,7 +5,8 @@ Usage (run by hand, never in CI)::
     python benchmarks/bench_normative_covariates.py [--derivatives DERIV] [--out FILE.md]
         [--cli BIDS_DIR OUTPUT_DIR]
 
-1. Generated cohorts (:mod:`bids_anomaly.cohorts`): two sites, ages 20-80, a known age slope,
+1. Generated cohorts (:mod:`bids_anomaly.simulation.cohorts`): two sites, ages 20-80, a known age
+slope,
    sex offset, site offset and site scale, noise growing with age. The covariate model
    (``--covariates age sex --site-column site``) is fitted on 80 controls; the recovered effects,
    the z-scores of 40 held-out controls per age band and site, a lesion's detection, and the
@@ -36,10 +37,10 @@ import numpy as np
 import pandas as pd
 import torch
 
-from bids_anomaly.cohorts import generate_cohort, participants
 from bids_anomaly.models import NormativeModel
-from bids_anomaly.models.base import SubjectImages, TrainingData, valid_voxels
+from bids_anomaly.models.data import SubjectImages, TrainingData, valid_voxels
 from bids_anomaly.postprocessing.thresholds import healthy_scores, threshold_at_fpr
+from bids_anomaly.simulation.cohorts import generate_cohort, participants
 
 EFFECTS = {"site_offset": {"A": (0.0, 0.0), "B": (0.3, -0.2)}, "site_scale": {"B": 1.5},
            "noise_sd": 0.15, "noise_sd_slope": 0.0015}
@@ -188,7 +189,7 @@ def real(derivatives: Path) -> list[str]:
         subjects.append(SubjectImages(
             name, [anat / f"{name}_{SPACE}_desc-preproc_T1w.nii.gz"],
             anat / f"{name}_{SPACE}_desc-brain_mask.nii.gz", covariates=row))
-    from bids_anomaly.template import get_template
+    from bids_anomaly.imaging.template import get_template
 
     template = get_template(2, Path(tempfile.mkdtemp()) / "template")
     lines = ["## 3. Real IXI controls, leave-one-out (T1w)", "",

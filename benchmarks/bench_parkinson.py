@@ -4,17 +4,17 @@ Usage (run by hand, never in CI)::
 
     python benchmarks/bench_parkinson.py /tmp/bench_parkinson --splits 5 --threads 2
 
-A cohort of 30 controls and 30 patients (:func:`bids_anomaly.synthetic.diffusion_cohort`: FA 5 %
-lower and MD 5 % higher in two small deep grey nuclei, 8 % inter-subject variation per voxel) is
-written once. For each family and each of ``--splits`` age/sex-balanced splits of the controls
+A cohort of 30 controls and 30 patients (:func:`bids_anomaly.simulation.synthetic.diffusion_cohort`:
+FA 5 % lower and MD 5 % higher in two small deep grey nuclei, 8 % inter-subject variation per voxel)
+is written once. For each family and each of ``--splits`` age/sex-balanced splits of the controls
 (20 training, 10 held out), the model is fitted on the training controls' scaled FA and MD
 (``--channel-scaling auto``: 1st-99th percentiles of the fitted subjects), calibrated on 20 % of
 them, scores everybody, and the group protocol (:func:`bids_anomaly.evaluation.protocol.
-split_protocol`) separates the patients from the held-out controls by the % of voxels above the
-98th percentile of the training controls' scores, in the whole brain and in the nuclei. The
-global (2D slice) autoencoder against the siamese patch autoencoder with a voxel-wise one-class
-SVM is the MLCN 2021 comparison; the MD intensity baseline (a per-subject robust z-score of MD)
-runs in the same table.
+split_protocol`) separates the patients from the held-out controls by the % of voxels above the 98th
+percentile of the training controls' scores, in the whole brain and in the nuclei. The global (2D
+slice) autoencoder against the siamese patch autoencoder with a voxel-wise one-class SVM is the MLCN
+2021 comparison; the MD intensity baseline (a per-subject robust z-score of MD) runs in the same
+table.
 """
 
 from __future__ import annotations
@@ -34,10 +34,10 @@ from bids_anomaly.evaluation.group import find_anomaly_maps
 from bids_anomaly.evaluation.protocol import SplitModel, split_protocol
 from bids_anomaly.evaluation.splits import split_controls
 from bids_anomaly.models import REGISTRY
-from bids_anomaly.models.base import SubjectImages, TrainingData, fit_channel_scaling
+from bids_anomaly.models.data import SubjectImages, TrainingData, fit_channel_scaling
 from bids_anomaly.models.deep.engine import EngineOptions
 from bids_anomaly.postprocessing.thresholds import healthy_scores, threshold_at_fpr
-from bids_anomaly.synthetic import diffusion_cohort
+from bids_anomaly.simulation.synthetic import diffusion_cohort
 
 CHANNELS = ["FA", "MD"]
 

@@ -45,8 +45,8 @@ def run_case(bids_dir: Path, out: Path, subject: str, session: str | None, threa
 
     from bids_anomaly import bids
     from bids_anomaly.config import Settings
+    from bids_anomaly.imaging.template import get_template
     from bids_anomaly.levels.steps import configure_nipype
-    from bids_anomaly.template import get_template
     from bids_anomaly.workflows.base import init_single_subject_wf, workflow_name
 
     case_dir = out / subject

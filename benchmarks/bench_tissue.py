@@ -26,8 +26,8 @@ from pathlib import Path
 import torch
 
 from bids_anomaly import bids
+from bids_anomaly.imaging.template import TEMPLATE_NAME, get_template
 from bids_anomaly.models import SubjectImages, TissueModel, TrainingData
-from bids_anomaly.template import TEMPLATE_NAME, get_template
 
 CHANNELS = ("T1w", "FLAIR", "T2w")
 

@@ -61,6 +61,7 @@ from bench_accuracy import (
 from bench_mixture_accuracy import COHORT, Case, subject_images
 
 from bids_anomaly.evaluation.metrics import dice, lesion_metrics, voxel_metrics
+from bids_anomaly.imaging.template import Template, get_template
 from bids_anomaly.models import (
     REGISTRY,
     EnsembleModel,
@@ -76,7 +77,6 @@ from bids_anomaly.postprocessing.tuning import (
     subject_table,
     threshold_grid,
 )
-from bids_anomaly.template import Template, get_template
 
 PROTOCOLS = ("demo", "ixi-ms", "ixi-stroke", "real-t2w", "mslub26-flair")
 

@@ -64,7 +64,7 @@ REGISTRATIONS = ("Rigid", "Affine", "SyN")
 """Reference-to-template registrations."""
 
 NORMALIZATIONS = ("robust-zscore", "whitestripe", "percentile")
-"""Intensity normalisations inside the brain (:mod:`bids_anomaly.normalization`)."""
+"""Intensity normalisations inside the brain (:mod:`bids_anomaly.imaging.normalization`)."""
 
 SKULL_STRIPPED = ("auto", "yes", "no")
 """``--skull-stripped`` choices: detect, declare stripped, or always run brain extraction."""
@@ -149,6 +149,16 @@ def memory_gb(value: str) -> float:
     return number * {"K": 1 / 1024**2, "M": 1 / 1024, "G": 1.0, "T": 1024.0, "": 1.0}[unit]
 
 
+def all_cpus() -> int:
+    """All CPUs."""
+    return os.cpu_count() or 1
+
+
+MACHINE_DEFAULTS = (all_cpus,)
+"""Factories of defaults that depend on the machine: :func:`help_text` says them in the words
+of their docstring, with their value on this machine."""
+
+
 # ------------------------------------------------------------------------ declarations
 
 def option(default: Any = None, help: str = "", *, flags: tuple[str, ...] = (),
@@ -198,9 +208,25 @@ def default_of(item: dataclasses.Field) -> Any:
     return None
 
 
-def help_text(item: dataclasses.Field) -> str:
-    """The ``--help`` text of a declared setting, with its default filled in."""
-    return item.metadata["help"].replace("{default}", str(default_of(item)))
+def help_text(item: dataclasses.Field, here: bool = True) -> str:
+    """The ``--help`` text of a declared setting, with its default filled in.
+
+    A default that depends on the machine (:data:`MACHINE_DEFAULTS`) is said in the words of
+    its factory's docstring, followed by its value on this machine unless ``here`` is False
+    (the options page, the same everywhere).
+
+    >>> from bids_anomaly.config import ExecutionSettings, declared_options
+    >>> nprocs = {item.name: item for item in declared_options(ExecutionSettings)}["nprocs"]
+    >>> help_text(nprocs, here=False)
+    'processes running at once (default: all CPUs)'
+    """
+    factory = item.default_factory
+    if factory in MACHINE_DEFAULTS:
+        words = factory.__doc__.strip().split("\n")[0].rstrip(".")
+        default = words[0].lower() + words[1:] + (f", here {factory()}" if here else "")
+    else:
+        default = str(default_of(item))
+    return item.metadata["help"].replace("{default}", default)
 
 
 # ------------------------------------------------------------------------ sections
@@ -235,7 +261,7 @@ class ExecutionSettings:
         help="folder for intermediate results and caches; reuse it to resume (default: "
              "OUTPUT_DIR/work)", flags=("-w", "--work-dir"), type=Path)
     nprocs: int = option(
-        os.cpu_count() or 1, "processes running at once (default: all CPUs, here {default})",
+        help="processes running at once (default: {default})", factory=all_cpus,
         flags=("--nprocs", "--n-cpus"), type=positive_int)
     omp_nthreads: int | None = option(
         help="threads per process for ITK and torch (default: min(8, nprocs)); 1 makes the "
@@ -269,7 +295,7 @@ class PreprocessingSettings:
     registration: str = option(
         "SyN", "reference-to-template registration (default: SyN, affine then deformable: "
                "Dice 0.98 with the template mask in 2.8 s at 2 mm, Affine 0.96 in 1.3-2.4 s; "
-               "see the README)", flags=("--registration",), choices=REGISTRATIONS)
+               "see docs/usage.md)", flags=("--registration",), choices=REGISTRATIONS)
     normalization: str = option(
         "robust-zscore", "intensity normalisation inside the brain: robust-zscore (median and "
                          "IQR, default), whitestripe (normal-appearing white matter) or "

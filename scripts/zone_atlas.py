@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from bids_anomaly.template import RESOLUTIONS, TISSUE_LABELS, get_template
+from bids_anomaly.imaging.template import RESOLUTIONS, TISSUE_LABELS, get_template
 
 DEEP_GM_BOX = {"x": (-33.0, 33.0), "y": (-38.0, 28.0), "z": (-12.0, 24.0)}
 """MNI extent (mm) of the caudate, putamen, pallidum and thalamus, both hemispheres."""

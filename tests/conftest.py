@@ -64,7 +64,7 @@ def write_minimal_bids(root: Path, subjects: dict[str, dict[str, nib.Nifti1Image
 @pytest.fixture(scope="session")
 def small_subject() -> dict[str, nib.Nifti1Image]:
     """One synthetic subject with lesions (T1w, T2w, FLAIR, lesion_mask)."""
-    from bids_anomaly.synthetic import synthetic_subject
+    from bids_anomaly.simulation.synthetic import synthetic_subject
 
     return synthetic_subject(seed=3, lesions=True)
 
@@ -102,7 +102,7 @@ def real_data() -> Path:
 
 def template_grid(resolution: int = 2) -> tuple[int, ...]:
     """Shape of the embedded template's grid."""
-    from bids_anomaly.template import template_images
+    from bids_anomaly.imaging.template import template_images
 
     return template_images(resolution)["T1w"].shape
 

@@ -12,7 +12,7 @@ import torch
 
 from bids_anomaly import bids
 from bids_anomaly.cli.run import main
-from bids_anomaly.models.base import (
+from bids_anomaly.models.data import (
     SubjectImages,
     TrainingData,
     fit_channel_scaling,
@@ -157,7 +157,7 @@ def _only_b0(bids_dir, tmp):
 
 
 # a run without its gradients is not valid BIDS: the BIDS validator refuses it first (exit 16,
-# DWI_MISSING_BVAL, tests/test_bids_validator.py); past it, the tool's own check names the file
+# DWI_MISSING_BVAL, tests/bids/test_bids_validator.py); past it, the tool's own check names the file
 
 def _missing_bval(bids_dir, tmp):
     _add_run(bids_dir, "01", "AP", bval="")
@@ -257,7 +257,7 @@ def test_channel_scaling_round_trip(tmp_path):
 
 
 def test_normative_floor_follows_the_channel_units():
-    from bids_anomaly.models.normative import channel_robust_sd
+    from bids_anomaly.models.normative.normative import channel_robust_sd
 
     values = torch.randn(5, 2, 6, 6, 6, generator=torch.Generator().manual_seed(0))
     values[:, 1] *= 1e-3
@@ -274,7 +274,7 @@ def test_real_volunteer_gets_fa_and_md_in_template_space(tmp_path):
     """bids_dwi: T1w + two dwi runs (AP, PA, b=2500): maps, sidecars, QC; then as given maps."""
     from scipy import ndimage
 
-    from bids_anomaly.template import get_template
+    from bids_anomaly.imaging.template import get_template
 
     if not DWI_DATA.is_dir():
         pytest.skip("../shared/data/bids_dwi is not available")
@@ -289,7 +289,7 @@ def test_real_volunteer_gets_fa_and_md_in_template_space(tmp_path):
     csf = nib.load(template.probseg["CSF"]).get_fdata() > 0.9
     brain = nib.load(template.brain_mask).get_fdata() > 0
     deep_csf = csf & (ndimage.distance_transform_edt(brain) * 2 > 10) & (md > 0)
-    # measured 0.328 and 1.3e-3 (b=2500, 3 mm: see the README); the bounds catch a failed
+    # measured 0.328 and 1.3e-3 (b=2500, 3 mm: see docs/usage.md); the bounds catch a failed
     # registration or a unit error, not the acquisition's limits
     assert 0.28 < fa[wm & (fa > 0)].mean() < 0.6
     assert np.median(md[deep_csf]) > 1.5 * np.median(md[wm & (md > 0)])

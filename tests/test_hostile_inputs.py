@@ -106,7 +106,7 @@ def _filter_not_json(bids, tmp):
 
 
 def _participants(content: bytes) -> Callable:
-    # the BIDS validator refuses these first (exit 16, tests/test_bids_validator.py): past it,
+    # the BIDS validator refuses these first (exit 16, tests/bids/test_bids_validator.py): past it,
     # the tool's own reading of participants.tsv still names what is wrong
     def setup(bids, tmp):
         (bids / "participants.tsv").write_bytes(content)
@@ -256,7 +256,7 @@ def test_dataset_description_records_no_host_path(tmp_path):
 
 
 def test_int16_padding_is_not_taken_for_normalised_data(tmp_path):
-    from bids_anomaly.images import padding_to_zero
+    from bids_anomaly.imaging.images import padding_to_zero
     from bids_anomaly.interfaces.images import ConformImage
 
     rng = np.random.default_rng(0)
@@ -297,7 +297,7 @@ def _failing_workflow(base_dir: Path, error: str):
 @pytest.mark.parametrize("nprocs", [1, 2])
 def test_errors_inside_nodes_keep_their_exit_code(tmp_path, nprocs):
     from bids_anomaly.errors import BadDataError, BidsAnomalyError
-    from bids_anomaly.execution import run_workflow
+    from bids_anomaly.runtime.execution import run_workflow
 
     with pytest.raises(BadDataError) as ours:
         run_workflow(_failing_workflow(tmp_path / "a", "ours"), nprocs, tmp_path / "a" / "logs")
@@ -341,7 +341,7 @@ def test_a_dead_worker_fails_the_run_instead_of_hanging_it(tmp_path):
     import threading
 
     from bids_anomaly.errors import BidsAnomalyError
-    from bids_anomaly.execution import run_workflow
+    from bids_anomaly.runtime.execution import run_workflow
 
     raised: list[BaseException] = []
 
@@ -367,7 +367,7 @@ def test_a_log_lock_left_by_a_killed_run_does_not_block_the_next(tmp_path, monke
 
     from nipype.external.cloghandler import ConcurrentRotatingFileHandler
 
-    from bids_anomaly import execution
+    from bids_anomaly.runtime import execution
 
     monkeypatch.setattr(execution, "STALE_LOG_LOCK_S", 0.2)
     log = tmp_path / "pypeline.log"
@@ -396,7 +396,7 @@ def test_a_log_lock_left_by_a_killed_run_does_not_block_the_next(tmp_path, monke
 @pytest.fixture(scope="module")
 def flair_dataset(tmp_path_factory) -> Path:
     """Two generated subjects: sub-01 T1w + FLAIR (a symlink to shared storage), sub-02 T1w."""
-    from bids_anomaly.synthetic import synthetic_subject
+    from bids_anomaly.simulation.synthetic import synthetic_subject
 
     root = tmp_path_factory.mktemp("protocol")
     first, second = synthetic_subject(seed=5, lesions=True), synthetic_subject(seed=6)
@@ -470,7 +470,7 @@ def step(kind, marker):
     raise ValueError("something went wrong")
 
 def run_level(argv):
-    from bids_anomaly.execution import run_workflow
+    from bids_anomaly.runtime.execution import run_workflow
 
     base, kind, nprocs = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3])
     workflow = pe.Workflow(name="wf", base_dir=str(base / "work"))
@@ -666,7 +666,7 @@ def _card_values(directory: Path) -> dict:
 def _write_card(directory: Path, values: dict, sign: bool) -> None:
     """Write a card, signed again when ``sign`` (as one who knows how cards are signed)."""
     if sign:
-        from bids_anomaly.models.base import card_signature
+        from bids_anomaly.models.store import card_signature
 
         values["signature"] = card_signature(values)
     (directory / "model.json").write_text(json.dumps(values))
@@ -681,7 +681,8 @@ def _change_card(sign: bool = False, **changes: object) -> Callable[[Path], None
 def _nan_weights(sign: bool) -> Callable[[Path], None]:
     """Weights multiplied by NaN, the card's checksum of them refreshed."""
     def edit(directory: Path) -> None:
-        from bids_anomaly.models.base import file_checksum, read_weights, write_weights
+        from bids_anomaly.models.store import file_checksum
+        from bids_anomaly.models.weights import read_weights, write_weights
 
         tensors, hyperparameters = read_weights(directory)
         tensors["location"] = tensors["location"] * float("nan")

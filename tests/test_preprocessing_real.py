@@ -12,9 +12,9 @@ from sklearn.metrics import roc_auc_score
 from bids_anomaly import bids
 from bids_anomaly.cli.run import main
 from bids_anomaly.evaluation.ground_truth import truth_in_template
-from bids_anomaly.images import load_volume
+from bids_anomaly.imaging.images import load_volume
+from bids_anomaly.imaging.skullstrip import check_background, mask_from_background
 from bids_anomaly.postprocessing.native import to_native_space
-from bids_anomaly.skullstrip import check_background, mask_from_background
 from tests.conftest import tree_digest
 
 SPACE = "MNI152NLin2009aSym"

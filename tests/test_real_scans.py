@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from bids_anomaly.cli.run import main
-from bids_anomaly.template import template_images
+from bids_anomaly.imaging.template import template_images
 from tests.conftest import tree_digest
 
 pytestmark = pytest.mark.slow

@@ -19,7 +19,7 @@ pytestmark = [pytest.mark.slow,
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
     """Two generated subjects with T1w and FLAIR."""
-    from bids_anomaly.synthetic import synthetic_subject
+    from bids_anomaly.simulation.synthetic import synthetic_subject
 
     subjects = {}
     for label, seed in (("01", 11), ("02", 12)):

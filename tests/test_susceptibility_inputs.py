@@ -100,7 +100,7 @@ def test_echoes_on_different_grids_stop_before_any_work(tiny_bids, tmp_path, cap
 
 def test_multi_echo_images_are_combined_in_the_workflow(susceptibility_bids, tmp_path):
     from bids_anomaly.config import InputSettings, PreprocessingSettings, Settings
-    from bids_anomaly.template import get_template
+    from bids_anomaly.imaging.template import get_template
     from bids_anomaly.workflows.base import init_participant_wf
 
     layout = bids.load_layout(susceptibility_bids, tmp_path / "db")

@@ -14,8 +14,8 @@ from bids_anomaly import bids
 from bids_anomaly.cli.run import main
 from bids_anomaly.config import InputSettings, ModelSettings, Settings
 from bids_anomaly.errors import BadDataError, MissingInputError
+from bids_anomaly.imaging.template import get_template
 from bids_anomaly.levels.annotations import annotations_in_template, check_annotations
-from bids_anomaly.template import get_template
 from tests.conftest import tree_digest
 
 COMMON = ["--nprocs", "1", "--omp-nthreads", "1", "--device", "cpu"]
@@ -126,7 +126,7 @@ def test_annotations_are_carried_to_the_template_or_refused_with_a_reason(tmp_pa
 @pytest.mark.slow
 def test_a_flair_threshold_tuned_on_annotated_patients_scores_a_new_one(tmp_path):
     """The simplest use: three T1w + FLAIR patients, two annotated on their raw T1w grid."""
-    from bids_anomaly.synthetic import generate_demo_dataset
+    from bids_anomaly.simulation.synthetic import generate_demo_dataset
 
     rawdata = generate_demo_dataset(tmp_path / "raw", n_healthy=0, n_patients=3,
                                     modalities=("T1w", "FLAIR"))

@@ -26,6 +26,7 @@ from bids_anomaly.config import (
     Settings,
     at_least,
     declared_options,
+    default_of,
     help_text,
     positive_int,
 )
@@ -109,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def build_demo_parser() -> argparse.ArgumentParser:
     """The parser of ``bids_anomaly demo OUTDIR``."""
-    from bids_anomaly.demo import DEMO_HEALTHY, DEMO_MODALITIES, DEMO_PATIENTS
+    from bids_anomaly.cli.demo import DEMO_HEALTHY, DEMO_MODALITIES, DEMO_PATIENTS
 
     parser = argparse.ArgumentParser(
         prog="bids_anomaly demo",
@@ -130,7 +131,7 @@ def build_demo_parser() -> argparse.ArgumentParser:
     for name in ("nprocs", "device", "random_seed", "verbose"):
         item = execution[name]
         parser.add_argument(*item.metadata["flags"], dest=name,
-                            default=item.default,
+                            default=default_of(item),
                             help=help_text(item), **item.metadata["argparse"])
     parser.add_argument("--version", action="version", version=f"bids_anomaly {__version__}")
     return parser

@@ -24,7 +24,7 @@ class _OneLineFormatter(logging.Formatter):
 
 
 def _configure_logging(verbose: int) -> None:
-    from bids_anomaly.execution import quiet_library_warnings
+    from bids_anomaly.runtime.execution import quiet_library_warnings
 
     level = logging.DEBUG if verbose > 1 else logging.INFO if verbose else logging.WARNING
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -41,7 +41,7 @@ def run_level(argv: list[str]) -> None:
     if argv and argv[0] == "demo":
         args = build_demo_parser().parse_args(argv[1:])
         _configure_logging(args.verbose)
-        from bids_anomaly.demo import run_demo
+        from bids_anomaly.cli.demo import run_demo
 
         run_demo(args.output_dir, n_healthy=args.healthy, n_patients=args.patients,
                  nprocs=args.nprocs, device=args.device, random_seed=args.random_seed,
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"bids_anomaly {__version__}")
         return 0
-    from bids_anomaly.execution import interruptible
+    from bids_anomaly.runtime.execution import interruptible
 
     try:
         with interruptible():

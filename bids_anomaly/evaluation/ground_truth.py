@@ -11,8 +11,8 @@ import numpy as np
 
 from bids_anomaly import bids
 from bids_anomaly.errors import BadDataError
-from bids_anomaly.images import load_volume, same_grid
-from bids_anomaly.spatial import apply_transforms
+from bids_anomaly.imaging.images import load_volume, same_grid
+from bids_anomaly.imaging.spatial import apply_transforms
 
 LOGGER = logging.getLogger(__name__)
 

@@ -104,7 +104,7 @@ EVALUATION_METRICS = ("auroc", "auprc", "oracle_dice", "dice", "lesion_sensitivi
 
 def _model_roles(output_dir: Path, model_name: str | None) -> dict[str, str]:
     """``training`` or ``calibration`` per participant of a trained model (empty otherwise)."""
-    from bids_anomaly.models.base import read_card
+    from bids_anomaly.models.store import read_card
 
     if not model_name:
         return {}
@@ -144,7 +144,7 @@ def evaluate_model(settings: Settings, desc: str, maps: list[Path], layout,
                    participants: pd.DataFrame | None) -> ModelResults:
     """Burden, regional and (with ground truth) evaluation tables of one model's maps."""
     from bids_anomaly.evaluation.metrics import lesion_metrics
-    from bids_anomaly.progress import ItemProgress
+    from bids_anomaly.runtime.progress import ItemProgress
 
     burden_rows, region_tables, evaluation_rows = [], [], []
     truths: dict[tuple[str, str | None], Path] = {}

@@ -73,7 +73,7 @@ def centile_curves(output_dir: Path, model_name: str | None
     level_columns : list of str
         The categorical covariates whose levels have their own curves (in order).
     """
-    from bids_anomaly.models.base import load_model
+    from bids_anomaly.models.store import load_model
 
     if not model_name:
         return None, pd.DataFrame(), []

@@ -21,7 +21,8 @@ import pandas as pd
 
 from bids_anomaly import bids
 from bids_anomaly.errors import BidsAnomalyError
-from bids_anomaly.evaluation.splits import best_gmean, summarize_splits
+from bids_anomaly.evaluation.splits import summarize_splits
+from bids_anomaly.evaluation.statistics import best_gmean
 from bids_anomaly.postprocessing.regions import regional_table
 
 LOGGER = logging.getLogger(__name__)
@@ -30,8 +31,8 @@ THRESHOLDS = ("percentile", "calibrated")
 """How voxels are called abnormal in the protocol (``--burden-threshold``)."""
 
 SPLIT_COLUMNS = ("auroc", "gmean", "sensitivity", "specificity", "cutoff")
-"""Per split and region: the subject-level results of :func:`~bids_anomaly.evaluation.splits.
-best_gmean`."""
+"""Per split and region: the subject-level results of
+:func:`~bids_anomaly.evaluation.statistics.best_gmean`."""
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ class SplitModel:
 
 def split_families(output_dir: Path) -> dict[str, list[SplitModel]]:
     """The ``train --splits`` runs of a derivative dataset: family name to its split models."""
-    from bids_anomaly.models.base import read_card
+    from bids_anomaly.models.store import read_card
 
     families: dict[str, list[SplitModel]] = {}
     for card_path in bids.model_cards(output_dir):

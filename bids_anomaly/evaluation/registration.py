@@ -14,7 +14,7 @@ import nibabel as nib
 import numpy as np
 
 from bids_anomaly.evaluation.metrics import dice
-from bids_anomaly.images import load_3d, same_grid
+from bids_anomaly.imaging.images import load_3d, same_grid
 
 #: Minimum acceptable value of each registration metric (see :func:`flag_failures`).
 #:

@@ -3,8 +3,9 @@
 The Parkinson's disease protocols (Muñoz-Ramírez et al., MLCN 2021; Pinon et al., ISBI 2023)
 score each subject by the share of abnormal voxels in a region, separate patients from test
 controls with the best g-mean ``sqrt(sensitivity x specificity)`` over cut-offs of that score
-(plus the AUROC), and repeat the whole over random age/sex-balanced train/test splits of the
-controls, reporting the median and interquartile range over splits.
+(plus the AUROC; :func:`~bids_anomaly.evaluation.statistics.best_gmean`), and repeat the whole over
+random age/sex-balanced train/test splits of the controls, reporting the median and interquartile
+range over splits.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import numpy as np
 import pandas as pd
 
 from bids_anomaly.errors import BadDataError, UsageError
-from bids_anomaly.evaluation.statistics import auroc
+from bids_anomaly.evaluation.statistics import finite_values
 
 LOGGER = logging.getLogger(__name__)
 
@@ -32,54 +33,6 @@ SEX_NAMES = {"m": "M", "male": "M", "f": "F", "female": "F"}
 
 SUMMARY_ROWS = ("median", "q1", "q3", "iqr")
 """Rows of :func:`summarize_splits`, named in its ``split`` column."""
-
-
-def _finite(values: Sequence[float]) -> np.ndarray:
-    """The values as a float array with NaNs (and infinities) left out."""
-    values = np.asarray(values, dtype=np.float64).ravel()
-    return values[~np.isnan(values)]
-
-
-def best_gmean(patients: Sequence[float], controls: Sequence[float]) -> dict:
-    """Best g-mean ``sqrt(sensitivity x specificity)`` over cut-offs of a score, and the AUROC.
-
-    Subjects whose score is ``>= cutoff`` are called patients. Every distinct observed score is
-    tried as the cut-off, the lowest one calling everybody a patient (g-mean 0). Ties of the
-    g-mean (compared exactly, as integer products of counts) go to the higher specificity, then
-    to the lower cut-off.
-
-    Parameters
-    ----------
-    patients, controls : sequence of float
-        Scores of each group (higher is more abnormal); NaNs are left out.
-
-    Returns
-    -------
-    dict
-        ``auroc``, ``gmean``, ``sensitivity``, ``specificity`` and ``cutoff``; all NaN when a
-        group has no score.
-
-    Examples
-    --------
-    >>> result = best_gmean([1, 2, 3, 4], [0, 1, 2, 2.5])
-    >>> result["cutoff"], result["sensitivity"], result["specificity"]
-    (3.0, 0.5, 1.0)
-    """
-    a, b = _finite(patients), _finite(controls)
-    if a.size == 0 or b.size == 0:
-        return dict.fromkeys(("auroc", "gmean", "sensitivity", "specificity", "cutoff"),
-                             float("nan"))
-    cutoffs = np.unique(np.r_[a, b])  # ascending
-    true_positives = a.size - np.searchsorted(np.sort(a), cutoffs, side="left")
-    true_negatives = np.searchsorted(np.sort(b), cutoffs, side="left")
-    product = true_positives.astype(np.int64) * true_negatives.astype(np.int64)
-    # lexsort: last key is primary; the lowest cut-off wins the remaining ties (stable, ascending)
-    best = np.lexsort((np.arange(cutoffs.size), -true_negatives, -product))[0]
-    sensitivity = float(true_positives[best] / a.size)
-    specificity = float(true_negatives[best] / b.size)
-    return {"auroc": auroc(a, b), "gmean": math.sqrt(sensitivity * specificity),
-            "sensitivity": sensitivity, "specificity": specificity,
-            "cutoff": float(cutoffs[best])}
 
 
 def _is_missing(value: object) -> bool:
@@ -365,7 +318,7 @@ def summarize_splits(table: pd.DataFrame, columns: Sequence[str]) -> pd.DataFram
         raise UsageError(f"column(s) not in the per-split table: {', '.join(absent)}")
     summary = {"split": list(SUMMARY_ROWS)}
     for column in columns:
-        values = _finite(pd.to_numeric(table[column], errors="coerce").to_numpy(np.float64))
+        values = finite_values(pd.to_numeric(table[column], errors="coerce").to_numpy(np.float64))
         if values.size == 0:
             summary[column] = [float("nan")] * len(SUMMARY_ROWS)
             continue

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -114,6 +115,54 @@ def auroc(patients: Sequence[float], controls: Sequence[float]) -> float:
     return float(roc_auc_score(truth, np.r_[a, b]))
 
 
+def finite_values(values: Sequence[float]) -> np.ndarray:
+    """The values as a float array with NaNs (and infinities) left out."""
+    values = np.asarray(values, dtype=np.float64).ravel()
+    return values[~np.isnan(values)]
+
+
+def best_gmean(patients: Sequence[float], controls: Sequence[float]) -> dict:
+    """Best g-mean ``sqrt(sensitivity x specificity)`` over cut-offs of a score, and the AUROC.
+
+    Subjects whose score is ``>= cutoff`` are called patients. Every distinct observed score is
+    tried as the cut-off, the lowest one calling everybody a patient (g-mean 0). Ties of the
+    g-mean (compared exactly, as integer products of counts) go to the higher specificity, then
+    to the lower cut-off.
+
+    Parameters
+    ----------
+    patients, controls : sequence of float
+        Scores of each group (higher is more abnormal); NaNs are left out.
+
+    Returns
+    -------
+    dict
+        ``auroc``, ``gmean``, ``sensitivity``, ``specificity`` and ``cutoff``; all NaN when a
+        group has no score.
+
+    Examples
+    --------
+    >>> result = best_gmean([1, 2, 3, 4], [0, 1, 2, 2.5])
+    >>> result["cutoff"], result["sensitivity"], result["specificity"]
+    (3.0, 0.5, 1.0)
+    """
+    a, b = finite_values(patients), finite_values(controls)
+    if a.size == 0 or b.size == 0:
+        return dict.fromkeys(("auroc", "gmean", "sensitivity", "specificity", "cutoff"),
+                             float("nan"))
+    cutoffs = np.unique(np.r_[a, b])  # ascending
+    true_positives = a.size - np.searchsorted(np.sort(a), cutoffs, side="left")
+    true_negatives = np.searchsorted(np.sort(b), cutoffs, side="left")
+    product = true_positives.astype(np.int64) * true_negatives.astype(np.int64)
+    # lexsort: last key is primary; the lowest cut-off wins the remaining ties (stable, ascending)
+    best = np.lexsort((np.arange(cutoffs.size), -true_negatives, -product))[0]
+    sensitivity = float(true_positives[best] / a.size)
+    specificity = float(true_negatives[best] / b.size)
+    return {"auroc": auroc(a, b), "gmean": math.sqrt(sensitivity * specificity),
+            "sensitivity": sensitivity, "specificity": specificity,
+            "cutoff": float(cutoffs[best])}
+
+
 def _auroc_of_resamples(a: np.ndarray, b: np.ndarray, axis: int = -1) -> np.ndarray:
     """AUROC of each pair of resamples along ``axis``: Mann-Whitney U over n_a n_b (scipy)."""
     from scipy.stats import mannwhitneyu
@@ -169,8 +218,6 @@ def compare_groups(table: pd.DataFrame, measures: Sequence[str], control: str,
         ``hedges_g`` and the two-sided Mann-Whitney ``p_value``.
     """
     from scipy.stats import mannwhitneyu
-
-    from bids_anomaly.evaluation.splits import best_gmean
 
     controls = table[table["group"] == control]
     patients = table[table["group"] != control]

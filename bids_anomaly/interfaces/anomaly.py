@@ -191,7 +191,8 @@ class ScoreAnomaly(SimpleInterface):
 
         from bids_anomaly.errors import BadDataError
         from bids_anomaly.models import ChannelScorer, SubjectImages, TissueSegmenter, load_model
-        from bids_anomaly.models.base import needs_covariates, scaling_for
+        from bids_anomaly.models.contract import needs_covariates
+        from bids_anomaly.models.data import scaling_for
 
         model, card = load_model(self.inputs.model_dir)
         tail = card.extra.get("calibration_tail")
@@ -255,7 +256,7 @@ class FitSubjectModel(SimpleInterface):
     either ``fit_subject(image, mask, regions)`` (the mixtures) or, fitting nothing beyond the
     template's maps, ``fit(data)`` on the one subject (``tissue``, which fits its mixture on
     every image it scores); its ``single_subject`` flag says so. Models that segment tissues
-    (:class:`~bids_anomaly.models.base.TissueSegmenter`) also write their class posteriors.
+    (:class:`~bids_anomaly.models.contract.TissueSegmenter`) also write their class posteriors.
     """
 
     input_spec = _FitSubjectModelInputSpec

@@ -20,7 +20,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from bids_anomaly.hdf5 import strip_object_times
+from bids_anomaly.imaging.hdf5 import strip_object_times
 
 LOGGER = logging.getLogger("nipype.interface")
 
@@ -178,7 +178,7 @@ class ApplyTransforms(SimpleInterface):
     output_spec = _ApplyTransformsOutputSpec
 
     def _run_interface(self, runtime):
-        from bids_anomaly.spatial import apply_transforms
+        from bids_anomaly.imaging.spatial import apply_transforms
 
         self._results["out_file"] = os.path.join(runtime.cwd, "resampled.nii.gz")
         in_file = self.inputs.in_file

@@ -15,7 +15,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from bids_anomaly.skullstrip import MODES, check_background, mask_from_background
+from bids_anomaly.imaging.skullstrip import MODES, check_background, mask_from_background
 
 LOGGER = logging.getLogger("nipype.interface")
 
@@ -43,9 +43,9 @@ class BrainExtraction(SimpleInterface):
     """Brain mask of the reference image.
 
     Images that are already skull-stripped (declared, or detected by
-    :func:`~bids_anomaly.skullstrip.check_background`) keep their own brain: the mask is what is
-    not background. Other images go through deepbet (Fisch et al. 2024). deepbet was trained on
-    T1-weighted images; on other contrasts it runs too (measured on the T2w of sub-stroke01:
+    :func:`~bids_anomaly.imaging.skullstrip.check_background`) keep their own brain: the mask is
+    what is not background. Other images go through deepbet (Fisch et al. 2024). deepbet was trained
+    on T1-weighted images; on other contrasts it runs too (measured on the T2w of sub-stroke01:
     1,581 ml, contour on the brain) and says so in the log, and the registration QC checks the
     result.
     """

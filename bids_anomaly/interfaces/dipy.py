@@ -17,7 +17,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from bids_anomaly.diffusion import (
+from bids_anomaly.imaging.diffusion import (
     B0_THRESHOLD,
     DwiData,
     brain_mask_from_b0,
@@ -57,10 +57,11 @@ class _DTIFitOutputSpec(TraitedSpec):
 class DTIFit(SimpleInterface):
     """Fit a diffusion tensor to a session's dwi runs and write its maps.
 
-    The runs are read onto the first run's grid (:func:`~bids_anomaly.diffusion.load_dwi_runs`),
-    a brain mask is computed from their mean b=0 image, and the tensor is fitted inside it
-    (:func:`~bids_anomaly.diffusion.fit_tensor`). Every output has the first run's affine; maps
-    are named after their parameter (``FA.nii.gz``, ...).
+    The runs are read onto the first run's grid
+    (:func:`~bids_anomaly.imaging.diffusion.load_dwi_runs`), a brain mask is computed from their
+    mean b=0 image, and the tensor is fitted inside it
+    (:func:`~bids_anomaly.imaging.diffusion.fit_tensor`). Every output has the first run's affine;
+    maps are named after their parameter (``FA.nii.gz``, ...).
     """
 
     input_spec = _DTIFitInputSpec
@@ -97,8 +98,8 @@ def gradient_summary(dwi: DwiData) -> dict[str, object]:
     -------
     dict
         ``volumes``, ``b0_volumes``, ``runs``, ``shells`` (distinct b-values above
-        :data:`~bids_anomaly.diffusion.B0_THRESHOLD`, rounded to 50 s/mm^2) and ``directions``
-        (number of diffusion-weighted volumes).
+        :data:`~bids_anomaly.imaging.diffusion.B0_THRESHOLD`, rounded to 50 s/mm^2) and
+        ``directions`` (number of diffusion-weighted volumes).
     """
     weighted = dwi.bvals > B0_THRESHOLD
     shells = np.round(dwi.bvals[weighted] / SHELL_ROUNDING) * SHELL_ROUNDING
@@ -133,7 +134,7 @@ class _PrecomputedMapsInputSpec(BaseInterfaceInputSpec):
 class PrecomputedMaps(SimpleInterface):
     """Check another pipeline's diffusion maps and choose the image they are registered by.
 
-    The maps are checked by :func:`~bids_anomaly.diffusion.check_maps`. The registration
+    The maps are checked by :func:`~bids_anomaly.imaging.diffusion.check_maps`. The registration
     image (``b0_file``, and ``b0_brain_file`` inside the maps' support) is the pipeline's
     ``dwiref`` when given, else MD (bright CSF, like a b = 0 image), else the first map.
     """
@@ -142,7 +143,7 @@ class PrecomputedMaps(SimpleInterface):
     output_spec = _DTIFitOutputSpec
 
     def _run_interface(self, runtime):
-        from bids_anomaly.images import load_volume
+        from bids_anomaly.imaging.images import load_volume
 
         params = list(self.inputs.params)
         data, first = check_maps(dict(zip(params, self.inputs.map_files, strict=True)))

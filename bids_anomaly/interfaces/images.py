@@ -16,7 +16,12 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from bids_anomaly.images import check_same_grid, load_volume, padding_to_zero, reorient_to_ras
+from bids_anomaly.imaging.images import (
+    check_same_grid,
+    load_volume,
+    padding_to_zero,
+    reorient_to_ras,
+)
 
 LOGGER = logging.getLogger("nipype.interface")
 
@@ -34,17 +39,17 @@ class ConformImage(SimpleInterface):
     """Check a raw image (3D, readable, finite) and reorient it to RAS+ as float32.
 
     A negative padding value around the head (int16 images filled with -32768) is set to 0
-    (:func:`~bids_anomaly.images.padding_to_zero`). A skull-stripped image with intensities
+    (:func:`~bids_anomaly.imaging.images.padding_to_zero`). A skull-stripped image with intensities
     below 0 (z-scored, as brain-tumour challenge data are distributed) has its constant
     background taken as outside the head: set to 0, the brain raised above it
-    (:func:`~bids_anomaly.skullstrip.raise_above_background`), and ``note`` says so.
+    (:func:`~bids_anomaly.imaging.skullstrip.raise_above_background`), and ``note`` says so.
     """
 
     input_spec = _ConformImageInputSpec
     output_spec = _ConformImageOutputSpec
 
     def _run_interface(self, runtime):
-        from bids_anomaly.skullstrip import check_background, raise_above_background
+        from bids_anomaly.imaging.skullstrip import check_background, raise_above_background
 
         img = load_volume(self.inputs.in_file)
         data = np.asarray(img.dataobj)

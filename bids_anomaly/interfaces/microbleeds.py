@@ -50,8 +50,8 @@ class DetectMicrobleeds(SimpleInterface):
     output_spec = _DetectMicrobleedsOutputSpec
 
     def _run_interface(self, runtime):
+        from bids_anomaly.imaging.spatial import map_points
         from bids_anomaly.postprocessing.microbleeds import detect_microbleeds
-        from bids_anomaly.spatial import map_points
 
         channel = nib.load(self.inputs.channel_file)
         brain = np.asarray(nib.load(self.inputs.mask_file).dataobj) > 0

@@ -14,7 +14,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from bids_anomaly.normalization import METHODS, normalize
+from bids_anomaly.imaging.normalization import METHODS, normalize
 
 
 class _NormalizeInputSpec(BaseInterfaceInputSpec):
@@ -30,7 +30,7 @@ class _NormalizeOutputSpec(TraitedSpec):
 
 
 class NormalizeIntensity(SimpleInterface):
-    """Normalise intensities inside the brain (see :mod:`bids_anomaly.normalization`)."""
+    """Normalise intensities inside the brain (see :mod:`bids_anomaly.imaging.normalization`)."""
 
     input_spec = _NormalizeInputSpec
     output_spec = _NormalizeOutputSpec

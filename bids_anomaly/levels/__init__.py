@@ -35,9 +35,9 @@ def run(settings: Settings) -> str:
     BidsAnomalyError
         Any failure a user can cause or fix, with its exit code.
     """
-    from bids_anomaly.device import resolve_device
     from bids_anomaly.models import check_family_options
     from bids_anomaly.models.deep import distributed
+    from bids_anomaly.runtime.device import resolve_device
 
     settings.check()
     check_family_options(settings)

@@ -24,7 +24,7 @@ from bids_anomaly.evaluation.ground_truth import (
     transforms_to_template,
     truth_in_template,
 )
-from bids_anomaly.template import Template
+from bids_anomaly.imaging.template import Template
 
 LOGGER = logging.getLogger(__name__)
 

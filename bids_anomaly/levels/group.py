@@ -22,7 +22,7 @@ from bids_anomaly.evaluation.group import (
 )
 from bids_anomaly.evaluation.statistics import resolve_control_label, summarize_by_group
 from bids_anomaly.levels.steps import create_outputs, index_dataset
-from bids_anomaly.models.base import file_checksum
+from bids_anomaly.models.store import file_checksum
 from bids_anomaly.reports.group import write_group_report
 from bids_anomaly.reports.subject import anomaly_overlay
 
@@ -192,8 +192,8 @@ def _split_protocols(settings: Settings, maps: dict[str, list[Path]],
                      written: list[Path]) -> dict[str, dict[str, pd.DataFrame]]:
     """The subject-level protocol of every ``train --splits`` run (tables written)."""
     from bids_anomaly.evaluation.protocol import split_families, split_protocol
+    from bids_anomaly.imaging.template import get_template
     from bids_anomaly.levels.steps import prepare_atlas
-    from bids_anomaly.template import get_template
 
     families = split_families(settings.output_dir)
     if not families:

@@ -10,6 +10,7 @@ import nibabel as nib
 from bids_anomaly import bids
 from bids_anomaly.config import Settings
 from bids_anomaly.errors import BadDataError, MissingInputError, UsageError
+from bids_anomaly.imaging.template import Template
 from bids_anomaly.levels.steps import (
     collect_subjects,
     index_dataset,
@@ -18,15 +19,8 @@ from bids_anomaly.levels.steps import (
     validate_images,
 )
 from bids_anomaly.levels.weak import apply_tuned_postprocessing
-from bids_anomaly.models.base import (
-    AnomalyModel,
-    ModelCard,
-    check_weights,
-    load_model,
-    needs_covariates,
-    read_card,
-)
-from bids_anomaly.template import Template
+from bids_anomaly.models.contract import AnomalyModel, needs_covariates
+from bids_anomaly.models.store import ModelCard, check_weights, load_model, read_card
 
 LOGGER = logging.getLogger(__name__)
 
@@ -120,7 +114,7 @@ def participant_covariates(settings: Settings, model: AnomalyModel, card: ModelC
     """
     import pandas as pd
 
-    from bids_anomaly.models.covariates import CovariateError
+    from bids_anomaly.models.normative.covariates import CovariateError
 
     if not needs_covariates(model):
         return None

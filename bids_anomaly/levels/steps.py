@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING
 from bids_anomaly import bids
 from bids_anomaly.config import Settings
 from bids_anomaly.errors import EmptySelectionError, MissingInputError, OutputError
-from bids_anomaly.images import check_anatomical, check_same_grid, load_volume
-from bids_anomaly.template import Template, get_template
+from bids_anomaly.imaging.images import check_anatomical, check_same_grid, load_volume
+from bids_anomaly.imaging.template import Template, get_template
 
 if TYPE_CHECKING:
     from bids_anomaly.workflows.base import AppliedModel
@@ -140,14 +140,14 @@ def validate_images(subjects: list[bids.AnatInputs], record: Path) -> None:
 
     Diffusion runs are read with their gradients, as they will be fitted: a missing or
     inconsistent bval/bvec, a 3D dwi, no b = 0 or only b = 0 volumes stop the run here, before
-    any work (:func:`~bids_anomaly.diffusion.load_dwi_runs`).
+    any work (:func:`~bids_anomaly.imaging.diffusion.load_dwi_runs`).
 
     Files already checked with the same size and modification time are not read again
     (``record`` lists them; it is written once every file passed, so a refused run writes
     nothing). A file that cannot be opened (missing, a broken or looping symbolic link,
     permission denied) is refused too.
     """
-    from bids_anomaly.diffusion import check_maps, load_dwi_runs
+    from bids_anomaly.imaging.diffusion import check_maps, load_dwi_runs
 
     seen = json.loads(record.read_text()) if record.is_file() else {}
 
@@ -236,10 +236,10 @@ def nipype_console_level(settings: Settings) -> str:
 def run_workflow(workflow, settings: Settings, progress=None) -> None:
     """Run a Nipype workflow with the settings' resources, caching in the work directory.
 
-    ``progress`` (a :class:`~bids_anomaly.progress.WorkflowProgress`) receives every node's
-    status. See :func:`bids_anomaly.execution.run_workflow`.
+    ``progress`` (a :class:`~bids_anomaly.runtime.progress.WorkflowProgress`) receives every node's
+    status. See :func:`bids_anomaly.runtime.execution.run_workflow`.
     """
-    from bids_anomaly.execution import run_workflow as execute
+    from bids_anomaly.runtime.execution import run_workflow as execute
 
     try:
         execute(workflow, settings.execution.nprocs, bids.log_dir(settings.output_dir),
@@ -269,12 +269,12 @@ def preprocess(settings: Settings, subjects: list[bids.AnatInputs], template: Te
     Every model is applied to the subject/sessions it scores
     (:class:`~bids_anomaly.workflows.base.AppliedModel`), all in one workflow. Subjects that
     finished the same run before, with their derivatives untouched, are skipped
-    (:mod:`bids_anomaly.completion`).
+    (:mod:`bids_anomaly.bids.completion`).
     """
-    from bids_anomaly.completion import is_complete, mark_complete
-    from bids_anomaly.device import resolve_device
-    from bids_anomaly.progress import WorkflowProgress
+    from bids_anomaly.bids.completion import is_complete, mark_complete
     from bids_anomaly.reports.subject import write_subject_reports
+    from bids_anomaly.runtime.device import resolve_device
+    from bids_anomaly.runtime.progress import WorkflowProgress
     from bids_anomaly.workflows.base import (
         init_participant_wf,
         preprocessing_key,

@@ -12,8 +12,8 @@ import torch
 
 from bids_anomaly import __version__, bids
 from bids_anomaly.config import CHANNELS, MIN_TRAINING_SUBJECTS, MODALITIES, Settings
-from bids_anomaly.device import resolve_device
 from bids_anomaly.errors import BidsAnomalyError, MissingInputError, TrainingError, UsageError
+from bids_anomaly.imaging.template import Template
 from bids_anomaly.levels.annotations import annotations_in_template, check_annotations
 from bids_anomaly.levels.steps import (
     collect_subjects,
@@ -24,22 +24,20 @@ from bids_anomaly.levels.steps import (
 )
 from bids_anomaly.levels.weak import split_annotated, tune_on_annotations
 from bids_anomaly.models import REGISTRY, build_model
-from bids_anomaly.models.base import (
+from bids_anomaly.models.contract import needs_covariates
+from bids_anomaly.models.data import SubjectImages, TrainingData, fit_channel_scaling
+from bids_anomaly.models.deep import distributed
+from bids_anomaly.models.store import (
     CARD_FILE,
     ModelCard,
-    SubjectImages,
-    TrainingData,
     file_checksum,
-    fit_channel_scaling,
     load_model,
-    needs_covariates,
     non_finite_tensors,
     save_model,
 )
-from bids_anomaly.models.deep import distributed
 from bids_anomaly.postprocessing.microbleeds import calibrate_microbleeds
 from bids_anomaly.postprocessing.thresholds import healthy_scores, tail_table, threshold_at_fpr
-from bids_anomaly.template import Template
+from bids_anomaly.runtime.device import resolve_device
 
 LOGGER = logging.getLogger(__name__)
 

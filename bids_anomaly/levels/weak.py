@@ -24,9 +24,11 @@ import numpy as np
 import torch
 
 from bids_anomaly.config import Settings
-from bids_anomaly.models.base import BaseModel, ModelCard, TrainingData, scorer_for
+from bids_anomaly.imaging.template import Template
+from bids_anomaly.models.contract import BaseModel, scorer_for
+from bids_anomaly.models.data import TrainingData
+from bids_anomaly.models.store import ModelCard
 from bids_anomaly.postprocessing.tuning import tune_postprocessing
-from bids_anomaly.template import Template
 
 LOGGER = logging.getLogger(__name__)
 

@@ -1,4 +1,14 @@
-"""Anomaly models: one contract (:mod:`bids_anomaly.models.base`), one module per family.
+"""Anomaly models: one contract, one module (or one folder) per family.
+
+The contract (:mod:`~bids_anomaly.models.contract`: :class:`AnomalyModel`, :class:`BaseModel`,
+:data:`REGISTRY`) sits over what models learn from (:mod:`~bids_anomaly.models.data`:
+:class:`TrainingData`) and under the model store (:mod:`~bids_anomaly.models.store`: a trained
+model's folder, its card and checks; :mod:`~bids_anomaly.models.weights`: its tensors). A family
+is one module (``baseline``, ``ensemble``, ``reconstruction``) or, when it has helpers of its
+own, one folder (``normative``, ``mixture``, ``patch_ocsvm``, ``selfsupervised``, ``stacking``,
+``tissue``: the family's module of the same name and its helpers). :mod:`~bids_anomaly.models.deep`
+is the deep-learning engine the deep families share; ``calibration`` and ``directions`` are
+shared helpers. Families sit above all of these, never below (pyproject's import-linter contract).
 
 :data:`REGISTRY` is the only list of model types: the command line's choices, its per-family
 option groups, the checks of which options go with which type, and the levels' dispatch all
@@ -6,17 +16,18 @@ read it.
 
 Adding a model family
 ---------------------
-1. Write one module here (deep families use :mod:`bids_anomaly.models.deep`): a subclass of
-   :class:`~bids_anomaly.models.base.BaseModel` with ``model_type``, ``summary``, ``fit``,
+1. Write one module here (deep families use :mod:`bids_anomaly.models.deep`; a family that
+   grows helpers becomes a folder, its ``__init__`` re-exporting the family): a subclass of
+   :class:`~bids_anomaly.models.contract.BaseModel` with ``model_type``, ``summary``, ``fit``,
    ``score``, ``score_definition``, ``hyperparameters``, ``n_channels`` / ``grid_shape``,
    ``tensors`` / ``restore`` (what is stored), decorated with
-   :func:`~bids_anomaly.models.base.register`. A score that combines one map per channel also
-   implements :class:`~bids_anomaly.models.base.ChannelScorer`; its maps are then written too.
+   :func:`~bids_anomaly.models.contract.register`. A score that combines one map per channel also
+   implements :class:`~bids_anomaly.models.contract.ChannelScorer`; its maps are then written too.
 2. Its options, if any: a dataclass whose fields are declared with
    :func:`bids_anomaly.config.option` (default, help, flag), named in the class's ``options``,
    and a ``from_settings`` classmethod that builds the model from ``settings.model.options``.
    The parser adds the flags, and refuses them with another model type.
-3. Import the module below so that it registers.
+3. Import the module below so that it registers (families are listed here, not discovered).
 4. Tests in ``tests/models/``: fit on generated volumes, a lesion scores above healthy tissue,
    save/load round trip. ``tests/models/test_contract.py`` registers a toy family and runs it
    through train, participant and group: the same works for a new family with no other change.
@@ -27,33 +38,30 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from bids_anomaly.errors import UsageError
-from bids_anomaly.models.base import (
+from bids_anomaly.models.baseline import IntensityBaseline
+from bids_anomaly.models.contract import (
     REGISTRY,
     AnomalyModel,
     BaseModel,
     ChannelScorer,
-    ModelCard,
-    SubjectImages,
     TissueSegmenter,
-    TrainingData,
-    load_model,
     register,
-    save_model,
 )
-from bids_anomaly.models.baseline import IntensityBaseline
+from bids_anomaly.models.data import SubjectImages, TrainingData
 from bids_anomaly.models.ensemble import EnsembleModel
-from bids_anomaly.models.mixture import (
+from bids_anomaly.models.mixture.mixture import (
     GaussianMixtureModel,
     MixtureModel,
     MultipleScaledMixtureModel,
     StudentMixtureModel,
 )
-from bids_anomaly.models.normative import NormativeModel
-from bids_anomaly.models.patch_ocsvm import PatchOneClassModel
+from bids_anomaly.models.normative.normative import NormativeModel
+from bids_anomaly.models.patch_ocsvm.patch_ocsvm import PatchOneClassModel
 from bids_anomaly.models.reconstruction import DeepModel, ReconstructionModel
-from bids_anomaly.models.selfsupervised import RestoreModel, SegmentModel
-from bids_anomaly.models.stacking import StackedModel
-from bids_anomaly.models.tissue import TissueModel
+from bids_anomaly.models.selfsupervised.selfsupervised import RestoreModel, SegmentModel
+from bids_anomaly.models.stacking.stacking import StackedModel
+from bids_anomaly.models.store import ModelCard, load_model, save_model
+from bids_anomaly.models.tissue.tissue import TissueModel
 
 if TYPE_CHECKING:
     import dataclasses
@@ -113,7 +121,7 @@ def check_family_options(settings: Settings) -> None:
     ------
     UsageError
         An option of another family, an option given where no model is fitted, or values the
-        family refuses together (:meth:`~bids_anomaly.models.base.BaseModel.check_options`).
+        family refuses together (:meth:`~bids_anomaly.models.contract.BaseModel.check_options`).
     """
     given = settings.model.options
     if not given:

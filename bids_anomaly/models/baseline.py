@@ -11,8 +11,9 @@ from __future__ import annotations
 import torch
 
 from bids_anomaly.errors import BadDataError
-from bids_anomaly.models.base import BaseModel, TrainingData, register
-from bids_anomaly.models.normative import MAD_TO_SD
+from bids_anomaly.models.contract import BaseModel, register
+from bids_anomaly.models.data import TrainingData
+from bids_anomaly.models.normative.normative import MAD_TO_SD
 
 DIRECTIONS = ("hyper", "hypo", "both")
 LESION_CONTRASTS = (("FLAIR", "hyper"), ("T2w", "hyper"), ("PDw", "hyper"), ("T1w", "hypo"))

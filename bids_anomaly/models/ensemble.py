@@ -30,15 +30,10 @@ import torch
 
 from bids_anomaly.config import option
 from bids_anomaly.errors import BadDataError, MissingInputError, UsageError
-from bids_anomaly.models.base import (
-    REGISTRY,
-    BaseModel,
-    TrainingData,
-    load_model,
-    register,
-    valid_voxels,
-)
 from bids_anomaly.models.calibration import log10_exceedance, tail_table
+from bids_anomaly.models.contract import REGISTRY, BaseModel, register
+from bids_anomaly.models.data import TrainingData, valid_voxels
+from bids_anomaly.models.store import load_model
 
 if TYPE_CHECKING:
     from bids_anomaly.config import Settings

@@ -31,7 +31,8 @@ from torch import nn
 
 from bids_anomaly.config import option, positive_int
 from bids_anomaly.errors import BadDataError, UsageError
-from bids_anomaly.models.base import BaseModel, TrainingData, register, valid_voxels
+from bids_anomaly.models.contract import BaseModel, register
+from bids_anomaly.models.data import TrainingData, valid_voxels
 from bids_anomaly.models.deep import engine
 from bids_anomaly.models.deep.datasets import (
     PatchDataset,
@@ -104,7 +105,7 @@ class DeepModel(BaseModel):
 
     What the network learns and how its output becomes a score is the subclass's:
     :class:`ReconstructionModel` (residuals of a reconstruction), and the self-supervised
-    families of :mod:`bids_anomaly.models.selfsupervised`.
+    families of :mod:`bids_anomaly.models.selfsupervised.selfsupervised`.
 
     Parameters
     ----------

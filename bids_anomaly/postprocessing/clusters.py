@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from bids_anomaly.template import TISSUE_LABELS
+from bids_anomaly.imaging.template import TISSUE_LABELS
 
 CONNECTIVITY = np.ones((3, 3, 3), dtype=bool)
 """26-connectivity: voxels touching by a face, an edge or a corner belong together."""
@@ -107,7 +107,8 @@ def cluster_table(anomaly_map: np.ndarray, anomaly_mask: np.ndarray, affine: np.
     affine : numpy.ndarray
         Voxel-to-world matrix of the grid (positions are given in its millimetres).
     tissue : numpy.ndarray, optional
-        Integer tissue labels on the same grid (:data:`~bids_anomaly.template.TISSUE_LABELS`).
+        Integer tissue labels on the same grid
+        (:data:`~bids_anomaly.imaging.template.TISSUE_LABELS`).
     atlas : numpy.ndarray, optional
         Integer atlas labels on the same grid, named by ``atlas_labels``.
 

@@ -788,7 +788,7 @@ def calibrate_microbleeds(model, controls, channel: str, fp_per_subject: float) 
     """
     import torch
 
-    from bids_anomaly.models.base import scorer_for
+    from bids_anomaly.models.contract import scorer_for
 
     index = list(controls.channels).index(channel)
     affine = None

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from bids_anomaly import bids
 from bids_anomaly.errors import MissingInputError
-from bids_anomaly.spatial import apply_transforms
+from bids_anomaly.imaging.spatial import apply_transforms
 
 
 def to_native_space(in_file: str | Path, inputs: bids.AnatInputs, output_dir: Path,

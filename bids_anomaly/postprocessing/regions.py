@@ -21,8 +21,8 @@ from scipy import ndimage
 
 from bids_anomaly.config import RESTRICTIONS
 from bids_anomaly.errors import BadDataError, MissingInputError
-from bids_anomaly.images import load_volume
-from bids_anomaly.template import TISSUE_LABELS
+from bids_anomaly.imaging.images import load_volume
+from bids_anomaly.imaging.template import TISSUE_LABELS
 
 LOGGER = logging.getLogger(__name__)
 
@@ -200,7 +200,8 @@ def restriction_mask(restrict: str, brain: np.ndarray, tissue: np.ndarray | None
     brain : numpy.ndarray
         Brain mask.
     tissue : numpy.ndarray, optional
-        Template tissue labels (:data:`~bids_anomaly.template.TISSUE_LABELS`); needed for ``wm``.
+        Template tissue labels (:data:`~bids_anomaly.imaging.template.TISSUE_LABELS`); needed for
+        ``wm``.
     """
     brain = np.asarray(brain) > 0
     if restrict == "brain":

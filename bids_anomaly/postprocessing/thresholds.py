@@ -5,8 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from bids_anomaly.models.base import AnomalyModel, TrainingData, scorer_for, valid_voxels
 from bids_anomaly.models.calibration import TAIL_POINTS, tail_table
+from bids_anomaly.models.contract import AnomalyModel, scorer_for
+from bids_anomaly.models.data import TrainingData, valid_voxels
 
 __all__ = ["TAIL_POINTS", "tail_table"]
 

@@ -13,7 +13,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from bids_anomaly.images import load_3d
+from bids_anomaly.imaging.images import load_3d
 
 
 def _use_agg() -> None:

@@ -69,7 +69,7 @@ def init_anat_preproc_wf(
     registration : str
         Reference-to-template registration: ``Rigid``, ``Affine`` or ``SyN``.
     normalization : str
-        Intensity normalisation (see :mod:`bids_anomaly.normalization`).
+        Intensity normalisation (see :mod:`bids_anomaly.imaging.normalization`).
     skull_stripped : str
         ``auto``, ``yes`` or ``no`` (see :class:`~bids_anomaly.interfaces.deepbet.BrainExtraction`).
     omp_nthreads : int

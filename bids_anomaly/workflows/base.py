@@ -11,13 +11,13 @@ from nipype.pipeline import engine as pe
 
 from bids_anomaly import __version__, bids
 from bids_anomaly.config import RESTRICTIONS, Settings
+from bids_anomaly.imaging.template import Template
 from bids_anomaly.interfaces.anomaly import FitSubjectModel, ScoreAnomaly
 from bids_anomaly.interfaces.ants import ApplyTransforms
 from bids_anomaly.interfaces.images import CombineEchoes
 from bids_anomaly.models import REGISTRY, ChannelScorer, ModelCard, TissueSegmenter, build_model
-from bids_anomaly.models.base import card_checksum
+from bids_anomaly.models.store import card_checksum
 from bids_anomaly.postprocessing.regions import Atlas
-from bids_anomaly.template import Template
 from bids_anomaly.workflows.anatomical import init_anat_preproc_wf
 from bids_anomaly.workflows.diffusion import dwi_inputs
 from bids_anomaly.workflows.outputs import init_ds_anat_wf, init_ds_anomaly_wf
@@ -97,7 +97,7 @@ def preprocessing_key(settings: Settings, inputs: bids.AnatInputs, template: Tem
 
 
 def _postprocessing_key(settings: Settings, atlas: Atlas | None) -> dict:
-    from bids_anomaly.models.base import file_checksum
+    from bids_anomaly.models.store import file_checksum
 
     return {"fdr": settings.postprocessing.fdr,
             "min_cluster_mm3": settings.postprocessing.min_cluster_mm3,
@@ -164,7 +164,7 @@ def init_participant_wf(
     -------
     nipype.pipeline.engine.Workflow
     """
-    from bids_anomaly.device import resolve_device
+    from bids_anomaly.runtime.device import resolve_device
 
     workflow = pe.Workflow(name=workflow_name(), base_dir=str(settings.work_dir))
     use_gpu = resolve_device(settings.execution.device).type == "cuda"

@@ -320,7 +320,7 @@ def init_ds_anomaly_wf(
             node = _sink(name, output_dir, sub, ses, spec, metadata)
             workflow.connect(inputnode, field, node, "in_file")
     if norms:
-        from bids_anomaly.models.norms import NORMS_COLUMNS
+        from bids_anomaly.models.normative.norms import NORMS_COLUMNS
 
         ds_norms = _sink("ds_norms", output_dir, sub, ses,
                          bids.norms_spec(space, resolution, model_desc),

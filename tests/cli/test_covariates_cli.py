@@ -8,8 +8,8 @@ import shutil
 import pandas as pd
 import pytest
 
+from bids_anomaly.bids.validation import find_validator
 from bids_anomaly.cli.run import main
-from bids_anomaly.validation import find_validator
 from tests.conftest import tree_digest
 
 ROWS = {"01": ("31", "F", "x"), "02": ("52", "M", "x"), "03": ("44", "F", "x"),

@@ -100,7 +100,7 @@ def test_a_derivative_with_the_same_content_is_not_rewritten(tmp_path):
 
 def test_completion_record_holds_until_a_derivative_changes(tmp_path):
     from bids_anomaly.bids import AnatInputs
-    from bids_anomaly.completion import is_complete, mark_complete
+    from bids_anomaly.bids.completion import is_complete, mark_complete
 
     out, work = tmp_path / "out", tmp_path / "work"
     anat = out / "sub-01" / "anat"

@@ -18,7 +18,7 @@ CHANNEL_SETS = {"flair": ("FLAIR",), "twochannels": ("T1w", "FLAIR"),
 
 @pytest.mark.slow
 def test_flair_only_two_and_three_channel_subjects(tmp_path):
-    from bids_anomaly.synthetic import synthetic_subject
+    from bids_anomaly.simulation.synthetic import synthetic_subject
 
     subjects, truths = {}, {}
     for seed, (label, channels) in enumerate(CHANNEL_SETS.items(), start=11):

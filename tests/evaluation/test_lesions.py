@@ -15,7 +15,7 @@ from bids_anomaly.evaluation.lesions import (
     lesion_shape_paths,
     tissue_means,
 )
-from bids_anomaly.images import load_lesion_shape, partial_volume
+from bids_anomaly.imaging.images import load_lesion_shape, partial_volume
 
 LESION_SHAPES = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "lesion_shapes"
 SHAPE = (32, 32, 32)
@@ -171,7 +171,7 @@ def test_lesion_shape_paths_by_kind(tmp_path):
 
 @pytest.fixture(scope="module")
 def template_2mm() -> dict[str, nib.Nifti1Image]:
-    from bids_anomaly.template import template_images
+    from bids_anomaly.imaging.template import template_images
 
     return template_images(2)
 

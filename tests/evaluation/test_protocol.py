@@ -1,12 +1,11 @@
 """The subject-level protocol of train --splits on a generated Parkinson's-like cohort.
 
 30 controls and 30 patients have FA and MD maps on a small template-like grid
-(:func:`~bids_anomaly.synthetic.diffusion_cohort`): tissue values with inter-subject variation
-(smooth random fields, 8 % of the value per voxel); the patients' FA is 5 % lower and MD 5 %
-higher in two small "deep grey nuclei" (an atlas region) - well below what one voxel shows at a
-calibrated voxel threshold. The splits are trained by the train
-level's own code (channel scaling, fit, calibration, cards), scored, and passed to the group
-protocol.
+(:func:`~bids_anomaly.simulation.synthetic.diffusion_cohort`): tissue values with inter-subject
+variation (smooth random fields, 8 % of the value per voxel); the patients' FA is 5 % lower and MD 5
+% higher in two small "deep grey nuclei" (an atlas region) - well below what one voxel shows at a
+calibrated voxel threshold. The splits are trained by the train level's own code (channel scaling,
+fit, calibration, cards), scored, and passed to the group protocol.
 """
 
 from __future__ import annotations
@@ -26,10 +25,11 @@ from bids_anomaly.config import (
     Settings,
 )
 from bids_anomaly.evaluation.protocol import split_families, split_protocol
+from bids_anomaly.imaging.template import Template
 from bids_anomaly.levels.train import train_splits
-from bids_anomaly.models.base import SubjectImages, TrainingData, load_model, scaling_for
-from bids_anomaly.synthetic import diffusion_cohort
-from bids_anomaly.template import Template
+from bids_anomaly.models.data import SubjectImages, TrainingData, scaling_for
+from bids_anomaly.models.store import load_model
+from bids_anomaly.simulation.synthetic import diffusion_cohort
 
 SPACE, RES = "MNI152NLin2009aSym", 2
 N_PATIENTS = 30
@@ -156,7 +156,7 @@ def test_splits_end_to_end_with_given_diffusion_maps(tmp_path):
     import json
 
     from bids_anomaly.cli.run import main
-    from bids_anomaly.template import get_template
+    from bids_anomaly.imaging.template import get_template
     from tests.conftest import write_minimal_bids
 
     template = get_template(2, tmp_path / "templates")

@@ -9,13 +9,12 @@ import pytest
 
 from bids_anomaly.errors import BadDataError, UsageError
 from bids_anomaly.evaluation.splits import (
-    best_gmean,
     describe_split,
     split_controls,
     split_strata,
     summarize_splits,
 )
-from bids_anomaly.evaluation.statistics import auroc
+from bids_anomaly.evaluation.statistics import auroc, best_gmean
 
 
 def controls(n=30, ages=True, sex=True, seed=0):

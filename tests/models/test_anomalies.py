@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from bids_anomaly.models.anomalies import (
+from bids_anomaly.models.selfsupervised.anomalies import (
     MICROBLEED_TAIL,
     AnomalyGenerator,
     GeneratorOptions,

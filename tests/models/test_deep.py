@@ -17,7 +17,6 @@ from bids_anomaly.models import (
     load_model,
     save_model,
 )
-from bids_anomaly.models.base import WEIGHTS_FILE
 from bids_anomaly.models.deep.datasets import (
     PatchDataset,
     SliceDataset,
@@ -26,6 +25,7 @@ from bids_anomaly.models.deep.datasets import (
     stack_slices,
 )
 from bids_anomaly.models.deep.engine import CHECKPOINT_FILE, LOSSES_FILE, EngineOptions
+from bids_anomaly.models.weights import WEIGHTS_FILE
 
 SHAPE = (24, 28, 20)
 LESION = (slice(10, 15), slice(12, 17), slice(8, 12))
@@ -174,7 +174,8 @@ def test_mismatched_models_are_refused(cohort, tmp_path):
     with pytest.raises(BadDataError, match="grid"):
         loaded.score(image[:, :-2], mask[:-2])
     # weights that do not fit the stored architecture: rewrite them with another width
-    from bids_anomaly.models.base import file_checksum, read_weights, write_weights
+    from bids_anomaly.models.store import file_checksum
+    from bids_anomaly.models.weights import read_weights, write_weights
 
     tensors, hyperparameters = read_weights(directory)
     hyperparameters["architecture"]["width"] = 8

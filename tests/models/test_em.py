@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from bids_anomaly.models import em
+from bids_anomaly.models.mixture import em
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

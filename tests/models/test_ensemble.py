@@ -94,7 +94,7 @@ def test_ensemble_refuses_what_it_cannot_combine(tmp_path):
         EnsembleModel().fit(TrainingData([], ["T1w"]))
     (tmp_path / "e").mkdir()
     ensemble.save(tmp_path / "e")
-    from bids_anomaly.models.base import read_weights, write_weights
+    from bids_anomaly.models.weights import read_weights, write_weights
 
     tensors, hyperparameters = read_weights(tmp_path / "e")
     write_weights(tmp_path / "e", {**tensors, "member7.location": torch.zeros(1)},

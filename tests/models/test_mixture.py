@@ -7,8 +7,9 @@ import torch
 from scipy import ndimage
 
 from bids_anomaly.models import REGISTRY, SubjectImages, TrainingData, load_model, save_model
-from bids_anomaly.models.base import ModelCard, valid_voxels
-from bids_anomaly.models.mixture import stream_batches
+from bids_anomaly.models.data import valid_voxels
+from bids_anomaly.models.mixture.mixture import stream_batches
+from bids_anomaly.models.store import ModelCard
 from bids_anomaly.postprocessing.thresholds import calibrate_threshold
 
 SHAPE = (20, 20, 20)

@@ -7,12 +7,14 @@ import pandas as pd
 import pytest
 import torch
 
-from bids_anomaly.cohorts import generate_cohort, participants
 from bids_anomaly.models import NormativeModel, load_model, save_model
-from bids_anomaly.models.base import ModelCard, needs_covariates, valid_voxels
-from bids_anomaly.models.covariates import CovariateEncoder, CovariateError
-from bids_anomaly.models.location_scale import fit_location_scale, leverage, predict
+from bids_anomaly.models.contract import needs_covariates
+from bids_anomaly.models.data import valid_voxels
+from bids_anomaly.models.normative.covariates import CovariateEncoder, CovariateError
+from bids_anomaly.models.normative.location_scale import fit_location_scale, leverage, predict
+from bids_anomaly.models.store import ModelCard
 from bids_anomaly.postprocessing.thresholds import healthy_scores, threshold_at_fpr
+from bids_anomaly.simulation.cohorts import generate_cohort, participants
 
 EFFECTS = {"site_offset": {"A": (0.0, 0.0), "B": (0.3, -0.2)}, "site_scale": {"B": 1.5},
            "noise_sd": 0.15, "noise_sd_slope": 0.0015}

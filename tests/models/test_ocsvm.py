@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from sklearn.svm import OneClassSVM
 
-from bids_anomaly.models.ocsvm import OneClassSVMs, fit_one_class_svms
+from bids_anomaly.models.patch_ocsvm.ocsvm import OneClassSVMs, fit_one_class_svms
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 TOLERANCE = 1e-5

@@ -10,9 +10,8 @@ from sklearn.metrics import roc_auc_score
 
 from bids_anomaly.errors import BadDataError, UsageError
 from bids_anomaly.models import REGISTRY, SubjectImages, TrainingData, load_model, save_model
-from bids_anomaly.models.base import ModelCard
 from bids_anomaly.models.deep.engine import EngineOptions
-from bids_anomaly.models.deep.siamese import (
+from bids_anomaly.models.patch_ocsvm.siamese import (
     PairDataset,
     PatchArchitecture,
     SiamesePatchAutoEncoder,
@@ -20,6 +19,7 @@ from bids_anomaly.models.deep.siamese import (
     patch_at,
     siamese_loss,
 )
+from bids_anomaly.models.store import ModelCard
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -93,7 +93,7 @@ def test_the_autoencoder_takes_any_odd_patch_to_its_code_and_back(side):
 
 def test_pairs_are_deterministic_and_taken_at_one_location(tmp_path):
     from bids_anomaly.models.deep.datasets import VolumeCache
-    from bids_anomaly.models.deep.siamese import scaling
+    from bids_anomaly.models.patch_ocsvm.siamese import scaling
 
     subjects = [_subject(tmp_path, i) for i in range(3)]
     cache = VolumeCache(tmp_path / "cache")

@@ -106,7 +106,7 @@ def test_same_seed_same_weights(tmp_path):
 
 
 def test_negative_trim_leaves_the_worst_normal_voxels_out(tmp_path):
-    from bids_anomaly.models.selfsupervised import trimmed_negatives
+    from bids_anomaly.models.selfsupervised.selfsupervised import trimmed_negatives
 
     loss = torch.tensor([[0.1, 5.0, 0.2, 9.0], [0.3, 0.4, 7.0, 0.5]])
     negatives = torch.tensor([[True, True, True, False], [True, True, True, True]])
@@ -204,7 +204,7 @@ def test_segment_learns_annotated_lesions_with_the_synthetic_ones(tmp_path):
 
 
 def test_segment_finetunes_a_trained_model_and_refuses_another_network(tmp_path):
-    from bids_anomaly.models.base import ModelCard, save_model
+    from bids_anomaly.models.store import ModelCard, save_model
 
     data = TrainingData([_subject(tmp_path, i) for i in range(3)], ["T1w", "FLAIR"])
     trained = _model("segment", "2d", tmp_path)

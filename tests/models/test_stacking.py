@@ -12,13 +12,13 @@ from safetensors import safe_open
 from sklearn.metrics import average_precision_score
 
 from bids_anomaly.models import NormativeModel, StackedModel, SubjectImages, TrainingData
-from bids_anomaly.models.base import read_weights
-from bids_anomaly.models.classifiers import (
+from bids_anomaly.models.stacking.classifiers import (
     CLASSIFIERS,
     export_classifier,
     fit_classifier,
     predict_probability,
 )
+from bids_anomaly.models.weights import read_weights
 from bids_anomaly.postprocessing.thresholds import healthy_scores, tail_table
 from bids_anomaly.postprocessing.tuning import tune_postprocessing
 

@@ -14,7 +14,8 @@ from sklearn.metrics import roc_auc_score
 
 from bids_anomaly.errors import BadDataError, MissingInputError
 from bids_anomaly.models import REGISTRY, TissueModel, TrainingData, load_model, save_model
-from bids_anomaly.models.base import ModelCard, valid_voxels
+from bids_anomaly.models.data import valid_voxels
+from bids_anomaly.models.store import ModelCard
 
 SLAB = slice(30, 62)
 """Axial slices of the 2 mm template kept: the lateral ventricles and the centrum semiovale."""
@@ -26,7 +27,7 @@ LESION = {"FLAIR": 1.5, "T1w": 0.45, "T2w": 1.25}
 @functools.lru_cache(maxsize=1)
 def _template_slab() -> tuple[np.ndarray, np.ndarray]:
     """The embedded template's GM/WM/CSF maps on a slab of the 2 mm grid, and its affine."""
-    from bids_anomaly.template import template_images
+    from bids_anomaly.imaging.template import template_images
 
     images = template_images(2)
     maps = np.stack([np.asarray(images[k].dataobj, np.float32)[:, :, SLAB]

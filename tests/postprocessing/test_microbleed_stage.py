@@ -9,9 +9,9 @@ import numpy as np
 import torch
 from scipy import ndimage
 
-from bids_anomaly.models.base import SubjectImages, TrainingData
+from bids_anomaly.imaging.spatial import map_points
+from bids_anomaly.models.data import SubjectImages, TrainingData
 from bids_anomaly.postprocessing.microbleeds import calibrate_microbleeds, detect_microbleeds
-from bids_anomaly.spatial import map_points
 
 SHAPE = (40, 44, 40)
 AFFINE = np.array([[2.0, 0, 0, -40], [0, 2, 0, -50], [0, 0, 2, -30], [0, 0, 0, 1]])
@@ -66,7 +66,7 @@ def test_calibration_keeps_the_asked_false_positives_and_detection_finds_the_ble
 def test_template_points_map_to_native_through_the_registration(tmp_path):
     import ants
 
-    from bids_anomaly.spatial import apply_transforms
+    from bids_anomaly.imaging.spatial import apply_transforms
 
     native = np.zeros((30, 30, 30), np.float32)
     native[10, 12, 20] = 1000

@@ -301,7 +301,7 @@ def test_fp_curve_agrees_with_the_threshold():
 
 @pytest.fixture(scope="module")
 def template_regions():
-    from bids_anomaly.template import template_images
+    from bids_anomaly.imaging.template import template_images
 
     mask = template_images(2)["mask"]
     return mars_regions(np.asarray(mask.dataobj), mask.affine), mask.affine

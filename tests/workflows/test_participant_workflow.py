@@ -21,7 +21,7 @@ from tests.conftest import saved_normative_model
 
 @pytest.fixture(scope="module")
 def template(tmp_path_factory):
-    from bids_anomaly.template import get_template
+    from bids_anomaly.imaging.template import get_template
 
     return get_template(2, tmp_path_factory.mktemp("templates"))
 

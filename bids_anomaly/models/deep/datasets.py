@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import Dataset
 
 from bids_anomaly.errors import BadDataError
-from bids_anomaly.models.base import SubjectImages, valid_voxels
+from bids_anomaly.models.data import SubjectImages, valid_voxels
 
 MIN_SLICE_FRACTION = 0.1
 """Training slices hold at least this fraction of the brain voxels of the subject's largest."""
