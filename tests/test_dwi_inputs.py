@@ -339,8 +339,8 @@ def test_registration_to_the_template_keeps_fa_in_white_matter_under_a_bias_fiel
     import networkx as nx
 
     from bids_anomaly.imaging.spatial import apply_transforms
-    from bids_anomaly.simulation.synthetic import synthetic_subject
     from bids_anomaly.imaging.template import get_template
+    from bids_anomaly.simulation.synthetic import synthetic_subject
     from bids_anomaly.workflows.anatomical import init_anat_preproc_wf
 
     template = get_template(2, tmp_path / "templates")
