@@ -339,7 +339,7 @@ def models_for(protocol: Protocol, args, cache: Path) -> list[tuple[str, Anomaly
     if protocol.single:
         return [(label, model) for label, model in [baseline_for(channels),
                                                      *tissue_rows(channels, args.seed)]
-                if not args.families or label.split()[0] in args.families]
+                if chosen(label, args.families)]
     models = [baseline_for(channels),
               *tissue_rows(channels, args.seed)[:1 if protocol.name != "demo" else None],
               ("normative", REGISTRY["normative"]()),
@@ -359,7 +359,7 @@ def models_for(protocol: Protocol, args, cache: Path) -> list[tuple[str, Anomaly
                   training=dataclasses.replace(training, batch_size=1000), cache_dir=cache,
                   n_jobs=args.threads, random_seed=args.seed))]
     return [(label, model) for label, model in models
-            if not args.families or label.split()[0] in args.families]
+            if chosen(label, args.families)]
 
 
 DDPM_CONDITION_SCALE = 8
@@ -376,6 +376,12 @@ def ddpm_rows(deep: dict, directions: list[str], args) -> list[tuple[str, Anomal
              REGISTRY["ddpm"](noise_patch=args.noise_patch, **diffusion)),
             (f"ddpm conditioned on {DDPM_CONDITION_SCALE}-voxel blocks (cDDPM-like)",
              REGISTRY["ddpm"](condition_scale=DDPM_CONDITION_SCALE, **diffusion))]
+
+
+def chosen(label: str, families: list[str] | None) -> bool:
+    """Whether ``--families`` keeps the model ``label`` (its first word or its start named)."""
+    return not families or any(label == name or label.startswith(f"{name} ")
+                               for name in families)
 
 
 def evaluate(model: AnomalyModel, cases: list[Case], threshold: float) -> dict:
@@ -608,7 +614,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser)
     parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
-    parser.add_argument("--families", nargs="+", help="only these (first word of the label)")
+    parser.add_argument("--families", nargs="+",
+                        help="only these (the first word of a label, or its start: 'ddpm "
+                             "simplex')")
     parser.add_argument("--ensemble-baseline", action="store_true",
                         help="also put the intensity baseline into the ensemble (an ablation)")
     parser.add_argument("--pairs-per-subject", type=int, default=5000,
