@@ -45,13 +45,17 @@ Families: the intensity baseline (the lesion contrast's robust z-score: FLAIR, e
 dark), the ``tissue`` model (its threshold its own: ``-log10 FPR`` against the healthy draw from
 the model fitted on each subject), the normative model (both signs, and with the lesion contrast's
 directions), the Gaussian mixture, the denoising AE (the best reconstruction model of earlier
-benchmarks), the self-supervised ``segment`` and ``restore``, and the ensemble of directional
+benchmarks), the self-supervised ``segment`` and ``restore``, the denoising diffusion models
+(``ddpm``: Gaussian, simplex as AnoDDPM, patch-wise as pDDPM, conditioned on the coarse input as
+cDDPM, and the Gaussian network's Mahalanobis distance over ``--reconstructions`` reconstructions as
+sMHD, whose fit time is that network's), and the ensemble of directional
 normative, segment and restore (mean of -log10 p), chosen before any result was seen; the siamese
 patch autoencoder with its latent models (voxel-wise OC-SVMs, a global OC-SVM ensemble, a patient-
 specific OC-SVM, an MMST mixture of the codes; one autoencoder per protocol, the variants' fit time
 is their latent model's alone). Metrics: voxel AUROC, AUPRC, oracle Dice, Dice at the calibrated
 threshold, lesion-wise sensitivity and false-positive clusters per test subject at that threshold.
-Writes ``OUT.md`` and ``OUT.tsv``; the leaderboard of docs/models.md is this table.
+Writes ``OUT.md`` and ``OUT.tsv``, and the deep models' learning curves (training and held-out
+healthy loss per epoch) to ``OUT_curves.tsv``; the leaderboard of docs/models.md is this table.
 """
 
 from __future__ import annotations
@@ -335,7 +339,7 @@ def models_for(protocol: Protocol, args, cache: Path) -> list[tuple[str, Anomaly
     if protocol.single:
         return [(label, model) for label, model in [baseline_for(channels),
                                                      *tissue_rows(channels, args.seed)]
-                if not args.families or label.split()[0] in args.families]
+                if chosen(label, args.families)]
     models = [baseline_for(channels),
               *tissue_rows(channels, args.seed)[:1 if protocol.name != "demo" else None],
               ("normative", REGISTRY["normative"]()),
@@ -347,6 +351,7 @@ def models_for(protocol: Protocol, args, cache: Path) -> list[tuple[str, Anomaly
               ("segment 2d" + (f" trim {args.negative_trim}" if args.negative_trim else ""),
                REGISTRY["segment"](**deep, **synthetic, negative_trim=args.negative_trim)),
               ("restore 2d", REGISTRY["restore"](**deep, **synthetic)),
+              *ddpm_rows(deep, directions, args),
               ("patch-ocsvm voxel", REGISTRY["patch-ocsvm"](
                   latent_model="voxel", pairs_per_subject=args.pairs_per_subject,
                   patch_side=args.patch_side, patch_scaling=args.patch_scaling,
@@ -354,7 +359,29 @@ def models_for(protocol: Protocol, args, cache: Path) -> list[tuple[str, Anomaly
                   training=dataclasses.replace(training, batch_size=1000), cache_dir=cache,
                   n_jobs=args.threads, random_seed=args.seed))]
     return [(label, model) for label, model in models
-            if not args.families or label.split()[0] in args.families]
+            if chosen(label, args.families)]
+
+
+DDPM_CONDITION_SCALE = 8
+"""The conditioned variant's blocks (16 mm at 2 mm): coarser than the lesions sought."""
+
+
+def ddpm_rows(deep: dict, directions: list[str], args) -> list[tuple[str, AnomalyModel]]:
+    """The diffusion variants that train a network of their own (2D, partial noising)."""
+    diffusion = {**deep, "direction": directions, "noise_level": args.noise_level,
+                 "ddim_steps": args.ddim_steps}
+    return [("ddpm gaussian", REGISTRY["ddpm"](**diffusion)),
+            ("ddpm simplex (AnoDDPM)", REGISTRY["ddpm"](noise="simplex", **diffusion)),
+            (f"ddpm patches {args.noise_patch} (pDDPM)",
+             REGISTRY["ddpm"](noise_patch=args.noise_patch, **diffusion)),
+            (f"ddpm conditioned on {DDPM_CONDITION_SCALE}-voxel blocks (cDDPM-like)",
+             REGISTRY["ddpm"](condition_scale=DDPM_CONDITION_SCALE, **diffusion))]
+
+
+def chosen(label: str, families: list[str] | None) -> bool:
+    """Whether ``--families`` keeps the model ``label`` (its first word or its start named)."""
+    return not families or any(label == name or label.startswith(f"{name} ")
+                               for name in families)
 
 
 def evaluate(model: AnomalyModel, cases: list[Case], threshold: float) -> dict:
@@ -378,8 +405,11 @@ def evaluate(model: AnomalyModel, cases: list[Case], threshold: float) -> dict:
     return metrics
 
 
-def run_protocol(protocol: Protocol, args, cache: Path) -> list[Row]:
-    """Fit, calibrate and evaluate every model of the leaderboard on one protocol."""
+def run_protocol(protocol: Protocol, args, cache: Path, curves: list[dict]) -> list[Row]:
+    """Fit, calibrate and evaluate every model of the leaderboard on one protocol.
+
+    The deep models' loss per epoch is appended to ``curves``.
+    """
     print(f"{protocol.name}: {protocol.note}", flush=True)
     rows: list[Row] = []
     fitted: dict[str, tuple[AnomalyModel, dict]] = {}
@@ -398,7 +428,13 @@ def run_protocol(protocol: Protocol, args, cache: Path) -> list[Row]:
     for label, model in models_for(protocol, args, cache):
         start = time.perf_counter()
         model.fit(protocol.fit)
-        record(label, model, time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        curves += [{"protocol": protocol.name, "model": label, **row}
+                   for row in getattr(model, "fit_report", {}).get("history", [])]
+        record(label, model, seconds)
+        if label == "ddpm gaussian":  # sMHD: the same network, several reconstructions
+            record(f"ddpm gaussian, Mahalanobis over {args.reconstructions} (sMHD)",
+                   model.with_inference(args.reconstructions, "mahalanobis"), seconds)
         if label == "patch-ocsvm voxel":  # the other variants share its autoencoder
             for variant in ("global", "patient", "mmst"):
                 start = time.perf_counter()
@@ -546,6 +582,13 @@ def write_tables(rows: list[Row], notes: dict[str, str], out: Path, header: str)
     out.with_suffix(".md").write_text("\n".join(lines))
 
 
+def write_curves(curves: list[dict], out: Path) -> None:
+    """The deep models' losses per epoch as ``OUT_curves.tsv`` (none: nothing written)."""
+    if curves:
+        pd.DataFrame(curves).to_csv(out.with_name(f"{out.name}_curves.tsv"), sep="\t",
+                                    index=False, float_format="%.5g")
+
+
 def add_common_arguments(parser: argparse.ArgumentParser, epochs: int = 12, patience: int = 4,
                          batch_size: int = 16, width: int = 16) -> None:
     """The data, the threshold and the deep models' training: what the benchmarks share."""
@@ -571,7 +614,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_arguments(parser)
     parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=PROTOCOLS)
-    parser.add_argument("--families", nargs="+", help="only these (first word of the label)")
+    parser.add_argument("--families", nargs="+",
+                        help="only these (the first word of a label, or its start: 'ddpm "
+                             "simplex')")
     parser.add_argument("--ensemble-baseline", action="store_true",
                         help="also put the intensity baseline into the ensemble (an ablation)")
     parser.add_argument("--pairs-per-subject", type=int, default=5000,
@@ -581,6 +626,13 @@ def main() -> None:
     parser.add_argument("--code-size", type=int, default=16, help="patch-ocsvm (an ablation)")
     parser.add_argument("--latent-per-tissue", action="store_true",
                         help="patch-ocsvm: latent models per template tissue (an ablation)")
+    parser.add_argument("--noise-level", type=int, default=250,
+                        help="ddpm: the timestep images are noised to (of 1000)")
+    parser.add_argument("--ddim-steps", type=int, default=10, help="ddpm: DDIM steps back")
+    parser.add_argument("--noise-patch", type=int, default=48,
+                        help="ddpm: side of the noised box of the pDDPM variant, in voxels")
+    parser.add_argument("--reconstructions", type=int, default=4,
+                        help="ddpm: reconstructions of the sMHD variant")
     parser.add_argument("--samseg-env", type=Path,
                         help="folder of SAMSEG's own environment (built there once by "
                              "benchmarks/samseg_peer.py; its runs are cached beside it): adds "
@@ -602,7 +654,7 @@ def main() -> None:
         "mslub26-single": lambda: single(args, template, shapes),
         "mslub26-patients": lambda: patients(args, template, shapes),
     }
-    rows, notes = [], {}
+    rows, notes, curves = [], {}, []
     with tempfile.TemporaryDirectory(prefix="bench_accuracy_") as folder:
         for name in args.protocols:
             if name == "demo" and args.demo is None:
@@ -610,8 +662,9 @@ def main() -> None:
                 continue
             protocol = builders[name]()
             notes[protocol.name] = protocol.note
-            rows += run_protocol(protocol, args, Path(folder))
+            rows += run_protocol(protocol, args, Path(folder), curves)
             write_tables(rows, notes, args.out, _header(args, start))
+            write_curves(curves, args.out)
     write_tables(rows, notes, args.out, _header(args, start))
     print(f"total {time.perf_counter() - start:.0f} s; tables in {args.out}.md / .tsv")
 
@@ -620,7 +673,8 @@ def _header(args, start: float) -> str:
     """What the tables were computed with."""
     return (f"Accuracy leaderboard (voxel FPR {args.fpr} thresholds from held-out data; deep "
             f"models 2D, width {args.width}, at most {args.epochs} epochs, patience "
-            f"{args.patience}, seed {args.seed}, CPU x{args.threads}; "
+            f"{args.patience}, seed {args.seed}, CPU x{args.threads}; ddpm noise level "
+            f"{args.noise_level}, {args.ddim_steps} DDIM steps; "
             f"{time.perf_counter() - start:.0f} s so far)")
 
 

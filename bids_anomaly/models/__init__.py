@@ -48,6 +48,7 @@ from bids_anomaly.models.contract import (
     register,
 )
 from bids_anomaly.models.data import SubjectImages, TrainingData
+from bids_anomaly.models.ddpm import DiffusionModel
 from bids_anomaly.models.ensemble import EnsembleModel
 from bids_anomaly.models.mixture.mixture import (
     GaussianMixtureModel,
@@ -74,6 +75,7 @@ __all__ = [
     "BaseModel",
     "ChannelScorer",
     "DeepModel",
+    "DiffusionModel",
     "EnsembleModel",
     "GaussianMixtureModel",
     "IntensityBaseline",
