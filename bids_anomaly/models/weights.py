@@ -27,9 +27,35 @@ def read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def write_weights(directory: Path, tensors: dict[str, torch.Tensor], hyperparameters: dict) -> None:
-    """Write tensors and hyperparameters to ``weights.safetensors``."""
-    from safetensors.torch import save_file
+    """Write tensors and hyperparameters to ``weights.safetensors``, the same bytes every time.
 
-    save_file({key: value.detach().cpu().contiguous() for key, value in tensors.items()},
-              str(Path(directory) / WEIGHTS_FILE),
-              metadata={"hyperparameters": json.dumps(hyperparameters)})
+    safetensors writes the keys of its header in an order of its own, which changes from one
+    process to the next (its metadata is a hash map): the header is rewritten in one canonical
+    form (:func:`canonical_header`), so that the same model gives the same file, checksum and
+    signature.
+    """
+    from safetensors.torch import save
+
+    data = save({key: value.detach().cpu().contiguous() for key, value in tensors.items()},
+                metadata={"hyperparameters": json.dumps(hyperparameters, sort_keys=True)})
+    (Path(directory) / WEIGHTS_FILE).write_bytes(canonical_header(data))
+
+
+def canonical_header(data: bytes) -> bytes:
+    """A safetensors file with its JSON header's keys sorted, compact and space-padded.
+
+    The tensors' offsets count from the end of the header, so the data block is kept as it is.
+
+    >>> import struct
+    >>> header = b'{"b":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'
+    >>> data = struct.pack("<Q", len(header)) + header + bytes(4)
+    >>> canonical_header(data)[8:-4]  # padded to a multiple of 8 bytes
+    b'{"b":{"data_offsets":[0,4],"dtype":"F32","shape":[1]}}  '
+    """
+    import struct
+
+    (size,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8:8 + size])
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # the data block stays 8-byte aligned
+    return struct.pack("<Q", len(text)) + text + data[8 + size:]
