@@ -189,7 +189,7 @@ def null_threshold(maps: ChangeMaps, fpr: float) -> float:
 
 def classify_changes(score: np.ndarray, threshold: float, earlier_lesions: np.ndarray,
                      voxel_volume_mm3: float, min_voxels: int = 1
-                     ) -> tuple[np.ndarray, pd.DataFrame]:
+                     ) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """Clusters of changed voxels, each classed new, enlarging or shrinking.
 
     A cluster (26-connected voxels of one sign with ``|score|`` above ``threshold``) that got
@@ -213,6 +213,8 @@ def classify_changes(score: np.ndarray, threshold: float, earlier_lesions: np.nd
     -------
     labels : numpy.ndarray
         uint8 map of :data:`CLASSES` (0: no change).
+    numbers : numpy.ndarray
+        int32 map of the clusters, numbered as in the table (largest first; 0: no change).
     table : pandas.DataFrame
         One row per cluster: ``cluster``, ``change`` (class), ``voxels``, ``volume_ml``,
         ``peak_score`` and the centre's voxel indices ``i``, ``j``, ``k``.
@@ -222,12 +224,13 @@ def classify_changes(score: np.ndarray, threshold: float, earlier_lesions: np.nd
     >>> score = np.zeros((9, 9, 9)); earlier = np.zeros((9, 9, 9), bool)
     >>> score[1:3, 1:3, 1:3] = 5; score[5:7, 5:7, 5:7] = 5; earlier[6, 6, 6] = True
     >>> score[1:3, 6:8, 1:3] = -5
-    >>> labels, table = classify_changes(score, 3.0, earlier, 1.0)
+    >>> labels, numbers, table = classify_changes(score, 3.0, earlier, 1.0)
     >>> sorted(table["change"])
     ['enlarging', 'new', 'shrinking']
     """
     structure = np.ones((3, 3, 3), bool)
     labels = np.zeros(score.shape, np.uint8)
+    order = np.zeros(score.shape, np.int32)
     rows = []
     dilated = ndimage.binary_dilation(earlier_lesions, structure)
     for sign in (1, -1):
@@ -242,6 +245,7 @@ def classify_changes(score: np.ndarray, threshold: float, earlier_lesions: np.nd
             else:
                 label = 2 if dilated[region][inside].any() else 1
             labels[region][inside] = label
+            order[region][inside] = len(rows) + 1
             centre = [int(round(c)) + s.start for c, s in
                       zip(ndimage.center_of_mass(inside), region, strict=True)]
             rows.append({"change": CLASSES[label], "voxels": voxels,
@@ -250,9 +254,13 @@ def classify_changes(score: np.ndarray, threshold: float, earlier_lesions: np.nd
                          "i": centre[0], "j": centre[1], "k": centre[2]})
     table = pd.DataFrame(rows, columns=["change", "voxels", "volume_ml", "peak_score", "i", "j",
                                         "k"])
-    table = table.sort_values("voxels", ascending=False, ignore_index=True)
+    table.insert(0, "found", np.arange(1, len(table) + 1))
+    table = table.sort_values(["voxels", "found"], ascending=[False, True], ignore_index=True)
+    renumber = np.zeros(len(table) + 1, np.int32)
+    renumber[table["found"].to_numpy()] = np.arange(1, len(table) + 1)
+    table = table.drop(columns="found")
     table.insert(0, "cluster", np.arange(1, len(table) + 1))
-    return labels, table
+    return labels, renumber[order], table
 
 
 def change_summary(table: pd.DataFrame, earlier: str, later: str) -> dict:

@@ -64,7 +64,7 @@ def test_changed_lesions_are_found_on_any_intensity_scale(scale, offset):
     threshold = null_threshold(maps, 0.001)
     flagged = (np.abs(maps.score) > threshold)
     assert flagged[maps.null].mean() <= 0.0015
-    labels, table = classify_changes(maps.score, threshold, les1, 8.0)
+    labels, numbers, table = classify_changes(maps.score, threshold, les1, 8.0)
     assert set(table["change"]) == {"new", "enlarging", "shrinking"}
     for name, value in (("new", 1), ("enlarging", 2), ("shrinking", 3)):
         assert (labels[parts[name]] == value).mean() > 0.5, name
@@ -91,3 +91,19 @@ def test_refusals():
     maps = change_maps(np.zeros(SHAPE), np.zeros(SHAPE), earlier, later, p1, p2, brain)
     with pytest.raises(ValueError, match="false-positive"):
         null_threshold(maps, 1.5)
+
+
+def test_change_masks_are_change_truth_not_lesion_truth(tmp_path):
+    from bids_anomaly.evaluation.change import find_change_truth
+    from bids_anomaly.evaluation.ground_truth import find_ground_truth
+
+    anat = tmp_path / "sub-01" / "ses-2" / "anat"
+    anat.mkdir(parents=True)
+    change = anat / "sub-01_ses-2_label-change_mask.nii.gz"
+    change.write_bytes(b"")
+    assert find_ground_truth(tmp_path, "01", "2") is None
+    assert find_change_truth(tmp_path, "01", "2") == change
+    assert find_change_truth(tmp_path, "01", "1") is None
+    lesions = anat / "sub-01_ses-2_label-lesion_mask.nii.gz"
+    lesions.write_bytes(b"")
+    assert find_ground_truth(tmp_path, "01", "2") == lesions
