@@ -39,6 +39,10 @@ LESION_CONTRASTS = ("FLAIR", "T2w", "PDw")
 """The contrasts in which a T2 lesion changes, in order of preference (the first a session
 has is used; every session of a subject must have it)."""
 TISSUES = ("GM", "WM", "CSF")
+MIN_CHANGE_MM3 = 10.0
+"""Smallest changed lesion kept when no ``--min-cluster-size`` is given: about a sphere of
+3 mm diameter (14 mm3), the smallest new T2 lesion that MS trials count; chosen before any
+label was seen."""
 LESION_POSTERIOR = 0.5
 """A voxel whose lesion posterior exceeds this is a lesion of its session (the *enlarging*
 test of the later session's clusters)."""
@@ -138,7 +142,7 @@ def subject_change(sessions: list[SessionImages], template_tissues: dict[str, Pa
     fpr : float
         Target rate of changed voxels among the normal-appearing ones.
     min_cluster_mm3 : float
-        Changed clusters smaller than this are dropped.
+        Changed clusters smaller than this are dropped (0: :data:`MIN_CHANGE_MM3`).
 
     Raises
     ------
@@ -184,7 +188,7 @@ def subject_change(sessions: list[SessionImages], template_tissues: dict[str, Pa
     result = SubjectChange(grid, transforms, values, brain,
                            [p["lesion"] for p in posteriors])
     voxel_mm3 = GRID_MM ** 3
-    min_voxels = max(1, int(np.ceil(min_cluster_mm3 / voxel_mm3)))
+    min_voxels = max(1, int(np.ceil((min_cluster_mm3 or MIN_CHANGE_MM3) / voxel_mm3)))
     for index in range(1, len(sessions)):
         first, second = index - 1, index
         maps = change_maps(scores[first], scores[second], values[first], values[second],

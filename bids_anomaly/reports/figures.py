@@ -564,11 +564,14 @@ def plot_change_lightbox(earlier: nib.Nifti1Image, later: nib.Nifti1Image,
               for v in (before, after)]
     figure, axes = plt.subplots(3, len(slices), figsize=(2.4 * len(slices), 7.4),
                                 squeeze=False, facecolor="black")
+    grey = plt.get_cmap("gray").copy()
+    grey.set_bad("black")  # outside the brain
     for column, k in enumerate(slices):
         for row, (volume, (low, high)) in enumerate(((before, limits[0]), (after, limits[1]),
                                                      (after, limits[1]))):
             axis = axes[row][column]
-            axis.imshow(volume[:, :, k].T, origin="lower", cmap="gray", vmin=low, vmax=high)
+            axis.imshow(np.ma.masked_equal(volume[:, :, k].T, 0), origin="lower", cmap=grey,
+                        vmin=low, vmax=high)
             axis.set_axis_off()
         axis = axes[2][column]
         flagged = np.abs(change[:, :, k]) > threshold
