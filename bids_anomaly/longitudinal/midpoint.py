@@ -86,11 +86,14 @@ def register_rigid(fixed: str | Path, moving: str | Path, fixed_mask: str | Path
     """
     import ants
 
+    from bids_anomaly.imaging.spatial import ants_seed
+
     fixed_image = ants.image_read(str(fixed)) * ants.image_read(str(fixed_mask))
     moving_image = ants.image_read(str(moving)) * ants.image_read(str(moving_mask))
+    ants.config._random_seed = ants_seed(seed)  # antspy's only way to seed the sampling
     result = ants.registration(fixed=fixed_image, moving=moving_image,
                                type_of_transform="Rigid", aff_metric="mattes",
-                               random_seed=seed, outprefix=str(Path(out_dir) / "rigid_"))
+                               outprefix=str(Path(out_dir) / "rigid_"))
     return read_rigid(result["fwdtransforms"][0])
 
 
