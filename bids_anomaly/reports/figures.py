@@ -564,8 +564,7 @@ def plot_change_lightbox(earlier: nib.Nifti1Image, later: nib.Nifti1Image,
               for v in (before, after)]
     figure, axes = plt.subplots(3, len(slices), figsize=(2.4 * len(slices), 7.4),
                                 squeeze=False, facecolor="black")
-    grey = plt.get_cmap("gray").copy()
-    grey.set_bad("black")  # outside the brain
+    grey = plt.get_cmap("gray").with_extremes(bad="black")  # outside the brain
     for column, k in enumerate(slices):
         for row, (volume, (low, high)) in enumerate(((before, limits[0]), (after, limits[1]),
                                                      (after, limits[1]))):
