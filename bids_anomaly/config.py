@@ -425,6 +425,13 @@ class ModelSettings:
              "users without healthy controls. The threshold is the --fpr quantile of the fitted "
              "model itself", flags=("--single-subject",), levels=("participant",),
         choices=SINGLE_SUBJECT_TYPES)
+    longitudinal: bool = option(
+        False, "for subjects with two sessions or more (--session-label selects them): new, "
+               "enlarging and shrinking lesions between consecutive sessions, from their own "
+               "tissue models and a test of their intensity difference on the subject's "
+               "midpoint space, at --fpr; every session is also scored on its own (by "
+               "--single-subject, default tissue, or --model)",
+        flags=("--longitudinal",), levels=("participant",), action="store_true")
     options: dict = option(
         help="the model family's options given on the command line (see the family's "
              "Options)", factory=dict)
@@ -584,8 +591,10 @@ class Settings:
         if self.preprocessing.dwi_derivatives is not None and not self.preprocessing.dwi_params:
             raise UsageError("--dwi-derivatives gives diffusion maps: it cannot be combined "
                              "with --dwi-maps none")
+        if self.model.longitudinal and not (self.model.model or self.model.single_subject):
+            self.model.single_subject = "tissue"  # each session scored on its own as well
         if (self.level == "participant" and self.model.fpr != DEFAULT_FPR
-                and not self.model.single_subject):
+                and not (self.model.single_subject or self.model.longitudinal)):
             raise UsageError("--fpr at the participant level is the false-positive rate of "
                              "--single-subject; a trained model's threshold was calibrated at "
                              "training (train --fpr)")

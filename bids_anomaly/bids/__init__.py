@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from bids_anomaly.bids.derivatives import (
     ANOMALY_MAPS,
+    CHANGE_MAPS,
     GENERATED_BY,
     GROUP_TABLES,
     OUTPUT_NAMES_MAX,
@@ -28,6 +29,13 @@ from bids_anomaly.bids.derivatives import (
     anomaly_maps,
     anomaly_mask_spec,
     brain_mask_spec,
+    change_clusters_spec,
+    change_dseg_spec,
+    change_figure_spec,
+    change_map_spec,
+    change_maps,
+    change_mask_spec,
+    change_summary_spec,
     check_output_dir,
     clusters_spec,
     derivative_path,
@@ -114,6 +122,7 @@ from bids_anomaly.bids.workdir import (
 __all__ = [
     "ANOMALY_MAPS",
     "AnatInputs",
+    "CHANGE_MAPS",
     "DWI_MAP_PATTERN",
     "DwiRun",
     "ENTITY_ORDER",
@@ -197,4 +206,11 @@ __all__ = [
     "volume_cache_dir",
     "write_dataset_description",
     "write_sidecar",
+    "change_clusters_spec",
+    "change_dseg_spec",
+    "change_figure_spec",
+    "change_map_spec",
+    "change_maps",
+    "change_mask_spec",
+    "change_summary_spec",
 ]

@@ -177,8 +177,14 @@ def write_dataset_description(output_dir: Path, bids_dir: Path | None) -> Path:
         description["DatasetLinks"] = {"raw": Path(raw).as_posix()}
     path = output_dir / "dataset_description.json"
     update_text(path, json.dumps(description, indent=2) + "\n")
-    ignored = ["logs/", "work/", "models/", "group/", "figures/", "*.html", "*_clusters.tsv",
-               "*_regions.tsv", "*_qc.tsv", "*_microbleeds.tsv"]
+    # what the BIDS specification does not name yet (tables, transforms, statistical maps),
+    # so that the official validator accepts the rest (folders without their trailing slash:
+    # bids-validator 3 ignores ``work/`` or ``figures/`` in no folder)
+    ignored = ["logs", "work", "models", "group", "figures/", "**/figures", "*.html",
+               *(f"*_{suffix}.{extension}" for suffix in ("clusters", "regions", "qc",
+                                                          "microbleeds", "norms", "change")
+                 for extension in ("tsv", "json")),
+               "*_xfm.*", "*_statmap.*"]
     update_text(output_dir / ".bidsignore", "\n".join(ignored) + "\n")
     return path
 
@@ -344,6 +350,56 @@ def anomaly_mask_spec(space: str, res: int | None, desc: str) -> dict:
     return {"suffix": "mask", "space": space, "res": res, "label": "anomaly", "desc": desc}
 
 
+def change_map_spec(space: str, res: int | None, earlier: str) -> dict:
+    """Naming of a session's lesion-change map since session ``earlier``.
+
+    ``desc-since<earlier>_stat-change_statmap`` of the later session; ``space`` is the
+    template, or the lesion contrast (``FLAIR``) without ``res-`` on the later session's raw
+    grid.
+    """
+    return {"suffix": "statmap", "space": space, "res": res, "desc": f"since{earlier}",
+            "stat": "change"}
+
+
+def change_mask_spec(space: str, res: int | None, earlier: str) -> dict:
+    """Naming of a session's changed voxels since session ``earlier`` (above the threshold)."""
+    return {"suffix": "mask", "space": space, "res": res, "label": "change",
+            "desc": f"since{earlier}"}
+
+
+def change_dseg_spec(space: str, res: int | None, earlier: str) -> dict:
+    """Naming of a session's lesion-change classes since ``earlier``.
+
+    1 new, 2 enlarging, 3 shrinking (:data:`~bids_anomaly.longitudinal.change.CLASSES`).
+    """
+    return {"suffix": "dseg", "space": space, "res": res, "desc": f"since{earlier}"}
+
+
+def change_clusters_spec(earlier: str) -> dict:
+    """Entities of a session's table of changed lesions since ``earlier``."""
+    return {"suffix": "clusters", "extension": ".tsv", "desc": f"since{earlier}"}
+
+
+def change_figure_spec(earlier: str) -> dict:
+    """Naming of a session pair's before / after / change lightbox."""
+    return {"suffix": "lightbox", "extension": ".png", "datatype": "figures",
+            "desc": f"since{earlier}", "stat": "change"}
+
+
+def change_summary_spec() -> dict:
+    """Entities of a subject's table of lesion change per session pair (no ``ses-``)."""
+    return {"suffix": "change", "extension": ".tsv", "desc": "lesions"}
+
+
+CHANGE_MAPS = "sub-*/ses-*/anat/*_res-*_desc-since*_stat-change_statmap.nii.gz"
+"""Where the group level finds the template-space change maps (a glob under OUTPUT_DIR)."""
+
+
+def change_maps(output_dir: Path) -> list[Path]:
+    """Every template-space lesion-change map of the derivative dataset."""
+    return sorted(Path(output_dir).glob(CHANGE_MAPS))
+
+
 def subject_derivatives(output_dir: Path, subject: str, session: str | None) -> list[Path]:
     """Every derivative of one subject/session: its images, tables, sidecars and figures."""
     prefix = f"sub-{subject}" + (f"_ses-{session}" if session else "") + "_"
@@ -373,6 +429,11 @@ GROUP_TABLES = {
               "abnormal voxels in the brain (AUROC, best g-mean), with median and IQR",
     "splitregions": "the same per split and region (tissues, atlas regions)",
     "splitburden": "every subject's share of abnormal voxels per split and region",
+    "changes": "participant --longitudinal: new, enlarging and shrinking lesions (counts, "
+               "volumes) per subject and session pair",
+    "changeevaluation": "the change maps against change ground truth (label-change masks), "
+                        "voxel- and lesion-wise, per subject and session pair",
+    "changesummary": "change evaluation and counts: means per group",
 }
 """Tables of the group level, by suffix (``group/desc-<model>_<suffix>.tsv``)."""
 

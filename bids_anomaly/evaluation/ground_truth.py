@@ -22,13 +22,19 @@ MICROBLEED_LABEL = "microbleed"
 ``*_label-microbleed_points.tsv``); such masks are points to count, not lesions to segment."""
 
 
+CHANGE_LABEL = "change"
+"""The ``label-`` of lesion-change ground truth of a later session (``*_label-change_mask``):
+where lesions changed since the earlier session, evaluated against the change maps of
+``participant --longitudinal`` (:mod:`bids_anomaly.evaluation.change`), not as lesions."""
+
+
 def is_lesion_mask(entities: dict) -> bool:
     """Whether a file's BIDS entities name a lesion mask (``*_label-<x>_mask`` or ``*_dseg``).
 
     Microbleed masks (:data:`MICROBLEED_LABEL`) are not: they are evaluated per lesion
-    (:func:`find_microbleed_truth`).
+    (:func:`find_microbleed_truth`); nor are change masks (:data:`CHANGE_LABEL`).
     """
-    if entities.get("label") == MICROBLEED_LABEL:
+    if entities.get("label") in (MICROBLEED_LABEL, CHANGE_LABEL):
         return False
     return entities.get("suffix") == "dseg" or (entities.get("suffix") == "mask"
                                                 and "label" in entities)

@@ -78,3 +78,15 @@ def map_points(points_mm: np.ndarray, transforms: list[str | Path]) -> np.ndarra
     moved = ants.apply_transforms_to_points(3, lps, [str(t) for t in transforms])
     return np.column_stack([-moved["x"].to_numpy(), -moved["y"].to_numpy(),
                             moved["z"].to_numpy()])
+
+
+def ants_seed(seed: int) -> int:
+    """The antsRegistration ``--random-seed`` for our ``--random-seed``: never 0.
+
+    ANTs seeds its metric sampling from the clock when the seed is 0, so the default seed of
+    this tool (0) would make every registration differ from run to run.
+
+    >>> ants_seed(0), ants_seed(41)
+    (1, 42)
+    """
+    return int(seed) % (2**31 - 1) + 1

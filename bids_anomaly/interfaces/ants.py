@@ -21,20 +21,9 @@ from nipype.interfaces.base import (
 )
 
 from bids_anomaly.imaging.hdf5 import strip_object_times
+from bids_anomaly.imaging.spatial import ants_seed
 
 LOGGER = logging.getLogger("nipype.interface")
-
-
-def ants_seed(seed: int) -> int:
-    """The antsRegistration ``--random-seed`` for our ``--random-seed``: never 0.
-
-    ANTs seeds its metric sampling from the clock when the seed is 0, so the default seed of
-    this tool (0) would make every registration differ from run to run.
-
-    >>> ants_seed(0), ants_seed(41)
-    (1, 42)
-    """
-    return int(seed) % (2**31 - 1) + 1
 
 
 class _N4InputSpec(BaseInterfaceInputSpec):

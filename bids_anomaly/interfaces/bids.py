@@ -57,9 +57,34 @@ class DerivativesDataSink(SimpleInterface):
         if not (out_file.is_file() and filecmp.cmp(self.inputs.in_file, out_file, shallow=False)):
             shutil.copyfile(self.inputs.in_file, out_file)  # unchanged files keep their times
         metadata = dict(self.inputs.metadata or {})
+        metadata.update(spatial_metadata(self.inputs.entities or {}, self.inputs.extension,
+                                         metadata))
         if self.inputs.source_files:
             metadata["Sources"] = list(self.inputs.source_files)
         if metadata:
             write_sidecar(out_file, metadata)
         self._results["out_file"] = str(out_file)
         return runtime
+
+
+def spatial_metadata(entities: dict, extension: str, metadata: dict) -> dict:
+    """Sidecar keys that BIDS requires of an image with ``space-`` (and ``res-``).
+
+    ``Resolution`` describes the ``res-`` label (template space); an image in the space of a
+    raw image (``space-T1w``, ``space-FLAIR``, no ``res-``) names it as ``SpatialReference``.
+    Keys already given are kept.
+
+    >>> spatial_metadata({"space": "MNI152NLin2009aSym", "res": 2}, ".nii.gz", {})
+    {'Resolution': '2 mm isotropic, template MNI152NLin2009aSym'}
+    >>> spatial_metadata({"space": "FLAIR"}, ".nii.gz", {})["SpatialReference"]
+    "the grid of the subject/session's raw FLAIR image"
+    """
+    added: dict = {}
+    space, res = entities.get("space"), entities.get("res")
+    if not extension.startswith(".nii") or space is None:
+        return added
+    if res is not None and "Resolution" not in metadata:
+        added["Resolution"] = f"{res} mm isotropic, template {space}"
+    elif res is None and "SpatialReference" not in metadata:
+        added["SpatialReference"] = f"the grid of the subject/session's raw {space} image"
+    return added

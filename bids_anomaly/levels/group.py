@@ -104,6 +104,7 @@ def run_group(settings: Settings) -> list[Path]:
             _write_table(result.statistics,
                          bids.group_table_path(settings.output_dir, desc, "statistics"), written)
         results.append(result)
+    _evaluate_changes(settings, layout, participants, written)
     _pages_with_truth(settings, layout, results, maps)
     protocols = _split_protocols(settings, maps, participants, control, written)
     written.append(write_group_report(bids.group_report_path(settings.output_dir), results,
@@ -144,6 +145,45 @@ def _evaluate_microbleeds(settings: Settings, result, maps: list[Path],
                 "(calibrated threshold); FROC: %.2f at 3 FP/subject", result.desc,
                 per_subject["tp"].sum() / max(1, per_subject["n_true"].sum()),
                 per_subject["fp"].mean(), summary.get("sensitivity_at_3", float("nan")))
+
+
+def _evaluate_changes(settings: Settings, layout, participants: pd.DataFrame | None,
+                      written: list[Path]) -> None:
+    """Lesion change of ``participant --longitudinal``: counts, and metrics against truth."""
+    from bids_anomaly.evaluation.change import (
+        CHANGE_METRICS,
+        COUNT_COLUMNS,
+        change_counts,
+        evaluate_changes,
+    )
+
+    counts = change_counts(settings.output_dir, participants)
+    if settings.inputs.participant_label and not counts.empty:
+        wanted = {f"sub-{label}" for label in settings.inputs.participant_label}
+        counts = counts[counts["participant_id"].isin(wanted)]
+    if counts.empty:
+        return
+    _write_table(counts, bids.group_table_path(settings.output_dir, "change", "changes"),
+                 written)
+    summary = summarize_by_group(counts, COUNT_COLUMNS, settings.group.bootstrap,
+                                 settings.execution.random_seed)
+    if settings.group.ground_truth:
+        evaluation = evaluate_changes(settings.output_dir, settings.group.ground_truth, layout,
+                                      counts)
+        if evaluation.empty:
+            LOGGER.warning("change maps but no change ground truth (*_label-change_mask) in %s",
+                           ", ".join(map(str, settings.group.ground_truth)))
+        else:
+            _write_table(evaluation, bids.group_table_path(settings.output_dir, "change",
+                                                           "changeevaluation"), written)
+            summary = pd.concat([summary, summarize_by_group(
+                evaluation, CHANGE_METRICS, settings.group.bootstrap,
+                settings.execution.random_seed)], ignore_index=True)
+            LOGGER.info("lesion change: mean AUPRC %.3f, mean Dice %.3f over %d session "
+                        "pairs", evaluation["auprc"].mean(), evaluation["dice"].mean(),
+                        len(evaluation))
+    _write_table(summary, bids.group_table_path(settings.output_dir, "change",
+                                                "changesummary"), written)
 
 
 def _pages_with_truth(settings: Settings, layout, results: list, maps: dict[str, list[Path]]
@@ -245,6 +285,8 @@ def group_inputs_key(settings: Settings, maps: dict[str, list[Path]]) -> str:
             prefix = path.name.split("_space-")[0]
             files.extend(path.parent.glob(f"{prefix}_*"))
     files.extend(bids.model_cards(settings.output_dir))
+    files.extend(bids.change_maps(settings.output_dir))
+    files.extend(Path(settings.output_dir).glob("sub-*/anat/*_desc-lesions_change.tsv"))
     ground_truth = settings.group.ground_truth
     for folder in ground_truth:
         files.extend(p for p in folder.rglob("*") if p.is_file())

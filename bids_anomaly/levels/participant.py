@@ -192,4 +192,45 @@ def run_participant(settings: Settings
     # one model: its settings are the run's (its tuned post-processing included)
     preprocess(applied[0].settings if len(applied) == 1 else settings, subjects, template,
                applied)
+    if settings.model.longitudinal:
+        measure_change(settings, subjects, template)
     return subjects, skipped
+
+
+def measure_change(settings: Settings, subjects: list[bids.AnatInputs], template: Template
+                   ) -> list[str]:
+    """``--longitudinal``: the lesion change of every subject with two sessions or more.
+
+    One Nipype workflow (cached in the work directory: a killed run resumes) for all of them;
+    their pages are written again with the change sections. A subject with one session gets a
+    one-line note (its sessions were scored cross-sectionally).
+
+    Returns
+    -------
+    list of str
+        The subjects whose change was measured.
+    """
+    from nipype.pipeline import engine as pe
+
+    from bids_anomaly.levels.steps import configure_nipype, run_workflow
+    from bids_anomaly.reports.subject import write_subject_reports
+    from bids_anomaly.workflows.base import workflow_name
+    from bids_anomaly.workflows.longitudinal import init_longitudinal_wf, subject_sessions
+
+    chosen, notes = subject_sessions(subjects)
+    for note in notes:
+        LOGGER.warning("--longitudinal: %s", note)
+    if not chosen:
+        return []
+    configure_nipype(settings)
+    workflow = pe.Workflow(name=f"{workflow_name()}_longitudinal",
+                           base_dir=str(settings.work_dir))
+    workflow.add_nodes([init_longitudinal_wf(settings, subject, sessions, template)
+                        for subject, sessions in chosen.items()])
+    LOGGER.info("lesion change of %d subject(s): %s", len(chosen),
+                ", ".join(f"sub-{s}" for s in chosen))
+    run_workflow(workflow, settings)
+    write_subject_reports(settings.output_dir,
+                          [i for i in subjects if i.subject in chosen], template.name,
+                          settings.postprocessing.report_modality)
+    return list(chosen)

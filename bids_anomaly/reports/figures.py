@@ -521,3 +521,73 @@ def _on_curves(points: pd.DataFrame, curve: pd.DataFrame, column: str) -> pd.Dat
     median = np.interp(points[column], x, curve["p50"])
     spread = np.interp(points[column], x, (curve["p95"] - curve["p5"]) / (2 * 1.6448536))
     return points.assign(shown=median + pd.to_numeric(points["z"], errors="coerce") * spread)
+
+
+CHANGE_SLICES = 6
+"""Axial slices of a change lightbox at most (through the largest changed clusters)."""
+
+
+def plot_change_lightbox(earlier: nib.Nifti1Image, later: nib.Nifti1Image,
+                         score: nib.Nifti1Image, numbers: nib.Nifti1Image, threshold: float,
+                         out_file: str | Path, title: str = "") -> Path:
+    """Before, after and change of a session pair, on axial slices through the changes.
+
+    Rows: the earlier session, the later one (both on the same grid), and the later one with
+    the changed clusters over it (red: brighter later, new or enlarging; blue: darker later,
+    shrinking), each cluster numbered as in its table. Columns: axial slices through the
+    largest clusters (:data:`CHANGE_SLICES` at most), or through the brain's middle when
+    nothing changed.
+    """
+    import matplotlib.pyplot as plt
+
+    _use_agg()
+    images = [nib.as_closest_canonical(i) for i in (earlier, later, score, numbers)]
+    before, after, change, clusters = (np.asarray(i.dataobj) for i in images)
+    clusters = clusters.astype(np.int32)
+    count = int(clusters.max())
+    slices: list[int] = []
+    for number in range(1, count + 1):
+        where = np.nonzero(clusters == number)
+        if where[0].size == 0:
+            continue
+        k = int(np.round(np.median(where[2])))
+        if all(abs(k - s) > 2 for s in slices):
+            slices.append(k)
+        if len(slices) == CHANGE_SLICES:
+            break
+    if not slices:
+        inside = np.nonzero(after.any(axis=(0, 1)))[0]
+        middle = int(inside.mean()) if inside.size else after.shape[2] // 2
+        slices = [middle - 10, middle, middle + 10]
+    slices = sorted(min(max(s, 0), after.shape[2] - 1) for s in slices)
+    limits = [np.percentile(v[v != 0], [1, 99]) if np.any(v != 0) else (0.0, 1.0)
+              for v in (before, after)]
+    figure, axes = plt.subplots(3, len(slices), figsize=(2.4 * len(slices), 7.4),
+                                squeeze=False, facecolor="black")
+    grey = plt.get_cmap("gray").with_extremes(bad="black")  # outside the brain
+    for column, k in enumerate(slices):
+        for row, (volume, (low, high)) in enumerate(((before, limits[0]), (after, limits[1]),
+                                                     (after, limits[1]))):
+            axis = axes[row][column]
+            axis.imshow(np.ma.masked_equal(volume[:, :, k].T, 0), origin="lower", cmap=grey,
+                        vmin=low, vmax=high)
+            axis.set_axis_off()
+        axis = axes[2][column]
+        flagged = np.abs(change[:, :, k]) > threshold
+        overlay = np.zeros((*flagged.shape, 4))
+        overlay[flagged & (change[:, :, k] > 0)] = (1.0, 0.15, 0.1, 0.8)
+        overlay[flagged & (change[:, :, k] < 0)] = (0.2, 0.5, 1.0, 0.8)
+        axis.imshow(overlay.transpose(1, 0, 2), origin="lower")
+        for number in np.unique(clusters[:, :, k]):
+            if number == 0:
+                continue
+            i, j = np.nonzero(clusters[:, :, k] == number)
+            axis.text(i.mean() + 4, j.mean() + 4, str(number), color="yellow", fontsize=8,
+                      fontweight="bold")
+        axes[0][column].set_title(f"slice {k}", color="white", fontsize=8)
+    for row, name in enumerate(("before", "after", "change")):
+        axes[row][0].text(-0.05, 0.5, name, color="white", rotation=90, va="center",
+                          ha="right", transform=axes[row][0].transAxes, fontsize=9)
+    if title:
+        figure.suptitle(title, color="white", fontsize=10)
+    return _save(figure, Path(out_file))

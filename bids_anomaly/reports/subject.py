@@ -352,6 +352,38 @@ def session_sections(output_dir: Path, inputs: bids.AnatInputs, space: str) -> l
     return sections
 
 
+def change_sections(output_dir: Path, subject: str) -> list[dict]:
+    """Report sections of a subject's lesion change (``participant --longitudinal``).
+
+    Per session pair: the counts and volumes of new, enlarging and shrinking lesions, the
+    before / after / change lightbox with the changed lesions numbered, and their table (same
+    numbers). Empty when the change was not measured.
+    """
+    path = bids.spec_path(output_dir, subject, None, bids.change_summary_spec())
+    if not path.is_file():
+        return []
+    summary = pd.read_csv(path, sep="\t", dtype={"earlier": str, "later": str})
+    sections = []
+    for row in summary.to_dict("records"):
+        earlier, later = row["earlier"], row["later"]
+        counts = ", ".join(f"{row[f'{name}_count']} {name} ({row[f'{name}_ml']:.2f} ml)"
+                           for name in ("new", "enlarging", "shrinking"))
+        figure = bids.spec_path(output_dir, subject, later, bids.change_figure_spec(earlier))
+        table_path = bids.spec_path(output_dir, subject, later,
+                                    bids.change_clusters_spec(earlier))
+        table = (pd.read_csv(table_path, sep="\t", na_values="n/a") if table_path.is_file()
+                 else None)
+        text = (f"Lesions changed between sessions {earlier} and {later}: {counts}. Rows: "
+                f"session {earlier}, session {later} (the same midpoint grid), and the changed "
+                "voxels over the later session (red: brighter later, blue: darker later), "
+                "numbered as in the table.")
+        sections.append({"heading": f"Lesion change: session {earlier} to {later}",
+                         "text": text, "figures": [figure] if figure.is_file() else [],
+                         "table": None if table is None or table.empty
+                         else table.head(MAX_CLUSTER_ROWS)})
+    return sections
+
+
 def write_subject_reports(output_dir: Path, subjects: list[bids.AnatInputs],
                           space: str, preferred: str | None = None,
                           truth: Mapping[tuple[str, str | None], Path] | None = None
@@ -384,7 +416,7 @@ def write_subject_reports(output_dir: Path, subjects: list[bids.AnatInputs],
         by_subject[inputs.subject].append(inputs)
     pages = []
     for subject, sessions in sorted(by_subject.items()):
-        sections = []
+        sections = change_sections(output_dir, subject)
         ordered = sorted(sessions, key=lambda i: i.session or "")
         for inputs in ordered:
             sections.extend(model_sections(output_dir, inputs, space, preferred, truth))
