@@ -71,6 +71,8 @@ from bids_anomaly.bids.derivatives import (
     transform_spec,
     transforms_to,
     update_text,
+    viewer_library_path,
+    viewer_volume_path,
     write_dataset_description,
     write_sidecar,
 )
@@ -197,6 +199,8 @@ __all__ = [
     "subject_anomaly_maps",
     "subject_derivatives",
     "subject_report_path",
+    "viewer_library_path",
+    "viewer_volume_path",
     "template_cache_dir",
     "transform_spec",
     "transforms_to",

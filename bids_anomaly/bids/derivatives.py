@@ -177,10 +177,11 @@ def write_dataset_description(output_dir: Path, bids_dir: Path | None) -> Path:
         description["DatasetLinks"] = {"raw": Path(raw).as_posix()}
     path = output_dir / "dataset_description.json"
     update_text(path, json.dumps(description, indent=2) + "\n")
-    # what the BIDS specification does not name yet (tables, transforms, statistical maps),
-    # so that the official validator accepts the rest (folders without their trailing slash:
-    # bids-validator 3 ignores ``work/`` or ``figures/`` in no folder)
-    ignored = ["logs", "work", "models", "group", "figures/", "**/figures", "*.html",
+    # what the BIDS specification does not name yet (tables, transforms, statistical maps,
+    # the report viewer), so that the official validator accepts the rest (folders without
+    # their trailing slash: bids-validator 3 ignores ``work/`` or ``figures/`` in no folder)
+    ignored = ["logs", "work", "models", "group", "figures/", "**/figures", VIEWER_DIR,
+               f"{VIEWER_DIR}/", "*.html",
                *(f"*_{suffix}.{extension}" for suffix in ("clusters", "regions", "qc",
                                                           "microbleeds", "norms", "change")
                  for extension in ("tsv", "json")),
@@ -286,6 +287,31 @@ def lightbox_figure_spec(space: str, res: int, desc: str, truth: bool = False) -
 def subject_report_path(output_dir: Path, subject: str) -> Path:
     """Path of a participant's HTML page, ``sub-<label>.html`` at the derivatives' root."""
     return Path(output_dir) / f"sub-{subject}.html"
+
+
+VIEWER_DIR = "viewer"
+"""Folder at the derivatives' root with the participant pages' viewer library (not BIDS)."""
+
+
+def viewer_library_path(output_dir: Path) -> Path:
+    """Path of the NiiVue viewer library the participant pages share, written once per dataset.
+
+    ``viewer/niivue.js`` at the derivatives' root (listed in ``.bidsignore``), loaded by the
+    pages with a relative ``<script src>``, so that a copied output folder still opens offline.
+    """
+    return Path(output_dir) / VIEWER_DIR / "niivue.js"
+
+
+def viewer_volume_path(volume: Path) -> Path:
+    """Path of a volume's copy for the participant pages' viewers, as JavaScript.
+
+    The NIfTI ``sub-<label>/[ses-<label>/]<datatype>/<name>.nii.gz`` becomes
+    ``sub-<label>/[ses-<label>/]figures/<name>.js`` (``figures/`` is in ``.bidsignore``):
+    browsers refuse ``fetch`` of local files, but load ``<script src>`` ones.
+    """
+    volume = Path(volume)
+    name = re.sub(r"\.nii(\.gz)?$", "", volume.name)
+    return volume.parent.parent / "figures" / f"{name}.js"
 
 
 def anomaly_map_spec(space: str, res: int | None, desc: str) -> dict:

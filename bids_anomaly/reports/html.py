@@ -1,13 +1,16 @@
 """One page shell and style for every HTML report, and the helpers that fill it.
 
 Pages are self-contained: the style and the one script (sortable tables) are inline and figures
-are embedded as base64 data URIs, so a page references no other file and opens offline.
+are embedded as base64 data URIs, so a page references no other file and opens offline; or,
+for the participant pages, figures are referenced by relative addresses inside the derivatives
+folder (which then opens offline as a whole, copied anywhere).
 """
 
 from __future__ import annotations
 
 import base64
 import html
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -65,19 +68,25 @@ document.querySelectorAll("table").forEach(function (table) {
 """Inline script of every page: a click on a column header sorts the table by it."""
 
 
-def figure_html(path: str | Path, link: str | None = None, caption: str | None = None) -> str:
-    """A ``<figure>`` with the image embedded as a base64 data URI.
+def figure_html(path: str | Path, link: str | None = None, caption: str | None = None,
+                page_dir: str | Path | None = None) -> str:
+    """A ``<figure>`` with the image embedded as a base64 data URI, or referenced.
 
     ``link``: a relative address the figure leads to (another page of the derivatives);
-    ``caption``: shown under it (default: the file name).
+    ``caption``: shown under it (default: the file name); ``page_dir``: the page's folder,
+    to reference the image by its address relative to the page instead of embedding it
+    (it must then travel with the page, as the derivatives' ``figures/`` do).
     """
     path = Path(path)
     mime = MIME_TYPES.get(path.suffix.lower())
     if mime is None:
         raise ValueError(f"cannot embed {path.name}: figures must be SVG, PNG or JPEG")
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    if page_dir is None:
+        src = f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+    else:
+        src = html.escape(Path(os.path.relpath(path, Path(page_dir))).as_posix())
     name = html.escape(path.name)
-    figure = (f"<figure><img src=\"data:{mime};base64,{data}\" alt=\"{name}\">"
+    figure = (f"<figure><img src=\"{src}\" alt=\"{name}\">"
               f"<figcaption>{html.escape(caption) if caption else name}</figcaption></figure>")
     return f"<a href=\"{html.escape(link)}\">{figure}</a>" if link else figure
 

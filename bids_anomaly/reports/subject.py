@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import logging
+import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -30,8 +31,14 @@ _QC_TEXT = (
 
 
 def write_subject_report(out_file: str | Path, title: str,
-                         sections: Sequence[Mapping[str, Any]]) -> Path:
-    """Write one subject's page: a self-contained HTML file that opens offline.
+                         sections: Sequence[Mapping[str, Any]], *,
+                         library: Path | None = None, embed: bool = True) -> Path:
+    """Write one subject's page: an HTML file that opens offline.
+
+    By default it is self-contained (figures and viewer library embedded). With
+    ``embed=False`` the figures are referenced relative to the page, and with ``library``
+    (the file written by :func:`~bids_anomaly.reports.viewer.write_library`) the viewer
+    library too: the page then opens offline with the folder it is in.
 
     Parameters
     ----------
@@ -44,6 +51,10 @@ def write_subject_report(out_file: str | Path, title: str,
         paragraphs), ``table`` (pandas.DataFrame or list of dicts), ``figures`` (paths to SVG,
         PNG or JPEG files), ``html`` (a fragment built by the package, not user text) and
         ``viewer`` (True when that fragment is a viewer: the library is then included once).
+    library : Path, optional
+        The shared viewer library, referenced instead of inlined.
+    embed : bool, optional
+        Embed the figures (True) or reference them relative to the page.
 
     Returns
     -------
@@ -54,7 +65,10 @@ def write_subject_report(out_file: str | Path, title: str,
     if any(section.get("viewer") for section in sections):
         from bids_anomaly.reports.viewer import library_html
 
-        parts.append(library_html())
+        out_dir = Path(out_file).parent
+        parts.append(library_html(None if library is None else
+                                  Path(os.path.relpath(library, out_dir)).as_posix()))
+    page_dir = None if embed else Path(out_file).parent
     for section in sections:
         parts.append(f"<section><h2>{html.escape(str(section['heading']))}</h2>")
         text = section.get("text")
@@ -63,7 +77,7 @@ def write_subject_report(out_file: str | Path, title: str,
                 if paragraph.strip():
                     parts.append(f"<p>{html.escape(paragraph.strip())}</p>")
         for figure in section.get("figures") or []:
-            parts.append(figure_html(figure))
+            parts.append(figure_html(figure, page_dir=page_dir))
         if section.get("html"):  # a fragment built here (the viewer), not user text
             parts.append(section["html"])
         table = section.get("table")
@@ -210,11 +224,14 @@ def anomaly_lightbox(output_dir: Path, map_path: Path, preferred: str | None = N
                          score_name=_score_name(sidecar), truth=truth_data, brain=brain)
 
 
-def _viewer(output_dir: Path, map_path: Path, preferred: str | None = None) -> str | None:
+def _viewer(output_dir: Path, map_path: Path, preferred: str | None = None,
+            on_page: set[str] | None = None) -> str | None:
     """The interactive viewer of a model's map and mask over the subject's images.
 
     Backgrounds: the image the results are drawn on and the reference (when another), to keep
-    the page small (each 2 mm volume adds about 0.3 MB).
+    the page small (each 2 mm volume adds about 0.3 MB). The volumes are written beside the
+    page (:func:`bids.viewer_volume_path`), each once, and loaded by ``<script src>``; those
+    already on the page are in ``on_page``.
     """
     from bids_anomaly.reports.viewer import Overlay, viewer_html
 
@@ -235,7 +252,9 @@ def _viewer(output_dir: Path, map_path: Path, preferred: str | None = None) -> s
     return viewer_html(backgrounds, overlays, threshold,
                        f"Interactive view: model {desc} (scroll through slices, move the "
                        "threshold; nothing is loaded from the network)",
-                       element_id=f"viewer-{name}")
+                       element_id=f"viewer-{name}", volume_files=bids.viewer_volume_path,
+                       page_dir=bids.subject_report_path(output_dir, subject).parent,
+                       on_page=on_page)
 
 
 def result_summary(clusters: pd.DataFrame | None) -> str:
@@ -257,7 +276,8 @@ def result_summary(clusters: pd.DataFrame | None) -> str:
 
 def model_sections(output_dir: Path, inputs: bids.AnatInputs, space: str,
                    preferred: str | None = None,
-                   truth: Mapping[tuple[str, str | None], Path] | None = None) -> list[dict]:
+                   truth: Mapping[tuple[str, str | None], Path] | None = None,
+                   on_page: set[str] | None = None) -> list[dict]:
     """Report sections of every model's result for one subject/session, result first.
 
     Per model: a one-line summary (abnormal volume, clusters, the largest and where it is),
@@ -265,7 +285,7 @@ def model_sections(output_dir: Path, inputs: bids.AnatInputs, space: str,
     numbers), then the regional burden. A model whose outputs cannot be read or drawn
     (damaged files, an impossible threshold) gets a section saying so: the page is written.
     ``truth`` maps ``(subject, session)`` to its ground truth on the template grid (group
-    ``--ground-truth``).
+    ``--ground-truth``). ``on_page``: the viewer volume scripts already on the page.
     """
     sub, ses = inputs.subject, inputs.session
     heading = f"Session {ses}: " if ses else ""
@@ -275,7 +295,7 @@ def model_sections(output_dir: Path, inputs: bids.AnatInputs, space: str,
         desc = bids.parse_name(map_path).get("desc", map_path.name)
         try:
             sections += _model_result(output_dir, map_path, heading, space, preferred,
-                                      truth_file)
+                                      truth_file, on_page)
         except Exception as error:  # noqa: BLE001  (one model's outputs never stop the page)
             problem = " ".join(f"{error.__class__.__name__}: {error}".split())[:300]
             LOGGER.warning("%s: the outputs of model %s cannot be shown (%s)", inputs.name,
@@ -288,7 +308,8 @@ def model_sections(output_dir: Path, inputs: bids.AnatInputs, space: str,
 
 
 def _model_result(output_dir: Path, map_path: Path, heading: str, space: str,
-                  preferred: str | None, truth_file: Path | None) -> list[dict]:
+                  preferred: str | None, truth_file: Path | None,
+                  on_page: set[str] | None = None) -> list[dict]:
     """The sections of one model's result (see :func:`model_sections`)."""
     sections = []
     entities = bids.parse_name(map_path)
@@ -309,7 +330,7 @@ def _model_result(output_dir: Path, map_path: Path, heading: str, space: str,
                        f"the {len(clusters)} clusters" + (
                            f" (not shown: {', '.join(map(str, missing))})." if missing
                            else ": all of them."))
-    viewer = _viewer(output_dir, map_path, preferred)
+    viewer = _viewer(output_dir, map_path, preferred, on_page)
     sections.append({"heading": f"{heading}model {desc}: result",
                      "text": "\n\n".join(text), "figures": [figure] if figure else [],
                      "table": None if clusters is None or clusters.empty
@@ -391,7 +412,10 @@ def write_subject_reports(output_dir: Path, subjects: list[bids.AnatInputs],
     """Write ``sub-<label>.html`` for every participant in ``subjects`` (all their sessions).
 
     The models' results come first (summary, lightbox, clusters), then the inputs' quality
-    control.
+    control. The pages are small: they reference their figures (``sub-<label>/figures/``),
+    the viewers' volumes (written there as ``.js`` files, :func:`bids.viewer_volume_path`)
+    and the viewer library, written once per dataset (:func:`bids.viewer_library_path`), by
+    relative addresses; the derivatives folder opens offline wherever it is copied.
 
     Parameters
     ----------
@@ -415,11 +439,14 @@ def write_subject_reports(output_dir: Path, subjects: list[bids.AnatInputs],
     for inputs in subjects:
         by_subject[inputs.subject].append(inputs)
     pages = []
+    library = None
     for subject, sessions in sorted(by_subject.items()):
-        sections = change_sections(output_dir, subject)
+        sections: list[dict] = change_sections(output_dir, subject)
+        on_page: set[str] = set()
         ordered = sorted(sessions, key=lambda i: i.session or "")
         for inputs in ordered:
-            sections.extend(model_sections(output_dir, inputs, space, preferred, truth))
+            sections.extend(model_sections(output_dir, inputs, space, preferred, truth,
+                                           on_page))
         quality = [s for inputs in ordered for s in session_sections(output_dir, inputs, space)]
         if not (sections or quality):
             continue
@@ -428,6 +455,11 @@ def write_subject_reports(output_dir: Path, subjects: list[bids.AnatInputs],
                         | {f"{m}: {p.name}" for i in sessions for m, p in i.dwi_maps.items()})
         sections += [{"heading": "Inputs", "text": "\n\n".join(images)}, *quality]
         path = bids.subject_report_path(output_dir, subject)
-        pages.append(write_subject_report(path, f"sub-{subject}", sections))
+        if library is None and any(section.get("viewer") for section in sections):
+            from bids_anomaly.reports.viewer import write_library
+
+            library = write_library(bids.viewer_library_path(output_dir))  # once per dataset
+        pages.append(write_subject_report(path, f"sub-{subject}", sections, library=library,
+                                          embed=False))
         LOGGER.info("report: %s", path)
     return pages

@@ -26,8 +26,9 @@ import base64
 import gzip
 import html
 import json
+import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -143,8 +144,11 @@ _CONTROLLER = """
   if (window.bidsAnomalyViewer) return;
   const instances = {};  // the Niivue object of each viewer, by id
   function load(volume) {
+    // inline ("data") or from a <script src> file that defined it ("ref")
+    const data = volume.data || (window.bidsAnomalyVolumes || {})[volume.ref];
+    if (!data) throw new Error("missing volume file " + volume.ref);
     return niivue.NVImage.loadFromBase64({
-      base64: volume.data, name: volume.file, colormap: volume.colormap,
+      base64: data, name: volume.file, colormap: volume.colormap,
       opacity: volume.opacity, cal_min: volume.cal_min, cal_max: volume.cal_max,
       trustCalMinMax: false, colorbarVisible: volume.colorbar});
   }
@@ -248,20 +252,60 @@ _CONTROLLER = """
 """
 
 
-def library_html() -> str:
+def library_html(src: str | None = None) -> str:
     """The NiiVue library and the viewers' script and style, to include once per page.
 
-    Place it anywhere in the page (the viewers start once the document is parsed). It is
-    about 2.3 MB of inline JavaScript, preceded by NiiVue's licence notices in a comment.
+    Place it anywhere in the page (the viewers start once the document is parsed). Inline,
+    it is about 2.3 MB of JavaScript, preceded by NiiVue's licence notices in a comment.
+
+    Parameters
+    ----------
+    src : str, optional
+        Relative address of the library written by :func:`write_library` (shared by the
+        pages of one folder): the page loads it with ``<script src>``, which browsers allow
+        from ``file://`` pages. None: the library is inlined.
 
     Returns
     -------
     str
         ``<style>`` and ``<script>`` elements.
     """
+    if src is not None:
+        return (f"<style>{_STYLE}</style>\n"
+                f'<script src="{html.escape(src)}"></script>\n')
     notice = re.sub(r"-(?=-)", "- ", _asset("NIIVUE_LICENSE"))  # no "--" in an HTML comment
     return (f"<style>{_STYLE}</style>\n<!--\n{notice}\n-->\n"
             + _script(_asset("niivue.js.gz")) + "\n" + _script(_CONTROLLER) + "\n")
+
+
+def write_library(path: Path | str) -> Path:
+    """Write the NiiVue library and the viewers' script as one JavaScript file.
+
+    NiiVue's licence notices head it in a comment. The file is rewritten only when its
+    content changes. Pages load it with ``library_html(src=...)``.
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    from bids_anomaly.bids import update_text
+
+    notice = _asset("NIIVUE_LICENSE").replace("*/", "* /")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return update_text(path, f"/*\nNiiVue {niivue_version()}\n{notice}\n*/\n"
+                             f"{_asset('niivue.js.gz')}\n{_CONTROLLER}")
+
+
+def write_volume_script(path: Path | str, key: str, data: str) -> Path:
+    """Write a base64 volume as a script that defines ``window.bidsAnomalyVolumes[key]``."""
+    from bids_anomaly.bids import update_text
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return update_text(path, "(window.bidsAnomalyVolumes = window.bidsAnomalyVolumes || {})"
+                             f"[{json.dumps(key)}] = \"{data}\";\n")
 
 
 def _load_3d(path: Path) -> nib.Nifti1Image:
@@ -394,7 +438,10 @@ def _json_for_script(value: object) -> str:
 def viewer_html(background: Path | str | Mapping[str, Path | str], overlays: Sequence[Overlay],
                 threshold: float | None, title: str, element_id: str = "viewer", *,
                 height: int = 400, downsample: int = 1,
-                include_library: bool = False) -> str:
+                include_library: bool = False,
+                volume_files: Callable[[Path], Path] | None = None,
+                page_dir: Path | str | None = None,
+                on_page: set[str] | None = None) -> str:
     """An interactive NiiVue viewer of a background volume and its overlays, as HTML.
 
     The fragment embeds the volumes (see :func:`encode_volume`) and needs the library of
@@ -428,6 +475,15 @@ def viewer_html(background: Path | str | Mapping[str, Path | str], overlays: Seq
         :func:`encode_volume`); e.g. 2 for 1 mm images, an eighth of the size.
     include_library : bool, optional
         Prepend :func:`library_html`; only for a page holding one viewer.
+    volume_files : callable, optional
+        Store the volumes beside the page instead of inside it: maps each NIfTI file to the
+        ``.js`` file its encoding is written to (see :func:`write_volume_script`), loaded by
+        a ``<script src>`` relative to ``page_dir`` (each volume once per page: the
+        addresses already loaded go in ``on_page``). None: the volumes are embedded.
+    page_dir : Path or str, optional
+        The page's folder, with ``volume_files``.
+    on_page : set of str, optional
+        With ``volume_files``: the volume scripts already on the page, updated.
 
     Returns
     -------
@@ -441,10 +497,28 @@ def viewer_html(background: Path | str | Mapping[str, Path | str], overlays: Seq
     if not background:
         raise ValueError("viewer_html needs a background volume")
 
+    if volume_files is not None and page_dir is None:
+        raise ValueError("volume_files needs the page's folder, page_dir")
+    on_page = set() if on_page is None else on_page
+    scripts = []
+
+    def store(path: Path, data: str) -> dict:
+        """The volume's data inline, or a reference to the script it is written to."""
+        if volume_files is None:
+            return {"data": data}
+        target = Path(volume_files(Path(path)))
+        src = Path(os.path.relpath(target, Path(page_dir))).as_posix()
+        write_volume_script(target, src, data)
+        if src not in on_page:
+            on_page.add(src)
+            scripts.append(f'<script src="{html.escape(src)}"></script>\n')
+        return {"ref": src}
+
     backgrounds = []
     for index, (name, path) in enumerate(background.items()):
         data, _ = encode_volume(Path(path), "anatomy", downsample=downsample)
-        backgrounds.append({"name": name, "file": f"background{index}.nii.gz", "data": data,
+        backgrounds.append({"name": name, "file": f"background{index}.nii.gz",
+                            **store(Path(path), data),
                             "colormap": "gray", "opacity": 1.0, "colorbar": False})
     layers, maps, mask_peaks = [], [], []
     for index, overlay in enumerate(overlays):
@@ -452,7 +526,7 @@ def viewer_html(background: Path | str | Mapping[str, Path | str], overlays: Seq
                                     outline=overlay.outline)
         colormap, opacity = overlay.style
         layer = {"name": overlay.name, "file": f"overlay{index}.nii.gz", "kind": overlay.kind,
-                 "data": data, "colormap": colormap, "opacity": opacity}
+                 **store(Path(overlay.path), data), "colormap": colormap, "opacity": opacity}
         if overlay.kind == "mask":
             layer.update(cal_min=0.5, cal_max=max(stats["max"], 1.0), colorbar=False,
                          outline=overlay.outline)
@@ -504,6 +578,7 @@ def viewer_html(background: Path | str | Mapping[str, Path | str], overlays: Seq
         f'<div class="ba-controls">{"".join(controls)}</div>\n'
         f'<div class="ba-canvas" style="height:{int(height)}px"><canvas></canvas></div>\n'
         '<div class="ba-status">The interactive viewer needs JavaScript and WebGL2.</div>\n'
+        + "".join(scripts) +
         f'<script type="application/json" class="ba-data">{_json_for_script(spec)}</script>\n'
         "<script>(window.bidsAnomalyViewers = window.bidsAnomalyViewers || [])"
         f'.push("{element_id}");</script>\n'

@@ -331,3 +331,74 @@ def test_viewer_controls(tmp_path):
     assert canvas.std() > 30
     warm, mask = _colours(canvas)
     assert warm < 20 and mask < 5
+
+
+# --- the participant pages' layout: library once per dataset, volumes as scripts beside it
+
+def _shared_page(tmp_path, body_extra=""):
+    """A page at a dataset's root, its library in viewer/, its volumes in sub-01/figures/."""
+    from bids_anomaly import bids
+    from bids_anomaly.reports.viewer import write_library
+
+    root = tmp_path / "derivatives"
+    paths = _volumes(tmp_path)
+    anat = root / "sub-01" / "anat"
+    anat.mkdir(parents=True)
+    for name, path in list(paths.items()):
+        paths[name] = anat / path.name
+        shutil.copy(path, paths[name])
+    library = write_library(bids.viewer_library_path(root))
+    on_page = set()
+    fragments = [_fragment(paths, element_id, volume_files=bids.viewer_volume_path,
+                           page_dir=root, on_page=on_page)
+                 for element_id in ("viewer-1", "viewer-2")]
+    head = CSP.replace("script-src 'unsafe-inline'", "script-src 'self' 'unsafe-inline'") + PROBE
+    page = _page(root / "sub-01.html", library_html(src="viewer/niivue.js") + "".join(fragments)
+                 + body_extra, head=head)
+    return page, library, fragments
+
+
+def test_volumes_and_library_can_be_shared_files(tmp_path):
+    page, library, (first, second) = _shared_page(tmp_path)
+    root = page.parent
+    assert library == root / "viewer" / "niivue.js" and "BSD 2-Clause" in library.read_text()
+    text = page.read_text()
+    assert "Niivue=" not in text and len(text) < 50_000
+    sources = re.findall(r'src="([^"]+)"', text)
+    assert sources[0] == "viewer/niivue.js"
+    # every volume once per page, each a script beside the page that defines its data
+    assert len(sources) == len(set(sources)) == 5
+    assert all((root / src).is_file() and src.startswith("sub-01/figures/") for src in sources[1:])
+    assert "<script src" not in second  # the second viewer reuses the first one's volumes
+    spec = _spec(first)
+    assert all("data" not in v and v["ref"] in sources
+               for v in spec["backgrounds"] + spec["overlays"])
+    script = (root / spec["overlays"][1]["ref"]).read_text()
+    data = re.search(r'= "([A-Za-z0-9+/=]+)";', script).group(1)
+    assert np.array_equal(_decode({"data": data}).get_fdata(),
+                          nib.load(tmp_path / "sub-01_mask.nii.gz").get_fdata())
+
+
+def test_viewer_library_and_volume_names_come_from_bids(tmp_path):
+    from bids_anomaly import bids
+
+    assert bids.viewer_library_path(tmp_path) == tmp_path / "viewer" / "niivue.js"
+    volume = tmp_path / "sub-01" / "ses-1" / "anat" / "sub-01_ses-1_desc-preproc_T1w.nii.gz"
+    assert bids.viewer_volume_path(volume) == (tmp_path / "sub-01" / "ses-1" / "figures"
+                                               / "sub-01_ses-1_desc-preproc_T1w.js")
+    bids.write_dataset_description(tmp_path / "out", None)
+    ignored = (tmp_path / "out" / ".bidsignore").read_text().split()
+    assert {"viewer/", "figures/", "*.html"} <= set(ignored)
+
+
+@needs_chromium
+def test_shared_files_render_offline_from_a_copied_folder(tmp_path):
+    page, _, _ = _shared_page(tmp_path, '<script>whenReady("viewer-1");</script>')
+    copy = tmp_path / "copied"
+    shutil.copytree(page.parent, copy)
+    shutil.rmtree(page.parent)  # nothing may point back to where it was written
+    image, dom, requests = _run_chromium(copy / page.name, tmp_path)
+    assert dom.count('data-ready="true"') == 2, "the viewers did not start"
+    assert _dataset(dom, "violations") is None and requests == []
+    warm, mask = _colours(_canvas(image, dom))
+    assert warm > 200 and mask > 50
