@@ -104,11 +104,11 @@ def run_group(settings: Settings) -> list[Path]:
             _write_table(result.statistics,
                          bids.group_table_path(settings.output_dir, desc, "statistics"), written)
         results.append(result)
-    _evaluate_changes(settings, layout, participants, written)
+    changes = _evaluate_changes(settings, layout, participants, written)
     _pages_with_truth(settings, layout, results, maps)
     protocols = _split_protocols(settings, maps, participants, control, written)
     written.append(write_group_report(bids.group_report_path(settings.output_dir), results,
-                                      protocols))
+                                      protocols, changes))
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps({"key": key, "written": [str(p) for p in written]}, indent=1))
     return written
@@ -148,8 +148,11 @@ def _evaluate_microbleeds(settings: Settings, result, maps: list[Path],
 
 
 def _evaluate_changes(settings: Settings, layout, participants: pd.DataFrame | None,
-                      written: list[Path]) -> None:
-    """Lesion change of ``participant --longitudinal``: counts, and metrics against truth."""
+                      written: list[Path]) -> dict[str, pd.DataFrame]:
+    """Lesion change of ``participant --longitudinal``: counts, and metrics against truth.
+
+    Returns the tables written (``changes``, ``changeevaluation``), for the report.
+    """
     from bids_anomaly.evaluation.change import (
         CHANGE_METRICS,
         COUNT_COLUMNS,
@@ -162,7 +165,8 @@ def _evaluate_changes(settings: Settings, layout, participants: pd.DataFrame | N
         wanted = {f"sub-{label}" for label in settings.inputs.participant_label}
         counts = counts[counts["participant_id"].isin(wanted)]
     if counts.empty:
-        return
+        return {}
+    tables = {"changes": counts}
     _write_table(counts, bids.group_table_path(settings.output_dir, "change", "changes"),
                  written)
     summary = summarize_by_group(counts, COUNT_COLUMNS, settings.group.bootstrap,
@@ -174,6 +178,7 @@ def _evaluate_changes(settings: Settings, layout, participants: pd.DataFrame | N
             LOGGER.warning("change maps but no change ground truth (*_label-change_mask) in %s",
                            ", ".join(map(str, settings.group.ground_truth)))
         else:
+            tables["changeevaluation"] = evaluation
             _write_table(evaluation, bids.group_table_path(settings.output_dir, "change",
                                                            "changeevaluation"), written)
             summary = pd.concat([summary, summarize_by_group(
@@ -184,6 +189,7 @@ def _evaluate_changes(settings: Settings, layout, participants: pd.DataFrame | N
                         len(evaluation))
     _write_table(summary, bids.group_table_path(settings.output_dir, "change",
                                                 "changesummary"), written)
+    return tables
 
 
 def _pages_with_truth(settings: Settings, layout, results: list, maps: dict[str, list[Path]]

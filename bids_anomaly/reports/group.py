@@ -229,7 +229,8 @@ def _protocol_section(family: str, tables: dict[str, pd.DataFrame]) -> list[str]
 
 
 def write_group_report(path: Path, results: list,
-                       protocols: dict[str, dict[str, pd.DataFrame]] | None = None) -> Path:
+                       protocols: dict[str, dict[str, pd.DataFrame]] | None = None,
+                       changes: dict[str, pd.DataFrame] | None = None) -> Path:
     """Write ``report.html``: per model the evaluation, statistics, tables and overlays.
 
     Parameters
@@ -241,6 +242,9 @@ def write_group_report(path: Path, results: list,
     protocols : dict, optional
         The subject-level protocol tables of each ``train --splits`` run
         (:func:`~bids_anomaly.evaluation.protocol.split_protocol`), shown first.
+    changes : dict, optional
+        ``participant --longitudinal``: the lesion change per subject and session pair
+        (``changes``) and, with change ground truth, its evaluation (``changeevaluation``).
 
     Returns
     -------
@@ -264,6 +268,15 @@ def write_group_report(path: Path, results: list,
                      table_html(comparison)]
     for family, tables in (protocols or {}).items():
         sections.extend(_protocol_section(family, tables))
+    if changes and not changes.get("changes", pd.DataFrame()).empty:
+        sections += ["<h2>Lesion change between sessions</h2>",
+                     "<p>New, enlarging and shrinking lesions between consecutive sessions of "
+                     "each subject (<code>participant --longitudinal</code>); each pair is drawn "
+                     "in its subject's page.</p>", table_html(changes["changes"])]
+        evaluation = changes.get("changeevaluation", pd.DataFrame())
+        if not evaluation.empty:
+            sections += ["<h3>Change maps against the change ground truth</h3>",
+                         table_html(evaluation)]
     order = {desc: rank for rank, desc in enumerate(comparison["model"])}
     for result in sorted(results, key=lambda r: order.get(r.desc, len(order))):
         sections.append(f"<h2>Model {html.escape(result.desc)}</h2>")

@@ -91,6 +91,7 @@ def test_new_lesions_between_sessions_of_other_grids_and_the_group_evaluation(tm
     changes = pd.read_csv(out / "group" / "desc-change_changes.tsv", sep="\t")
     assert changes["participant_id"].tolist() == ["sub-long"]
     assert (out / "group" / "desc-change_changesummary.tsv").is_file()
+    assert "Lesion change between sessions" in (out / "group" / "report.html").read_text()
     assert tree_digest(bids_dir) == digest
     from bids_anomaly.bids.validation import find_validator, run_validator
 

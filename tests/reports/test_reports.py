@@ -120,3 +120,16 @@ def test_large_cohorts_show_the_largest_abnormal_volumes(tmp_path, monkeypatch):
     assert text.count("data:image/png") == 2
     assert "sub-02.png" in text and "sub-01.png" in text and "sub-00.png" not in text
     assert "the other 1 are in their own pages" in text
+
+
+def test_group_report_shows_the_lesion_change(tmp_path):
+    import pandas as pd
+
+    changes = {"changes": pd.DataFrame([{"participant_id": "sub-01", "earlier": "1",
+                                         "later": "2", "new_count": 3, "new_ml": 0.4}]),
+               "changeevaluation": pd.DataFrame([{"participant_id": "sub-01", "auprc": 0.61}])}
+    text = write_group_report(tmp_path / "group" / "report.html", [_results(tmp_path)],
+                              changes=changes).read_text()
+    assert "Lesion change between sessions" in text and "0.61" in text
+    bare = write_group_report(tmp_path / "other" / "report.html", [_results(tmp_path)])
+    assert "Lesion change" not in bare.read_text()
