@@ -26,6 +26,7 @@ import numpy as np
 import pandas as pd
 
 from bids_anomaly.longitudinal.change import (
+    LESION_FREE,
     ChangeMaps,
     change_maps,
     change_summary,
@@ -43,9 +44,21 @@ MIN_CHANGE_MM3 = 10.0
 """Smallest changed lesion kept when no ``--min-cluster-size`` is given: about a sphere of
 3 mm diameter (14 mm3), the smallest new T2 lesion that MS trials count; chosen before any
 label was seen."""
-LESION_POSTERIOR = 0.5
-"""A voxel whose lesion posterior exceeds this is a lesion of its session (the *enlarging*
-test of the later session's clusters)."""
+
+
+def lesion_class(posteriors: dict[str, np.ndarray]) -> np.ndarray:
+    """Voxels of a session that are not normal-appearing (its lesions, faint ones included).
+
+    A lesion posterior of at least :data:`~bids_anomaly.longitudinal.change.LESION_FREE`. The
+    earlier session's such voxels decide whether a brightening cluster is *enlarging* (it
+    touches them) or *new* (it grew in tissue that was normal-appearing), with the same level
+    that defines the normal-appearing voxels of the threshold's null: faint lesions, whose
+    posterior stays well below one half, still count as lesions that were there.
+
+    >>> lesion_class({"lesion": np.array([0.05, 0.3])}).tolist()
+    [False, True]
+    """
+    return posteriors["lesion"] >= LESION_FREE
 
 
 @dataclass
@@ -195,7 +208,7 @@ def subject_change(sessions: list[SessionImages], template_tissues: dict[str, Pa
                            posteriors[first], posteriors[second], brain)
         threshold = null_threshold(maps, fpr)
         classes, numbers, table = classify_changes(
-            maps.score, threshold, posteriors[first]["lesion"] > LESION_POSTERIOR, voxel_mm3,
+            maps.score, threshold, lesion_class(posteriors[first]), voxel_mm3,
             min_voxels)
         result.pairs.append(PairChange(sessions[first].label, sessions[second].label, maps,
                                        threshold, classes, numbers, table))
