@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
@@ -69,16 +72,77 @@ def small_subject() -> dict[str, nib.Nifti1Image]:
     return synthetic_subject(seed=3, lesions=True)
 
 
-@pytest.fixture
-def tiny_bids(tmp_path: Path) -> Path:
-    """A two-subject dataset of small random volumes (enough for every check before processing)."""
+def _tiny_subjects() -> dict[str, dict[str, nib.Nifti1Image]]:
+    """Subjects 01 and 02 of small random T1w volumes (seeded)."""
     rng = np.random.default_rng(0)
     affine = np.diag([2.0, 2.0, 2.0, 1.0])
-    subjects = {
+    return {
         label: {"T1w": nib.Nifti1Image(rng.random((20, 20, 20)).astype(np.float32), affine)}
         for label in ("01", "02")
     }
-    return write_minimal_bids(tmp_path / "bids", subjects)
+
+
+@pytest.fixture
+def tiny_bids(tmp_path: Path) -> Path:
+    """A two-subject dataset of small random volumes (enough for every check before processing)."""
+    return write_minimal_bids(tmp_path / "bids", _tiny_subjects())
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder that ``build(folder)`` fills once for the whole test run, pytest-xdist workers
+    included (the first to ask builds it under a lock; the others wait and read it).
+
+    For results the tests read: two tests writing into it at once would race.
+    """
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the workers' folders share this parent
+        root = root.parent
+    folder = root / f"shared-{name}"
+    with FileLock(str(root / f"shared-{name}.lock")):
+        if not (folder / ".built").is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # an earlier build that failed
+            folder.mkdir()
+            build(folder)
+            (folder / ".built").touch()
+    return folder
+
+
+@dataclass(frozen=True)
+class Cohort:
+    """A dataset preprocessed once for the session, and the options it was preprocessed with."""
+
+    bids: Path
+    out: Path
+    options: tuple[str, ...]
+
+
+COHORT_OPTIONS = ("--nprocs", "1", "--omp-nthreads", "1", "--device", "cpu", "--sloppy")
+"""Options of :func:`preprocessed_cohort`'s preprocessing. The tests that share it pass them
+too: another seed, thread count, device or preset would preprocess the cohort again."""
+
+
+@pytest.fixture(scope="session")
+def preprocessed_cohort(tmp_path_factory) -> Cohort:
+    """Three healthy subjects of small random volumes, preprocessed once for the session.
+
+    ``tiny_bids`` with ``sub-03`` a copy of ``sub-01`` (the fewest subjects a model trains
+    on), run through the participant level with :data:`COHORT_OPTIONS` into a shared
+    OUTPUT_DIR. The end-to-end tests of the model families (contract, ensemble, patch OC-SVM)
+    train and apply their models there under names of their own; nothing preprocesses again.
+    The dataset is never written to (the tests check its digest). Each test process builds it
+    once (with pytest-xdist, every worker that runs one of those tests).
+    """
+    from bids_anomaly.cli.run import main
+
+    root = tmp_path_factory.mktemp("cohort")
+    subjects = _tiny_subjects()
+    subjects["03"] = subjects["01"]
+    bids_dir = write_minimal_bids(root / "bids", subjects)
+    out = root / "out"
+    assert main([str(bids_dir), str(out), "participant", *COHORT_OPTIONS]) == 0
+    return Cohort(bids_dir, out, COHORT_OPTIONS)
 
 
 @pytest.fixture

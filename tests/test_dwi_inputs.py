@@ -19,7 +19,7 @@ from bids_anomaly.models.data import (
     scale_channel,
     scaling_for,
 )
-from tests.conftest import check_hostile_case
+from tests.conftest import built_once, check_hostile_case
 
 COMMON = ["--nprocs", "1", "--omp-nthreads", "1", "--device", "cpu"]
 DWI_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "bids_dwi"
@@ -269,15 +269,20 @@ def test_normative_floor_follows_the_channel_units():
     assert spread[1] == pytest.approx(1e-3, rel=0.15)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def volunteer(tmp_path_factory) -> tuple[Path, Path]:
-    """bids_dwi through the participant level once: its output and work folders."""
+    """bids_dwi through the participant level once per test run: its output and work folders
+    (shared by the pytest-xdist workers: the output is only read; one test runs again with the
+    work folder as its cache)."""
     if not DWI_DATA.is_dir():
         pytest.skip("../shared/data/bids_dwi is not available")
-    root = tmp_path_factory.mktemp("volunteer")
-    out, work = root / "out", root / "work"
-    assert main([str(DWI_DATA), str(out), "participant", "-w", str(work), *COMMON]) == 0
-    return out, work
+
+    def build(root: Path) -> None:
+        assert main([str(DWI_DATA), str(root / "out"), "participant", "-w", str(root / "work"),
+                     *COMMON]) == 0
+
+    root = built_once(tmp_path_factory, "volunteer", build)
+    return root / "out", root / "work"
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ from bids_anomaly.imaging.template import get_template
 from bids_anomaly.levels.annotations import annotations_in_template, check_annotations
 from tests.conftest import tree_digest
 
-COMMON = ["--nprocs", "1", "--omp-nthreads", "1", "--device", "cpu"]
+COMMON = ["--nprocs", "1", "--omp-nthreads", "1", "--device", "cpu", "--sloppy"]
 
 
 def _annotation(folder: Path, label: str, image: nib.Nifti1Image) -> Path:

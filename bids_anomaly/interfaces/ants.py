@@ -26,6 +26,16 @@ from bids_anomaly.imaging.spatial import ants_seed
 LOGGER = logging.getLogger("nipype.interface")
 
 
+SLOPPY_LINEAR_ITERATIONS = (100, 50, 0, 0)
+"""``--sloppy`` linear registration: iterations at shrink factors 6, 4, 2, 1 (antspyx's
+default: 2100, 1200, 1200, 10). On a generated subject of the demo, rigid coregistration took
+0.9 s instead of 6.0 s; before SyN, the affine stage took 0.7 s and the whole registration 3.8 s
+instead of 6.2 s, the warped image's correlation with the template 0.913 (default 0.912)."""
+
+SLOPPY_N4_ITERATIONS = (20, 20, 20, 20)
+"""``--sloppy`` N4 iterations per level (antspyx's default: 50 at each of 4 levels)."""
+
+
 class _N4InputSpec(BaseInterfaceInputSpec):
     in_file = File(exists=True, mandatory=True, desc="image to correct")
     mask_file = File(exists=True, desc="estimate the bias field inside this mask")
@@ -33,6 +43,8 @@ class _N4InputSpec(BaseInterfaceInputSpec):
     max_nonpositive = traits.Float(
         0.05, usedefault=True,
         desc="largest share of non-positive voxels in the mask for which N4 still runs")
+    sloppy = traits.Bool(False, usedefault=True,
+                         desc="fewer iterations (SLOPPY_N4_ITERATIONS): for tests and the demo")
 
 
 class _N4OutputSpec(TraitedSpec):
@@ -72,8 +84,10 @@ class N4BiasFieldCorrection(SimpleInterface):
             self._results["corrected"] = False
             return runtime
         image = image.new_image_like(np.clip(data, 0, None))
+        options = ({"convergence": {"iters": list(SLOPPY_N4_ITERATIONS), "tol": 1e-7}}
+                   if self.inputs.sloppy else {})
         corrected = ants.n4_bias_field_correction(
-            image, mask=mask, shrink_factor=self.inputs.shrink_factor)
+            image, mask=mask, shrink_factor=self.inputs.shrink_factor, **options)
         ants.image_write(corrected, self._results["out_file"])
         self._results["corrected"] = True
         return runtime
@@ -93,6 +107,10 @@ class _RegistrationInputSpec(BaseInterfaceInputSpec):
         desc="SyN iterations at shrink factors 4, 2 and 1 (antspyx's default is 40, 20, 0: on "
              "6 bids_real references at 2 mm, 20, 10, 0 took 2.8 s instead of 3.3 s for a mean "
              "Dice with the template mask of 0.9794 instead of 0.9797)")
+    sloppy = traits.Bool(
+        False, usedefault=True,
+        desc="linear stages with SLOPPY_LINEAR_ITERATIONS (SyN: an affine registration so "
+             "run, then SyN alone from it): for tests and the demo")
 
 
 class _RegistrationOutputSpec(TraitedSpec):
@@ -123,10 +141,21 @@ class Registration(SimpleInterface):
         mask = ants.image_read(self.inputs.fixed_mask) if self.inputs.fixed_mask else None
         composite = self.inputs.composite
         prefix = os.path.join(runtime.cwd, "reg_")
+        transform, options = self.inputs.transform_type, {}
+        if self.inputs.sloppy and transform == "SyN":
+            # antspyx's SyN runs its affine stage with 2100, 1200, 1200 iterations whatever
+            # it is given: the affine is run first, with few, and SyN starts from it
+            linear = ants.registration(
+                fixed, moving, type_of_transform="Affine", mask=mask,
+                outprefix=os.path.join(runtime.cwd, "affine_"),
+                aff_iterations=SLOPPY_LINEAR_ITERATIONS)
+            transform, options = "SyNOnly", {"initial_transform": linear["fwdtransforms"][0]}
+        elif self.inputs.sloppy:
+            options = {"aff_iterations": SLOPPY_LINEAR_ITERATIONS}
         result = ants.registration(
-            fixed, moving, type_of_transform=self.inputs.transform_type, mask=mask,
+            fixed, moving, type_of_transform=transform, mask=mask,
             outprefix=prefix, write_composite_transform=composite,
-            reg_iterations=tuple(self.inputs.syn_iterations),
+            reg_iterations=tuple(self.inputs.syn_iterations), **options,
         )
         if composite:
             forward, inverse = prefix + "Composite.h5", prefix + "InverseComposite.h5"

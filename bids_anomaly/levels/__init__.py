@@ -55,7 +55,8 @@ def run(settings: Settings) -> str:
         line = (f"participant level done for {len(subjects)} subject/session(s); derivatives "
                 f"in {one_line(str(settings.output_dir))}")
         if skipped:
-            line += (f"\nnot scored by model {settings.model.model} ({len(skipped)}): "
+            line += (f"\nnot scored by model {' '.join(settings.model.model)} "
+                     f"({len(skipped)}): "
                      + "; ".join(f"{inputs.name}: {reason}" for inputs, reason in skipped))
         return line
     if settings.level == "train":

@@ -206,7 +206,8 @@ def _pages_with_truth(settings: Settings, layout, results: list, maps: dict[str,
                 if (inputs.subject, inputs.session) in truths]
     space = bids.parse_name(next(p for paths in maps.values() for p in paths))["space"]
     write_subject_reports(settings.output_dir, subjects, space,
-                          settings.postprocessing.report_modality, truths)
+                          settings.postprocessing.report_modality, truths,
+                          nprocs=settings.execution.nprocs)
     LOGGER.info("participant pages of %d subject/session(s) drawn with their ground truth",
                 len(subjects))
 

@@ -36,7 +36,7 @@ def resolve_model(settings: Settings, template: Template | None = None
     says so first. The loaded model is returned too (for the checks that need more than its
     card).
     """
-    name = settings.model.model
+    name = settings.model.model[0]
     candidate = Path(name)
     if not candidate.is_dir() and _names_a_folder(name):
         raise MissingInputError(f"--model {name}: no such model directory")
@@ -133,20 +133,23 @@ def participant_covariates(settings: Settings, model: AnomalyModel, card: ModelC
 
 
 def models_to_apply(settings: Settings) -> list[str]:
-    """``--model`` as the models to apply: itself, or every split of a ``train --splits`` run.
+    """``--model`` as the models to apply: each name, or every split of a ``train --splits`` run.
 
     ``--model NAME`` names the models ``NAME-split01``, ``NAME-split02``, ... when no model
-    ``NAME`` exists and those do (see :func:`~bids_anomaly.levels.train.train_splits`).
+    ``NAME`` exists and those do (see :func:`~bids_anomaly.levels.train.train_splits`). A name
+    given twice is applied once.
     """
-    name = settings.model.model
-    if not name:
-        return []
-    try:
-        if Path(name).is_dir() or bids.model_dir(settings.output_dir, name).is_dir():
-            return [name]
-    except UsageError:  # not a model name: resolve_model says so
-        return [name]
-    return bids.split_models(settings.output_dir, name) or [name]
+    names: list[str] = []
+    for name in settings.model.model:
+        try:
+            if Path(name).is_dir() or bids.model_dir(settings.output_dir, name).is_dir():
+                found = [name]
+            else:
+                found = bids.split_models(settings.output_dir, name) or [name]
+        except UsageError:  # not a model name: resolve_model says so
+            found = [name]
+        names += [n for n in found if n not in names]
+    return names
 
 
 def run_participant(settings: Settings
@@ -155,7 +158,8 @@ def run_participant(settings: Settings
 
     Subjects that the model cannot score (a missing channel) are preprocessed, not scored, and
     returned with the reason; with ``--stop-on-first-crash`` they stop the run before any work.
-    The models of a ``train --splits`` run are all applied in one workflow.
+    Several models (``--model A B``, or the models of a ``train --splits`` run) are all applied
+    in one workflow.
 
     Returns
     -------
@@ -178,17 +182,19 @@ def run_participant(settings: Settings
     applied, skipped = [], []
     for name in names:  # every model is checked before any work
         model_settings = copy.deepcopy(settings)
-        model_settings.model.model = name
+        model_settings.model.model = [name]
         directory, card, model = resolve_model(model_settings, template)
         apply_tuned_postprocessing(model_settings, card)
-        scored, skipped = split_compatible(subjects, card,
-                                           settings.execution.stop_on_first_crash)
+        scored, left_out = split_compatible(subjects, card,
+                                            settings.execution.stop_on_first_crash)
+        skipped += [(inputs, f"model {name}: {reason}" if len(names) > 1 else reason)
+                    for inputs, reason in left_out]
         applied.append(AppliedModel(directory, card, model_settings,
                                     frozenset(s.name for s in scored),
                                     participant_covariates(settings, model, card, scored)))
     if len(names) > 1:
-        LOGGER.info("--model %s: applying the %d models of its splits", settings.model.model,
-                    len(names))
+        LOGGER.info("--model %s: applying %d models in one run",
+                    " ".join(settings.model.model), len(names))
     # one model: its settings are the run's (its tuned post-processing included)
     preprocess(applied[0].settings if len(applied) == 1 else settings, subjects, template,
                applied)

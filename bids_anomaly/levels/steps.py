@@ -311,7 +311,8 @@ def preprocess(settings: Settings, subjects: list[bids.AnatInputs], template: Te
                      if not bids.subject_report_path(settings.output_dir, s.subject).is_file()]
     write_subject_reports(settings.output_dir, pending + [s for s in missing_pages
                                                           if s not in pending], template.name,
-                          settings.postprocessing.report_modality)
+                          settings.postprocessing.report_modality,
+                          nprocs=settings.execution.nprocs)
     for inputs in pending:
         mark_complete(settings.work_dir, inputs, keys[inputs.name], settings.output_dir)
 

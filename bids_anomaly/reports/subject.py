@@ -190,20 +190,15 @@ def anomaly_lightbox(output_dir: Path, map_path: Path, preferred: str | None = N
     from bids_anomaly.postprocessing.clusters import numbered_clusters
     from bids_anomaly.reports.figures import plot_lightbox
 
+    out_file, mask_path, background = _lightbox_files(output_dir, map_path, preferred,
+                                                      truth is not None)
+    if background is None or not mask_path.is_file():
+        return None, []
+    if truth is None and _up_to_date(out_file, (map_path, mask_path, background)):
+        return out_file, []
     entities = bids.parse_name(map_path)
     subject, session = entities["sub"], entities.get("ses")
     space, res, desc = entities["space"], int(entities["res"]), entities["desc"]
-    out_file = bids.spec_path(output_dir, subject, session,
-                              bids.lightbox_figure_spec(space, res, desc, truth is not None))
-    mask_path = bids.spec_path(output_dir, subject, session,
-                               bids.anomaly_mask_spec(space, res, desc))
-    background = result_background(output_dir, subject, session, space, res, preferred)
-    if background is None or not mask_path.is_file():
-        return None, []
-    if (truth is None and out_file.is_file()
-            and all(out_file.stat().st_mtime_ns >= path.stat().st_mtime_ns
-                    for path in (map_path, mask_path, background))):
-        return out_file, []
     import nibabel as nib
     import numpy as np
 
@@ -222,6 +217,26 @@ def anomaly_lightbox(output_dir: Path, map_path: Path, preferred: str | None = N
     return plot_lightbox(background, map_path, clusters, out_file, float(threshold),
                          title=f"{name}: model {desc} on {modality}",
                          score_name=_score_name(sidecar), truth=truth_data, brain=brain)
+
+
+def _lightbox_files(output_dir: Path, map_path: Path, preferred: str | None, truth: bool
+                    ) -> tuple[Path, Path, Path | None]:
+    """The lightbox of a map, the mask it outlines and the image it is drawn on."""
+    entities = bids.parse_name(map_path)
+    subject, session = entities["sub"], entities.get("ses")
+    space, res, desc = entities["space"], int(entities["res"]), entities["desc"]
+    out_file = bids.spec_path(output_dir, subject, session,
+                              bids.lightbox_figure_spec(space, res, desc, truth))
+    mask_path = bids.spec_path(output_dir, subject, session,
+                               bids.anomaly_mask_spec(space, res, desc))
+    return out_file, mask_path, result_background(output_dir, subject, session, space, res,
+                                                  preferred)
+
+
+def _up_to_date(out_file: Path, sources: Sequence[Path]) -> bool:
+    """Whether ``out_file`` exists and is newer than every source."""
+    return out_file.is_file() and all(out_file.stat().st_mtime_ns >= path.stat().st_mtime_ns
+                                      for path in sources)
 
 
 def _viewer(output_dir: Path, map_path: Path, preferred: str | None = None,
@@ -277,7 +292,8 @@ def result_summary(clusters: pd.DataFrame | None) -> str:
 def model_sections(output_dir: Path, inputs: bids.AnatInputs, space: str,
                    preferred: str | None = None,
                    truth: Mapping[tuple[str, str | None], Path] | None = None,
-                   on_page: set[str] | None = None) -> list[dict]:
+                   on_page: set[str] | None = None,
+                   lightboxes: Mapping[Path, Any] | None = None) -> list[dict]:
     """Report sections of every model's result for one subject/session, result first.
 
     Per model: a one-line summary (abnormal volume, clusters, the largest and where it is),
@@ -286,6 +302,8 @@ def model_sections(output_dir: Path, inputs: bids.AnatInputs, space: str,
     (damaged files, an impossible threshold) gets a section saying so: the page is written.
     ``truth`` maps ``(subject, session)`` to its ground truth on the template grid (group
     ``--ground-truth``). ``on_page``: the viewer volume scripts already on the page.
+    ``lightboxes``: what :func:`anomaly_lightbox` gave (or raised) for a map, drawn before
+    (:func:`draw_lightboxes`); the others are drawn here.
     """
     sub, ses = inputs.subject, inputs.session
     heading = f"Session {ses}: " if ses else ""
@@ -295,7 +313,7 @@ def model_sections(output_dir: Path, inputs: bids.AnatInputs, space: str,
         desc = bids.parse_name(map_path).get("desc", map_path.name)
         try:
             sections += _model_result(output_dir, map_path, heading, space, preferred,
-                                      truth_file, on_page)
+                                      truth_file, on_page, (lightboxes or {}).get(map_path))
         except Exception as error:  # noqa: BLE001  (one model's outputs never stop the page)
             problem = " ".join(f"{error.__class__.__name__}: {error}".split())[:300]
             LOGGER.warning("%s: the outputs of model %s cannot be shown (%s)", inputs.name,
@@ -309,7 +327,7 @@ def model_sections(output_dir: Path, inputs: bids.AnatInputs, space: str,
 
 def _model_result(output_dir: Path, map_path: Path, heading: str, space: str,
                   preferred: str | None, truth_file: Path | None,
-                  on_page: set[str] | None = None) -> list[dict]:
+                  on_page: set[str] | None = None, lightbox: Any = None) -> list[dict]:
     """The sections of one model's result (see :func:`model_sections`)."""
     sections = []
     entities = bids.parse_name(map_path)
@@ -324,7 +342,9 @@ def _model_result(output_dir: Path, map_path: Path, heading: str, space: str,
     if "Threshold" in sidecar:
         text.append(f"Mask: scores above {sidecar['Threshold']:.4g} "
                     f"({sidecar.get('ThresholdMethod', '')}).")
-    figure, missing = anomaly_lightbox(output_dir, map_path, preferred, truth_file)
+    if isinstance(lightbox, BaseException):  # drawn by a worker, which failed
+        raise lightbox
+    figure, missing = lightbox or anomaly_lightbox(output_dir, map_path, preferred, truth_file)
     if figure is not None and clusters is not None and not clusters.empty:
         text.insert(1, f"The slices below cut through {len(clusters) - len(missing)} of "
                        f"the {len(clusters)} clusters" + (
@@ -405,10 +425,55 @@ def change_sections(output_dir: Path, subject: str) -> list[dict]:
     return sections
 
 
+def _lightbox_job(job: tuple) -> Any:
+    """:func:`anomaly_lightbox` in a worker: its result, or the exception it raised."""
+    try:
+        return anomaly_lightbox(*job)
+    except Exception as error:  # noqa: BLE001  (the page says why, as when drawn in-process)
+        return error
+
+
+def draw_lightboxes(output_dir: Path, subjects: list[bids.AnatInputs], space: str,
+                    preferred: str | None = None,
+                    truth: Mapping[tuple[str, str | None], Path] | None = None,
+                    nprocs: int = 1) -> dict[Path, Any]:
+    """The lightbox of every anomaly map of ``subjects``, drawn by ``nprocs`` processes.
+
+    Each figure takes about 2 s (nilearn and matplotlib, one core): a run scoring 6 subjects
+    with 3 models spent 36 s drawing them one after the other. Returns what
+    :func:`anomaly_lightbox` gave for each map, or the exception it raised (for
+    :func:`model_sections`). With one process (or one figure) nothing is drawn here.
+    """
+    jobs = {}
+    for inputs in subjects:
+        truth_file = (truth or {}).get((inputs.subject, inputs.session))
+        for map_path in bids.subject_anomaly_maps(output_dir, inputs.subject, inputs.session,
+                                                  space):
+            try:
+                out_file, mask, background = _lightbox_files(output_dir, map_path, preferred,
+                                                             truth_file is not None)
+                if background is None or not mask.is_file() or (
+                        truth_file is None and _up_to_date(out_file, (map_path, mask,
+                                                                      background))):
+                    continue  # nothing to draw
+            except Exception:  # noqa: BLE001,S112  (a damaged name: the page says so)
+                continue
+            jobs[map_path] = (output_dir, map_path, preferred, truth_file)
+    if nprocs < 2 or len(jobs) < 2:
+        return {}
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    # a clean server process starts the workers: this one may hold torch's threads
+    with ProcessPoolExecutor(min(nprocs, len(jobs)),
+                             mp_context=multiprocessing.get_context("forkserver")) as pool:
+        return dict(zip(jobs, pool.map(_lightbox_job, jobs.values()), strict=True))
+
+
 def write_subject_reports(output_dir: Path, subjects: list[bids.AnatInputs],
                           space: str, preferred: str | None = None,
-                          truth: Mapping[tuple[str, str | None], Path] | None = None
-                          ) -> list[Path]:
+                          truth: Mapping[tuple[str, str | None], Path] | None = None,
+                          nprocs: int = 1) -> list[Path]:
     """Write ``sub-<label>.html`` for every participant in ``subjects`` (all their sessions).
 
     The models' results come first (summary, lightbox, clusters), then the inputs' quality
@@ -429,12 +494,15 @@ def write_subject_reports(output_dir: Path, subjects: list[bids.AnatInputs],
         The modality the results are drawn on (``--report-modality``).
     truth : dict, optional
         Ground truth on the template grid by ``(subject, session)``, outlined in the lightboxes.
+    nprocs : int
+        Processes drawing the lightboxes (:func:`draw_lightboxes`).
 
     Returns
     -------
     list of Path
         The pages written.
     """
+    lightboxes = draw_lightboxes(output_dir, subjects, space, preferred, truth, nprocs)
     by_subject: dict[str, list[bids.AnatInputs]] = defaultdict(list)
     for inputs in subjects:
         by_subject[inputs.subject].append(inputs)
@@ -446,7 +514,7 @@ def write_subject_reports(output_dir: Path, subjects: list[bids.AnatInputs],
         ordered = sorted(sessions, key=lambda i: i.session or "")
         for inputs in ordered:
             sections.extend(model_sections(output_dir, inputs, space, preferred, truth,
-                                           on_page))
+                                           on_page, lightboxes))
         quality = [s for inputs in ordered for s in session_sections(output_dir, inputs, space)]
         if not (sections or quality):
             continue

@@ -32,6 +32,7 @@ are added here:
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import os
 import re
@@ -414,6 +415,12 @@ def run_workflow(workflow, nprocs: int, log_dir: Path, mem_gb: float | None = No
 
         plugin = LinearPlugin(plugin_args=plugin_args)
     start = time.time()
+    # MultiProc runs a full garbage collection before each round of submissions; over the
+    # objects of a loaded process (pybids, torch, nilearn) each took 0.17 s, 10 of the 19 s a
+    # demo scoring run spent in the scheduler. Objects alive now are exempted (gc.freeze):
+    # what the run allocates is still collected.
+    gc.collect()
+    gc.freeze()
     try:
         workflow.run(plugin=plugin)
     except KeyboardInterrupt:
@@ -426,5 +433,6 @@ def run_workflow(workflow, nprocs: int, log_dir: Path, mem_gb: float | None = No
             raise Interrupted(signum) from None
         raise failure(log_dir, start, error) from error
     finally:
+        gc.unfreeze()
         if hasattr(plugin, "stop_workers"):
             plugin.stop_workers()

@@ -37,6 +37,7 @@ def init_anat_preproc_wf(
     subject_name: str = "",
     dwi: DwiInputs | None = None,
     dwi_registration: str = "Rigid",
+    sloppy: bool = False,
     name: str = "anat_preproc_wf",
 ) -> pe.Workflow:
     """Preprocess the images of one subject/session: anatomical, and diffusion when given.
@@ -86,6 +87,8 @@ def init_anat_preproc_wf(
     dwi_registration : str
         How the b = 0 image is registered (see
         :func:`~bids_anomaly.workflows.diffusion.init_dwi_wf`).
+    sloppy : bool
+        Registrations and N4 with few iterations (``--sloppy``: tests and the demo).
     name : str
         Workflow name.
 
@@ -153,7 +156,7 @@ def init_anat_preproc_wf(
         ResampleToVoxelSize(voxel_size=resolution, interpolation="nearestNeighbor"),
         name="ref_mask_lowres", mem_gb=0.5)
     shrink = max(1, N4_FIT_SPACING_MM // resolution)
-    n4_ref_lowres = pe.Node(N4BiasFieldCorrection(shrink_factor=shrink),
+    n4_ref_lowres = pe.Node(N4BiasFieldCorrection(shrink_factor=shrink, sloppy=sloppy),
                             name=f"n4_{reference}_lowres", mem_gb=0.5, **threaded)
     # coregistration target: the reference head, not its brain. Measured on the 8 clinical
     # T2w/FLAIR of sub-mslubL01/L12: head to head, every rigid transform stayed within 3 mm of
@@ -162,7 +165,7 @@ def init_anat_preproc_wf(
     ref_head_lowres = pe.Node(ResampleToVoxelSize(voxel_size=resolution),
                               name="ref_head_lowres", mem_gb=0.5)
     register_ref = pe.Node(
-        Registration(transform_type=registration, random_seed=random_seed),
+        Registration(transform_type=registration, random_seed=random_seed, sloppy=sloppy),
         name="register_to_template", mem_gb=1.0, **threaded,
     )
     std_mask = pe.Node(ApplyTransforms(interpolation="genericLabel"), name="std_mask",
@@ -218,8 +221,8 @@ def init_anat_preproc_wf(
     for index, modality in enumerate(modalities):
         to_template = pe.Node(ApplyTransforms(interpolation="linear"),
                               name=f"{modality}_to_template", mem_gb=1.0)
-        n4 = pe.Node(N4BiasFieldCorrection(shrink_factor=shrink), name=f"n4_{modality}",
-                     mem_gb=0.5, **threaded)
+        n4 = pe.Node(N4BiasFieldCorrection(shrink_factor=shrink, sloppy=sloppy),
+                     name=f"n4_{modality}", mem_gb=0.5, **threaded)
         normalize = pe.Node(NormalizeIntensity(method=normalization, modality=modality),
                             name=f"normalize_{modality}", mem_gb=0.5)
         workflow.connect([
@@ -240,7 +243,8 @@ def init_anat_preproc_wf(
             continue
         conform = pe.Node(ConformImage(), name=f"conform_{modality}", mem_gb=0.5)
         coregister = pe.Node(
-            Registration(transform_type="Rigid", composite=False, random_seed=random_seed),
+            Registration(transform_type="Rigid", composite=False, random_seed=random_seed,
+                         sloppy=sloppy),
             name=f"coregister_{modality}", mem_gb=1.0, **threaded,
         )
         chain = pe.Node(niu.Merge(2), name=f"{modality}_transforms", run_without_submitting=True)

@@ -304,6 +304,7 @@ def _preprocess(workflow: pe.Workflow, settings: Settings, inputs: bids.AnatInpu
         random_seed=settings.execution.random_seed,
         subject_name=inputs.name,
         dwi=dwi, dwi_registration=settings.preprocessing.dwi_registration,
+        sloppy=settings.preprocessing.sloppy,
     )
     ds_anat_wf = init_ds_anat_wf(
         inputs, settings.output_dir, settings.bids_dir, template.name, template.resolution,

@@ -63,7 +63,7 @@ def test_each_run_keeps_its_settings_and_config_file_reads_them_back(tiny_bids, 
                                     str(records[0]), "--min-cluster-size", "40"])
     again = settings_from_args(args, config)
     assert (again.inputs.participant_label, again.postprocessing.fdr, again.model.model,
-            again.preprocessing.resolution) == (["02"], 0.05, "norm", 1)
+            again.preprocessing.resolution) == (["02"], 0.05, ["norm"], 1)
     assert again.inputs.bids_filters == {"t1w": {"acquisition": "mprage"}}
     assert again.postprocessing.min_cluster_mm3 == 40.0
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 
 import pandas as pd
@@ -92,17 +91,11 @@ def test_the_toy_family_keeps_the_contract(toy_family):
 
 
 @pytest.mark.slow
-def test_a_new_family_works_through_train_participant_and_group(toy_family, tiny_bids,
-                                                               tmp_path, capsys):
-    third = tiny_bids / "sub-03" / "anat"
-    third.mkdir(parents=True)
-    shutil.copyfile(tiny_bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz",
-                    third / "sub-03_T1w.nii.gz")
-    (tiny_bids / "participants.tsv").write_text(
-        "participant_id\tgroup\nsub-01\thealthy\nsub-02\thealthy\nsub-03\thealthy\n")
+def test_a_new_family_works_through_train_participant_and_group(toy_family,
+                                                               preprocessed_cohort, capsys):
+    tiny_bids, out = preprocessed_cohort.bids, preprocessed_cohort.out
     before = tree_digest(tiny_bids)
-    out = tmp_path / "out"
-    common = ["--nprocs", "1", "--omp-nthreads", "1"]  # the family lives in this process only
+    common = list(preprocessed_cohort.options)  # one process: the family lives in this one
     assert main([str(tiny_bids), str(out), "train", "--model-type", "toy", "--toy-shift",
                  "0.25", *common]) == 0
     card = json.loads((out / "models" / "model-toy" / "model.json").read_text())

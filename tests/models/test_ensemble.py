@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -104,16 +103,11 @@ def test_ensemble_refuses_what_it_cannot_combine(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_levels_build_self_supervised_models_and_an_ensemble(tiny_bids, tmp_path, capsys):
-    third = tiny_bids / "sub-03" / "anat"
-    third.mkdir(parents=True)
-    shutil.copyfile(tiny_bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz",
-                    third / "sub-03_T1w.nii.gz")
-    with (tiny_bids / "participants.tsv").open("a") as table:  # valid BIDS: sub-03 is listed
-        table.write("sub-03\thealthy\n")
+def test_train_levels_build_self_supervised_models_and_an_ensemble(preprocessed_cohort,
+                                                                    capsys):
+    tiny_bids, out = preprocessed_cohort.bids, preprocessed_cohort.out
     before = tree_digest(tiny_bids)
-    out = tmp_path / "out"
-    common = ["--nprocs", "1", "--omp-nthreads", "1", "--device", "cpu"]
+    common = list(preprocessed_cohort.options)
     assert main([str(tiny_bids), str(out), "train", "--model-type", "segment", "--epochs", "1",
                  "--width", "4", "--direction", "T1w:-", *common]) == 0
     card = json.loads((out / "models" / "model-segment" / "model.json").read_text())

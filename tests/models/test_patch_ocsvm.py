@@ -212,20 +212,13 @@ def test_voxelwise_neighbourhood_pools_codes_and_options_are_checked(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_and_participant_through_the_command_line(tiny_bids, tmp_path):
+def test_train_and_participant_through_the_command_line(preprocessed_cohort):
     import json
-    import shutil
 
     from bids_anomaly.cli.run import main
 
-    third = tiny_bids / "sub-03" / "anat"
-    third.mkdir(parents=True)
-    shutil.copyfile(tiny_bids / "sub-01" / "anat" / "sub-01_T1w.nii.gz",
-                    third / "sub-03_T1w.nii.gz")
-    with (tiny_bids / "participants.tsv").open("a") as table:  # valid BIDS: sub-03 is listed
-        table.write("sub-03\thealthy\n")
-    out = tmp_path / "out"
-    common = ["--nprocs", "2", "--omp-nthreads", "1", "--random-seed", "3"]
+    tiny_bids, out = preprocessed_cohort.bids, preprocessed_cohort.out
+    common = [*preprocessed_cohort.options, "--nprocs", "2"]  # the last --nprocs is taken
     assert main([str(tiny_bids), str(out), "train", "--model-type", "patch-ocsvm",
                  "--latent-model", "voxel", "--pairs-per-subject", "100", "--epochs", "1",
                  "--batch-size", "50", "--num-workers", "0", "--fpr", "0.02", *common]) == 0

@@ -78,7 +78,7 @@ def test_trained_model_with_fdr_atlas_and_wm(raw, tmp_path, template):
     _, card = load_model(directory)
     atlas_file = tmp_path / "atlas_dseg.nii.gz"
     nib.Nifti1Image(np.ones((4, 4, 4), np.uint16), np.eye(4)).to_filename(atlas_file)
-    settings = _settings(tmp_path, model=ModelSettings(model=str(directory)),
+    settings = _settings(tmp_path, model=ModelSettings(model=[str(directory)]),
                          postprocessing=PostprocessingSettings(fdr=0.05, restrict="wm",
                                                                atlas=atlas_file))
     atlas = Atlas(atlas_file, {1: "brain"}, atlas_file)
@@ -99,7 +99,7 @@ def test_model_stage_reads_finished_preprocessing(raw, tmp_path, template):
     from bids_anomaly.models import load_model
 
     _, card = load_model(directory)
-    settings = _settings(tmp_path, model=ModelSettings(model=str(directory)))
+    settings = _settings(tmp_path, model=ModelSettings(model=[str(directory)]))
     inputs = _inputs(raw, ["T1w", "FLAIR"])
     workflow = init_participant_wf(settings, [inputs], template,
                                    [AppliedModel(directory, card, settings)],
@@ -140,7 +140,7 @@ def test_scored_subjects_only_get_the_model(raw, tmp_path, template):
     from bids_anomaly.models import load_model
 
     _, card = load_model(directory)
-    settings = _settings(tmp_path, model=ModelSettings(model=str(directory)))
+    settings = _settings(tmp_path, model=ModelSettings(model=[str(directory)]))
     with_flair, without = _inputs(raw, ["T1w", "FLAIR"], "a"), _inputs(raw, ["T1w"], "b")
     workflow = init_participant_wf(settings, [with_flair, without], template,
                                    [AppliedModel(directory, card, settings,
@@ -166,3 +166,32 @@ def test_several_models_are_applied_in_one_workflow(raw, tmp_path, template):
     for desc in ("pdsplit01", "pdsplit02"):
         assert {f"score_anomaly_{desc}", f"ds_anomaly_wf_{desc}.ds_anomaly_map"} <= nodes
     assert "score_anomaly" not in nodes
+
+
+@pytest.mark.parametrize("sloppy", [False, True])
+def test_the_sloppy_preset_reaches_every_registration_and_bias_correction(raw, tmp_path,
+                                                                          template, sloppy):
+    from bids_anomaly.config import PreprocessingSettings
+
+    settings = Settings(**{**vars(_settings(tmp_path)),
+                           "preprocessing": PreprocessingSettings(sloppy=sloppy)})
+    workflow = init_participant_wf(settings, [_inputs(raw, ["T1w", "FLAIR", "T2w"])], template)
+    anat = workflow.get_node("sub_01_wf").get_node("anat_preproc_wf")
+    names = ["register_to_template", "coregister_FLAIR", "coregister_T2w", "n4_T1w_lowres",
+             "n4_T1w", "n4_FLAIR", "n4_T2w"]
+    assert [anat.get_node(n).inputs.sloppy for n in names] == [sloppy] * len(names)
+    assert settings.preprocessing.recorded()["sloppy"] is sloppy  # in cards and sidecars
+
+
+def test_several_model_names_are_applied_once_each(tmp_path):
+    """``--model A B``: each name, a --splits run's name as its splits, a repeat once."""
+    from bids_anomaly.levels.participant import models_to_apply
+
+    out = tmp_path / "out"
+    for name in ("a", "b", "pd-split01", "pd-split02"):
+        saved_normative_model(out / "models" / f"model-{name}", ["T1w"])
+    settings = _settings(tmp_path, model=ModelSettings(model=["b", "pd", "a", "b"]))
+    assert models_to_apply(settings) == ["b", "pd-split01", "pd-split02", "a"]
+    assert models_to_apply(_settings(tmp_path)) == []
+    settings = _settings(tmp_path, model=ModelSettings(model=["nosuch"]))
+    assert models_to_apply(settings) == ["nosuch"]  # resolve_model refuses it, naming it
