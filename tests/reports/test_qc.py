@@ -288,3 +288,49 @@ def test_write_subject_report_refuses_unknown_figure_types(tmp_path):
     gif.write_bytes(b"GIF89a")
     with pytest.raises(ValueError, match="SVG, PNG or JPEG"):
         write_subject_report(tmp_path / "r.html", "t", [{"heading": "h", "figures": [gif]}])
+
+
+def test_the_mosaic_shows_left_on_the_left_anterior_right_and_superior_up(tmp_path):
+    """A mask in the left anterior superior part of a head, whatever the voxel order."""
+    from PIL import Image
+
+    from bids_anomaly.reports.qc import _Mosaic
+
+    shape = (32, 36, 30)
+    head = ellipsoid(shape, radii=(13, 15, 12)).astype(np.float32) * 100
+    marker = np.zeros(shape, np.float32)
+    marker[6:12, 24:30, 19:25] = 1  # low x: left; high y: anterior; high z: superior
+    affine = np.diag([2.0, 2.0, 2.0, 1.0])
+    affine[:3, 3] = -np.asarray(shape) + 1
+    cuts = {"x": [-15.0], "y": [16.0], "z": [14.0]}  # through the marker
+    pictures = []
+    for order in ("RAS", "LAS"):
+        grid = affine.copy()
+        data, mask = head, marker
+        if order == "LAS":
+            data, mask = head[::-1], marker[::-1]
+            grid = affine @ np.diag([-1.0, 1, 1, 1])
+            grid[0, 3] = affine[0, 3] + 2.0 * (shape[0] - 1)
+        mosaic = _Mosaic(nib.Nifti1Image(data, grid), cuts, 0.0, 100.0, "")
+        mosaic.add_contours(nib.Nifti1Image(mask, grid), levels=[0.5], colors="r",
+                            linewidths=1.0)
+        out = tmp_path / f"{order}.png"
+        mosaic.savefig(str(out), dpi=40)
+        boxes = {name: axis.get_position() for name, axis in mosaic.axes.items()}
+        mosaic.close()
+        pictures.append(np.asarray(Image.open(out).convert("RGB"), dtype=int))
+    assert np.array_equal(pictures[0], pictures[1])
+    rgb = pictures[0]
+    red = (rgb[..., 0] > 150) & (rgb[..., 1] < 80) & (rgb[..., 2] < 80)
+    grey = (rgb[..., 0] > 60) & (abs(rgb[..., 0] - rgb[..., 1]) < 5)
+    height = rgb.shape[0]
+    for name, box in boxes.items():  # x: sagittal, y: coronal, z: axial
+        rows = slice(int(round((1 - box.y1) * height)), int(round((1 - box.y0) * height)))
+        r_rows, r_columns = np.nonzero(red[rows])
+        g_rows, g_columns = np.nonzero(grey[rows])
+        assert r_rows.size and g_rows.size, name
+        assert r_rows.mean() < g_rows.mean(), name  # superior (or anterior) up
+        if name == "x":  # anterior on the right
+            assert r_columns.mean() > g_columns.mean()
+        else:  # the subject's left on the left
+            assert r_columns.mean() < g_columns.mean(), name
