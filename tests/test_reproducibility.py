@@ -99,12 +99,17 @@ def test_same_seed_same_bytes_and_a_killed_run_resumes_to_them(dataset, tmp_path
 
     # kill -9 once the registration to the template has finished, then resume
     out = tmp_path / "b" / "out"
-    registered = list((tmp_path / "a" / "work").rglob("result_register_to_template.pklz"))[0]
-    marker = out.parent / "work" / registered.relative_to(tmp_path / "a" / "work")
+    in_a = list((tmp_path / "a" / "work").rglob("result_register_to_template.pklz"))[0]
+    marker = out.parent / "work" / in_a.relative_to(tmp_path / "a" / "work")
     process = subprocess.Popen(_command(dataset, out, *options), stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def registered() -> bool:  # its result written and its hash file final (Nipype's cache)
+        return marker.exists() and any(not name.name.endswith("_unfinished.json")
+                                       for name in marker.parent.glob("_0x*.json"))
+
     try:
-        assert _wait_for(marker.exists, 600), "the registration never finished"
+        assert _wait_for(registered, 600), "the registration never finished"
     finally:
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=60)
