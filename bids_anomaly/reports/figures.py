@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from bids_anomaly.imaging.images import load_3d
-from bids_anomaly.reports.qc import _use_agg, save_figure
+from bids_anomaly.reports.qc import _use_agg, on_grid, save_figure
 
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
             "#7f7f7f", "#bcbd22", "#17becf")
@@ -197,19 +197,6 @@ def _canonical(arrays: Sequence[np.ndarray | None], affine: np.ndarray
             for a in arrays], canonical
 
 
-def _on_grid(background_file: str | Path, reference: nib.Nifti1Image) -> np.ndarray:
-    """The background image's voxels on the map's grid (resampled only when it differs)."""
-    img = load_3d(background_file)
-    if img.shape[:3] == reference.shape[:3] and np.allclose(img.affine, reference.affine,
-                                                            atol=1e-3):
-        return np.nan_to_num(np.asarray(img.dataobj, dtype=np.float32))
-    from nilearn.image import resample_to_img
-
-    resampled = resample_to_img(img, reference, interpolation="continuous",
-                                force_resample=True, copy_header=True)
-    return np.nan_to_num(np.asarray(resampled.dataobj, dtype=np.float32))
-
-
 def plot_lightbox(background_file: str | Path, map_file: str | Path, clusters: np.ndarray,
                   out_file: str | Path, threshold: float, title: str = "",
                   score_name: str = "anomaly score", truth: np.ndarray | None = None,
@@ -254,7 +241,8 @@ def plot_lightbox(background_file: str | Path, map_file: str | Path, clusters: n
     out_file = Path(out_file)
     out_file.parent.mkdir(parents=True, exist_ok=True)
     map_img, scores = _finite_map(map_file)
-    background = _on_grid(background_file, map_img)
+    background = np.nan_to_num(np.asarray(on_grid(load_3d(background_file), map_img).dataobj,
+                                          dtype=np.float32))
     (scores, background, clusters, truth, brain), affine = _canonical(
         [scores, background, np.asarray(clusters), truth, brain], map_img.affine)
     threshold = _drawable(threshold)

@@ -15,7 +15,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from bids_anomaly.imaging.images import load_3d
+from bids_anomaly.imaging.images import load_3d, same_grid
 
 
 def _use_agg() -> None:
@@ -72,6 +72,17 @@ def _cut_coords(img: nib.spatialimages.SpatialImage, foreground: np.ndarray,
             for i, axis in enumerate("xyz")}
 
 
+def on_grid(img: nib.spatialimages.SpatialImage, reference: nib.spatialimages.SpatialImage
+            ) -> nib.spatialimages.SpatialImage:
+    """``img`` resampled (linearly) onto the grid of ``reference``, unless already on it."""
+    if same_grid(img, reference):
+        return img
+    from nilearn.image import resample_to_img
+
+    return resample_to_img(img, reference, interpolation="continuous", force_resample=True,
+                           copy_header=True)
+
+
 class _Mosaic:
     """Rows of sagittal, coronal and axial slices of one image, drawn with matplotlib alone.
 
@@ -94,6 +105,7 @@ class _Mosaic:
         self.grid = canonical
         data = np.nan_to_num(np.asarray(canonical.dataobj, dtype=np.float32))
         self.index = {}
+        inverse = np.linalg.inv(canonical.affine)
         for axis, name in enumerate("xyz"):
             size = data.shape[axis]
             if isinstance(cuts, int):
@@ -102,7 +114,6 @@ class _Mosaic:
                 world = np.zeros((len(cuts[name]), 3))
                 world[:, axis] = cuts[name]
                 # the voxel index along this axis of each cut (the axes are RAS+ now)
-                inverse = np.linalg.inv(canonical.affine)
                 chosen = (nib.affines.apply_affine(inverse, world)[:, axis]
                           if canonical.affine[axis, axis] else np.full(len(world), size / 2))
             self.index[name] = [int(np.clip(round(float(v)), 0, size - 1)) for v in chosen]
@@ -147,7 +158,6 @@ class _Mosaic:
         return {"x": (1, 2), "y": (0, 2), "z": (0, 1)}[name]
 
     def _panel(self, data: np.ndarray, name: str, index: int) -> np.ndarray:
-        across, up = self._axes_of(name)
         view = [slice(*self.box[0]), slice(*self.box[1]), slice(*self.box[2])]
         view["xyz".index(name)] = index
         return data[tuple(view)].T[::-1]  # rows: top (superior or anterior) first
@@ -175,15 +185,8 @@ class _Mosaic:
     def add_contours(self, img: nib.spatialimages.SpatialImage, levels: list[float],
                      colors: str, linewidths: float) -> None:
         """Isolines of ``img`` (any grid: resampled to the background's) at ``levels``."""
-        if not (img.shape[:3] == self.grid.shape[:3]
-                and np.allclose(nib.as_closest_canonical(img).affine, self.grid.affine,
-                                atol=1e-3)):
-            from nilearn.image import resample_to_img
-
-            img = resample_to_img(img, self.grid, interpolation="continuous",
-                                  force_resample=True, copy_header=True)
-        data = np.nan_to_num(np.asarray(nib.as_closest_canonical(img).dataobj,
-                                        dtype=np.float32))
+        img = on_grid(nib.as_closest_canonical(img), self.grid)
+        data = np.nan_to_num(np.asarray(img.dataobj, dtype=np.float32))
         for name, axis in self.axes.items():
             row = self._row(data, name)
             crossed = [v for v in levels if row.min() < v < row.max()]
