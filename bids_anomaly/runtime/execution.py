@@ -41,6 +41,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -228,12 +229,18 @@ def _initialize_worker(cwd: str, main_pid: int, console_level: str) -> None:
 
 
 def _lost_task(taskid: int, error: BaseException) -> dict:
-    """A Nipype task result for a node whose worker process died (it has no result of its own).
+    """A Nipype task result for a node whose worker process died, or that never reached one.
 
-    The traceback is written like Python's so that :func:`read_crash` finds the cause.
+    Neither has a result of its own. The traceback is written like Python's so that
+    :func:`read_crash` finds the cause.
     """
-    reason = (f"BrokenProcessPool: the worker process running this step died ({error}); it "
-              "was killed (out of memory?) or crashed. Run the same command again to resume")
+    if isinstance(error, BrokenProcessPool):
+        reason = (f"BrokenProcessPool: the worker process running this step died ({error}); "
+                  "it was killed (out of memory?) or crashed. Run the same command again to "
+                  "resume")
+    else:  # e.g. the step could not be pickled to be sent
+        reason = (f"{type(error).__name__}: the step could not be run in a worker process "
+                  f"({error})")
     return {"taskid": taskid, "result": None,
             "traceback": ["Traceback (most recent call last):\n", f"{reason}\n"]}
 
@@ -280,7 +287,6 @@ def supervised_multiproc(plugin_args: dict, console_level: str = "WARNING"):
     """
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
-    from concurrent.futures.process import BrokenProcessPool
 
     from nipype.pipeline.plugins import MultiProcPlugin
 
@@ -387,20 +393,28 @@ def read_crash(path: Path) -> Crash:
     return Crash(Path(path), node, error_type.strip(), " ".join(message.split()))
 
 
-def _stop_when_interrupted(callback: Callable | None) -> Callable:
+class _StopWhenInterrupted:
     """A Nipype status callback that stops a serial run once a stop signal arrived.
 
     Nipype's serial plugin catches every exception of a step, the signal's among them, writes a
     crash file and goes on with the next step; the end of the interrupted step raises it again.
+    ``callback`` (the progress of the run, if any) is called first. Nipype pickles the plugin's
+    arguments with every MapNode it sends to a worker, where no status is reported: the
+    callback, which may hold locks, stays behind in this process (a worker's copy has none).
     """
-    def status(node, event: str) -> None:
-        if callback is not None:
-            callback(node, event)
+
+    def __init__(self, callback: Callable | None) -> None:
+        self.callback = callback
+
+    def __call__(self, node, event: str) -> None:
+        if self.callback is not None:
+            self.callback(node, event)
         signum = received_signal()
         if signum is not None:
             raise Interrupted(signum)
 
-    return status
+    def __getstate__(self) -> dict:
+        return {"callback": None}
 
 
 def _forget_interrupted_steps(log_dir: Path, start: float) -> None:
@@ -445,7 +459,7 @@ def run_workflow(workflow, nprocs: int, log_dir: Path, mem_gb: float | None = No
         SIGINT, or SIGTERM under :func:`interruptible`; the workers are stopped first.
     """
     set_nipype_console_level(console_level)
-    plugin_args: dict = {"status_callback": _stop_when_interrupted(status_callback)}
+    plugin_args: dict = {"status_callback": _StopWhenInterrupted(status_callback)}
     if nprocs > 1:
         # forked workers of a process that already ran torch can hang (OpenMP state), so the
         # pool starts its workers from a clean server process

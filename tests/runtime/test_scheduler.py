@@ -71,3 +71,55 @@ def test_a_workflow_runs_to_the_end_under_the_supervised_scheduler(tmp_path):
     run_workflow(_fan_workflow(tmp_path), 2, tmp_path / "logs")
     with gzip.open(tmp_path / "wf" / "summed" / "result_summed.pklz") as handle:
         assert pickle.load(handle).outputs.total == 40
+
+
+class _LockedTracker:
+    """A status callback holding a lock, as the run's progress does (it cannot be pickled)."""
+
+    def __init__(self) -> None:
+        import threading
+
+        self.lock = threading.Lock()
+        self.events: list[tuple[str, str]] = []
+
+    def __call__(self, node, event: str) -> None:
+        with self.lock:
+            self.events.append((node.name, event))
+
+
+def test_a_mapnode_runs_under_the_supervised_scheduler_with_a_progress_callback(tmp_path):
+    import gzip
+    import pickle
+
+    from nipype.interfaces import utility as niu
+    from nipype.pipeline import engine as pe
+
+    def double(value):
+        return 2 * value
+
+    workflow = pe.Workflow(name="wf", base_dir=str(tmp_path))
+    doubled = pe.MapNode(niu.Function(function=double, input_names=["value"],
+                                      output_names=["value"]),
+                         iterfield=["value"], name="doubled")
+    doubled.inputs.value = [1, 2, 3]
+    workflow.add_nodes([doubled])
+    workflow.config["execution"] = {"crashdump_dir": str(tmp_path / "logs"),
+                                    "crashfile_format": "txt", "poll_sleep_duration": 0.01}
+    tracker = _LockedTracker()
+    run_workflow(workflow, 2, tmp_path / "logs", status_callback=tracker)
+    with gzip.open(tmp_path / "wf" / "doubled" / "result_doubled.pklz") as handle:
+        assert pickle.load(handle).outputs.value == [2, 4, 6]
+    assert ("doubled", "end") in tracker.events  # reported here, in the main process
+
+
+def test_a_step_that_cannot_reach_a_worker_is_named_as_such():
+    from concurrent.futures.process import BrokenProcessPool
+
+    from bids_anomaly.runtime.execution import _lost_task
+
+    died = _lost_task(3, BrokenProcessPool("gone"))["traceback"][-1]
+    assert died.startswith("BrokenProcessPool: the worker process running this step died (gone)")
+    unsent = _lost_task(4, AttributeError("Can't pickle local object 'f.<locals>.g'"))
+    assert unsent["taskid"] == 4 and unsent["result"] is None
+    assert unsent["traceback"][-1] == ("AttributeError: the step could not be run in a worker "
+                                       "process (Can't pickle local object 'f.<locals>.g')\n")
