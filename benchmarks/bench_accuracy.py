@@ -3,8 +3,11 @@
 Usage (run by hand, never in CI; needs the real dataset preprocessed in template space, i.e.
 ``bids_anomaly ../shared/data/bids_real DERIV participant``, and a demo run)::
 
-    python benchmarks/bench_accuracy.py --derivatives DERIV \
-        --shapes ../shared/data/lesion_shapes --demo DEMO_DIR --out benchmarks/results/accuracy
+    python benchmarks/bench_accuracy.py --derivatives DERIV --demo DEMO_DIR \
+        --out benchmarks/results/accuracy
+
+(``--bids-dir`` and ``--shapes`` default to ``bids_real`` and ``lesion_shapes`` of the
+``../shared/data`` beside the repository, from whichever folder the command is run.)
 
 Protocols (each model is fitted on the protocol's training subjects, its threshold calibrated
 at ``--fpr`` on held-out subjects, never on a test subject; no lesion label is used anywhere
@@ -96,6 +99,8 @@ from bids_anomaly.models.data import valid_voxels
 from bids_anomaly.models.deep.engine import EngineOptions
 from bids_anomaly.postprocessing.thresholds import healthy_scores, tail_table, threshold_at_fpr
 
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+"""The real data beside the repository (``../shared/data``), wherever the command is run from."""
 PROTOCOLS = ("demo", "ixi", "mslub26-ixi", "mslub26-cohort", "stroke01-cohort", "mslub26-single",
              "mslub26-patients")
 DIRECTIONS = {"ms": {"FLAIR": "+", "T2w": "+", "PDw": "+", "T1w": "-"},
@@ -617,8 +622,8 @@ def add_common_arguments(parser: argparse.ArgumentParser, epochs: int = 12, pati
                          batch_size: int = 16, width: int = 16) -> None:
     """The data, the threshold and the deep models' training: what the benchmarks share."""
     parser.add_argument("--derivatives", type=Path, required=True)
-    parser.add_argument("--shapes", type=Path, required=True)
-    parser.add_argument("--bids-dir", type=Path, default=Path("../shared/data/bids_real"))
+    parser.add_argument("--shapes", type=Path, default=SHARED_DATA / "lesion_shapes")
+    parser.add_argument("--bids-dir", type=Path, default=SHARED_DATA / "bids_real")
     parser.add_argument("--demo", type=Path, help="a finished 'bids_anomaly demo DIR' folder")
     parser.add_argument("--fpr", type=float, default=0.001)
     parser.add_argument("--negative-trim", type=float, default=0.0,

@@ -47,6 +47,8 @@ from bids_anomaly.longitudinal.change import two_sided_evidence
 from bids_anomaly.longitudinal.midpoint import SessionImages
 from bids_anomaly.longitudinal.subject import subject_change
 
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+"""The real data beside the repository (``../shared/data``), wherever the command is run from."""
 PAIRS = ("mslubL01", "mslubL12")
 CONTRAST = "FLAIR"
 
@@ -144,8 +146,8 @@ def main() -> None:
     """Run every pair and write the tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--derivatives", type=Path, required=True)
-    parser.add_argument("--bids-dir", type=Path, default=Path("../shared/data/bids_real"))
-    parser.add_argument("--change", type=Path, default=Path("../shared/data/mslub_change"))
+    parser.add_argument("--bids-dir", type=Path, default=SHARED_DATA / "bids_real")
+    parser.add_argument("--change", type=Path, default=SHARED_DATA / "mslub_change")
     parser.add_argument("--samseg-env", type=Path)
     parser.add_argument("--fpr", type=float, default=0.001)
     parser.add_argument("--seed", type=int, default=0)

@@ -70,7 +70,8 @@ MIXTURES = ("gmm", "tmm", "mmst")
 MS_SHAPES_PER_SUBJECT = 3
 STROKE_VOLUME_ML = (5.0, 100.0)
 SINGLE_SUBJECT_TRIMS = (0.0, 0.02)
-DEFAULT_BIDS_DIR = Path("/work/shared/data/bids_real")
+DEFAULT_BIDS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "bids_real"
+"""The real data beside the repository (``../shared/data``), wherever the command is run from."""
 
 
 @dataclass
