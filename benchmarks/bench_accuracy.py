@@ -464,6 +464,10 @@ def run_protocol(protocol: Protocol, args, cache: Path, curves: list[dict]) -> l
         if label == "ddpm gaussian":  # sMHD: the same network, several reconstructions
             record(f"ddpm gaussian, Mahalanobis over {args.reconstructions} (sMHD)",
                    model.with_inference(args.reconstructions, "mahalanobis"), seconds)
+        for steps in args.ddim_ablation if label.startswith("ddpm ") else []:
+            if steps != args.ddim_steps:  # the same network, denoising in other steps
+                record(f"{label}, {steps} DDIM steps", model.with_inference(ddim_steps=steps),
+                       seconds)
         if label == "patch-ocsvm voxel":  # the other variants share its autoencoder
             for variant in ("global", "patient", "mmst"):
                 start = time.perf_counter()
@@ -658,6 +662,8 @@ def main() -> None:
     parser.add_argument("--noise-level", type=int, default=250,
                         help="ddpm: the timestep images are noised to (of 1000)")
     parser.add_argument("--ddim-steps", type=int, default=10, help="ddpm: DDIM steps back")
+    parser.add_argument("--ddim-ablation", type=int, nargs="+", default=[], metavar="N",
+                        help="ddpm: also score each trained network with these DDIM steps")
     parser.add_argument("--noise-patch", type=int, default=48,
                         help="ddpm: side of the noised box of the pDDPM variant, in voxels")
     parser.add_argument("--reconstructions", type=int, default=4,

@@ -454,18 +454,33 @@ class DiffusionModel(ReconstructionModel):
             attention_levels=(False, False, False), num_res_blocks=1,
             norm_num_groups=math.gcd(w, 8))
 
-    def with_inference(self, reconstructions: int, aggregation: str) -> DiffusionModel:
-        """The same trained network, scoring with other reconstructions and aggregation.
+    def with_inference(self, reconstructions: int | None = None, aggregation: str | None = None,
+                       ddim_steps: int | None = None) -> DiffusionModel:
+        """The same trained network, scoring with other reconstructions, aggregation or steps.
+
+        Parameters
+        ----------
+        reconstructions, aggregation, ddim_steps
+            New values (None: this model's).
 
         Raises
         ------
         UsageError
-            Mahalanobis with fewer than two reconstructions.
+            Mahalanobis with fewer than two reconstructions, more DDIM steps than the noise
+            level.
         """
+        reconstructions = self.reconstructions if reconstructions is None else reconstructions
+        aggregation = self.aggregation if aggregation is None else aggregation
         if aggregation == "mahalanobis" and reconstructions < 2:
             raise UsageError("--aggregation mahalanobis needs --reconstructions 2 or more")
         other = copy.copy(self)
         other.reconstructions, other.aggregation = reconstructions, aggregation
+        if ddim_steps is not None and ddim_steps != self.noising.ddim_steps:
+            other.noising = dataclasses.replace(self.noising, ddim_steps=ddim_steps)
+            other.noising.check()
+            if self.network is not None:  # the same weights, denoising in other steps
+                other.network = copy.copy(self.network)
+                other.network.noising = other.noising
         return other
 
     # ----------------------------------------------------------------- training

@@ -125,9 +125,19 @@ def test_a_lesion_scores_above_healthy_tissue(variant, tmp_path, one_torch_threa
     image, mask = _subject(tmp_path, 10, lesion=True).load()
     inside = torch.zeros(SHAPE, dtype=torch.bool)
     inside[LESION] = True
-    for scorer in (model, model.with_inference(3, "mahalanobis")):
-        score = scorer.score(image, mask)
-        assert score[inside].mean() > 3 * score[mask & ~inside].mean()
+    more_steps = model.with_inference(ddim_steps=5)  # the same weights, other DDIM steps
+    assert more_steps.network.net is model.network.net
+    assert (model.noising.ddim_steps, model.network.noising.ddim_steps) == (3, 3)
+    assert more_steps.network.noising.ddim_steps == 5 and "5 DDIM steps" in (
+        more_steps.score_definition)
+    scores = {}
+    scorers = {"3 steps": model, "mahalanobis": model.with_inference(3, "mahalanobis"),
+               "5 steps": more_steps}
+    for name, scorer in scorers.items():
+        scores[name] = score = scorer.score(image, mask)
+        assert score[inside].mean() > 3 * score[mask & ~inside].mean(), name
+    assert not torch.equal(scores["3 steps"], scores["5 steps"])
+    assert torch.equal(scores["3 steps"], model.score(image, mask))  # the original is unchanged
     # the same lesion with its signs swapped does not count in the directions asked for
     swapped, _ = _subject(tmp_path, 10).load()
     swapped = 2 * swapped - image

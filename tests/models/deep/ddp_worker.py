@@ -1,4 +1,7 @@
-"""One rank of the DDP test: ``torchrun -m tests.models.deep.ddp_worker SUBJECTS.json OUT``."""
+"""One rank of the DDP test.
+
+``torchrun -m tests.models.deep.ddp_worker SUBJECTS.json OUT MODEL_TYPE`` (``ae`` or ``ddpm``).
+"""
 
 import json
 import sys
@@ -10,6 +13,10 @@ from bids_anomaly.models import REGISTRY, SubjectImages, TrainingData
 from bids_anomaly.models.deep import distributed
 from bids_anomaly.models.deep.engine import EngineOptions
 
+OPTIONS = {"ae": {"width": 4, "latent": 4},
+           # simplex noise: the family's own random draws (timesteps, noise) on every rank
+           "ddpm": {"width": 8, "noise": "simplex", "simplex_scale": 8, "ddim_steps": 2}}
+
 
 def main() -> None:
     subjects_file, out = Path(sys.argv[1]), Path(sys.argv[2])
@@ -19,8 +26,10 @@ def main() -> None:
     data = TrainingData(subjects, ["T1w", "FLAIR"], device)
     training = EngineOptions(epochs=2, batch_size=4, num_workers=1, seed=5,
                              checkpoint_dir=out / "checkpoints")
-    model = REGISTRY["ae"](mode="2d", width=4, latent=4, training=training,
-                              cache_dir=out / "cache")
+    model_type = sys.argv[3]
+    options = OPTIONS[model_type]
+    model = REGISTRY[model_type](mode="2d", training=training, cache_dir=out / "cache",
+                                 **options)
     model.fit(data)
     rank = distributed.rank()
     torch.save(model.network.state_dict(), out / f"rank{rank}.pt")
