@@ -774,6 +774,45 @@ def test_a_diverging_deep_model_fails_instead_of_saving(tmp_path):
     assert failure.value.exit_code == 1
 
 
+@pytest.mark.parametrize("kind", ["gpu", "cpu", "other"])
+def test_a_deep_model_out_of_memory_names_the_batch_size_to_lower(kind, tmp_path):
+    import torch
+
+    from bids_anomaly.errors import TrainingError
+    from bids_anomaly.models import REGISTRY, SubjectImages, TrainingData
+    from bids_anomaly.models.deep.engine import EngineOptions
+
+    subjects = []
+    for index in range(3):
+        image, mask = tmp_path / f"s{index}.nii.gz", tmp_path / f"m{index}.nii.gz"
+        nib.Nifti1Image(np.ones((16, 16, 4), np.float32), np.eye(4)).to_filename(image)
+        nib.Nifti1Image(np.ones((16, 16, 4), np.uint8), np.eye(4)).to_filename(mask)
+        subjects.append(SubjectImages(f"sub-{index}", [image], mask))
+    training = EngineOptions(epochs=2, batch_size=8, num_workers=0, seed=0)
+    model = REGISTRY["ae"](mode="2d", width=4, latent=4, training=training,
+                           cache_dir=tmp_path / "cache")
+
+    error = {"gpu": torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+             "other": RuntimeError("some other failure")}.get(kind)
+
+    def allocation_fails(module, batch, generator):
+        if error is None:  # a real allocation the CPU allocator refuses (4 PiB)
+            torch.empty(2 ** 50)
+        raise error
+
+    model._batch_loss = allocation_fails
+    if kind == "other":  # any other error is not disguised
+        with pytest.raises(RuntimeError, match="some other failure"):
+            model.fit(TrainingData(subjects, ["T1w"]))
+        return
+    with pytest.raises(TrainingError, match=r"^out of memory training on the CPU with batches "
+                                            r"of 8 \(.*\): lower --batch-size") as failure:
+        model.fit(TrainingData(subjects, ["T1w"]))
+    assert failure.value.exit_code == 1
+    assert ("CUDA out of memory" if kind == "gpu" else "can't allocate memory") in str(
+        failure.value)
+
+
 def test_a_fit_with_nan_parameters_is_not_saved(tmp_path, monkeypatch):
     from types import SimpleNamespace
 

@@ -486,7 +486,8 @@ def train(module: nn.Module, loss: LossFunction, train_set: Dataset, validation_
     Raises
     ------
     TrainingError
-        The training or validation loss of an epoch is NaN or infinite (the run diverged).
+        The training or validation loss of an epoch is NaN or infinite (the run diverged), or
+        the device ran out of memory (the message names the batch size to lower).
     """
     start_time = time.monotonic()
     trainer = _Trainer(module, loss, train_set, validation_set, options, device, identity)
@@ -496,7 +497,17 @@ def train(module: nn.Module, loss: LossFunction, train_set: Dataset, validation_
     for epoch in range(trainer.state.epoch, options.epochs):
         if trainer.state.stopped:
             break
-        trainer.end_epoch(trainer.run_epoch(epoch, progress), writer)
+        try:
+            trainer.end_epoch(trainer.run_epoch(epoch, progress), writer)
+        except RuntimeError as error:
+            if not out_of_memory(error):
+                raise
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            raise TrainingError(
+                f"out of memory training on the {device.type.upper()} with batches of "
+                f"{options.batch_size} ({str(error).strip().splitlines()[0]}): lower "
+                "--batch-size, or the network's size (--width; --patch-size in 3d)") from None
     if writer is not None:
         writer.close()
     state = trainer.state
@@ -506,6 +517,16 @@ def train(module: nn.Module, loss: LossFunction, train_set: Dataset, validation_
     return TrainingResult(history=state.history, best_epoch=state.best_epoch,
                           best_loss=float(state.best_loss), stopped_early=state.stopped,
                           resumed_from=resumed_from, seconds=time.monotonic() - start_time)
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is PyTorch failing to allocate memory (on a GPU, or on the CPU).
+
+    A CPU allocation that the system refuses raises a plain ``RuntimeError`` (the kernel may
+    also kill the process instead, which nothing can catch).
+    """
+    return isinstance(error, torch.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "can't allocate memory" in str(error))
 
 
 def _evaluate(module: nn.Module, loss: LossFunction, loader: DataLoader, sampler: EpochSampler,
