@@ -504,8 +504,9 @@ def train(module: nn.Module, loss: LossFunction, train_set: Dataset, validation_
                 raise
             if device.type == "cuda":
                 torch.cuda.empty_cache()
+            where = "GPU" if device.type == "cuda" else device.type.upper()
             raise TrainingError(
-                f"out of memory training on the {device.type.upper()} with batches of "
+                f"out of memory training on the {where} with batches of "
                 f"{options.batch_size} ({str(error).strip().splitlines()[0]}): lower "
                 "--batch-size, or the network's size (--width; --patch-size in 3d)") from None
     if writer is not None:
