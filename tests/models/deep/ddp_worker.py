@@ -1,6 +1,7 @@
 """One rank of the DDP test.
 
-``torchrun -m tests.models.deep.ddp_worker SUBJECTS.json OUT MODEL_TYPE`` (``ae`` or ``ddpm``).
+``torchrun -m tests.models.deep.ddp_worker SUBJECTS.json OUT MODEL_TYPE...`` (``ae``, ``ddpm``):
+each model type is trained in turn in the same process group, with its own checkpoints.
 """
 
 import json
@@ -24,17 +25,16 @@ def main() -> None:
     subjects = [SubjectImages(s["name"], [Path(p) for p in s["channels"]], Path(s["mask"]))
                 for s in json.loads(subjects_file.read_text())]
     data = TrainingData(subjects, ["T1w", "FLAIR"], device)
-    training = EngineOptions(epochs=2, batch_size=4, num_workers=1, seed=5,
-                             checkpoint_dir=out / "checkpoints")
-    model_type = sys.argv[3]
-    options = OPTIONS[model_type]
-    model = REGISTRY[model_type](mode="2d", training=training, cache_dir=out / "cache",
-                                 **options)
-    model.fit(data)
     rank = distributed.rank()
-    torch.save(model.network.state_dict(), out / f"rank{rank}.pt")
-    (out / f"rank{rank}.json").write_text(json.dumps(
-        {"world_size": distributed.world_size_now(), "report": model.fit_report}))
+    for model_type in sys.argv[3:]:
+        training = EngineOptions(epochs=2, batch_size=4, num_workers=1, seed=5,
+                                 checkpoint_dir=out / model_type / "checkpoints")
+        model = REGISTRY[model_type](mode="2d", training=training, cache_dir=out / "cache",
+                                     **OPTIONS[model_type])
+        model.fit(data)
+        torch.save(model.network.state_dict(), out / model_type / f"rank{rank}.pt")
+        (out / model_type / f"rank{rank}.json").write_text(json.dumps(
+            {"world_size": distributed.world_size_now(), "report": model.fit_report}))
     distributed.teardown()
 
 
