@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from bids_anomaly.imaging.images import load_3d
-from bids_anomaly.reports.qc import _use_agg, on_grid, save_figure
+from bids_anomaly.reports.qc import _use_agg, foreground_box, on_grid, save_figure
 
 _COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2",
             "#7f7f7f", "#bcbd22", "#17becf")
@@ -253,10 +253,7 @@ def plot_lightbox(background_file: str | Path, map_file: str | Path, clusters: n
     columns = min(len(slices), LIGHTBOX_COLUMNS)
     n_rows = -(-len(slices) // LIGHTBOX_COLUMNS)
     # one mosaic image: panels of the head's x-y extent (a margin around it), black between
-    extent = [np.flatnonzero(background.any(axis=axes)) for axes in ((1, 2), (0, 2))]
-    (x0, x1), (y0, y1) = [
-        (max(0, int(e[0]) - 2), min(n, int(e[-1]) + 3)) if e.size else (0, n)
-        for e, n in zip(extent, background.shape[:2], strict=True)]
+    (x0, x1), (y0, y1), _ = foreground_box(background, margin=2)
     width, height, gap = x1 - x0, y1 - y0, 3
     pitch_x, pitch_y = width + gap, height + gap + 4  # room for the slice's height under it
 

@@ -83,6 +83,20 @@ def on_grid(img: nib.spatialimages.SpatialImage, reference: nib.spatialimages.Sp
                            copy_header=True)
 
 
+def foreground_box(data: np.ndarray, margin: int = 0) -> list[tuple[int, int]]:
+    """``(start, stop)`` per axis of the box around the nonzero voxels, ``margin`` wider.
+
+    The whole array when nothing is nonzero (the figures then show it all).
+    """
+    from scipy import ndimage
+
+    found = ndimage.find_objects((data != 0).astype(np.uint8))
+    if not found:
+        return [(0, n) for n in data.shape]
+    return [(max(0, s.start - margin), min(n, s.stop + margin))
+            for s, n in zip(found[0], data.shape, strict=True)]
+
+
 class _Mosaic:
     """Rows of sagittal, coronal and axial slices of one image, drawn with matplotlib alone.
 
@@ -117,13 +131,7 @@ class _Mosaic:
                 chosen = (nib.affines.apply_affine(inverse, world)[:, axis]
                           if canonical.affine[axis, axis] else np.full(len(world), size / 2))
             self.index[name] = [int(np.clip(round(float(v)), 0, size - 1)) for v in chosen]
-        foreground = data != 0
-        self.box = []
-        for axis in range(3):
-            other = tuple(a for a in range(3) if a != axis)
-            kept = np.flatnonzero(foreground.any(axis=other))
-            self.box.append((int(kept[0]), int(kept[-1]) + 1) if kept.size else
-                            (0, data.shape[axis]))
+        self.box = foreground_box(data)
         zooms = np.sqrt((canonical.affine[:3, :3] ** 2).sum(axis=0))
         rows = [self._row(data, name) for name in "xyz"]
         # each row as wide as the figure, its height from its slices' proportions in mm
